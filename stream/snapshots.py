@@ -1,0 +1,360 @@
+"""Snapshot store: versioned model state for serving, on any pyarrow filesystem.
+
+Layout under the store root (DESIGN section 7):
+
+    v000001/manifest.json      written last inside a version: a version without
+                               one is half-written and invisible
+    v000001/dense.safetensors  dense weights, always full
+    v000001/mem.<name>.safetensors + mem.<name>.json     (full: each memory's export_state)
+    v000001/delta.<name>.<table>.parquet                 (delta: changed rows)
+    v000001/tombstones.<name>.parquet                    (delta: evicted ids)
+    LATEST                      the newest published version, replaced atomically
+
+A delta version names its parent; loading version v walks parents back to the
+newest full snapshot and applies the deltas in order. Every file is checked
+against the sha256 and size in its manifest before it is used; nothing is ever
+unpickled (safetensors, Parquet and JSON only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from memory_bank.base import MemoryDelta
+
+FORMAT_VERSION = 1
+LATEST = "LATEST"
+MANIFEST = "manifest.json"
+
+
+class SnapshotError(Exception):
+    """Base class for snapshot store errors."""
+
+
+class SnapshotNotFound(SnapshotError):
+    pass
+
+
+class SnapshotCorrupt(SnapshotError):
+    """A file is missing, truncated or does not match its manifest hash."""
+
+
+@dataclass
+class FullState:
+    dense: dict[str, torch.Tensor]
+    memories: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]
+
+
+@dataclass
+class DeltaState:
+    dense: dict[str, torch.Tensor]
+    memories: dict[str, MemoryDelta]
+
+
+@dataclass
+class SnapshotChain:
+    """What a serving replica needs to materialise `version`: one full + deltas."""
+
+    version: int
+    manifest: dict[str, Any]
+    full: FullState
+    deltas: list[DeltaState] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+
+
+def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, root path) for a local path or a URI (s3://, gs://, hdfs://, file://)."""
+    if "://" not in uri:
+        import os
+
+        path = os.path.abspath(uri)
+        os.makedirs(path, exist_ok=True)
+        return pafs.LocalFileSystem(), path
+    fs, path = pafs.FileSystem.from_uri(uri)
+    return fs, path
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _vdir(version: int) -> str:
+    return f"v{version:06d}"
+
+
+# -- row deltas <-> Parquet ---------------------------------------------------
+
+
+def delta_table_to_parquet(rows: np.ndarray, values: torch.Tensor, ids: list[str] | None) -> bytes:
+    """Rows (M,) + values (M, ...) [+ ids] -> Parquet bytes; trailing shape and dtype in metadata."""
+    values = values.detach().cpu().contiguous()
+    m = int(values.shape[0]) if values.dim() else 0
+    tail = list(values.shape[1:])
+    width = int(np.prod(tail)) if tail else 1
+    if values.dtype == torch.bfloat16:
+        flat = values.view(torch.int16).reshape(m, width).numpy()
+    else:
+        flat = values.reshape(m, width).numpy()
+    arrow_values = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), width)
+    cols = {"row": pa.array(np.asarray(rows, dtype=np.int64)), "value": arrow_values}
+    if ids is not None:
+        cols["id"] = pa.array(list(ids), type=pa.string())
+    table = pa.table(cols).replace_schema_metadata(
+        {"dtype": str(values.dtype).removeprefix("torch."), "shape_tail": json.dumps(tail)}
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def delta_table_from_parquet(data: bytes) -> tuple[np.ndarray, torch.Tensor, list[str] | None]:
+    table = pq.read_table(io.BytesIO(data))
+    meta = table.schema.metadata or {}
+    dtype_name = meta.get(b"dtype", b"float32").decode()
+    tail = json.loads(meta.get(b"shape_tail", b"[]").decode())
+    rows = table.column("row").to_numpy().astype(np.int64)
+    flat = table.column("value").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    if dtype_name == "bfloat16":
+        values = torch.from_numpy(flat.astype(np.int16).copy()).view(torch.bfloat16)
+    else:
+        values = torch.from_numpy(flat.copy()).to(getattr(torch, dtype_name))
+    values = values.reshape(len(rows), *tail)
+    ids = table.column("id").to_pylist() if "id" in table.column_names else None
+    return rows, values, ids
+
+
+# -- the store -------------------------------------------------------------------
+
+
+class SnapshotStore:
+    def __init__(self, uri: str, keep_versions: int = 20):
+        self.uri = uri
+        self.fs, self.root = open_filesystem(uri)
+        self.keep_versions = keep_versions
+
+    # paths
+    def _p(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def _write(self, path: str, data: bytes) -> None:
+        with self.fs.open_output_stream(path) as f:
+            f.write(data)
+
+    def _read(self, path: str) -> bytes:
+        try:
+            with self.fs.open_input_stream(path) as f:
+                return f.read()
+        except (FileNotFoundError, OSError) as e:
+            raise SnapshotCorrupt(f"cannot read {path}: {e}") from e
+
+    # listing
+    def versions(self) -> list[int]:
+        """Complete versions (manifest present), ascending."""
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        except OSError:
+            return []
+        out = []
+        for info in infos:
+            name = posixpath.basename(info.path)
+            if info.type == pafs.FileType.Directory and name.startswith("v") and name[1:].isdigit():
+                if self.fs.get_file_info(self._p(name, MANIFEST)).type == pafs.FileType.File:
+                    out.append(int(name[1:]))
+        return sorted(out)
+
+    def latest_version(self) -> int | None:
+        info = self.fs.get_file_info(self._p(LATEST))
+        if info.type != pafs.FileType.File:
+            return None
+        text = self._read(self._p(LATEST)).decode().strip()
+        return int(text) if text.isdigit() else None
+
+    def manifest(self, version: int) -> dict[str, Any]:
+        path = self._p(_vdir(version), MANIFEST)
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            raise SnapshotNotFound(f"version {version} has no manifest under {self.uri}")
+        try:
+            m = json.loads(self._read(path))
+        except json.JSONDecodeError as e:
+            raise SnapshotCorrupt(f"version {version}: manifest is not valid JSON: {e}") from e
+        if m.get("format_version") != FORMAT_VERSION or m.get("version") != version:
+            raise SnapshotCorrupt(f"version {version}: manifest has wrong version/format fields")
+        return m
+
+    # publishing
+    def publish_full(
+        self, version: int, state: FullState, meta: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        files: dict[str, bytes] = {"dense.safetensors": st_save(_contig(state.dense))}
+        for name, (tensors, mmeta) in state.memories.items():
+            files[f"mem.{name}.safetensors"] = st_save(_contig(tensors))
+            files[f"mem.{name}.json"] = json.dumps(mmeta, sort_keys=True).encode()
+        return self._publish(version, None, "full", files, meta or {})
+
+    def publish_delta(
+        self, version: int, parent: int, state: DeltaState, meta: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        files: dict[str, bytes] = {"dense.safetensors": st_save(_contig(state.dense))}
+        for name, delta in state.memories.items():
+            for table, (rows, values) in delta.tables.items():
+                ids = delta.ids.get(table)
+                files[f"delta.{name}.{table}.parquet"] = delta_table_to_parquet(rows, values, ids)
+            if delta.tombstones:
+                buf = io.BytesIO()
+                pq.write_table(pa.table({"id": pa.array(delta.tombstones, type=pa.string())}), buf)
+                files[f"tombstones.{name}.parquet"] = buf.getvalue()
+        return self._publish(version, parent, "delta", files, meta or {})
+
+    def _publish(
+        self, version: int, parent: int | None, kind: str, files: dict[str, bytes], meta: dict
+    ) -> dict[str, Any]:
+        if version in self.versions():
+            raise SnapshotError(f"version {version} already exists under {self.uri}")
+        vdir = self._p(_vdir(version))
+        self.fs.create_dir(vdir, recursive=True)
+        for name, data in files.items():
+            self._write(posixpath.join(vdir, name), data)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "version": version,
+            "parent": parent,
+            "kind": kind,
+            "created_at": time.time(),
+            "files": {n: {"sha256": _sha256(d), "size": len(d)} for n, d in files.items()},
+            **meta,
+        }
+        # The manifest makes the version visible; LATEST (below) makes it current.
+        self._write(posixpath.join(vdir, MANIFEST), json.dumps(manifest, indent=1).encode())
+        self._set_latest(version)
+        self._apply_retention()
+        return manifest
+
+    def _set_latest(self, version: int) -> None:
+        tmp = self._p(f".{LATEST}.{uuid.uuid4().hex}")
+        self._write(tmp, f"{version}\n".encode())
+        self.fs.move(tmp, self._p(LATEST))  # atomic rename on local/HDFS; S3 is copy+delete
+
+    def set_latest(self, version: int) -> None:
+        """Point LATEST at an existing complete version (rollback)."""
+        self.manifest(version)
+        self._set_latest(version)
+
+    def _apply_retention(self) -> None:
+        versions = self.versions()
+        if len(versions) <= self.keep_versions:
+            return
+        keep = set(versions[-self.keep_versions :])
+        # Keep every version the retained ones need to load (their chain to a full).
+        for v in list(keep):
+            keep.update(self._chain_versions(v))
+        for v in versions:
+            if v not in keep:
+                self.fs.delete_dir(self._p(_vdir(v)))
+
+    def _chain_versions(self, version: int) -> list[int]:
+        chain = []
+        v: int | None = version
+        seen = set()
+        while v is not None:
+            if v in seen:
+                raise SnapshotCorrupt(f"version {version}: cycle in parent links at {v}")
+            seen.add(v)
+            m = self.manifest(v)
+            chain.append(v)
+            if m["kind"] == "full":
+                break
+            v = m.get("parent")
+            if v is None:
+                raise SnapshotCorrupt(f"delta version {chain[-1]} has no parent")
+        return chain[::-1]
+
+    # loading
+    def _verified_files(self, version: int, manifest: dict[str, Any]) -> dict[str, bytes]:
+        out = {}
+        for name, info in manifest["files"].items():
+            data = self._read(self._p(_vdir(version), name))
+            if len(data) != info["size"]:
+                raise SnapshotCorrupt(
+                    f"version {version}: {name} is {len(data)} bytes, manifest says {info['size']}"
+                )
+            if _sha256(data) != info["sha256"]:
+                raise SnapshotCorrupt(f"version {version}: {name} sha256 does not match manifest")
+            out[name] = data
+        return out
+
+    def verify(self, version: int) -> None:
+        """Raise SnapshotCorrupt unless every file of the chain of `version` is intact."""
+        for v in self._chain_versions(version):
+            self._verified_files(v, self.manifest(v))
+
+    def load_chain(self, version: int | None = None) -> SnapshotChain:
+        """Verify and decode everything serving needs for `version` (default LATEST)."""
+        if version is None:
+            version = self.latest_version()
+            if version is None:
+                raise SnapshotNotFound(f"no LATEST under {self.uri}")
+        chain_versions = self._chain_versions(version)
+        full: FullState | None = None
+        deltas: list[DeltaState] = []
+        for v in chain_versions:
+            m = self.manifest(v)
+            files = self._verified_files(v, m)
+            try:
+                if m["kind"] == "full":
+                    full = _decode_full(files)
+                else:
+                    deltas.append(_decode_delta(files))
+            except SnapshotError:
+                raise
+            except Exception as e:  # a file that hashes right but does not decode
+                raise SnapshotCorrupt(f"version {v}: cannot decode: {type(e).__name__}: {e}") from e
+        assert full is not None
+        return SnapshotChain(version, self.manifest(version), full, deltas, chain_versions)
+
+
+def _contig(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def _decode_full(files: dict[str, bytes]) -> FullState:
+    dense = st_load(files["dense.safetensors"])
+    memories = {}
+    for name in files:
+        if name.startswith("mem.") and name.endswith(".safetensors"):
+            mem = name[len("mem.") : -len(".safetensors")]
+            meta = json.loads(files[f"mem.{mem}.json"])
+            memories[mem] = (st_load(files[name]), meta)
+    return FullState(dense, memories)
+
+
+def _decode_delta(files: dict[str, bytes]) -> DeltaState:
+    dense = st_load(files["dense.safetensors"])
+    memories: dict[str, MemoryDelta] = {}
+    for name, data in files.items():
+        if name.startswith("delta.") and name.endswith(".parquet"):
+            mem, table = name[len("delta.") : -len(".parquet")].split(".", 1)
+            rows, values, ids = delta_table_from_parquet(data)
+            d = memories.setdefault(mem, MemoryDelta())
+            d.tables[table] = (rows, values)
+            if ids is not None:
+                d.ids[table] = ids
+        elif name.startswith("tombstones.") and name.endswith(".parquet"):
+            mem = name[len("tombstones.") : -len(".parquet")]
+            ids = pq.read_table(io.BytesIO(data)).column("id").to_pylist()
+            memories.setdefault(mem, MemoryDelta()).tombstones.extend(ids)
+    return DeltaState(dense, memories)
