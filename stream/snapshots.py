@@ -302,6 +302,36 @@ class SnapshotStore:
         for v in self._chain_versions(version):
             self._verified_files(v, self.manifest(v))
 
+    def load_delta(self, version: int) -> DeltaState:
+        """Verify and decode one delta version (a replica already on its parent)."""
+        m = self.manifest(version)
+        if m["kind"] != "delta":
+            raise SnapshotError(f"version {version} is a {m['kind']} snapshot, not a delta")
+        files = self._verified_files(version, m)
+        try:
+            return _decode_delta(files)
+        except Exception as e:
+            raise SnapshotCorrupt(f"version {version}: cannot decode: {type(e).__name__}: {e}") from e
+
+    def set_pinned(self, version: int | None) -> None:
+        """Pin serving to `version` (rollback), or follow LATEST again with None."""
+        path = self._p("PINNED")
+        if version is None:
+            if self.fs.get_file_info(path).type == pafs.FileType.File:
+                self.fs.delete_file(path)
+            return
+        self.verify(version)
+        tmp = self._p(f".PINNED.{uuid.uuid4().hex}")
+        self._write(tmp, f"{version}\n".encode())
+        self.fs.move(tmp, path)
+
+    def pinned_version(self) -> int | None:
+        path = self._p("PINNED")
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        text = self._read(path).decode().strip()
+        return int(text) if text.isdigit() else None
+
     def load_chain(self, version: int | None = None) -> SnapshotChain:
         """Verify and decode everything serving needs for `version` (default LATEST)."""
         if version is None:

@@ -1,0 +1,239 @@
+"""Kafka ingest: one reader per set of partitions, decoding into columnar batches.
+
+`PartitionReader` owns a kafka-python consumer with a *static* assignment (the
+driver decides who reads which partition; no group rebalances), a poll thread
+and a bounded buffer of decoded batches. The trainer pulls from it
+(`next_batch`), so backpressure is simple: when the buffer is full the poll
+thread waits on a condition instead of fetching more, and memory stays bounded
+however slow the trainer is. Nothing busy-polls: every wait is on a condition
+or inside Kafka's long poll.
+
+Rejected values go to the dead-letter topic with their reason; the reader never
+raises on message content. Seeks, commits and polls share one lock because
+KafkaConsumer is not thread-safe.
+
+`IngestActor` is the Ray wrapper (stream/job.py creates them).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from stream.events import EventBatch, EventLimits, decode_batch
+
+log = logging.getLogger(__name__)
+
+
+class KafkaConfig(BaseModel):
+    """Where events come from and how they are read."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # None = the embedded local broker (started by `memstream run`).
+    bootstrap: str | None = None
+    topic: str = "interactions"
+    # Empty = `<topic>.dlq`.
+    dlq_topic: str = ""
+    group_id: str = "memstream-trainer"
+    # Partitions per ingest actor are assigned round-robin by the driver.
+    ingest_actors: int = Field(1, ge=1)
+    poll_timeout_ms: int = Field(200, ge=1)
+    max_poll_records: int = Field(2000, ge=1)
+    # Bound on decoded-but-untrained events held by each reader (backpressure).
+    buffer_max_events: int = Field(20_000, ge=1)
+    # Extra kafka-python consumer/producer settings (security_protocol, sasl_*,
+    # ssl_*, client_id...), passed through unchanged.
+    client_options: dict[str, Any] = Field(default_factory=dict)
+    limits: EventLimits = Field(default_factory=EventLimits)
+
+    def dlq(self) -> str:
+        return self.dlq_topic or f"{self.topic}.dlq"
+
+
+class IngestError(Exception):
+    pass
+
+
+class PartitionReader:
+    def __init__(self, cfg: KafkaConfig, bootstrap: str, partitions: list[int]):
+        from kafka import KafkaConsumer, TopicPartition
+
+        from stream.dlq import DeadLetterWriter
+
+        self.cfg = cfg
+        self.partitions = sorted(partitions)
+        self._tps = [TopicPartition(cfg.topic, p) for p in self.partitions]
+        self._consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap,
+            group_id=cfg.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=cfg.max_poll_records,
+            fetch_max_wait_ms=min(cfg.poll_timeout_ms, 500),
+            **cfg.client_options,
+        )
+        self._consumer.assign(self._tps)
+        self._dlq = DeadLetterWriter(bootstrap, cfg.dlq(), **cfg.client_options)
+        self._lock = threading.Lock()  # guards the consumer
+        self._cv = threading.Condition()  # guards the buffer and counters
+        self._buffer: deque[EventBatch] = deque()
+        self._buffered = 0
+        self._generation = 0
+        self._dlq_next: dict[int, int] = {}  # per partition: first offset not yet dead-lettered
+        self._stop = False
+        self.counters = {"consumed": 0, "accepted": 0, "rejected": 0}
+        self.reject_categories: dict[str, int] = {}
+        self._thread: threading.Thread | None = None
+
+    # -- control (called by the trainer / driver) -----------------------------
+    def seek(self, offsets: dict[int, int] | None) -> None:
+        """Drop buffered batches and continue from `offsets` (partition -> next offset).
+
+        Partitions missing from `offsets` start from the beginning of the log.
+        """
+        with self._lock, self._cv:
+            self._generation += 1
+            self._buffer.clear()
+            self._buffered = 0
+            for tp in self._tps:
+                off = (offsets or {}).get(tp.partition)
+                if off is None:
+                    self._consumer.seek_to_beginning(tp)
+                else:
+                    self._consumer.seek(tp, int(off))
+            self._cv.notify_all()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._poll_loop, name="ingest-poll", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self._lock:
+            self._consumer.close()
+        self._dlq.close()
+
+    def commit(self, offsets: dict[int, int]) -> None:
+        """Commit next offsets to the consumer group (after a durable checkpoint)."""
+        from kafka import TopicPartition
+        from kafka.structs import OffsetAndMetadata
+
+        mine = {p: o for p, o in offsets.items() if p in self.partitions}
+        if not mine:
+            return
+        payload = {
+            TopicPartition(self.cfg.topic, p): OffsetAndMetadata(int(o), "", -1)
+            for p, o in mine.items()
+        }
+        with self._lock:
+            self._consumer.commit(offsets=payload)
+
+    def end_offsets(self) -> dict[int, int]:
+        with self._lock:
+            ends = self._consumer.end_offsets(self._tps)
+        return {tp.partition: int(o) for tp, o in ends.items()}
+
+    # -- data ------------------------------------------------------------------
+    def next_batch(self, max_events: int, timeout_s: float) -> pa.Table | None:
+        """Up to `max_events` decoded events as an Arrow table, or None after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            while not self._buffer and not self._stop:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cv.wait(left)
+            if not self._buffer:
+                return None
+            parts, n = [], 0
+            while self._buffer and n < max_events:
+                b = self._buffer.popleft()
+                if n + len(b) > max_events:
+                    cut = max_events - n
+                    self._buffer.appendleft(b.take(slice(cut, None)))
+                    b = b.take(slice(0, cut))
+                parts.append(b)
+                n += len(b)
+            self._buffered -= n
+            self._cv.notify_all()
+        return EventBatch.concat(parts).to_arrow()
+
+    def stats(self) -> dict[str, Any]:
+        with self._cv:
+            return {
+                **self.counters,
+                "buffered": self._buffered,
+                "reject_categories": dict(self.reject_categories),
+                "partitions": self.partitions,
+            }
+
+    # -- the poll thread ---------------------------------------------------------
+    def _poll_loop(self) -> None:
+        while True:
+            with self._cv:
+                while self._buffered >= self.cfg.buffer_max_events and not self._stop:
+                    self._cv.wait(1.0)  # backpressure: the trainer is behind
+                if self._stop:
+                    return
+                generation = self._generation
+            try:
+                with self._lock:
+                    polled = self._consumer.poll(
+                        timeout_ms=self.cfg.poll_timeout_ms, max_records=self.cfg.max_poll_records
+                    )
+            except Exception as e:  # broker outage: kafka-python retries; keep going
+                log.warning("poll failed (%s: %s); retrying", type(e).__name__, e)
+                time.sleep(0.5)
+                continue
+            if not polled:
+                continue
+            self._ingest(polled, generation)
+
+    def _ingest(self, polled: dict, generation: int) -> None:
+        values, parts, offsets, ts, keys = [], [], [], [], []
+        for tp, records in polled.items():
+            for r in records:
+                values.append(r.value)
+                parts.append(tp.partition)
+                offsets.append(r.offset)
+                ts.append(r.timestamp)
+                keys.append(r.key)
+        res = decode_batch(
+            values, self.cfg.limits, kafka_partition=parts, kafka_offset=offsets, kafka_ts_ms=ts
+        )
+        with self._cv:
+            if generation != self._generation:
+                return  # a seek happened while we polled: these records are stale
+            # Re-reads after a seek back (trainer restart) must not dead-letter twice.
+            fresh_rejects = []
+            for pos, rej in zip(res.rejected_positions.tolist(), res.rejects):
+                p, off = parts[pos], offsets[pos]
+                if off >= self._dlq_next.get(p, -1):
+                    self._dlq_next[p] = off + 1
+                    fresh_rejects.append((pos, rej))
+                    self.reject_categories[rej.category] = (
+                        self.reject_categories.get(rej.category, 0) + 1
+                    )
+            self.counters["consumed"] += len(values)
+            self.counters["accepted"] += len(res.batch)
+            self.counters["rejected"] += len(fresh_rejects)
+            if len(res.batch):
+                self._buffer.append(res.batch)
+                self._buffered += len(res.batch)
+                self._cv.notify_all()
+        for pos, rej in fresh_rejects:
+            self._dlq.send(rej, key=keys[pos], source=(self.cfg.topic, parts[pos], offsets[pos]))
+        if fresh_rejects:
+            self._dlq.flush_async()

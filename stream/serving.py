@@ -1,0 +1,153 @@
+"""Serving: replicas that follow the snapshot store and hot-swap model versions.
+
+`SnapshotFollower` is the swap logic, independent of Ray: it watches the store
+(`PINNED` if an operator pinned a version, else `LATEST`), verifies and loads
+what changed, and swaps the live model in one reference assignment. It keeps
+two copies (live and standby) so a delta is applied to the standby while the
+live copy keeps answering; a version that fails to verify or load is refused,
+counted, and the live version keeps serving.
+
+`RankingDeployment` is the Ray Serve deployment around it: `POST /rank`, a
+background watcher, `reconfigure(user_config)` to pin or follow, and reports of
+activations/refusals to the snapshot publisher (freshness, /v1/serving).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Callable, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from stream.snapshots import (
+    DeltaState,
+    SnapshotChain,
+    SnapshotError,
+    SnapshotStore,
+)
+
+log = logging.getLogger(__name__)
+
+class ServingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    replicas: int = Field(1, ge=1)
+    route_prefix: str = "/"
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=0, le=65535)
+    watch_interval_s: float = Field(0.1, gt=0)
+    max_candidates: int = Field(1000, ge=1)
+    num_cpus: float = Field(0.5, gt=0)
+
+
+class Servable(Protocol):
+    """A loaded model version that can answer rank requests."""
+
+    version: int
+
+    def apply_delta(self, delta: DeltaState, version: int) -> None: ...
+    def rank(self, request: dict[str, Any]) -> dict[str, Any]: ...
+
+
+class SnapshotFollower:
+    def __init__(self, store: SnapshotStore, build: Callable[[SnapshotChain], Servable]):
+        self.store = store
+        self._build = build  # chain -> fresh Servable
+        self._live: Servable | None = None
+        self._standby: Servable | None = None
+        self._standby_missing: list[tuple[int, DeltaState]] = []
+        self._lock = threading.Lock()  # one swap at a time
+        self.pinned: int | None = None  # set by reconfigure; overrides the PINNED file
+        self.refusals: list[dict[str, Any]] = []
+        self.refused_versions: set[int] = set()
+        self.activations: list[tuple[int, float]] = []
+
+    @property
+    def live(self) -> Servable | None:
+        return self._live
+
+    @property
+    def version(self) -> int | None:
+        return self._live.version if self._live is not None else None
+
+    def target_version(self) -> int | None:
+        if self.pinned is not None:
+            return self.pinned
+        pinned = self.store.pinned_version()
+        return pinned if pinned is not None else self.store.latest_version()
+
+    def poll(self) -> bool:
+        """Move to the target version if it differs. True if a new version went live."""
+        target = self.target_version()
+        if target is None or target == self.version or target in self.refused_versions:
+            return False
+        with self._lock:
+            try:
+                self._move_to(target)
+            except Exception as e:  # corrupt or undecodable: refuse, keep serving the old one
+                self.refused_versions.add(target)
+                self.refusals.append(
+                    {"version": target, "at": time.time(), "reason": f"{type(e).__name__}: {e}"[:500]}
+                )
+                log.warning("refused snapshot version %s: %s", target, e)
+                return False
+        self.activations.append((target, time.time()))
+        return True
+
+    def _move_to(self, target: int) -> None:
+        live = self._live
+        manifest = self.store.manifest(target)
+        incremental = (
+            live is not None
+            and self._standby is not None
+            and manifest["kind"] == "delta"
+            and manifest.get("parent") == live.version
+        )
+        if incremental:
+            # Verify and decode only the new delta; bring the standby up to it.
+            delta = self.store.load_delta(target)
+            standby = self._standby
+            for v, d in self._standby_missing:
+                standby.apply_delta(d, v)
+            standby.apply_delta(delta, target)
+            self._live, self._standby = standby, live  # the swap: one assignment each
+            self._standby_missing = [(target, delta)]
+            return
+        chain = self.store.load_chain(target)
+        fresh = self._build(chain)
+        standby = self._build(chain)
+        self._live, self._standby = fresh, standby
+        self._standby_missing = []
+
+
+class ServingReporter:
+    """Where a replica reports what it activated or refused (the publisher actor)."""
+
+    def __init__(self, publisher_name: str | None, namespace: str | None):
+        self._handle = None
+        self._name, self._namespace = publisher_name, namespace
+
+    def _publisher(self):
+        if self._handle is None and self._name:
+            import ray
+
+            try:
+                self._handle = ray.get_actor(self._name, namespace=self._namespace)
+            except ValueError:
+                return None
+        return self._handle
+
+    def report(self, replica_id: str, event: dict[str, Any]) -> None:
+        h = self._publisher()
+        if h is not None:
+            h.report_serving.remote(replica_id, event)
+
+
+def replica_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"

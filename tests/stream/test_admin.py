@@ -1,0 +1,104 @@
+"""Admin API auth, validation and paging, over an in-memory JobView (pure logic).
+
+The end-to-end test (tests/integration) queries the same app over the real job.
+"""
+
+import pytest
+from fastapi.testclient import TestClient
+
+from stream.admin import AdminConfig, AdminConfigError, NotFound, create_app, resolve_token
+
+TOKEN = "t" * 32
+
+
+class _View:
+    def bank_item(self, item_id):
+        return {"item_id": item_id, "present": True} if item_id == "Toy Story (1995)" else None
+
+    def bank_neighbors(self, item_id, k):
+        return [{"item_id": "x", "cosine": 0.9}][:k] if item_id == "Toy Story (1995)" else None
+
+    def bank_stats(self):
+        return {"size": 1}
+
+    def pkm_stats(self):
+        return {"slot_usage": 0.5}
+
+    def lmn_stats(self):
+        return {"slot_usage": 0.1}
+
+    def user_history(self, user_id, limit):
+        return {"user_id": user_id, "items": []} if user_id == "1m_1" else None
+
+    def snapshots(self):
+        return [{"version": v} for v in range(250, 0, -1)]
+
+    def rollback(self, version):
+        if version > 250:
+            raise NotFound(f"version {version} does not exist")
+        return {"pinned": version}
+
+    def serving(self):
+        return [{"replica": "r1", "version": 3}]
+
+    def ingest_lag(self):
+        return {"total": 0}
+
+    def metrics_text(self):
+        return b"memstream_events_trained_total 1\n"
+
+
+@pytest.fixture()
+def client():
+    return TestClient(create_app(_View(), AdminConfig(rate_limit_per_s=1000, rate_limit_burst=1000), TOKEN))
+
+
+H = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def test_auth_required_everywhere_but_healthz(client):
+    assert client.get("/healthz").status_code == 200
+    for path in ["/metrics", "/v1/bank/stats", "/v1/serving", "/v1/ingest/lag", "/v1/snapshots"]:
+        assert client.get(path).status_code == 401
+        assert client.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.get(path, headers={"Authorization": TOKEN}).status_code == 401
+        assert client.get(path, headers=H).status_code == 200
+
+
+def test_not_found_and_validation(client):
+    assert client.get("/v1/bank/items/Toy Story (1995)", headers=H).json()["present"]
+    assert client.get("/v1/bank/items/nope", headers=H).status_code == 404
+    assert client.get("/v1/bank/items/nope/neighbors", headers=H).status_code == 404
+    assert client.get("/v1/bank/items/Toy Story (1995)/neighbors?k=0", headers=H).status_code == 422
+    assert client.get("/v1/bank/items/Toy Story (1995)/neighbors?k=abc", headers=H).status_code == 422
+    assert client.get("/v1/bank/items/Toy Story (1995)/neighbors?k=1000", headers=H).status_code == 422
+    assert client.get("/v1/users/1m_1/history?limit=-1", headers=H).status_code == 422
+    assert client.get("/v1/users/ghost/history", headers=H).status_code == 404
+    assert client.post("/v1/snapshots/rollback", json={"version": 999}, headers=H).status_code == 404
+    assert client.post("/v1/snapshots/rollback", json={"version": "x"}, headers=H).status_code == 422
+    assert client.post("/v1/snapshots/rollback", json={"version": 3}, headers=H).json() == {"pinned": 3}
+
+
+def test_snapshots_paginated_with_max_page(client):
+    r = client.get("/v1/snapshots?offset=10&limit=100", headers=H).json()
+    assert r["total"] == 250 and len(r["items"]) == 100 and r["items"][0]["version"] == 240
+    assert client.get("/v1/snapshots?limit=101", headers=H).status_code == 422
+
+
+def test_rate_limit_per_client():
+    c = TestClient(create_app(_View(), AdminConfig(rate_limit_per_s=0.001, rate_limit_burst=3), TOKEN))
+    codes = [c.get("/v1/bank/stats", headers=H).status_code for _ in range(5)]
+    assert codes == [200, 200, 200, 429, 429]
+
+
+def test_token_rules(tmp_path, monkeypatch):
+    monkeypatch.delenv("MEMSTREAM_ADMIN_TOKEN", raising=False)
+    with pytest.raises(AdminConfigError):
+        resolve_token(AdminConfig(host="0.0.0.0"), tmp_path)
+    with pytest.raises(AdminConfigError):
+        resolve_token(AdminConfig(token="short"), tmp_path)
+    tok = resolve_token(AdminConfig(), tmp_path)
+    assert (tmp_path / "admin_token").read_text().strip() == tok
+    assert oct((tmp_path / "admin_token").stat().st_mode & 0o777) == "0o600"
+    monkeypatch.setenv("MEMSTREAM_ADMIN_TOKEN", "e" * 20)
+    assert resolve_token(AdminConfig(host="0.0.0.0"), None) == "e" * 20
