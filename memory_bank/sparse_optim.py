@@ -1,0 +1,185 @@
+"""Row-sparse Adam for parameters whose gradient is a sparse COO tensor.
+
+Who uses it: the value tables of the PKM layer and the LMN user memory (gathered
+through `kernels.sparse_gather`, gradient = the rows used) and the hashed id
+embedding tables of the model (`nn.Embedding(sparse=True)`).
+
+Why Adam with per-row step counts ("lazy Adam") and not Adagrad: the stream is
+non-stationary. Adagrad's accumulator only grows, so the rows hit most often
+(popular items, busy slots) get an ever smaller step and stop following the
+stream; Adam's second moment is an exponential average and keeps a usable step
+size forever. Every row keeps its own step count, so the bias correction of a row
+hit for the first time after a million steps is that of a fresh row (torch's
+SparseAdam uses one global step, which under-corrects rarely used rows).
+
+What a step touches: only the rows present in the gradient, and only their rows
+of exp_avg / exp_avg_sq / row_step. Rows absent from the gradient keep their
+value and their optimizer state bit for bit (no decay of absent rows' moments).
+Dense gradients are accepted too (rows = the rows with a non-zero gradient).
+
+State is saved with `export_state()` (tensors for safetensors + JSON meta, no
+pickle) and restored bit-exactly with `import_state()`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SparseOptimConfig(BaseModel):
+    """Hyper-parameters of `SparseRowAdam` (one learning rate for all its rows)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(1e-3, gt=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0, description="decoupled (AdamW), touched rows only")
+
+
+class SparseOptimStateError(ValueError):
+    """import_state got tensors that do not match the parameters."""
+
+
+class SparseRowAdam(torch.optim.Optimizer):
+    """Lazy Adam over rows: params are 2-D (rows, dim) or 1-D tables, grads sparse COO or dense.
+
+    `SparseRowAdam(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)`
+    or `SparseRowAdam.from_config(params, SparseOptimConfig(...))`.
+
+    Per parameter p (N, *): state exp_avg (N, *), exp_avg_sq (N, *), row_step (N,) int64.
+    `touched_rows(p)` / `take_touched(p)`: the rows updated since the previous take.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
+        cfg = SparseOptimConfig(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay)
+        defaults = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+        super().__init__(params, defaults)
+        self._touched: dict[int, list[torch.Tensor]] = {}
+        for p in self._params():
+            if p.dim() == 0:
+                raise ValueError("SparseRowAdam: parameters must have a row dimension (dim >= 1)")
+            self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            self.state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            self.state[p]["row_step"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
+
+    @classmethod
+    def from_config(cls, params, cfg: SparseOptimConfig) -> "SparseRowAdam":
+        return cls(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+    def _params(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @staticmethod
+    def _rows_and_values(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """grad (sparse COO or dense, (N, *)) -> (unique rows (R,), summed grad rows (R, *))."""
+        if grad.is_sparse:
+            g = grad.coalesce()  # duplicates summed, indices sorted
+            return g.indices()[0], g.values()
+        nonzero = grad.reshape(grad.shape[0], -1).ne(0).any(dim=1)  # (N,)
+        rows = nonzero.nonzero().squeeze(1)
+        return rows, grad.index_select(0, rows)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                rows, g = self._rows_and_values(p.grad)  # (R,), (R, *)
+                if rows.numel() == 0:
+                    continue
+                g = g.to(p.dtype)
+                st = self.state[p]
+                m = st["exp_avg"].index_select(0, rows).mul_(beta1).add_(g, alpha=1 - beta1)  # (R, *)
+                v = st["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                t = st["row_step"].index_select(0, rows) + 1  # (R,)
+                st["exp_avg"].index_copy_(0, rows, m)
+                st["exp_avg_sq"].index_copy_(0, rows, v)
+                st["row_step"].index_copy_(0, rows, t)
+                shape = (-1,) + (1,) * (p.dim() - 1)
+                tf = t.to(p.dtype).view(shape)
+                bias1 = 1 - torch.pow(beta1, tf)  # (R, 1...)
+                bias2 = 1 - torch.pow(beta2, tf)
+                update = (m / bias1) / ((v / bias2).sqrt_().add_(eps))  # (R, *)
+                new = p.index_select(0, rows)
+                if wd:
+                    new.mul_(1 - lr * wd)
+                new.add_(update, alpha=-lr)
+                p.index_copy_(0, rows, new)
+                self._touched.setdefault(id(p), []).append(rows)
+        return loss
+
+    # -- touched rows (for deltas) -----------------------------------------------------------
+
+    def touched_rows(self, p: torch.nn.Parameter) -> np.ndarray:
+        """Sorted unique rows of `p` updated since the previous `take_touched(p)` (int64)."""
+        parts = self._touched.get(id(p), [])
+        if not parts:
+            return np.zeros(0, dtype=np.int64)
+        return torch.unique(torch.cat(parts)).cpu().numpy()
+
+    def take_touched(self, p: torch.nn.Parameter) -> np.ndarray:
+        """Like touched_rows, and clears the record for `p`."""
+        rows = self.touched_rows(p)
+        self._touched.pop(id(p), None)
+        return rows
+
+    # -- save / load without pickle ----------------------------------------------------------
+
+    def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors `p{i}.exp_avg|exp_avg_sq|row_step` (i = order of parameters) + hyper-params."""
+        tensors: dict[str, torch.Tensor] = {}
+        for i, p in enumerate(self._params()):
+            for name in ("exp_avg", "exp_avg_sq", "row_step"):
+                tensors[f"p{i}.{name}"] = self.state[p][name].detach().cpu().contiguous()
+        groups = [
+            {"lr": g["lr"], "betas": list(g["betas"]), "eps": g["eps"], "weight_decay": g["weight_decay"],
+             "num_params": len(g["params"])}
+            for g in self.param_groups
+        ]
+        return tensors, {"kind": "SparseRowAdam", "param_groups": groups}
+
+    def import_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        groups = meta.get("param_groups", [])
+        if len(groups) != len(self.param_groups):
+            raise SparseOptimStateError(
+                f"param_groups: saved {len(groups)}, optimizer has {len(self.param_groups)}"
+            )
+        for g, saved in zip(self.param_groups, groups):
+            if saved["num_params"] != len(g["params"]):
+                raise SparseOptimStateError(
+                    f"param_groups.num_params: saved {saved['num_params']}, have {len(g['params'])}"
+                )
+            g["lr"], g["betas"] = saved["lr"], tuple(saved["betas"])
+            g["eps"], g["weight_decay"] = saved["eps"], saved["weight_decay"]
+        for i, p in enumerate(self._params()):
+            for name in ("exp_avg", "exp_avg_sq", "row_step"):
+                key = f"p{i}.{name}"
+                if key not in tensors:
+                    raise SparseOptimStateError(f"{key}: missing")
+                src, dst = tensors[key], self.state[p][name]
+                if src.shape != dst.shape or src.dtype != dst.dtype:
+                    raise SparseOptimStateError(
+                        f"{key}: saved {tuple(src.shape)} {src.dtype}, have {tuple(dst.shape)} {dst.dtype}"
+                    )
+                dst.copy_(src)
+        self._touched.clear()
