@@ -4,23 +4,37 @@ Every op here runs a Triton kernel on CUDA tensors and the plain-torch reference
 (`kernels.reference`) everywhere else. `MEMSTREAM_KERNELS=torch` forces the
 references (for A/B timing and debugging); `=triton` forces Triton where the
 tensors allow it (with TRITON_INTERPRET=1 that includes CPU tensors: the tests).
+
+Interpreter and compiled kernels in one process: `@triton.jit` decides between
+the compiled and the interpreted kernel when the decorated module is executed,
+from TRITON_INTERPRET at that moment. So the Triton modules are loaded lazily by
+`_triton_impl`: CUDA tensors use the normal import (`kernels.sparse_gather`, ...),
+CPU tensors use a second copy of the same file executed with TRITON_INTERPRET=1
+(`kernels._interpreted_sparse_gather`, ...). Nothing depends on when triton was
+first imported, and the environment variable only has to be set while a CPU call
+is dispatched (the tests set it per test).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import sys
+import threading
+from types import ModuleType
 
 import torch
 
-from kernels.reference import bank_update_ref, pkm_topk_ref, sparse_gather_ref
+from kernels.reference import bank_update_ref, pkm_topk_ref, sparse_gather_ref, topk_ref
 
-__all__ = ["sparse_gather", "pkm_topk", "bank_update", "backend_for"]
+__all__ = ["backend_for", "bank_update", "pkm_topk", "sparse_gather", "topk"]
 
 
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
-    except Exception:
+    except Exception:  # noqa: BLE001 (any failure to import means: no triton)
         return False
     return True
 
@@ -37,18 +51,65 @@ def backend_for(t: torch.Tensor) -> str:
     return "torch"
 
 
+_LOCK = threading.Lock()
+
+
+def _triton_impl(name: str, t: torch.Tensor) -> ModuleType:
+    """The Triton module `kernels.<name>` for tensors on t's device (see module doc)."""
+    if t.is_cuda:
+        return importlib.import_module(f"kernels.{name}")
+    alias = f"kernels._interpreted_{name}"
+    mod = sys.modules.get(alias)
+    if mod is not None:
+        return mod
+    with _LOCK:
+        if alias in sys.modules:
+            return sys.modules[alias]
+        spec = importlib.util.find_spec(f"kernels.{name}")
+        mod = importlib.util.module_from_spec(importlib.util.spec_from_file_location(alias, spec.origin))
+        old = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            sys.modules[alias] = mod
+            mod.__spec__.loader.exec_module(mod)
+        except BaseException:
+            sys.modules.pop(alias, None)
+            raise
+        finally:
+            if old is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = old
+    return mod
+
+
 def sparse_gather(
     values: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, sparse_grad: bool = True
 ) -> torch.Tensor:
     """out[b] = sum_j weights[b, j] * values[idx[b, j]]; see `sparse_gather_ref`."""
+    if backend_for(values) == "triton":
+        return _triton_impl("sparse_gather", values).sparse_gather_triton(
+            values, idx, weights, sparse_grad
+        )
     return sparse_gather_ref(values, idx, weights, sparse_grad)
 
 
 def pkm_topk(q1, q2, keys1, keys2, k: int):
     """Product-key top-k per head; see `pkm_topk_ref`."""
+    if backend_for(q1) == "triton":
+        return _triton_impl("pkm_topk", q1).pkm_topk_triton(q1, q2, keys1, keys2, k)
     return pkm_topk_ref(q1, q2, keys1, keys2, k)
+
+
+def topk(x: torch.Tensor, k: int):
+    """Top-k along the last dim, sorted descending; see `topk_ref` (and pkm_topk.py for ties)."""
+    if backend_for(x) == "triton":
+        return _triton_impl("pkm_topk", x).topk_triton(x, k)
+    return topk_ref(x, k)
 
 
 def bank_update(bank, stamps, rows, vectors, step: int):
     """Deduplicated last-writer-wins row scatter with stamps; see `bank_update_ref`."""
+    if backend_for(bank) == "triton":
+        return _triton_impl("bank_update", bank).bank_update_triton(bank, stamps, rows, vectors, step)
     return bank_update_ref(bank, stamps, rows, vectors, step)
