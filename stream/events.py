@@ -410,7 +410,8 @@ def decode_batch(
     for i, raw in enumerate(values):
         ev, rej = decode_one(raw, limits, now_ms)
         if ev is not None and ev.event_id in seen:
-            ev, rej = None, Reject(bytes(raw), "duplicate_event_id", f"event_id {ev.event_id!r} repeated in batch")
+            data = raw.encode("utf-8", errors="surrogatepass") if isinstance(raw, str) else bytes(raw)
+            ev, rej = None, Reject(data, "duplicate_event_id", f"event_id {ev.event_id!r} repeated in batch")
         if ev is None:
             rejects.append(rej)  # type: ignore[arg-type]
             pos_bad.append(i)
