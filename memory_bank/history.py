@@ -88,10 +88,12 @@ class UserHistoryStore:
             else:
                 touch(u)
                 out[i] = s
-        if len(new) > self.cfg.max_users:
-            raise HistoryCapacityError(
-                f"max_users={self.cfg.max_users} < {len(new)} new users in one append"
-            )
+        if len(new) > len(self.free):  # evictions needed: the batch's own users must all fit
+            known = np.delete(out, [i for positions in new.values() for i in positions])
+            if len(new) + len(np.unique(known)) > self.cfg.max_users:
+                raise HistoryCapacityError(
+                    f"max_users={self.cfg.max_users} < {len(new) + len(np.unique(known))} users in one call"
+                )
         for u, positions in new.items():
             if not self.free:
                 self._evict_oldest()

@@ -124,14 +124,13 @@ class ItemMemoryBank(nn.Module):
         """Give each new id a row, evicting least recently used rows (not in `protect`)."""
         short = len(new_ids) - len(self.free)
         if short > 0:
+            n_batch = len(new_ids) + len(np.unique(protect))
+            if n_batch > self.cfg.capacity:
+                raise BankCapacityError(f"capacity={self.cfg.capacity} < {n_batch} distinct items in one write")
             recency = self.last_access.copy()
-            recency[self.row_ids == None] = np.iinfo(np.int64).max  # noqa: E711  free rows
-            recency[protect] = np.iinfo(np.int64).max
+            recency[self.free] = np.iinfo(np.int64).max  # free rows are taken below anyway
+            recency[protect] = np.iinfo(np.int64).max  # rows of this write are never victims
             victims = np.argpartition(recency, short - 1)[:short]
-            if (recency[victims] == np.iinfo(np.int64).max).any():
-                raise BankCapacityError(
-                    f"capacity={self.cfg.capacity} < items of one write ({len(new_ids)} new)"
-                )
             self._evict(np.sort(victims), "lru")
         for item in new_ids:
             r = self.free.pop()

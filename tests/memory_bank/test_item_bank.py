@@ -1,0 +1,143 @@
+import numpy as np
+import pytest
+import torch
+
+from memory_bank.lemur import BankCapacityError, BankConfig, ItemMemoryBank, UnknownItemError
+
+
+def _obj(xs):
+    return np.asarray(xs, dtype=object)
+
+
+def _bank(**kw):
+    torch.manual_seed(0)
+    return ItemMemoryBank(BankConfig(dim=4, capacity=kw.pop("capacity", 8), **kw))
+
+
+def _vec(*rows):
+    return torch.tensor([[float(r)] * 4 for r in rows])
+
+
+def test_dedup_last_writer_wins():
+    b = _bank()
+    n = b.write_rows(_obj(["a", "b", "a", "a"]), _vec(1, 2, 3, 4), step=7, now_s=100.0)
+    assert n == 2 and len(b) == 2
+    vec, hit = b.read(_obj([["a", "b"]]), np.ones((1, 2), bool))
+    assert vec[0, :, 0].tolist() == [4.0, 2.0] and hit.all()
+    info = b.lookup("a")
+    assert info["write_step"] == 7 and info["write_time"] == 100.0 and info["row"] == 0
+
+
+def test_read_padding_misses_and_missing_gets_gradient():
+    b = _bank()
+    b.write_rows(_obj(["a"]), _vec(5), step=1, now_s=0.0)
+    ids = _obj([["a", "zz", None], ["zz", "a", "a"]])
+    mask = np.array([[True, True, False], [True, True, True]])
+    vec, hit = b.read(ids, mask)
+    assert vec.shape == (2, 3, 4) and hit.dtype == torch.bool
+    assert hit.tolist() == [[True, False, False], [False, True, True]]
+    assert torch.equal(vec[0, 2], torch.zeros(4))  # padding
+    assert torch.equal(vec[0, 1], b.missing.detach())  # unknown -> missing
+    vec.sum().backward()
+    assert torch.equal(b.missing.grad, torch.full((4,), 2.0))  # two misses, padding not counted
+    assert not b.bank.requires_grad
+    cov = b.stats()["coverage"]
+    assert cov["lookups"] == 5 and cov["cumulative"] == pytest.approx(3 / 5)
+    assert b.lookup("a")["hits"] == 3
+
+
+def test_lru_eviction_emits_tombstones_and_spares_the_batch():
+    b = _bank(capacity=3)
+    b.write_rows(_obj(["a", "b", "c"]), _vec(1, 2, 3), step=1, now_s=0.0)
+    b.take_delta()
+    b.read(_obj([["a", "c"]]), np.ones((1, 2), bool))  # b is now least recently used
+    b.write_rows(_obj(["d", "a"]), _vec(4, 5), step=2, now_s=1.0)
+    assert set(b.rows) == {"a", "c", "d"}
+    d = b.take_delta()
+    assert d.tombstones == ["b"] and sorted(d.ids["bank"]) == ["a", "d"]
+    assert b.stats()["evictions"] == {"lru": 1, "ttl": 0, "total": 1}
+    assert b.lookup("b") is None
+    b.write_rows(_obj(["e"]), _vec(6), step=3, now_s=2.0)  # evicts c (LRU), not a free row
+    b._evict(np.array([b.rows["e"]]), "lru")  # one free row, two new ids: a free row + one victim
+    b.write_rows(_obj(["f", "g"]), _vec(7, 8), step=4, now_s=3.0)
+    assert len(b.rows) == 3 and {"f", "g"} <= set(b.rows) and len(b.free) == 0
+    with pytest.raises(BankCapacityError, match="capacity"):
+        b.write_rows(_obj(["x", "y", "z", "w"]), _vec(1, 2, 3, 4), step=3, now_s=2.0)
+
+
+def test_ttl_eviction_emits_tombstones():
+    b = _bank(ttl_s=10.0)
+    b.write_rows(_obj(["old", "new"]), _vec(1, 2), step=1, now_s=0.0)
+    b.write_rows(_obj(["new"]), _vec(3), step=2, now_s=8.0)
+    assert b.evict_expired(now_s=9.0) == []
+    assert b.evict_expired(now_s=12.0) == ["old"]
+    d = b.take_delta()
+    assert d.tombstones == ["old"] and d.ids["bank"] == ["new"]
+    assert b.stats()["evictions"]["ttl"] == 1 and len(b) == 1
+
+
+def test_delta_makes_a_serving_copy_equal():
+    cfg = BankConfig(dim=4, capacity=5)
+    train, serve = ItemMemoryBank(cfg), ItemMemoryBank(cfg)
+    rng = np.random.default_rng(0)
+    items = [f"i{k}" for k in range(9)]
+    for step in range(12):
+        ids = _obj([items[j] for j in rng.integers(0, 9, 3)])
+        train.write_rows(ids, torch.randn(3, 4), step=step, now_s=float(step))
+        train.read(_obj([[items[j] for j in rng.integers(0, 9, 4)]]), np.ones((1, 4), bool))
+        if step % 3 == 2:
+            serve.apply_delta(train.take_delta())
+    serve.apply_delta(train.take_delta())
+    assert train.rows == serve.rows
+    live = np.flatnonzero(train.row_ids != None)  # noqa: E711
+    assert torch.equal(train.bank[live], serve.bank[live])
+    assert torch.equal(train.stamps[live], serve.stamps[live])
+    q = _obj([items])
+    m = np.ones((1, 9), bool)
+    assert torch.equal(train.read(q, m)[1], serve.read(q, m)[1])
+
+
+def test_export_import_bit_exact(through_files, same_tensors):
+    b = _bank(capacity=4, ttl_s=50.0)
+    b.write_rows(_obj(["a", "b", "c", "d", "e"][:4]), torch.randn(4, 4), step=1, now_s=1.0)
+    b.write_rows(_obj(["e"]), torch.randn(1, 4), step=2, now_s=2.0)
+    b.read(_obj([["a", "e", "q"]]), np.ones((1, 3), bool))
+    b.record_staleness(_obj(["a"]), torch.randn(1, 4))
+    tensors, meta = through_files(b.export_state())
+    c = ItemMemoryBank(b.cfg)
+    c.import_state(tensors, meta)
+    same_tensors(b.export_state()[0], c.export_state()[0])
+    assert b.export_state()[1] == c.export_state()[1]
+    assert b.stats() == c.stats()
+    for x in (b, c):  # continues identically, eviction choice included
+        x.write_rows(_obj(["f", "g"]), _vec(1, 2), step=3, now_s=3.0)
+    assert b.rows == c.rows and b.take_delta().tombstones == c.take_delta().tombstones
+
+
+def test_lookup_neighbors_staleness_and_age():
+    b = _bank(capacity=6)
+    base = torch.tensor([[1.0, 0, 0, 0], [0.9, 0.1, 0, 0], [0, 1.0, 0, 0], [-1.0, 0, 0, 0]])
+    b.write_rows(_obj(["a", "a2", "b", "neg"]), base, step=10, now_s=100.0)
+    nn_ = b.neighbors("a", k=2)
+    assert [x for x, _ in nn_] == ["a2", "b"] and nn_[0][1] == pytest.approx(0.9939, abs=1e-3)
+    with pytest.raises(UnknownItemError):
+        b.neighbors("nope")
+    b.write_rows(_obj(["c"]), _vec(1), step=11, now_s=100.0)  # the index is rebuilt
+    assert "c" in [x for x, _ in b.neighbors("a", k=5)]
+    assert b.record_staleness(_obj(["a", "zz"]), torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 1.0]])) == pytest.approx(1.0)
+    b.record_staleness(_obj(["b"]), torch.tensor([[1.0, 0, 0, 0]]))
+    s = b.stats(now_s=110.0)
+    assert s["staleness_cos"]["window"] == pytest.approx(0.5) and s["staleness_cos"]["samples"] == 2
+    assert s["size"] == 5 and s["age"]["steps_max"] == 1 and s["age"]["s_p50"] == pytest.approx(10.0)
+    info = b.lookup("a", now_s=104.0)
+    assert info["age_s"] == 4.0 and info["norm"] == pytest.approx(1.0) and len(info["values"]) == 4
+    import json
+
+    json.dumps(s)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="capacity"):
+        BankConfig(capacity=0)
+    with pytest.raises(ValueError, match="ttl_s"):
+        BankConfig(ttl_s=-1)

@@ -1,0 +1,89 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memory_bank.sparse_optim import SparseOptimConfig, SparseOptimStateError, SparseRowAdam
+
+
+def _sparse_step(table, opt, rows):
+    out = F.embedding(torch.tensor(rows), table, sparse=True)
+    (out * torch.arange(1.0, out.shape[1] + 1)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_only_selected_rows_and_their_state_change():
+    torch.manual_seed(0)
+    table = torch.nn.Parameter(torch.randn(20, 4))
+    opt = SparseRowAdam([table], lr=0.1)
+    _sparse_step(table, opt, [1, 2, 3])
+    before = table.detach().clone()
+    st = {k: v.clone() for k, v in opt.state[table].items()}
+    _sparse_step(table, opt, [3, 7, 7])  # duplicate row: gradients summed
+    changed = (table.detach() != before).any(1).nonzero().squeeze(1).tolist()
+    assert changed == [3, 7]
+    for name in ("exp_avg", "exp_avg_sq", "row_step"):
+        diff = (opt.state[table][name] != st[name]).reshape(20, -1).any(1).nonzero().squeeze(1).tolist()
+        assert diff == [3, 7], name
+    assert opt.state[table]["row_step"].tolist()[:8] == [0, 1, 1, 2, 0, 0, 0, 1]
+    assert opt.take_touched(table).tolist() == [1, 2, 3, 7]
+    assert opt.take_touched(table).tolist() == []
+
+
+def test_rows_hit_every_step_follow_dense_adam():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(5, 3))
+    b = torch.nn.Parameter(a.detach().clone())
+    sparse = SparseRowAdam([a], lr=0.01)
+    dense = torch.optim.Adam([b], lr=0.01)
+    for _ in range(5):
+        g = torch.randn(5, 3)
+        a.grad = torch.sparse_coo_tensor(torch.arange(5)[None], g, (5, 3), check_invariants=True)
+        b.grad = g.clone()
+        sparse.step()
+        dense.step()
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_gradient_updates_nonzero_rows_only():
+    p = torch.nn.Parameter(torch.ones(6, 2))
+    opt = SparseRowAdam([p], lr=0.5)
+    grad = torch.zeros(6, 2)
+    grad[4] = 1.0
+    p.grad = grad
+    opt.step()
+    assert (p.detach() != 1).any(1).nonzero().squeeze(1).tolist() == [4]
+
+
+def test_export_import_bit_exact_and_training_continues_identically(through_files, same_tensors):
+    torch.manual_seed(0)
+    t1 = torch.nn.Parameter(torch.randn(30, 8))
+    o1 = SparseRowAdam([t1], lr=0.05, weight_decay=0.01)
+    for rows in ([0, 1, 2], [2, 5, 9], [9, 9, 29]):
+        _sparse_step(t1, o1, rows)
+    tensors, meta = through_files(o1.export_state())
+    t2 = torch.nn.Parameter(t1.detach().clone())
+    o2 = SparseRowAdam([t2], lr=1.0)
+    o2.import_state(tensors, meta)
+    same_tensors(o1.export_state()[0], o2.export_state()[0])
+    assert o2.param_groups[0]["lr"] == 0.05
+    for rows in ([1, 3], [29, 0]):
+        _sparse_step(t1, o1, rows)
+        _sparse_step(t2, o2, rows)
+    assert torch.equal(t1, t2)
+    same_tensors(o1.export_state()[0], o2.export_state()[0])
+
+
+def test_import_rejects_mismatch():
+    o = SparseRowAdam([torch.nn.Parameter(torch.zeros(3, 2))])
+    tensors, meta = o.export_state()
+    other = SparseRowAdam([torch.nn.Parameter(torch.zeros(4, 2))])
+    with pytest.raises(SparseOptimStateError, match="p0.exp_avg"):
+        other.import_state(tensors, meta)
+
+
+def test_config_names_the_bad_field():
+    with pytest.raises(ValueError, match="lr"):
+        SparseOptimConfig(lr=-1)
+    with pytest.raises(ValueError, match="beta2"):
+        SparseRowAdam([torch.nn.Parameter(torch.zeros(2, 2))], betas=(0.9, 1.5))
