@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from stream.errors import MemstreamError
+from stream.evaluate import add_eval_arguments
 
 # The default broker state dir; infra.broker.DEFAULT_STATE_DIR says the same, but
 # importing infra here would pull kafka into every command's start-up.
@@ -134,6 +135,8 @@ COMMANDS: list[Command] = [
     Command("replay", "produce a recording into a topic", _replay_arguments,
             "stream.cli_commands:replay"),
     Command("data", "build recordings from datasets", _data_arguments),
+    Command("eval", "train and evaluate (test-then-train) over a recording, no broker",
+            add_eval_arguments, "stream.evaluate:eval_main"),
 ]
 
 

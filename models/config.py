@@ -1,0 +1,108 @@
+"""The one config of the ranking model and of its online trainer.
+
+Everything the model and the trainer need is here, validated by pydantic (unknown
+keys are errors, so a typo in a YAML file or a `--set` override fails loudly with
+the field's name). The memories own their own config models (memory_bank/*);
+they are nested here so one YAML file describes the whole model.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from memory_bank.history import HistoryConfig
+from memory_bank.lemur import BankConfig, EncoderConfig
+from memory_bank.lmn import LMNConfig
+from memory_bank.pkm import PKMConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class FeatureConfig(_Strict):
+    """How raw event fields become ids and numbers (hashing, text, counters)."""
+
+    # Hashed id tables: collisions are accepted (Monolith-style collisionless
+    # tables are a serving concern); sizes are powers of two for cheap modulo.
+    user_buckets: int = Field(1 << 16, gt=0)
+    item_buckets: int = Field(1 << 16, gt=0)
+    cat_buckets: int = Field(1 << 14, gt=0)  # all user categorical features, salted by name
+    text_buckets: int = Field(1 << 15, gt=0)  # hashed words of item_text
+    max_text_tokens: int = Field(32, gt=0)
+    # Categorical / numeric user features by name; empty = take whatever the
+    # events carry (sorted by name). Fixing them keeps the token layout stable.
+    user_cat: list[str] = Field(default_factory=list)
+    user_num: list[str] = Field(default_factory=list)
+    max_user_cat: int = Field(8, gt=0)
+    max_user_num: int = Field(4, gt=0)
+    # Online counters (user / item counts, like rate, mean rating), read before
+    # the batch's labels are applied: no label of an event reaches its own score.
+    use_counters: bool = True
+    counter_prior: float = Field(5.0, ge=0)  # pseudo-counts for the smoothed rates
+    like_task: str = "like"
+    rating_task: str = "rating"
+    rating_center: float = 3.5
+    rating_scale: float = 1.0
+
+
+class ModelConfig(_Strict):
+    """Sizes, switches and the memories' configs of the ranking model."""
+
+    # Backbone (RankMixer): T tokens of width D, H = T heads in the token mixing.
+    d_model: int = Field(64, gt=0)  # D
+    num_tokens: int = Field(8, gt=0)  # T
+    num_layers: int = Field(2, ge=0)
+    ffn_mult: int = Field(2, gt=0)  # per-token SwiGLU hidden = ffn_mult * D
+    emb_dim: int = Field(32, gt=0)  # width of every id / feature embedding
+    # Sequence (LEMUR / HyFormer style): query tokens cross-attend the history.
+    num_queries: int = Field(2, gt=0)
+    attn_heads: int = Field(2, gt=0)
+    # Memories (each one's switch is what the ablations flip).
+    use_bank: bool = True  # LEMUR doc encoder + item memory bank
+    use_lmn: bool = True  # LMN user memory
+    use_pkm: bool = True  # MSN product-key memory through a memory gate
+    sample_rate: float = Field(0.2, ge=0.0, le=1.0)  # fraction of targets the doc encoder runs on
+    lmn_loss_weight: float = Field(0.1, ge=0)
+    rating_loss_weight: float = Field(0.5, ge=0)
+    features: FeatureConfig = Field(default_factory=FeatureConfig)
+    bank: BankConfig = Field(default_factory=BankConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    lmn: LMNConfig = Field(default_factory=LMNConfig)
+    pkm: PKMConfig = Field(default_factory=PKMConfig)
+    # 100k users x L=50 ids: the history store's object arrays stay ~40 MB.
+    history: HistoryConfig = Field(default_factory=lambda: HistoryConfig(max_users=100_000))
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "ModelConfig":
+        if self.d_model % self.num_tokens:
+            raise ValueError(
+                f"d_model={self.d_model} must be divisible by num_tokens={self.num_tokens} "
+                "(token mixing splits each token into T heads)"
+            )
+        if self.use_bank and self.encoder.dim != self.bank.dim:
+            raise ValueError(f"encoder.dim={self.encoder.dim} must equal bank.dim={self.bank.dim}")
+        if self.d_model % self.attn_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by attn_heads={self.attn_heads}")
+        if self.num_tokens != 6 + self.num_queries:
+            raise ValueError(
+                f"num_tokens={self.num_tokens} must be 6 + num_queries={self.num_queries} (user, user "
+                "context, item, item content, history stats, task + one token per history query)"
+            )
+        return self
+
+
+class TrainerConfig(_Strict):
+    """The online trainer: optimizers, batching, determinism, metrics."""
+
+    batch_size: int = Field(256, gt=0)
+    lr_dense: float = Field(2e-3, gt=0)
+    lr_sparse: float = Field(5e-2, gt=0)  # id embeddings: sparse rows learn faster than dense
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(10.0, gt=0)
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = Field(1, ge=1)  # torch intra-op threads; fixed for determinism
+    deterministic: bool = True
+    metrics_window: int = Field(10_000, gt=0)  # W of the windowed metrics
+    keep_score_log: bool = True  # ordered (score, label) log: AUC of the last 20%

@@ -1,0 +1,244 @@
+"""Raw event columns -> integer ids and numbers (numpy side of the tokenization).
+
+The model never sees strings. This module turns a batch (any object with
+EventBatch's attributes: `models` does not import `stream`) into fixed-layout
+arrays: hashed ids for the user, the item, every categorical user feature
+(salted by its name so equal values of different fields do not collide),
+the scenario and the words of the item text; transformed numeric features;
+and online counters read BEFORE the batch's labels are added (so no event's
+label reaches its own score: progressive validation stays honest).
+
+Hashing is crc32 of the UTF-8 bytes (stable across processes, unlike hash()),
+memoised in a bounded dict because ids repeat constantly in a stream.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from models.config import FeatureConfig
+
+
+class BatchLike(Protocol):
+    """The attributes of stream.events.EventBatch that the model reads."""
+
+    event_id: np.ndarray
+    ts_ms: np.ndarray
+    user_id: np.ndarray
+    item_id: np.ndarray
+    scenario: np.ndarray
+    item_text: np.ndarray
+    labels: dict[str, np.ndarray]
+    user_cat: dict[str, np.ndarray]
+    user_num: dict[str, np.ndarray]
+    kafka_partition: np.ndarray
+    kafka_offset: np.ndarray
+
+    def __len__(self) -> int: ...
+
+
+class FeatureLayoutError(ValueError):
+    """A feature layout that cannot be honoured (e.g. too many features for the slots)."""
+
+
+class StableHasher:
+    """str -> bucket in [0, buckets), crc32 with a salt, memoised (bounded)."""
+
+    def __init__(self, buckets: int, salt: str, cache_size: int = 1 << 20) -> None:
+        self.buckets = buckets
+        self.salt = salt.encode()
+        self.cache: dict[str, int] = {}
+        self.cache_size = cache_size
+
+    def one(self, s: str | None) -> int:
+        if s is None:
+            s = "\x00<none>"
+        h = self.cache.get(s)
+        if h is None:
+            if len(self.cache) >= self.cache_size:
+                self.cache.clear()
+            h = zlib.crc32(s.encode("utf-8", "surrogatepass"), zlib.crc32(self.salt)) % self.buckets
+            self.cache[s] = h
+        return h
+
+    def many(self, xs: np.ndarray) -> np.ndarray:
+        one = self.one
+        return np.fromiter((one(x) for x in xs.ravel()), dtype=np.int64, count=xs.size).reshape(xs.shape)
+
+
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+class TextHasher:
+    """item_text -> up to `max_tokens` hashed word ids (+1; 0 is padding), memoised per text."""
+
+    def __init__(self, buckets: int, max_tokens: int, cache_size: int = 1 << 16) -> None:
+        self.words = StableHasher(buckets - 1, "word")
+        self.max_tokens = max_tokens
+        self.cache: dict[str, np.ndarray] = {}
+        self.cache_size = cache_size
+
+    def one(self, text: str | None) -> np.ndarray:
+        if not text:
+            return np.zeros(0, dtype=np.int64)
+        ids = self.cache.get(text)
+        if ids is None:
+            if len(self.cache) >= self.cache_size:
+                self.cache.clear()
+            words = _WORD.findall(text.lower())[: self.max_tokens]
+            ids = np.array([self.words.one(w) + 1 for w in words], dtype=np.int64)
+            self.cache[text] = ids
+        return ids
+
+    def many(self, texts: np.ndarray) -> np.ndarray:
+        """(B,) texts -> (B, max_tokens) int64, 0 = padding."""
+        out = np.zeros((len(texts), self.max_tokens), dtype=np.int64)
+        for i, t in enumerate(texts):
+            ids = self.one(t)
+            out[i, : len(ids)] = ids
+        return out
+
+
+def signed_log(x: np.ndarray) -> np.ndarray:
+    """Numeric features of unknown scale: sign(x) * log1p(|x|); NaN -> 0."""
+    x = np.nan_to_num(np.asarray(x, dtype=np.float64), nan=0.0)
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+class OnlineCounters:
+    """Per user / per item running counts, like rate and mean rating (hashed rows).
+
+    read() is called before update() for the same batch: features only ever
+    contain labels of strictly earlier batches.
+    """
+
+    NUM_FEATURES = 8  # per event: user (log n, like rate, mean rating), item (same), 2 crosses
+
+    def __init__(self, user_buckets: int, item_buckets: int, prior: float, rating_center: float) -> None:
+        self.prior = prior
+        self.rating_center = rating_center
+        # columns: count, likes, rating sum, rating count
+        self.user = np.zeros((user_buckets, 4), dtype=np.float64)
+        self.item = np.zeros((item_buckets, 4), dtype=np.float64)
+        self.total = np.zeros(4, dtype=np.float64)
+
+    def _rates(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        g_like = (self.total[1] + 1.0) / (self.total[0] + 2.0)
+        g_rating = self.total[2] / self.total[3] if self.total[3] else self.rating_center
+        n = rows[:, 0]
+        like = (rows[:, 1] + self.prior * g_like) / (n + self.prior)
+        rating = (rows[:, 2] + self.prior * g_rating) / (rows[:, 3] + self.prior)
+        return np.log1p(n), like - g_like, rating - g_rating
+
+    def read(self, user_idx: np.ndarray, item_idx: np.ndarray) -> np.ndarray:
+        """(B,) rows -> (B, 8) float32 features."""
+        un, ul, ur = self._rates(self.user[user_idx])
+        in_, il, ir = self._rates(self.item[item_idx])
+        return np.stack([un, ul, ur, in_, il, ir, ul * il, ur + ir], axis=1).astype(np.float32)
+
+    def update(self, user_idx: np.ndarray, item_idx: np.ndarray, like: np.ndarray, rating: np.ndarray) -> None:
+        has_like = ~np.isnan(like)
+        has_rating = ~np.isnan(rating)
+        upd = np.stack(
+            [
+                np.ones(len(user_idx)),
+                np.where(has_like, np.nan_to_num(like), 0.0) * has_like,
+                np.where(has_rating, np.nan_to_num(rating), 0.0),
+                has_rating.astype(np.float64),
+            ],
+            axis=1,
+        )
+        np.add.at(self.user, user_idx, upd)
+        np.add.at(self.item, item_idx, upd)
+        self.total += upd.sum(0)
+
+
+@dataclass
+class FeatureArrays:
+    """One batch as fixed-layout arrays (B = batch size)."""
+
+    user_idx: np.ndarray  # (B,) int64
+    item_idx: np.ndarray  # (B,) int64
+    cat_idx: np.ndarray  # (B, C) int64, C = max_user_cat (missing fields hash "<none>")
+    num: np.ndarray  # (B, 2*N) float32: signed log value and a missing flag per slot
+    scenario_idx: np.ndarray  # (B,) int64 into the categorical table
+    text_idx: np.ndarray  # (B, Lt) int64, 0 = padding
+    counters: np.ndarray  # (B, 8) float32
+
+
+class FeatureBuilder:
+    """Stateful (slot layout, counters, hash caches) batch -> FeatureArrays."""
+
+    def __init__(self, cfg: FeatureConfig) -> None:
+        self.cfg = cfg
+        self.users = StableHasher(cfg.user_buckets, "user")
+        self.items = StableHasher(cfg.item_buckets, "item")
+        self.cats = StableHasher(cfg.cat_buckets, "cat")
+        self.text = TextHasher(cfg.text_buckets, cfg.max_text_tokens)
+        # Slot layout: name -> slot; fixed names from config, otherwise first seen
+        # (sorted within the batch) and then frozen. Saved with the trainer state.
+        self.cat_slots: dict[str, int] = {n: i for i, n in enumerate(cfg.user_cat)}
+        self.num_slots: dict[str, int] = {n: i for i, n in enumerate(cfg.user_num)}
+        if len(self.cat_slots) > cfg.max_user_cat or len(self.num_slots) > cfg.max_user_num:
+            raise FeatureLayoutError("more named user features than max_user_cat / max_user_num")
+        self.dropped_features: set[str] = set()
+        self.counters = OnlineCounters(cfg.user_buckets, cfg.item_buckets, cfg.counter_prior, cfg.rating_center)
+
+    def _slot(self, slots: dict[str, int], name: str, cap: int, fixed: bool) -> int | None:
+        s = slots.get(name)
+        if s is None and not fixed and len(slots) < cap:
+            s = slots[name] = len(slots)
+        if s is None:
+            self.dropped_features.add(name)
+        return s
+
+    def build(self, batch: BatchLike) -> FeatureArrays:
+        cfg = self.cfg
+        b = len(batch)
+        user_idx = self.users.many(batch.user_id)
+        item_idx = self.items.many(batch.item_id)
+        cat_idx = np.empty((b, cfg.max_user_cat), dtype=np.int64)
+        cat_idx[:] = [self.cats.one(f"slot{j}=") for j in range(cfg.max_user_cat)]
+        for name in sorted(batch.user_cat):
+            s = self._slot(self.cat_slots, name, cfg.max_user_cat, bool(cfg.user_cat))
+            if s is not None:
+                vals = batch.user_cat[name]
+                cat_idx[:, s] = [self.cats.one(f"{name}={v}" if v is not None else f"slot{s}=") for v in vals]
+        num = np.zeros((b, 2 * cfg.max_user_num), dtype=np.float32)
+        num[:, 1::2] = 1.0  # missing flag set until a value arrives
+        for name in sorted(batch.user_num):
+            s = self._slot(self.num_slots, name, cfg.max_user_num, bool(cfg.user_num))
+            if s is not None:
+                v = batch.user_num[name]
+                num[:, 2 * s] = signed_log(v)
+                num[:, 2 * s + 1] = np.isnan(v)
+        scenario_idx = self.cats.many(np.array([f"scenario={s}" for s in batch.scenario], dtype=object))
+        text_idx = self.text.many(batch.item_text)
+        if cfg.use_counters:
+            counters = self.counters.read(user_idx, item_idx)
+        else:
+            counters = np.zeros((b, OnlineCounters.NUM_FEATURES), dtype=np.float32)
+        return FeatureArrays(user_idx, item_idx, cat_idx, num, scenario_idx, text_idx, counters)
+
+    def learn(self, feats: FeatureArrays, like: np.ndarray, rating: np.ndarray) -> None:
+        """Add the batch's labels to the counters (after it was scored)."""
+        self.counters.update(feats.user_idx, feats.item_idx, like, rating)
+
+    def export_state(self) -> tuple[dict[str, np.ndarray], dict]:
+        c = self.counters
+        arrays = {"counters.user": c.user, "counters.item": c.item, "counters.total": c.total}
+        meta = {"cat_slots": self.cat_slots, "num_slots": self.num_slots, "dropped": sorted(self.dropped_features)}
+        return arrays, meta
+
+    def import_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        self.counters.user = arrays["counters.user"].copy()
+        self.counters.item = arrays["counters.item"].copy()
+        self.counters.total = arrays["counters.total"].copy()
+        self.cat_slots = dict(meta["cat_slots"])
+        self.num_slots = dict(meta["num_slots"])
+        self.dropped_features = set(meta["dropped"])

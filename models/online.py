@@ -1,0 +1,395 @@
+"""The online trainer: one pass over a stream, test-then-train, memories updated as it goes.
+
+`OnlineTrainer.step(batch)` on a micro-batch of events (anything with
+EventBatch's attributes):
+  1. features, the users' histories (history store) and their bank vectors are
+     read as they were BEFORE this batch (labels of this batch are not in them);
+  2. the doc encoder runs on a sampled fraction of the targets (LEMUR, default
+     20%); the other targets read their bank row;
+  3. forward; the scores are recorded in the streaming metrics BEFORE any
+     parameter changes (progressive validation);
+  4. backward; dense AdamW and row-sparse Adam (id tables, LMN/PKM values) step;
+  5. memories: fresh encoder outputs overwrite their bank rows (staleness is
+     measured against the cached row first), histories are appended, online
+     counters take the labels; touched rows are tracked for delta snapshots.
+No Ray, no Kafka: the streaming job (stream/) drives this object.
+
+Determinism: everything is seeded from `trainer.seed` (torch, the sampling
+generator), the thread count is fixed, and save/load restores every RNG, so a
+run that is saved and loaded continues bit-for-bit like one that was not.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from memory_bank.base import MemoryDelta
+from memory_bank.history import UserHistoryStore
+from memory_bank.sparse_optim import SparseRowAdam
+from models.config import ModelConfig, TrainerConfig
+from models.features import BatchLike, FeatureBuilder
+from models.metrics import StreamingMetrics
+from models.ranker import CandidateInputs, Ranker, UserInputs
+
+STATE_VERSION = 1
+
+
+class TrainerStateError(ValueError):
+    """A saved state that does not match this trainer (config, version, shapes)."""
+
+
+@dataclass
+class StepResult:
+    events: int  # events in the batch (all trained on)
+    loss: float  # total training loss of the batch
+    like_logit: np.ndarray  # (B,) pre-update scores (what the metrics saw)
+    rating_pred: np.ndarray  # (B,)
+    encoded: int  # targets that ran through the doc encoder
+    seconds: float
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy()
+
+
+class OnlineTrainer:
+    def __init__(self, model_cfg: ModelConfig, trainer_cfg: TrainerConfig | None = None) -> None:
+        self.cfg = model_cfg
+        self.tcfg = tcfg = trainer_cfg or TrainerConfig()
+        torch.set_num_threads(tcfg.threads)
+        if tcfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.manual_seed(tcfg.seed)
+        self.device = torch.device(tcfg.device)
+        self.features = FeatureBuilder(model_cfg.features)
+        self.history = UserHistoryStore(model_cfg.history)
+        self.bank = None
+        self.encoder = None
+        bank_dim = 0
+        if model_cfg.use_bank:
+            from memory_bank.lemur import DocEncoder, ItemMemoryBank
+
+            on_device = {"device": tcfg.device}
+            self.bank = ItemMemoryBank(model_cfg.bank.model_copy(update=on_device))
+            self.encoder = DocEncoder(model_cfg.encoder.model_copy(update=on_device))
+            bank_dim = model_cfg.bank.dim
+        self.model = Ranker(model_cfg, bank_dim).to(self.device)
+        # Dense AdamW: the backbone, the encoder, the bank's learned "missing" vector.
+        dense = self.model.dense_parameters()
+        if self.bank is not None:
+            dense += list(self.encoder.parameters()) + [self.bank.missing]
+        self.opt_dense = torch.optim.AdamW(dense, lr=tcfg.lr_dense, weight_decay=tcfg.weight_decay)
+        self.opt_sparse = SparseRowAdam(self._sparse_groups(), lr=tcfg.lr_sparse)
+        self.metrics = StreamingMetrics(tcfg.metrics_window, tcfg.keep_score_log)
+        self.rng = np.random.Generator(np.random.PCG64(tcfg.seed))
+        self.steps = 0
+        self.events_applied = 0
+        self.max_offset: dict[int, int] = {}  # kafka partition -> max offset trained on
+        self._dense_names = self._dense_state_names()
+
+    # ---- setup helpers ---------------------------------------------------------------------
+
+    def _sparse_groups(self) -> list[dict[str, Any]]:
+        """Id tables at the trainer's sparse lr; memory values at their own lr (MSN)."""
+        m = self.model
+        own = [m.user_emb.weight, m.item_emb.weight, m.cat_emb.weight, m.text_emb.weight,
+               m.user_bias.weight, m.item_bias.weight]
+        groups = [{"params": own, "lr": self.tcfg.lr_sparse}]
+        if m.lmn is not None:
+            groups.append({"params": list(m.lmn.sparse_parameters()), "lr": self.cfg.lmn.value_lr})
+        if m.pkm is not None:
+            groups.append({"params": list(m.pkm.sparse_parameters()), "lr": self.cfg.pkm.value_lr})
+        return groups
+
+    def _dense_state_names(self) -> list[str]:
+        sparse = {id(p) for g in self._sparse_groups() for p in g["params"]}
+        return [n for n, p in self.model.named_parameters() if id(p) not in sparse]
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    def _labels(self, batch: BatchLike, name: str) -> np.ndarray:
+        v = batch.labels.get(name)
+        return np.full(len(batch), np.nan) if v is None else np.asarray(v, dtype=np.float64)
+
+    def _signal(self, like: np.ndarray, rating: np.ndarray) -> np.ndarray:
+        """The feedback stored in the history: centred rating, else +-1 like, else 0."""
+        fc = self.cfg.features
+        sig = np.where(np.isnan(rating), np.nan, (rating - fc.rating_center) / max(fc.rating_scale, 1e-6))
+        sig = np.where(np.isnan(sig), np.where(np.isnan(like), 0.0, 2.0 * like - 1.0), sig)
+        return sig.astype(np.float32)
+
+    def _target_rows(self, item_ids: np.ndarray) -> torch.Tensor:
+        """The bank rows of the targets (B, Db), the learned missing vector where absent.
+
+        Not `bank.read`: that counts toward the bank's coverage, which is defined over
+        history lookups (DESIGN 5.1), and targets are not history.
+        """
+        bank = self.bank
+        rows = np.fromiter((bank.rows.get(x, -1) for x in item_ids.tolist()), dtype=np.int64, count=len(item_ids))
+        rows_t = torch.from_numpy(rows).to(bank.bank.device)
+        hit = (rows_t >= 0).unsqueeze(1)  # (B, 1)
+        return torch.where(hit, bank.bank.index_select(0, rows_t.clamp(min=0)), bank.missing)
+
+    def step(self, batch: BatchLike) -> StepResult:
+        t0 = time.perf_counter()
+        n = len(batch)
+        if n == 0:
+            return StepResult(0, 0.0, np.zeros(0, np.float32), np.zeros(0, np.float32), 0, 0.0)
+        dev = self.device
+        fc = self.cfg.features
+        like = self._labels(batch, fc.like_task)  # (B,) NaN = missing
+        rating = self._labels(batch, fc.rating_task)
+
+        # 1. Inputs as of before this batch.
+        feats = self.features.build(batch)
+        hist = self.history.get(batch.user_id)
+        tt = lambda a, dt=torch.int64: torch.from_numpy(np.ascontiguousarray(a)).to(dev, dt)  # noqa: E731
+        hist_mask = tt(hist.mask, torch.bool)
+        hist_bank = None
+        target_vec = None
+        encoded = 0
+        fresh = None
+        if self.bank is not None:
+            hist_bank, _ = self.bank.read(hist.item_ids, hist.mask)  # (B, L, Db), misses = learned vector
+            target_vec = self._target_rows(batch.item_id)  # (B, Db) cached rows of the targets
+            # 2. LEMUR sampling: the encoder runs (forward and backward) on a fraction of targets.
+            has_text = np.array([t is not None and t != "" for t in batch.item_text])
+            pick = np.flatnonzero((self.rng.random(n) < self.cfg.sample_rate) & has_text)
+            encoded = len(pick)
+            if encoded:
+                fresh = self.encoder([batch.item_text[i] for i in pick])  # (M, Db)
+                target_vec = target_vec.index_put((torch.from_numpy(pick).to(dev),), fresh)
+        u = UserInputs(
+            user_idx=tt(feats.user_idx), cat_idx=tt(feats.cat_idx), num=tt(feats.num, torch.float32),
+            scenario_idx=tt(feats.scenario_idx), hist_item_idx=tt(self.features.items.many(hist.item_ids)),
+            hist_signal=tt(hist.signal, torch.float32), hist_mask=hist_mask, hist_bank=hist_bank,
+        )
+        c = CandidateInputs(
+            item_idx=tt(feats.item_idx), text_idx=tt(feats.text_idx),
+            counters=tt(feats.counters, torch.float32), target_vec=target_vec,
+        )
+
+        # 3. Forward; the metrics see these scores before any update.
+        self.model.train()
+        scores, us = self.model(u, c)
+        like_logit, rating_pred = _np(scores.like_logit), _np(scores.rating)
+        self.metrics.update(like_logit, like, rating_pred, rating)
+
+        # 4. Losses, backward, optimizer steps.
+        loss = scores.like_logit.new_zeros(())
+        has_like = ~np.isnan(like)
+        if has_like.any():
+            idx = torch.from_numpy(np.flatnonzero(has_like)).to(dev)
+            y = torch.from_numpy(like[has_like]).to(dev, torch.float32)
+            loss = loss + F.binary_cross_entropy_with_logits(scores.like_logit[idx], y)
+        has_rating = ~np.isnan(rating)
+        if has_rating.any() and self.cfg.rating_loss_weight > 0:
+            idx = torch.from_numpy(np.flatnonzero(has_rating)).to(dev)
+            y = torch.from_numpy(rating[has_rating]).to(dev, torch.float32)
+            loss = loss + self.cfg.rating_loss_weight * F.mse_loss(scores.rating[idx], y)
+        lmn_loss = self.model.lmn_loss(us)
+        if lmn_loss is not None and self.cfg.lmn_loss_weight > 0:
+            loss = loss + self.cfg.lmn_loss_weight * lmn_loss
+        self.opt_dense.zero_grad(set_to_none=True)
+        self.opt_sparse.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(
+            [p for g in self.opt_dense.param_groups for p in g["params"] if p.grad is not None],
+            self.tcfg.grad_clip,
+        )
+        self.opt_dense.step()
+        self.opt_sparse.step()
+
+        # 5. Memories and counters take this batch.
+        self.steps += 1
+        if fresh is not None:
+            ids = batch.item_id[pick]
+            fresh_d = fresh.detach()
+            self.bank.record_staleness(ids, fresh_d)
+            self.bank.write_rows(ids, fresh_d, step=self.steps, now_s=float(batch.ts_ms[pick].max()) / 1000.0)
+        self.history.append(batch.user_id, batch.item_id, batch.ts_ms, self._signal(like, rating))
+        self.features.learn(feats, like, rating)
+        self.events_applied += n
+        self._track_offsets(batch)
+        return StepResult(n, float(loss.detach()), like_logit, rating_pred, encoded, time.perf_counter() - t0)
+
+    def _track_offsets(self, batch: BatchLike) -> None:
+        parts = np.asarray(batch.kafka_partition)
+        offs = np.asarray(batch.kafka_offset)
+        ok = (parts >= 0) & (offs >= 0)
+        for p in np.unique(parts[ok]).tolist():
+            top = int(offs[ok & (parts == p)].max())
+            self.max_offset[int(p)] = max(top, self.max_offset.get(int(p), -1))
+
+    # ---- serving / snapshots -----------------------------------------------------------------
+
+    def take_deltas(self) -> dict[str, MemoryDelta]:
+        """Rows changed since the previous call, per memory (clears the tracking).
+
+        "embeddings": the model's id tables (rows updated by the sparse optimizer);
+        "bank", "lmn", "pkm", "history": each memory's own delta.
+        """
+        m = self.model
+        tables = {"user_emb": m.user_emb.weight, "item_emb": m.item_emb.weight, "cat_emb": m.cat_emb.weight,
+                  "text_emb": m.text_emb.weight, "user_bias": m.user_bias.weight, "item_bias": m.item_bias.weight}
+        emb = MemoryDelta()
+        for name, p in tables.items():
+            rows = self.opt_sparse.take_touched(p)
+            emb.tables[name] = (rows, p.detach()[torch.from_numpy(rows).to(p.device)].cpu())
+        out = {"embeddings": emb, "history": self.history.take_delta()}
+        if self.bank is not None:
+            out["bank"] = self.bank.take_delta()
+        for name, mem in (("lmn", m.lmn), ("pkm", m.pkm)):
+            if mem is not None:
+                for p in mem.sparse_parameters():  # rows the optimizer changed are the memory's delta
+                    self.opt_sparse.take_touched(p)
+                out[name] = mem.take_delta()
+        return out
+
+    def dense_state(self) -> dict[str, torch.Tensor]:
+        """Dense weights (full, for snapshots): every model tensor except the sparse tables."""
+        params = dict(self.model.named_parameters())
+        out = {n: params[n].detach().cpu().clone() for n in self._dense_names}
+        for n, b in self.model.named_buffers():
+            out[n] = b.detach().cpu().clone()
+        if self.encoder is not None:
+            for n, p in self.encoder.state_dict().items():
+                out[f"encoder.{n}"] = p.detach().cpu().clone()
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"steps": self.steps, "events_applied": self.events_applied}
+        out.update(self.metrics.summary())
+        if self.bank is not None:
+            out["bank"] = self.bank.stats()
+        if self.model.lmn is not None:
+            out["lmn"] = self.model.lmn.stats()
+        if self.model.pkm is not None:
+            out["pkm"] = self.model.pkm.stats()
+        out["history"] = self.history.stats()
+        return out
+
+    # ---- save / load (safetensors + JSON, no pickle) ------------------------------------------
+
+    def _components(self) -> dict[str, Any]:
+        """Stateful parts saved through their own export_state/import_state."""
+        comps: dict[str, Any] = {"features": self.features, "history": self.history, "metrics": self.metrics}
+        for name, comp in (("bank", self.bank), ("lmn", self.model.lmn), ("pkm", self.model.pkm)):
+            if comp is not None:
+                comps[name] = comp
+        return comps
+
+    def save(self, directory: str | Path) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+
+        def put(prefix: str, ts: dict[str, Any]) -> None:
+            for k, v in ts.items():
+                t = torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+                tensors[f"{prefix}{k}"] = t.detach().cpu().contiguous().clone()
+
+        put("model.", self.model.state_dict())
+        if self.encoder is not None:
+            put("encoder.", self.encoder.state_dict())
+        dense_t, dense_meta = _adam_export(self.opt_dense)
+        put("opt_dense.", dense_t)
+        sparse_t, sparse_meta = self.opt_sparse.export_state()
+        put("opt_sparse.", sparse_t)
+        meta: dict[str, Any] = {"version": STATE_VERSION, "opt_dense": dense_meta, "opt_sparse": sparse_meta}
+        for name, comp in self._components().items():
+            ts, cm = comp.export_state()
+            put(f"{name}.", ts)
+            meta[name] = cm
+        tensors["torch_rng"] = torch.get_rng_state()
+        meta.update(
+            model_config=self.cfg.model_dump(mode="json"),
+            trainer_config=self.tcfg.model_dump(mode="json"),
+            rng=_jsonable_rng(self.rng.bit_generator.state),
+            steps=self.steps,
+            events_applied=self.events_applied,
+            max_offset={str(k): v for k, v in self.max_offset.items()},
+        )
+        save_file(tensors, str(d / "trainer.safetensors"))
+        (d / "trainer.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> "OnlineTrainer":
+        """A trainer built from the config saved in `directory`, with its state loaded."""
+        meta = json.loads((Path(directory) / "trainer.json").read_text())
+        t = cls(ModelConfig.model_validate(meta["model_config"]), TrainerConfig.model_validate(meta["trainer_config"]))
+        t.load(directory)
+        return t
+
+    def load(self, directory: str | Path) -> None:
+        d = Path(directory)
+        meta = json.loads((d / "trainer.json").read_text())
+        if meta.get("version") != STATE_VERSION:
+            raise TrainerStateError(f"version: saved {meta.get('version')}, expected {STATE_VERSION}")
+        if meta["model_config"] != self.cfg.model_dump(mode="json"):
+            raise TrainerStateError("model_config: the saved model config differs from this trainer's")
+        tensors = load_file(str(d / "trainer.safetensors"))
+
+        def take(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.model.load_state_dict(take("model."), strict=True)
+        if self.encoder is not None:
+            self.encoder.load_state_dict(take("encoder."), strict=True)
+        _adam_import(self.opt_dense, take("opt_dense."), meta["opt_dense"])
+        self.opt_sparse.import_state(take("opt_sparse."), meta["opt_sparse"])
+        numpy_comps = {"features", "metrics"}  # these keep numpy arrays, not tensors
+        for name, comp in self._components().items():
+            ts = take(f"{name}.")
+            if name in numpy_comps:
+                ts = {k: v.numpy() for k, v in ts.items()}
+            comp.import_state(ts, meta[name])
+        torch.set_rng_state(tensors["torch_rng"])
+        self.rng.bit_generator.state = meta["rng"]
+        self.steps = meta["steps"]
+        self.events_applied = meta["events_applied"]
+        self.max_offset = {int(k): int(v) for k, v in meta["max_offset"].items()}
+
+
+def _jsonable_rng(state: dict) -> dict:
+    return json.loads(json.dumps(state))  # PCG64 state is ints and strings already
+
+
+def _adam_export(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """torch optimizer state_dict -> flat tensors + JSON meta (no pickle)."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if not isinstance(v, torch.Tensor):
+                raise TrainerStateError(f"optimizer state {idx}.{k} is not a tensor")
+            tensors[f"{idx}.{k}"] = v
+    groups = []
+    for g in sd["param_groups"]:
+        g = dict(g)
+        for k, v in g.items():
+            if isinstance(v, tuple):
+                g[k] = {"__tuple__": list(v)}
+        groups.append(g)
+    return tensors, {"param_groups": groups}
+
+
+def _adam_import(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        idx, _, name = key.partition(".")
+        state.setdefault(int(idx), {})[name] = v
+    groups = []
+    for g in meta["param_groups"]:
+        groups.append({k: tuple(v["__tuple__"]) if isinstance(v, dict) and "__tuple__" in v else v
+                       for k, v in g.items()})
+    opt.load_state_dict({"state": state, "param_groups": groups})

@@ -1,0 +1,248 @@
+"""The ranking model: feature tokens -> RankMixer blocks (+ PKM gate) -> like / rating heads.
+
+Read top to bottom:
+  1. tables: hashed id embeddings (sparse rows, trained by SparseRowAdam),
+  2. encode_user(): everything that depends on the user only (UG-Sep): user
+     tokens, the LMN user-memory read, the history keys/values,
+  3. score_candidates(): the candidate side (item tokens, history queries,
+     cosine features, task token), the backbone, the PKM memory gate, the heads.
+Serving calls encode_user once per request and score_candidates on all its
+candidates (`UserState.expand`); training calls both on a batch of B events.
+
+Tokens (T = 6 + Q, each of width D), in semantic order:
+  0 user        user id embedding (+ LMN read)
+  1 user ctx    categorical / numeric user features, scenario
+  2 item        item id embedding, online counters
+  3 content     item text bag of words (+ the LEMUR bank / encoder vector)
+  4 hist stats  cosine(target, history) features over id and bank vectors
+  5 task        learned task token + scenario (MDL: scenario and task are tokens)
+  6.. 6+Q-1     history query tokens (cross-attention over the history)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.config import ModelConfig
+from models.features import OnlineCounters
+from models.rankmixer import RankMixerBlock, RMSNorm
+from models.sequence import NUM_COS_FEATURES, HistoryCrossAttention, cosine_features
+
+
+@dataclass
+class UserInputs:
+    user_idx: torch.Tensor  # (B,) int64
+    cat_idx: torch.Tensor  # (B, C) int64
+    num: torch.Tensor  # (B, 2N) float32
+    scenario_idx: torch.Tensor  # (B,) int64
+    hist_item_idx: torch.Tensor  # (B, L) int64
+    hist_signal: torch.Tensor  # (B, L) float32, centred feedback, 0 where padded
+    hist_mask: torch.Tensor  # (B, L) bool
+    hist_bank: torch.Tensor | None  # (B, L, Db) bank rows (stop-gradient; misses = learned vector)
+
+
+@dataclass
+class CandidateInputs:
+    item_idx: torch.Tensor  # (B,) int64
+    text_idx: torch.Tensor  # (B, Lt) int64, 0 = padding
+    counters: torch.Tensor  # (B, 8) float32
+    target_vec: torch.Tensor | None  # (B, Db): fresh encoder output (grad) or bank row
+
+
+@dataclass
+class UserState:
+    """The user-side half of the model, reusable across candidates."""
+
+    tokens: torch.Tensor  # (B, 2, D) user and user-context tokens
+    query_ctx: torch.Tensor  # (B, E) user part of the history queries
+    k: torch.Tensor  # (B, H, L+1, dh) history keys (with the null slot)
+    v: torch.Tensor  # (B, H, L+1, dh)
+    kv_mask: torch.Tensor  # (B, L+1) bool
+    hist_emb: torch.Tensor  # (B, L, E) history item id embeddings
+    hist_bank: torch.Tensor | None  # (B, L, Db)
+    hist_signal: torch.Tensor  # (B, L)
+    hist_mask: torch.Tensor  # (B, L)
+    scen_emb: torch.Tensor  # (B, E)
+    bias: torch.Tensor  # (B, 2) user bias for (like, rating)
+    lmn_read: torch.Tensor | None  # (B, dv) for the memory loss
+    lmn_target: torch.Tensor | None  # (B, dv) history summary the read must reconstruct
+
+    def expand(self, n: int) -> "UserState":
+        """One user (B = 1) -> n identical rows, to score n candidates (views, no copies)."""
+        out = {}
+        for f in fields(self):
+            t = getattr(self, f.name)
+            out[f.name] = None if t is None else t.expand(n, *t.shape[1:])
+        return UserState(**out)
+
+
+@dataclass
+class Scores:
+    like_logit: torch.Tensor  # (B,)
+    rating: torch.Tensor  # (B,) predicted rating (in label units)
+
+
+class Ranker(nn.Module):
+    def __init__(self, cfg: ModelConfig, bank_dim: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        fc = cfg.features
+        E, D, T, Q = cfg.emb_dim, cfg.d_model, cfg.num_tokens, cfg.num_queries
+        C, N = fc.max_user_cat, fc.max_user_num
+        Db = bank_dim if cfg.use_bank else 0
+        self.bank_dim = Db
+
+        # 1. Sparse tables (gradients are sparse COO rows -> SparseRowAdam).
+        self.user_emb = nn.Embedding(fc.user_buckets, E, sparse=True)
+        self.item_emb = nn.Embedding(fc.item_buckets, E, sparse=True)
+        self.cat_emb = nn.Embedding(fc.cat_buckets, E, sparse=True)
+        self.text_emb = nn.EmbeddingBag(fc.text_buckets, E, mode="mean", sparse=True, padding_idx=0)
+        self.user_bias = nn.Embedding(fc.user_buckets, 2, sparse=True)
+        self.item_bias = nn.Embedding(fc.item_buckets, 2, sparse=True)
+        for emb in (self.user_emb, self.item_emb, self.cat_emb, self.text_emb):
+            nn.init.normal_(emb.weight, std=0.05)
+        nn.init.zeros_(self.user_bias.weight)
+        nn.init.zeros_(self.item_bias.weight)
+
+        # 2. User side.
+        self.lmn = None
+        lmn_dv = 0
+        if cfg.use_lmn:
+            from memory_bank.lmn import UserMemory
+
+            # The user-aware query: user id, user features, scenario -> the memory's query width.
+            self.lmn_query = nn.Linear(E * (C + 2), cfg.lmn.query_dim)
+            self.lmn = UserMemory(cfg.lmn)
+            lmn_dv = cfg.lmn.value_dim
+            # The memory loss target: a FIXED random projection of the history summary
+            # (learned targets would let read and target collapse together).
+            g = torch.Generator().manual_seed(1234)
+            self.register_buffer("lmn_target_proj", torch.randn(2 * E, lmn_dv, generator=g) / math.sqrt(2 * E))
+        self.tok_user = nn.Linear(E + lmn_dv, D)
+        self.tok_user_ctx = nn.Linear(E * (C + 1) + 2 * N, D)
+        hist_item_dim = E + Db + 3  # id emb, bank vector, signal features
+        self.history = HistoryCrossAttention(hist_item_dim, D, cfg.attn_heads)
+
+        # 3. Candidate side.
+        self.tok_item = nn.Linear(E + OnlineCounters.NUM_FEATURES, D)
+        self.tok_content = nn.Linear(E + Db, D)
+        n_cos = NUM_COS_FEATURES * (2 if Db else 1)
+        self.tok_hist_stats = nn.Linear(n_cos, D)
+        self.task_token = nn.Parameter(torch.randn(D) * 0.02)
+        self.tok_task = nn.Linear(E, D)
+        self.query_proj = nn.Linear(E * 3 + Db + OnlineCounters.NUM_FEATURES, Q * D)
+        self.blocks = nn.ModuleList(RankMixerBlock(T, D, cfg.ffn_mult) for _ in range(cfg.num_layers))
+        self.pkm = self.pkm_gate = None
+        if cfg.use_pkm:
+            from memory_bank.pkm import MemoryGate, ProductKeyMemory
+
+            self.pkm = ProductKeyMemory(cfg.pkm.model_copy(update={"in_dim": T * D}))
+            self.pkm_gate = MemoryGate(T, D, cfg.pkm.value_dim)
+        self.norm_out = RMSNorm(D)
+        self.head = nn.Linear(T * D, 2)  # (like logit, rating offset)
+        # Wide part: the online counters straight to the logits. A handful of weights
+        # learn in a few batches, which carries the cold start of the stream while the
+        # deep part's embeddings are still noise.
+        self.wide = nn.Linear(OnlineCounters.NUM_FEATURES, 2)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    # ---- parameter groups for the optimizers ----------------------------------------------
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose gradients are sparse rows (SparseRowAdam)."""
+        params = [self.user_emb.weight, self.item_emb.weight, self.cat_emb.weight,
+                  self.text_emb.weight, self.user_bias.weight, self.item_bias.weight]
+        for mem in (self.lmn, self.pkm):
+            if mem is not None:
+                params += list(mem.sparse_parameters())
+        return params
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        sparse = {id(p) for p in self.sparse_parameters()}
+        return [p for p in self.parameters() if id(p) not in sparse]
+
+    # ---- 2. user side (UG-Sep: computed once per user) -------------------------------------
+
+    def encode_user(self, u: UserInputs) -> UserState:
+        b = u.user_idx.shape[0]
+        E = self.cfg.emb_dim
+        user = self.user_emb(u.user_idx)  # (B, E)
+        cats = self.cat_emb(u.cat_idx).reshape(b, -1)  # (B, C*E)
+        scen = self.cat_emb(u.scenario_idx)  # (B, E)
+        lmn_read = lmn_target = None
+        hist_emb = self.item_emb(u.hist_item_idx)  # (B, L, E)
+        sig = u.hist_signal  # (B, L)
+        m = u.hist_mask.to(sig.dtype)
+        if self.lmn is not None:
+            lmn_read = self.lmn(self.lmn_query(torch.cat([user, cats, scen], dim=1)))  # (B, dv)
+            # Summary of the recent history: mean item embedding and feedback-weighted mean.
+            n = m.sum(1, keepdim=True).clamp_min(1.0)
+            he = hist_emb.detach()
+            summary = torch.cat([(he * m.unsqueeze(-1)).sum(1) / n,
+                                 (he * (sig * m).unsqueeze(-1)).sum(1) / n], dim=1)  # (B, 2E)
+            lmn_target = summary @ self.lmn_target_proj  # (B, dv)
+            user_tok = self.tok_user(torch.cat([user, lmn_read], dim=1))
+        else:
+            user_tok = self.tok_user(user)
+        ctx_tok = self.tok_user_ctx(torch.cat([cats, scen, u.num], dim=1))
+        sig_feats = torch.stack([sig, sig.abs(), m], dim=-1)  # (B, L, 3)
+        parts = [hist_emb, sig_feats] if u.hist_bank is None else [hist_emb, u.hist_bank, sig_feats]
+        k, v, kv_mask = self.history.history_kv(torch.cat(parts, dim=-1), u.hist_mask)
+        return UserState(
+            tokens=torch.stack([user_tok, ctx_tok], dim=1),
+            query_ctx=user,
+            k=k, v=v, kv_mask=kv_mask,
+            hist_emb=hist_emb, hist_bank=u.hist_bank, hist_signal=sig, hist_mask=u.hist_mask,
+            scen_emb=scen, bias=self.user_bias(u.user_idx),
+            lmn_read=lmn_read, lmn_target=lmn_target,
+        )
+
+    # ---- 3. candidate side ---------------------------------------------------------------
+
+    def score_candidates(self, us: UserState, c: CandidateInputs) -> Scores:
+        b = c.item_idx.shape[0]
+        cfg = self.cfg
+        item = self.item_emb(c.item_idx)  # (B, E)
+        text = self.text_emb(c.text_idx)  # (B, E) mean of word embeddings
+        item_tok = self.tok_item(torch.cat([item, c.counters], dim=1))
+        content = [text] if c.target_vec is None else [text, c.target_vec]
+        content_tok = self.tok_content(torch.cat(content, dim=1))
+        cos = [cosine_features(item, us.hist_emb, us.hist_signal, us.hist_mask)]  # (B, 7)
+        if c.target_vec is not None and us.hist_bank is not None:
+            cos.append(cosine_features(c.target_vec, us.hist_bank, us.hist_signal, us.hist_mask))
+        stats_tok = self.tok_hist_stats(torch.cat(cos, dim=1))
+        task_tok = self.task_token + self.tok_task(us.scen_emb)  # (B, D)
+        # History queries from non-sequence features (target-aware; the history never
+        # sees the candidate, so k/v above are reusable across candidates).
+        qin = [us.query_ctx, item, text, c.counters] + ([] if c.target_vec is None else [c.target_vec])
+        q = self.query_proj(torch.cat(qin, dim=1)).view(b, cfg.num_queries, cfg.d_model)  # (B, Q, D)
+        hist_toks = self.history.attend(q, us.k, us.v, us.kv_mask)  # (B, Q, D)
+        x = torch.cat(
+            [us.tokens, torch.stack([item_tok, content_tok, stats_tok, task_tok], dim=1), hist_toks], dim=1
+        )  # (B, T, D)
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i == 0 and self.pkm is not None:
+                x = self.pkm_gate(x, self.pkm(x.reshape(b, -1)))  # MSN: memory read gates the tokens
+        if self.pkm is not None and not self.blocks:
+            x = self.pkm_gate(x, self.pkm(x.reshape(b, -1)))
+        out = self.head(self.norm_out(x).reshape(b, -1))  # (B, 2)
+        out = out + self.wide(c.counters) + us.bias + self.item_bias(c.item_idx)
+        fc = cfg.features
+        return Scores(like_logit=out[:, 0], rating=fc.rating_center + fc.rating_scale * out[:, 1])
+
+    def forward(self, u: UserInputs, c: CandidateInputs) -> tuple[Scores, UserState]:
+        us = self.encode_user(u)
+        return self.score_candidates(us, c), us
+
+    def lmn_loss(self, us: UserState) -> torch.Tensor | None:
+        if self.lmn is None or us.lmn_read is None:
+            return None
+        has_hist = us.hist_mask.any(1)  # (B,) users without history have nothing to remember
+        return self.lmn.memory_loss(us.lmn_read, us.lmn_target, mask=has_hist)

@@ -1,0 +1,87 @@
+"""The top-level config of a memstream deployment and how it is loaded.
+
+One YAML file, one pydantic model, one section per subsystem. Sections are added
+by the subsystems that own them (kafka, ray, checkpoints, snapshots, serving,
+admin); each is an `extra="forbid"` model so a typo names the offending field.
+`load_config(path, ["model.use_pkm=false", ...])` applies dotted overrides to
+the raw YAML before validation, so an override is checked like the file is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from models.config import ModelConfig, TrainerConfig
+from stream.errors import MemstreamError
+
+
+class ConfigError(MemstreamError, ValueError):
+    """A config file or override that does not validate; the message names the field."""
+
+
+class MemstreamConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+
+
+def _parse_value(text: str) -> Any:
+    """'3' -> 3, 'false' -> False, '[1, 2]' -> [1, 2], 'abc' -> 'abc' (YAML scalars)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted `a.b.c=value` in the raw (pre-validation) dict, creating sections."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        key, _, text = item.partition("=")
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"override {item!r}: empty key")
+        node = raw
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+            node = nxt
+        node[parts[-1]] = _parse_value(text)
+    return raw
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors(include_url=False):
+        loc = ".".join(str(p) for p in e.get("loc", ())) or "<root>"
+        lines.append(f"  {loc}: {e.get('msg')}")
+    return "\n".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> MemstreamConfig:
+    try:
+        return MemstreamConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> MemstreamConfig:
+    """Read YAML at `path` (None = all defaults), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text(encoding="utf-8")
+        loaded = yaml.safe_load(text)
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"invalid config ({path}): top level must be a mapping")
+        raw = loaded
+    raw = apply_overrides(raw, list(overrides or []))
+    return config_from_dict(raw, str(path) if path is not None else "<defaults>")

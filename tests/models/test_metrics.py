@@ -1,0 +1,84 @@
+"""Streaming metrics: exact AUC against a brute-force pair count, logloss, RMSE, windows, save/load."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from models.metrics import ExactAUC, StreamingMetrics, auc_exact, logloss_from_logits
+
+
+def brute_auc(s: np.ndarray, y: np.ndarray) -> float:
+    pos, neg = s[y > 0.5], s[y <= 0.5]
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auc_matches_brute_force_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    n = 200
+    s = np.round(rng.normal(size=n), 1).astype(np.float32)  # many ties
+    y = (rng.random(n) < 0.4).astype(np.float64)
+    assert auc_exact(s, y) == pytest.approx(brute_auc(s, y), abs=1e-12)
+
+
+def test_streaming_auc_equals_batch_auc_across_compactions():
+    rng = np.random.default_rng(1)
+    acc = ExactAUC(compact_every=64)  # force many merges
+    ss, ys = [], []
+    for _ in range(40):
+        s = np.round(rng.normal(size=37), 2).astype(np.float32)
+        y = (rng.random(37) < 0.5).astype(np.float64)
+        acc.update(s, y)
+        ss.append(s)
+        ys.append(y)
+    s, y = np.concatenate(ss), np.concatenate(ys)
+    assert acc.value() == pytest.approx(brute_auc(s, y), abs=1e-12)
+
+
+def test_auc_degenerate_cases():
+    assert math.isnan(auc_exact(np.array([0.1, 0.2]), np.array([1.0, 1.0])))
+    assert auc_exact(np.array([0.1, 0.9]), np.array([0.0, 1.0])) == 1.0
+    assert auc_exact(np.array([0.5, 0.5]), np.array([0.0, 1.0])) == 0.5
+
+
+def test_logloss_rmse_window_and_tail():
+    rng = np.random.default_rng(2)
+    m = StreamingMetrics(window=50, keep_log=True)
+    zs, ys, errs = [], [], []
+    for _ in range(10):
+        z = rng.normal(size=16).astype(np.float32)
+        y = (rng.random(16) < 0.5).astype(np.float64)
+        y[0] = np.nan  # a missing label is skipped
+        r_pred = rng.normal(3, 1, size=16)
+        r = rng.integers(1, 6, size=16).astype(np.float64)
+        m.update(z, y, r_pred, r)
+        ok = ~np.isnan(y)
+        zs.append(z[ok]); ys.append(y[ok]); errs.append((r_pred - r) ** 2)
+    z, y, e = np.concatenate(zs), np.concatenate(ys), np.concatenate(errs)
+    p = 1 / (1 + np.exp(-z.astype(np.float64)))
+    summ = m.summary()
+    assert summ["logloss.like"] == pytest.approx(float(np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p)))), rel=1e-9)
+    assert summ["rmse.rating"] == pytest.approx(math.sqrt(e.mean()), rel=1e-12)
+    assert summ["window.auc.like"] == pytest.approx(brute_auc(z[-50:], y[-50:]), abs=1e-12)
+    assert summ["window.rmse.rating"] == pytest.approx(math.sqrt(e[-50:].mean()), rel=1e-12)
+    tail = int(len(z) * 0.8)
+    assert m.auc_last(0.2) == pytest.approx(brute_auc(z[tail:], y[tail:]), abs=1e-12)
+    assert summ["auc.like"] == pytest.approx(brute_auc(z, y), abs=1e-12)
+    np.testing.assert_allclose(logloss_from_logits(np.array([0.0]), np.array([1.0])), [math.log(2)])
+
+
+def test_metrics_state_round_trip():
+    rng = np.random.default_rng(3)
+    a = StreamingMetrics(window=30)
+    for _ in range(5):
+        a.update(rng.normal(size=20).astype(np.float32), (rng.random(20) < 0.5) * 1.0,
+                 rng.normal(size=20), rng.normal(size=20))
+    arrays, meta = a.export_state()
+    b = StreamingMetrics()
+    b.import_state({k: v.copy() for k, v in arrays.items()}, meta)
+    assert b.summary() == a.summary()
+    assert b.auc_last(0.2) == a.auc_last(0.2)
