@@ -299,6 +299,7 @@ def replay(
     try:
         with _progress_bar(progress, "replay", info.rows) as bar:
             for batch in iter_recording(path):
+                _check_producible(batch, path)
                 keys = batch.column("key").to_pylist()
                 values = batch.column("value").to_pylist()
                 stamps = batch.column("timestamp_ms").to_numpy(zero_copy_only=False)
@@ -348,6 +349,17 @@ def _send_rows(producer, topic, keys, values, stamps, targets, headers, due, sta
                 now = due[i]
         send(topic, value=value, key=keys[i], partition=targets[i], timestamp_ms=stamps[i],
              headers=None if no_headers else headers[i]).add_errback(on_error)
+
+
+def _check_producible(batch: pa.RecordBatch, path: str | Path) -> None:
+    # Kafka stores records with neither key nor value, but kafka-python cannot send one.
+    empty = pc.and_(pc.is_null(batch.column("key")), pc.is_null(batch.column("value")))
+    if pc.any(empty).as_py():
+        row = batch.slice(pc.index(empty, True).as_py(), 1).to_pylist()[0]
+        raise RecordingError(
+            f"{path} has a record with neither key nor value (partition {row['partition']}, "
+            f"offset {row['offset']}), which kafka-python cannot produce; drop such rows first"
+        )
 
 
 def _headers_of(column: pa.ListArray) -> list[list[tuple[str, bytes]]] | None:

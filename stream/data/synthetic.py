@@ -30,7 +30,7 @@ ZIPF_ITEMS = 1.1
 ZIPF_USERS = 0.7
 AFFINITY = 2.5
 START_MS = 1_700_000_000_000
-_TOPIC_WORDS = [
+TOPIC_WORDS = [
     ["galaxy", "orbit", "rocket", "alien", "nebula", "starship", "planet", "comet"],
     ["detective", "murder", "clue", "alibi", "suspect", "verdict", "witness", "case"],
     ["romance", "wedding", "kiss", "heart", "letter", "summer", "dance", "promise"],
@@ -118,7 +118,7 @@ def _zipf_draw(rng: np.random.Generator, n: int, exponent: float, size: int) -> 
 
 
 def _item_text(rng: np.random.Generator, topic: int) -> str:
-    words = list(rng.choice(_TOPIC_WORDS[topic], size=3, replace=False))
+    words = list(rng.choice(TOPIC_WORDS[topic], size=3, replace=False))
     words += list(rng.choice(_FILLER_WORDS, size=2, replace=False))
     rng.shuffle(words)
     return " ".join(str(w) for w in words).capitalize()
