@@ -10,9 +10,14 @@ the compiled and the interpreted kernel when the decorated module is executed,
 from TRITON_INTERPRET at that moment. So the Triton modules are loaded lazily by
 `_triton_impl`: CUDA tensors use the normal import (`kernels.sparse_gather`, ...),
 CPU tensors use a second copy of the same file executed with TRITON_INTERPRET=1
-(`kernels._interpreted_sparse_gather`, ...). Nothing depends on when triton was
-first imported, and the environment variable only has to be set while a CPU call
-is dispatched (the tests set it per test).
+(`kernels._interpreted_sparse_gather`, ...). triton.language's own helpers
+(tl.zeros, tl.cumsum, tl.max, ...) are @jit functions too, decorated once when
+triton is imported; if that happened without TRITON_INTERPRET=1 they are compiled
+JITFunctions, which an interpreted kernel cannot call. `_interpretable_stdlib`
+routes such calls to the interpreter (JITFunction.__call__ otherwise only raises:
+compiled code never goes through it). So nothing depends on when triton was first
+imported, and TRITON_INTERPRET only has to be set while a CPU call is dispatched
+(the tests set it per test).
 """
 
 from __future__ import annotations
@@ -54,6 +59,28 @@ def backend_for(t: torch.Tensor) -> str:
 _LOCK = threading.Lock()
 
 
+def _interpretable_stdlib() -> None:
+    """Let interpreted kernels call @jit functions decorated while not interpreting."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    if getattr(JITFunction.__call__, "_memstream_interpretable", False):
+        return
+    compiled_call = JITFunction.__call__
+    as_interpreted: dict[int, InterpretedFunction] = {}
+
+    def __call__(self, *args, **kwargs):
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return compiled_call(self, *args, **kwargs)  # raises, as before
+        f = as_interpreted.get(id(self))
+        if f is None:
+            f = as_interpreted.setdefault(id(self), InterpretedFunction(self.fn))
+        return f(*args, **kwargs)
+
+    __call__._memstream_interpretable = True
+    JITFunction.__call__ = __call__
+
+
 def _triton_impl(name: str, t: torch.Tensor) -> ModuleType:
     """The Triton module `kernels.<name>` for tensors on t's device (see module doc)."""
     if t.is_cuda:
@@ -65,6 +92,7 @@ def _triton_impl(name: str, t: torch.Tensor) -> ModuleType:
     with _LOCK:
         if alias in sys.modules:
             return sys.modules[alias]
+        _interpretable_stdlib()
         spec = importlib.util.find_spec(f"kernels.{name}")
         mod = importlib.util.module_from_spec(importlib.util.spec_from_file_location(alias, spec.origin))
         old = os.environ.get("TRITON_INTERPRET")

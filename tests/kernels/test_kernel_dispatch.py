@@ -1,0 +1,57 @@
+"""The dispatch point: torch outside the kernel tests' environment, interpreter copies inside."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+import triton
+
+import kernels
+
+
+def test_cpu_uses_torch_without_the_switches(monkeypatch):
+    t = torch.zeros(2)
+    monkeypatch.delenv("MEMSTREAM_KERNELS", raising=False)
+    assert kernels.backend_for(t) == "torch"  # TRITON_INTERPRET alone does not switch
+    monkeypatch.setenv("MEMSTREAM_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert kernels.backend_for(t) == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels.backend_for(t) == "triton"
+    monkeypatch.setenv("MEMSTREAM_KERNELS", "torch")
+    assert kernels.backend_for(t) == "torch"
+
+
+def test_interpreted_copy_regardless_of_import_order(monkeypatch):
+    # triton is imported already (this module did) and TRITON_INTERPRET is unset while
+    # the copy loads: it is still interpreted, and the environment is left as it was
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    mod = kernels._triton_impl("bank_update", torch.zeros(1))
+    assert isinstance(mod._bank_update_kernel, InterpretedFunction)
+    assert "TRITON_INTERPRET" not in os.environ
+    # the normal import (used for CUDA tensors) gives compiled kernels
+    import kernels.bank_update as compiled
+
+    assert compiled is not mod
+    assert isinstance(compiled._bank_update_kernel, JITFunction)
+    assert triton.__version__
+
+
+def test_rest_of_suite_keeps_torch_path():
+    # a fresh process as the rest of `pytest tests/` sees it: no switches set
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MEMSTREAM_KERNELS")}
+    code = (
+        "import torch, kernels, sys;"
+        "print(kernels.backend_for(torch.zeros(1)));"
+        "print(sorted(m for m in sys.modules if m.startswith('kernels.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    assert out[0] == "torch"
+    assert "sparse_gather" not in out[1]  # the Triton modules are not even imported
