@@ -27,7 +27,7 @@ class HistoryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     length: int = Field(50, ge=1, le=4096, description="L: events kept per user")
-    max_users: int = Field(1_000_000, ge=1, description="users kept; LRU eviction beyond")
+    max_users: int = Field(100_000, ge=1, description="users kept; LRU eviction beyond (~20 bytes * L each)")
 
 
 class HistoryCapacityError(RuntimeError):

@@ -157,7 +157,8 @@ class ItemMemoryBank(nn.Module):
             rows[new_at] = [self.rows[x] for x in item_ids[new_at].tolist()]
         rows_t = torch.from_numpy(rows).to(self.bank.device)
         with torch.no_grad():
-            written = kernels.bank_update(self.bank, self.stamps, rows_t, vectors.detach(), int(step))
+            fresh = vectors.detach().to(self.bank.device, self.bank.dtype)  # (M, dim)
+            written = kernels.bank_update(self.bank, self.stamps, rows_t, fresh, int(step))
         written = written.cpu().numpy()  # sorted unique rows
         self.clock += 1
         self.write_time[written] = now_s

@@ -91,13 +91,20 @@ class ProductKeyMemory(nn.Module):
             self.register_parameter("key_mix", None)
         self.values = nn.Parameter(torch.randn(N, cfg.value_dim) * cfg.value_dim**-0.5)
         # Usage: slot hits (cumulative, current window, last full window) and sub-key hits
-        # since the last reinit; a ring of recent normalised queries per head.
-        self.register_buffer("hits_total", torch.zeros(N, dtype=torch.int64))
-        self.register_buffer("hits_window", torch.zeros(N, dtype=torch.int64))
-        self.register_buffer("hits_last_window", torch.zeros(N, dtype=torch.int64))
-        self.register_buffer("subkey_hits", torch.zeros(H, 2, n, dtype=torch.int64))
-        self.register_buffer("recent_queries", torch.zeros(H, cfg.query_reservoir, cfg.key_dim))
-        self.register_buffer("touched", torch.zeros(N, dtype=torch.bool))  # values rows since take_delta
+        # since the last reinit; a ring of recent normalised queries per head; value rows
+        # changed since take_delta. Non-persistent: they follow .to(device) but stay out of
+        # the model's state_dict (weights only); export_state saves them.
+        tracking = {
+            "hits_total": torch.zeros(N, dtype=torch.int64),
+            "hits_window": torch.zeros(N, dtype=torch.int64),
+            "hits_last_window": torch.zeros(N, dtype=torch.int64),
+            "subkey_hits": torch.zeros(H, 2, n, dtype=torch.int64),
+            "recent_queries": torch.zeros(H, cfg.query_reservoir, cfg.key_dim),
+            "touched": torch.zeros(N, dtype=torch.bool),
+        }
+        for name, t in tracking.items():
+            self.register_buffer(name, t, persistent=False)
+        self.tracking_names = tuple(tracking)
         self.forwards_in_window = 0
         self.windows_done = 0
         self.reservoir_filled = 0
@@ -204,11 +211,16 @@ class ProductKeyMemory(nn.Module):
                 "top1pct_share": float(top) / total}
 
     def stats(self) -> dict[str, Any]:
-        """slot usage (window = last full window, else the current one; cumulative), sub-keys."""
+        """Slot usage: window (last full window of usage_window training forwards, else the
+        current one) and cumulative: hits, slot_usage (fraction of slots hit), kl_uniform
+        (KL(p || uniform), nats; 0 = perfectly even, log N = one slot), dead_slots,
+        top1pct_share; top_slots [[slot, hits]] (cumulative); dead sub-keys since the last reinit."""
         window = self.hits_last_window if self.windows_done else self.hits_window
         dead_sub = (self.subkey_hits == 0).sum().item()
+        top = self.hits_total.topk(min(10, self.cfg.num_slots))
         return {
             "num_slots": self.cfg.num_slots,
+            "top_slots": [[int(i), int(c)] for c, i in zip(top.values.tolist(), top.indices.tolist()) if c > 0],
             "window": self._usage(window),
             "cumulative": self._usage(self.hits_total),
             "windows_done": self.windows_done,
@@ -273,21 +285,27 @@ class ProductKeyMemory(nn.Module):
                 "reservoir_filled": self.reservoir_filled, "reservoir_next": self.reservoir_next,
                 "reinit_total": self.reinit_total}
 
+    def _all_tensors(self) -> dict[str, torch.Tensor]:
+        """state_dict (weights, norm statistics) + the non-persistent tracking buffers."""
+        return {**self.state_dict(), **{name: getattr(self, name) for name in self.tracking_names}}
+
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Every parameter and buffer (state_dict + `touched`), counters and config in meta."""
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        """Every parameter and buffer (usage counters and query ring included); config in meta."""
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self._all_tensors().items()}
         return tensors, {"config": self.cfg.model_dump(exclude={"device"}), "counters": self._counters()}
 
+    @torch.no_grad()
     def import_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         mine = self.cfg.model_dump(exclude={"device"})
         if meta["config"] != mine:
             raise PKMStateError(f"config: saved {meta['config']}, have {mine}")
-        own = self.state_dict()
+        own = self._all_tensors()
         for key, t in own.items():
-            if key not in tensors or tensors[key].shape != t.shape:
-                raise PKMStateError(f"{key}: saved {tuple(tensors[key].shape) if key in tensors else 'none'}, "
-                                    f"have {tuple(t.shape)}")
-        self.load_state_dict(tensors)
+            if key not in tensors or tensors[key].shape != t.shape or tensors[key].dtype != t.dtype:
+                saved = (tuple(tensors[key].shape), tensors[key].dtype) if key in tensors else "nothing"
+                raise PKMStateError(f"{key}: saved {saved}, have {(tuple(t.shape), t.dtype)}")
+        for key, t in own.items():
+            t.copy_(tensors[key])
         for name, value in meta["counters"].items():
             setattr(self, name, int(value))
 
@@ -299,8 +317,8 @@ class ProductKeyMemory(nn.Module):
         self.touched.zero_()
         delta = MemoryDelta()
         delta.tables["values"] = (rows.cpu().numpy(), self.values.detach().index_select(0, rows).cpu())
-        for name, t in self.state_dict().items():
-            if name in ("values", "touched") or name.startswith(("hits_", "subkey_", "recent_")):
+        for name, t in self.state_dict().items():  # weights only: tracking buffers are not in it
+            if name == "values":
                 continue
             t = t.detach().cpu()
             delta.tables[name] = (np.arange(t.shape[0] if t.dim() else 1, dtype=np.int64), t.clone())

@@ -52,7 +52,7 @@ class SparseRowAdam(torch.optim.Optimizer):
     `SparseRowAdam(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)`
     or `SparseRowAdam.from_config(params, SparseOptimConfig(...))`.
 
-    Per parameter p (N, *): state exp_avg (N, *), exp_avg_sq (N, *), row_step (N,) int64.
+    Per parameter p (N, *): state moments (N, 2, *) (exp_avg, exp_avg_sq), row_step (N,) int64.
     `touched_rows(p)` / `take_touched(p)`: the rows updated since the previous take.
     """
 
@@ -71,8 +71,9 @@ class SparseRowAdam(torch.optim.Optimizer):
         for p in self._params():
             if p.dim() == 0:
                 raise ValueError("SparseRowAdam: parameters must have a row dimension (dim >= 1)")
-            self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            self.state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            # One (N, 2, *) tensor for both moments: a step gathers and scatters them once.
+            self.state[p]["moments"] = torch.zeros((p.shape[0], 2) + tuple(p.shape[1:]), dtype=p.dtype,
+                                                   device=p.device)
             self.state[p]["row_step"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
 
     @classmethod
@@ -84,10 +85,23 @@ class SparseRowAdam(torch.optim.Optimizer):
 
     @staticmethod
     def _rows_and_values(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """grad (sparse COO or dense, (N, *)) -> (unique rows (R,), summed grad rows (R, *))."""
+        """grad (sparse COO or dense, (N, *)) -> (sorted unique rows (R,), summed grad rows (R, *)).
+
+        Sparse: one sort of the row indices and a sorted segment sum (index_add_ over sorted
+        segment ids), several times cheaper on CPU than `coalesce()` for the ~65k-entry
+        gradients of a PKM batch.
+        """
         if grad.is_sparse:
-            g = grad.coalesce()  # duplicates summed, indices sorted
-            return g.indices()[0], g.values()
+            if grad.is_coalesced():
+                return grad.indices()[0], grad.values()
+            idx, vals = grad._indices()[0], grad._values()  # (E,), (E, *)
+            sorted_idx, perm = idx.sort()  # (E,)
+            first = torch.ones_like(sorted_idx, dtype=torch.bool)
+            first[1:] = sorted_idx[1:] != sorted_idx[:-1]  # (E,) start of each row's segment
+            segment = first.cumsum(0) - 1  # (E,) output row of each entry
+            rows = sorted_idx[first]  # (R,)
+            summed = vals.new_zeros((rows.numel(),) + tuple(vals.shape[1:]))
+            return rows, summed.index_add_(0, segment, vals.index_select(0, perm))  # (R, *)
         nonzero = grad.reshape(grad.shape[0], -1).ne(0).any(dim=1)  # (N,)
         rows = nonzero.nonzero().squeeze(1)
         return rows, grad.index_select(0, rows)
@@ -109,21 +123,22 @@ class SparseRowAdam(torch.optim.Optimizer):
                     continue
                 g = g.to(p.dtype)
                 st = self.state[p]
-                m = st["exp_avg"].index_select(0, rows).mul_(beta1).add_(g, alpha=1 - beta1)  # (R, *)
-                v = st["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                mv = st["moments"].index_select(0, rows)  # (R, 2, *)
+                m, v = mv[:, 0], mv[:, 1]  # (R, *) views
+                m.mul_(beta1).add_(g, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 t = st["row_step"].index_select(0, rows) + 1  # (R,)
-                st["exp_avg"].index_copy_(0, rows, m)
-                st["exp_avg_sq"].index_copy_(0, rows, v)
+                st["moments"].index_copy_(0, rows, mv)
                 st["row_step"].index_copy_(0, rows, t)
-                shape = (-1,) + (1,) * (p.dim() - 1)
-                tf = t.to(p.dtype).view(shape)
-                bias1 = 1 - torch.pow(beta1, tf)  # (R, 1...)
-                bias2 = 1 - torch.pow(beta2, tf)
-                update = (m / bias1) / ((v / bias2).sqrt_().add_(eps))  # (R, *)
+                # Per-row bias correction: p -= lr/b1 * m / (sqrt(v/b2) + eps), b = 1 - beta^t_row.
+                tf = t.to(p.dtype).view((-1,) + (1,) * (p.dim() - 1))  # (R, 1...)
+                step_size = (1 - torch.pow(beta1, tf)).reciprocal_().mul_(-lr)  # (R, 1...)
+                inv_sqrt_b2 = (1 - torch.pow(beta2, tf)).rsqrt_()  # (R, 1...)
+                denom = v.sqrt().mul_(inv_sqrt_b2).add_(eps)  # (R, *)
                 new = p.index_select(0, rows)
                 if wd:
                     new.mul_(1 - lr * wd)
-                new.add_(update, alpha=-lr)
+                new.addcdiv_(m * step_size, denom)
                 p.index_copy_(0, rows, new)
                 self._touched.setdefault(id(p), []).append(rows)
         return loss
@@ -145,12 +160,17 @@ class SparseRowAdam(torch.optim.Optimizer):
 
     # -- save / load without pickle ----------------------------------------------------------
 
+    def _named_state(self, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+        """The saved names of p's state: exp_avg, exp_avg_sq (views of `moments`), row_step."""
+        st = self.state[p]
+        return {"exp_avg": st["moments"][:, 0], "exp_avg_sq": st["moments"][:, 1], "row_step": st["row_step"]}
+
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors `p{i}.exp_avg|exp_avg_sq|row_step` (i = order of parameters) + hyper-params."""
         tensors: dict[str, torch.Tensor] = {}
         for i, p in enumerate(self._params()):
-            for name in ("exp_avg", "exp_avg_sq", "row_step"):
-                tensors[f"p{i}.{name}"] = self.state[p][name].detach().cpu().contiguous()
+            for name, t in self._named_state(p).items():
+                tensors[f"p{i}.{name}"] = t.detach().cpu().contiguous()
         groups = [
             {"lr": g["lr"], "betas": list(g["betas"]), "eps": g["eps"], "weight_decay": g["weight_decay"],
              "num_params": len(g["params"])}
@@ -172,11 +192,11 @@ class SparseRowAdam(torch.optim.Optimizer):
             g["lr"], g["betas"] = saved["lr"], tuple(saved["betas"])
             g["eps"], g["weight_decay"] = saved["eps"], saved["weight_decay"]
         for i, p in enumerate(self._params()):
-            for name in ("exp_avg", "exp_avg_sq", "row_step"):
+            for name, dst in self._named_state(p).items():
                 key = f"p{i}.{name}"
                 if key not in tensors:
                     raise SparseOptimStateError(f"{key}: missing")
-                src, dst = tensors[key], self.state[p][name]
+                src = tensors[key]
                 if src.shape != dst.shape or src.dtype != dst.dtype:
                     raise SparseOptimStateError(
                         f"{key}: saved {tuple(src.shape)} {src.dtype}, have {tuple(dst.shape)} {dst.dtype}"

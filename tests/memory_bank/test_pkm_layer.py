@@ -127,6 +127,7 @@ def test_save_load_bit_exact_and_training_continues_identically(through_files, s
     opts_b[0].import_state(*opt_state)
     same_tensors(a.export_state()[0], b.export_state()[0])
     assert a.export_state()[1] == b.export_state()[1]
+    assert "hits_total" in layer_state[0] and "hits_total" not in a.state_dict()  # weights only there
     for x in xs[3:]:
         assert torch.equal(_train_step(a, opts_a, x), _train_step(b, opts_b, x))
     same_tensors(a.export_state()[0], b.export_state()[0])

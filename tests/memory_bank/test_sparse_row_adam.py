@@ -18,14 +18,15 @@ def test_only_selected_rows_and_their_state_change():
     opt = SparseRowAdam([table], lr=0.1)
     _sparse_step(table, opt, [1, 2, 3])
     before = table.detach().clone()
-    st = {k: v.clone() for k, v in opt.state[table].items()}
+    st = {k: v.clone() for k, v in opt.export_state()[0].items()}
     _sparse_step(table, opt, [3, 7, 7])  # duplicate row: gradients summed
     changed = (table.detach() != before).any(1).nonzero().squeeze(1).tolist()
     assert changed == [3, 7]
-    for name in ("exp_avg", "exp_avg_sq", "row_step"):
-        diff = (opt.state[table][name] != st[name]).reshape(20, -1).any(1).nonzero().squeeze(1).tolist()
+    after = opt.export_state()[0]
+    for name in ("p0.exp_avg", "p0.exp_avg_sq", "p0.row_step"):
+        diff = (after[name] != st[name]).reshape(20, -1).any(1).nonzero().squeeze(1).tolist()
         assert diff == [3, 7], name
-    assert opt.state[table]["row_step"].tolist()[:8] == [0, 1, 1, 2, 0, 0, 0, 1]
+    assert after["p0.row_step"].tolist()[:8] == [0, 1, 1, 2, 0, 0, 0, 1]
     assert opt.take_touched(table).tolist() == [1, 2, 3, 7]
     assert opt.take_touched(table).tolist() == []
 
