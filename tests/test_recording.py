@@ -100,6 +100,14 @@ def test_replay_to_other_partition_count_partitions_by_key(broker, tmp_path):
     assert values_by_key(back) == values_by_key(original)
 
 
+def test_gzip_replay_round_trips(broker, tmp_path):
+    # The producer's choice when the crc32c C extension is missing (stream/kafka_io.py).
+    path = build_synthetic_recording(tmp_path / "g.parquet", events=800, users=30, items=60, seed=8)
+    replay(path, broker, "gzipped", compression_type="gzip")
+    record(broker, "gzipped", tmp_path / "back.parquet")
+    assert per_partition(tmp_path / "back.parquet") == per_partition(path)
+
+
 def test_record_stops_at_max_messages(broker, tmp_path):
     produce_mixed_topic(broker, "capped", partitions=2, n=500)
     stats = record(broker, "capped", tmp_path / "capped.parquet", max_messages=120)
