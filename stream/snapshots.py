@@ -103,7 +103,10 @@ def _vdir(version: int) -> str:
 def delta_table_to_parquet(rows: np.ndarray, values: torch.Tensor, ids: list[str] | None) -> bytes:
     """Rows (M,) + values (M, ...) [+ ids] -> Parquet bytes; trailing shape and dtype in metadata."""
     values = values.detach().cpu().contiguous()
-    m = int(values.shape[0]) if values.dim() else 0
+    scalar = values.dim() == 0  # e.g. BatchNorm's num_batches_tracked: one row, no shape
+    if scalar:
+        values = values.reshape(1)
+    m = int(values.shape[0])
     tail = list(values.shape[1:])
     width = int(np.prod(tail)) if tail else 1
     if values.dtype == torch.bfloat16:
@@ -115,7 +118,11 @@ def delta_table_to_parquet(rows: np.ndarray, values: torch.Tensor, ids: list[str
     if ids is not None:
         cols["id"] = pa.array(list(ids), type=pa.string())
     table = pa.table(cols).replace_schema_metadata(
-        {"dtype": str(values.dtype).removeprefix("torch."), "shape_tail": json.dumps(tail)}
+        {
+            "dtype": str(values.dtype).removeprefix("torch."),
+            "shape_tail": json.dumps(tail),
+            "scalar": "1" if scalar else "0",
+        }
     )
     buf = io.BytesIO()
     pq.write_table(table, buf)
@@ -134,8 +141,20 @@ def delta_table_from_parquet(data: bytes) -> tuple[np.ndarray, torch.Tensor, lis
     else:
         values = torch.from_numpy(flat.copy()).to(getattr(torch, dtype_name))
     values = values.reshape(len(rows), *tail)
+    if meta.get(b"scalar") == b"1":
+        values = values.reshape(())
     ids = table.column("id").to_pylist() if "id" in table.column_names else None
     return rows, values, ids
+
+
+def _ids_to_parquet(ids: list[str]) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"id": pa.array(list(ids), type=pa.string())}), buf)
+    return buf.getvalue()
+
+
+def _ids_from_parquet(data: bytes) -> list[str]:
+    return pq.read_table(io.BytesIO(data)).column("id").to_pylist()
 
 
 # -- the store -------------------------------------------------------------------
@@ -212,12 +231,11 @@ class SnapshotStore:
         files: dict[str, bytes] = {"dense.safetensors": st_save(_contig(state.dense))}
         for name, delta in state.memories.items():
             for table, (rows, values) in delta.tables.items():
-                ids = delta.ids.get(table)
-                files[f"delta.{name}.{table}.parquet"] = delta_table_to_parquet(rows, values, ids)
+                files[f"delta.{name}.{table}.parquet"] = delta_table_to_parquet(rows, values, None)
+            for key, ids in delta.ids.items():
+                files[f"ids.{name}.{key}.parquet"] = _ids_to_parquet(ids)
             if delta.tombstones:
-                buf = io.BytesIO()
-                pq.write_table(pa.table({"id": pa.array(delta.tombstones, type=pa.string())}), buf)
-                files[f"tombstones.{name}.parquet"] = buf.getvalue()
+                files[f"tombstones.{name}.parquet"] = _ids_to_parquet(delta.tombstones)
         return self._publish(version, parent, "delta", files, meta or {})
 
     def _publish(
@@ -378,13 +396,12 @@ def _decode_delta(files: dict[str, bytes]) -> DeltaState:
     for name, data in files.items():
         if name.startswith("delta.") and name.endswith(".parquet"):
             mem, table = name[len("delta.") : -len(".parquet")].split(".", 1)
-            rows, values, ids = delta_table_from_parquet(data)
-            d = memories.setdefault(mem, MemoryDelta())
-            d.tables[table] = (rows, values)
-            if ids is not None:
-                d.ids[table] = ids
+            rows, values, _ = delta_table_from_parquet(data)
+            memories.setdefault(mem, MemoryDelta()).tables[table] = (rows, values)
+        elif name.startswith("ids.") and name.endswith(".parquet"):
+            mem, key = name[len("ids.") : -len(".parquet")].split(".", 1)
+            memories.setdefault(mem, MemoryDelta()).ids[key] = _ids_from_parquet(data)
         elif name.startswith("tombstones.") and name.endswith(".parquet"):
             mem = name[len("tombstones.") : -len(".parquet")]
-            ids = pq.read_table(io.BytesIO(data)).column("id").to_pylist()
-            memories.setdefault(mem, MemoryDelta()).tombstones.extend(ids)
+            memories.setdefault(mem, MemoryDelta()).tombstones.extend(_ids_from_parquet(data))
     return DeltaState(dense, memories)

@@ -25,7 +25,7 @@ def _full(seed=0):
 
 
 def _delta(rows, vals, tomb=()):
-    d = MemoryDelta(tables={"values": (np.asarray(rows), vals)}, tombstones=list(tomb))
+    d = MemoryDelta(tables={"values": (np.asarray(rows), vals)}, ids={"users": [f"u{r}" for r in rows]}, tombstones=list(tomb))
     return DeltaState({"w": torch.ones(4, 3), "b": torch.zeros(3)}, {"pkm": d})
 
 
@@ -50,6 +50,7 @@ def test_full_then_deltas_chain(tmp_path):
     assert torch.equal(chain.full.memories["pkm"][0]["values"], _full().memories["pkm"][0]["values"])
     assert [d.memories["pkm"].tables["values"][0].tolist() for d in chain.deltas] == [[1, 3], [3]]
     assert chain.deltas[1].memories["pkm"].tombstones == ["gone"]
+    assert chain.deltas[0].memories["pkm"].ids == {"users": ["u1", "u3"]}
     assert torch.equal(chain.deltas[-1].dense["w"], torch.ones(4, 3))
 
 

@@ -1,0 +1,152 @@
+"""Snapshot publishing and the serving ledger (what each replica runs, freshness).
+
+The trainer hands each snapshot's content (dense weights, memory rows, and the
+Kafka timestamps of the events the version newly includes) to the publisher,
+which writes it to the store off the training thread. Replicas report back when
+they activate or refuse a version; the first activation of version v makes
+every event included up to v "live", and its freshness is that moment minus
+the event's Kafka timestamp (DESIGN section 7).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from stream.snapshots import DeltaState, FullState, SnapshotStore
+
+
+class SnapshotConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Empty = <work_dir>/snapshots. Any pyarrow filesystem URI (s3://, gs://, hdfs://).
+    uri: str = ""
+    interval_s: float = Field(1.0, gt=0)
+    full_every: int = Field(20, ge=1)  # a full snapshot every K versions, deltas between
+    keep_versions: int = Field(50, ge=1)
+
+
+class FreshnessLedger:
+    """Pending versions' event timestamps until a replica activates them."""
+
+    def __init__(self, max_samples: int = 2_000_000):
+        self._pending: dict[int, np.ndarray] = {}  # version -> kafka ts (ms) of its new events
+        self._samples: list[np.ndarray] = []
+        self._count = 0
+        self._max = max_samples
+        self.first_activation: dict[int, float] = {}
+
+    def add_version(self, version: int, event_ts_ms: np.ndarray) -> None:
+        self._pending[version] = np.asarray(event_ts_ms, dtype=np.int64)
+
+    def activated(self, version: int, at_s: float) -> None:
+        live = [v for v in self._pending if v <= version]
+        for v in sorted(live):
+            ts = self._pending.pop(v)
+            ts = ts[ts > 0]
+            self.first_activation.setdefault(v, at_s)
+            if len(ts) and self._count < self._max:
+                self._samples.append(at_s - ts / 1000.0)
+                self._count += len(ts)
+
+    def summary(self) -> dict[str, Any]:
+        if not self._samples:
+            return {"count": 0, "p50_s": None, "p99_s": None}
+        s = np.concatenate(self._samples)
+        return {
+            "count": int(len(s)),
+            "p50_s": float(np.percentile(s, 50)),
+            "p99_s": float(np.percentile(s, 99)),
+            "max_s": float(s.max()),
+        }
+
+    def samples(self) -> np.ndarray:
+        return np.concatenate(self._samples) if self._samples else np.empty(0)
+
+
+class SnapshotPublisher:
+    """Writes snapshots; keeps the per-replica serving state and freshness."""
+
+    def __init__(self, uri: str, keep_versions: int):
+        self.store = SnapshotStore(uri, keep_versions=keep_versions)
+        self.ledger = FreshnessLedger()
+        self.replicas: dict[str, dict[str, Any]] = {}
+        self.published = 0
+        self.failures = 0
+        self._lock = threading.Lock()
+
+    def latest_version(self) -> int | None:
+        return self.store.latest_version()
+
+    def publish(
+        self,
+        version: int,
+        parent: int | None,
+        state: FullState | DeltaState,
+        meta: dict[str, Any],
+        event_ts_ms: np.ndarray,
+    ) -> dict[str, Any]:
+        t0 = time.time()
+        with self._lock:
+            self.ledger.add_version(version, event_ts_ms)
+        if isinstance(state, FullState):
+            manifest = self.store.publish_full(version, state, meta)
+        else:
+            assert parent is not None
+            manifest = self.store.publish_delta(version, parent, state, meta)
+        with self._lock:
+            self.published += 1
+        return {"version": version, "kind": manifest["kind"], "write_s": time.time() - t0}
+
+    def report_serving(self, replica_id: str, event: dict[str, Any]) -> None:
+        with self._lock:
+            r = self.replicas.setdefault(
+                replica_id, {"replica": replica_id, "version": None, "refusals": 0}
+            )
+            r["last_report"] = event.get("at", time.time())
+            if event["type"] == "activated":
+                r["version"] = event["version"]
+                r["activated_at"] = event["at"]
+                self.ledger.activated(event["version"], event["at"])
+            elif event["type"] == "refused":
+                r["refusals"] += 1
+                r["last_refusal"] = {k: event.get(k) for k in ("version", "reason", "at")}
+
+    def serving_state(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(r) for r in self.replicas.values()]
+
+    def freshness(self) -> dict[str, Any]:
+        with self._lock:
+            return self.ledger.summary()
+
+    def freshness_samples(self) -> np.ndarray:
+        with self._lock:
+            return self.ledger.samples()
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        """Newest first: version, kind, parent, created_at, train step, latest/pinned flags."""
+        latest, pinned = self.store.latest_version(), self.store.pinned_version()
+        out = []
+        for v in reversed(self.store.versions()):
+            m = self.store.manifest(v)
+            out.append({
+                "version": v,
+                "kind": m["kind"],
+                "parent": m.get("parent"),
+                "created_at": m.get("created_at"),
+                "train_step": m.get("train_step"),
+                "events_applied": m.get("events_applied"),
+                "bytes": sum(f["size"] for f in m["files"].values()),
+                "latest": v == latest,
+                "pinned": v == pinned,
+            })
+        return out
+
+    def pin(self, version: int | None) -> dict[str, Any]:
+        self.store.set_pinned(version)
+        return {"pinned": version}
