@@ -197,73 +197,82 @@ def record(
         fetch_max_wait_ms=100,
         **options_for(KafkaConsumer, client_options),
     )
-    cols: dict[str, list] = {name: [] for name in ("partition", "offset", "ts", "key", "value", "headers")}
     started = time.perf_counter()
     try:
         tps = [TopicPartition(topic, p) for p in range(partitions)]
-        consumer.assign(tps)
-        begin = consumer.beginning_offsets(tps)
-        end = consumer.end_offsets(tps)
-        consumer.seek_to_beginning()
-        remaining = {tp for tp in tps if end[tp] > begin[tp]}
-        unreconciled = set(remaining)  # ends not yet checked against a fetch's high watermark
         limit = max_messages if max_messages is not None else float("inf")
-        total = min(limit, sum(end[tp] - begin[tp] for tp in tps))
-        count = 0
-        last_progress = time.monotonic()
-        with _progress_bar(progress, "record", total) as bar:
-            while remaining and count < limit:
-                polled = consumer.poll(timeout_ms=200)
-                for tp in list(unreconciled):
-                    high = consumer.highwater(tp)
-                    if high is not None:
-                        end[tp] = max(end[tp], high)
-                        unreconciled.discard(tp)
-                        total = min(limit, sum(end[tp] - begin[tp] for tp in tps))
-                for tp, records in polled.items():
-                    for r in records:
-                        if r.offset >= end[tp] or count >= limit:
-                            break
-                        cols["partition"].append(tp.partition)
-                        cols["offset"].append(r.offset)
-                        cols["ts"].append(r.timestamp)
-                        cols["key"].append(r.key)
-                        cols["value"].append(r.value)
-                        cols["headers"].append([{"key": k, "value": v} for k, v in r.headers or ()])
-                        count += 1
-                for tp in list(remaining):
-                    if tp not in unreconciled and consumer.position(tp) >= end[tp]:
-                        remaining.discard(tp)
-                        consumer.pause(tp)
-                if polled:
-                    last_progress = time.monotonic()
-                    bar(count, total)
-                elif time.monotonic() - last_progress > idle_timeout_s:
-                    stuck = {tp.partition: (consumer.position(tp), end[tp]) for tp in remaining}
-                    raise RecordingError(
-                        f"no messages from {topic!r} for {idle_timeout_s:.0f} s while partitions "
-                        f"(partition: (position, end)) {stuck} were unfinished; is the broker up?"
-                    )
+        rows = _consume_to_end(consumer, tps, limit, idle_timeout_s, progress)
     finally:
         consumer.close()
     seconds = time.perf_counter() - started
-    part = np.asarray(cols["partition"], dtype=np.int32)
-    off = np.asarray(cols["offset"], dtype=np.int64)
-    ts = np.asarray(cols["ts"], dtype=np.int64)
+    write_recording(out, _recorded_table(topic, rows), partitions)
+    return TransferStats(rows=len(rows["offset"]), seconds=seconds, partitions=partitions)
+
+
+def _consume_to_end(consumer, tps: list, limit: float, idle_timeout_s: float, progress: bool):
+    """Column lists of every message from the beginning to the end offsets at start."""
+    rows: dict[str, list] = {c: [] for c in ("partition", "offset", "ts", "key", "value", "headers")}
+    consumer.assign(tps)
+    begin = consumer.beginning_offsets(tps)
+    end = consumer.end_offsets(tps)
+    consumer.seek_to_beginning()
+    remaining = {tp for tp in tps if end[tp] > begin[tp]}
+    unreconciled = set(remaining)  # ends not yet checked against a fetch's high watermark
+    total = min(limit, sum(end[tp] - begin[tp] for tp in tps))
+    count = 0
+    last_progress = time.monotonic()
+    with _ProgressBar(progress, "record", total) as bar:
+        while remaining and count < limit:
+            polled = consumer.poll(timeout_ms=200)
+            for tp in list(unreconciled):
+                high = consumer.highwater(tp)
+                if high is not None:
+                    end[tp] = max(end[tp], high)
+                    unreconciled.discard(tp)
+                    total = min(limit, sum(end[t] - begin[t] for t in tps))
+            for tp, records in polled.items():
+                for r in records:
+                    if r.offset >= end[tp] or count >= limit:
+                        break
+                    rows["partition"].append(tp.partition)
+                    rows["offset"].append(r.offset)
+                    rows["ts"].append(r.timestamp)
+                    rows["key"].append(r.key)
+                    rows["value"].append(r.value)
+                    rows["headers"].append([{"key": k, "value": v} for k, v in r.headers or ()])
+                    count += 1
+            for tp in list(remaining):
+                if tp not in unreconciled and consumer.position(tp) >= end[tp]:
+                    remaining.discard(tp)
+                    consumer.pause(tp)
+            if polled:
+                last_progress = time.monotonic()
+                bar(count, total)
+            elif time.monotonic() - last_progress > idle_timeout_s:
+                stuck = {tp.partition: (consumer.position(tp), end[tp]) for tp in remaining}
+                raise RecordingError(
+                    f"no messages for {idle_timeout_s:.0f} s while partitions "
+                    f"(partition: (position, end)) {stuck} were unfinished; is the broker up?"
+                )
+    return rows
+
+
+def _recorded_table(topic: str, rows: dict[str, list]) -> pa.Table:
+    part = np.asarray(rows["partition"], dtype=np.int32)
+    off = np.asarray(rows["offset"], dtype=np.int64)
+    ts = np.asarray(rows["ts"], dtype=np.int64)
     order = event_time_order(part, off, ts)
-    table = pa.table(
+    return pa.table(
         {
             "topic": pa.array([topic] * len(order), pa.string()),
             "partition": part[order],
             "offset": off[order],
             "timestamp_ms": ts[order],
-            "key": pa.array(cols["key"], pa.binary()).take(order),
-            "value": pa.array(cols["value"], pa.binary()).take(order),
-            "headers": pa.array(cols["headers"], pa.list_(HEADER_TYPE)).take(order),
+            "key": pa.array(rows["key"], pa.binary()).take(order),
+            "value": pa.array(rows["value"], pa.binary()).take(order),
+            "headers": pa.array(rows["headers"], pa.list_(HEADER_TYPE)).take(order),
         }
     )
-    write_recording(out, table, partitions)
-    return TransferStats(rows=len(order), seconds=seconds, partitions=partitions)
 
 
 # -- replay -------------------------------------------------------------------
@@ -297,8 +306,10 @@ def replay(
     sent = 0
     started = time.perf_counter()
     try:
-        with _progress_bar(progress, "replay", info.rows) as bar:
-            for batch in iter_recording(path):
+        with _ProgressBar(progress, "replay", info.rows) as bar:
+            # Paced: small batches, so the progress bar moves while we wait between sends.
+            batch_rows = DEFAULT_BATCH_ROWS if pacer.unpaced else 1024
+            for batch in iter_recording(path, batch_rows):
                 _check_producible(batch, path)
                 keys = batch.column("key").to_pylist()
                 values = batch.column("value").to_pylist()
@@ -425,7 +436,7 @@ class _Pacer:
         return (running - self.first_ts) / 1000.0 / self.speed
 
 
-class _progress_bar:
+class _ProgressBar:
     """A rich progress bar on stderr, or nothing; called with the count done so far."""
 
     def __init__(self, enabled: bool, label: str, total: float) -> None:
