@@ -7,8 +7,10 @@ checked against it with kafka-python (tests/test_broker.py keeps it checked):
 - CreateTopics through KafkaAdminClient works and honours num_partitions;
   creating an existing topic answers TopicAlreadyExistsError.
 - Producing to an unknown topic auto-creates it with 4 partitions.
-- Static assignment (assign + seek) works; so do consumer groups, but a join
-  waits for the rebalance timeout, so readers here use static assignment.
+- Static assignment (assign + seek) works, and so do group offset commits
+  under it (commit, then a new consumer of the group resumes there). Group
+  joins (subscribe) work but wait for the rebalance timeout (~2 s with
+  max_poll_interval_ms=3000), so readers here use static assignment.
 - ListOffsets(latest), i.e. `end_offsets()`, is off: it answers the base offset
   of the partition's last record batch + 1, not the last offset + 1, so it is
   short by (records in the last batch - 1). The high watermark in fetch

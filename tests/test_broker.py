@@ -15,6 +15,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
 
 from infra.broker import (
     BINARY_ENV,
@@ -181,3 +182,25 @@ def test_tansu_topics_partitions_and_offsets(broker):
         assert consumer.highwater(tp) == 10
     finally:
         consumer.close()
+
+
+def test_tansu_keeps_group_offsets_committed_under_static_assignment(broker):
+    """How the trainer commits: assign (no group join), commit after a checkpoint, restart."""
+    producer = KafkaProducer(bootstrap_servers=broker)
+    for i in range(10):
+        producer.send("tansu-groups", value=b"v", partition=i % 2)
+    producer.flush()
+    producer.close()
+    tps = [TopicPartition("tansu-groups", 0), TopicPartition("tansu-groups", 1)]
+    for expected in (None, {0: 3, 1: 5}):
+        consumer = KafkaConsumer(bootstrap_servers=broker, group_id="g", enable_auto_commit=False)
+        try:
+            consumer.assign(tps)
+            if expected is None:
+                consumer.commit({tps[0]: OffsetAndMetadata(3, "", -1),
+                                 tps[1]: OffsetAndMetadata(5, "", -1)})
+            else:
+                assert {tp.partition: consumer.committed(tp) for tp in tps} == expected
+                assert {tp.partition: consumer.position(tp) for tp in tps} == expected
+        finally:
+            consumer.close()
