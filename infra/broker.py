@@ -42,7 +42,9 @@ from typing import Self
 
 from stream.errors import MemstreamError
 
-DEFAULT_STATE_DIR = Path(".memstream/broker")
+# stream/cli.py reads the same variable (without importing this module).
+STATE_DIR_ENV = "MEMSTREAM_BROKER_DIR"
+DEFAULT_STATE_DIR = Path(os.environ.get(STATE_DIR_ENV, ".memstream/broker"))
 STATE_FILE = "broker.json"
 PID_FILE = "tansu.pid"
 LOG_FILE = "tansu.log"
