@@ -203,7 +203,7 @@ class UserHistoryStore:
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Ring arrays as they are (bit-exact), item ids interned into `meta['item_vocab']`."""
         flat = self.items.ravel()
-        present = np.flatnonzero(flat != None)  # noqa: E711  (object array compare)
+        present = np.flatnonzero(flat != None)
         vocab: dict[str, int] = {}
         codes = np.full(flat.shape[0], -1, dtype=np.int64)
         codes[present] = [vocab.setdefault(x, len(vocab)) for x in flat[present].tolist()]

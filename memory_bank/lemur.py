@@ -24,9 +24,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
 
 import kernels
 from memory_bank.base import MemoryDelta
@@ -172,7 +172,7 @@ class ItemMemoryBank(nn.Module):
         """Evict rows written more than ttl_s before now_s; returns their ids (tombstoned)."""
         if self.cfg.ttl_s is None:
             return []
-        live = self.row_ids != None  # noqa: E711
+        live = self.row_ids != None
         expired = np.flatnonzero(live & (self.write_time < now_s - self.cfg.ttl_s))
         return self._evict(expired, "ttl") if len(expired) else []
 
@@ -265,7 +265,7 @@ class ItemMemoryBank(nn.Module):
         if r is None:
             raise UnknownItemError(item_id)
         if self._faiss is None or self._faiss[0] != self._version:
-            live = np.flatnonzero(self.row_ids != None)  # noqa: E711
+            live = np.flatnonzero(self.row_ids != None)
             x = F.normalize(self.bank[torch.from_numpy(live).to(self.bank.device)].float(), dim=-1)
             index = faiss.IndexFlatIP(self.cfg.dim)
             index.add(np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32))
@@ -279,7 +279,7 @@ class ItemMemoryBank(nn.Module):
     def stats(self, now_s: float | None = None) -> dict[str, Any]:
         """size, capacity, coverage (window / cumulative), staleness_cos, age (steps, s), evictions."""
         now_s = self.last_now_s if now_s is None else now_s
-        live = np.flatnonzero(self.row_ids != None)  # noqa: E711
+        live = np.flatnonzero(self.row_ids != None)
         win_hits = sum(h for h, _ in self.coverage_recent)
         win_n = sum(n for _, n in self.coverage_recent)
         age: dict[str, float | None] = {k: None for k in
@@ -311,7 +311,7 @@ class ItemMemoryBank(nn.Module):
     # -- state ---------------------------------------------------------------------------------
 
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        live = np.flatnonzero(self.row_ids != None)  # noqa: E711
+        live = np.flatnonzero(self.row_ids != None)
         tensors = {
             "bank": self.bank.detach().cpu(),
             "stamps": self.stamps.cpu(),
@@ -409,7 +409,7 @@ class ItemMemoryBank(nn.Module):
             self.bank.index_copy_(0, rows_t, vecs.to(dev, self.bank.dtype))
             self.stamps.index_copy_(0, rows_t, delta.tables["stamps"][1].to(dev))
         self.write_time[rows] = delta.tables["write_time"][1].numpy()
-        self.free = np.flatnonzero(self.row_ids == None)[::-1].tolist()  # noqa: E711
+        self.free = np.flatnonzero(self.row_ids == None)[::-1].tolist()
         self.last_step = max(self.last_step, int(delta.tables["stamps"][1].max()))
         self._version += 1
 
@@ -438,7 +438,7 @@ class EncoderConfig(BaseModel):
     device: str = "cpu"
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "EncoderConfig":
+    def _heads_divide(self) -> EncoderConfig:
         if self.kind == "hashed" and self.d_model % self.n_heads:
             raise ValueError(f"n_heads: {self.n_heads} must divide d_model={self.d_model}")
         return self
@@ -559,6 +559,12 @@ def _load_minilm():
 
 
 __all__ = [
-    "BankConfig", "ItemMemoryBank", "EncoderConfig", "DocEncoder",
-    "BankCapacityError", "BankStateError", "UnknownItemError", "EncoderUnavailableError",
+    "BankCapacityError",
+    "BankConfig",
+    "BankStateError",
+    "DocEncoder",
+    "EncoderConfig",
+    "EncoderUnavailableError",
+    "ItemMemoryBank",
+    "UnknownItemError",
 ]

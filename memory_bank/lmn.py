@@ -20,9 +20,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
 from memory_bank.base import MemoryDelta
 from memory_bank.pkm import PKMConfig, ProductKeyMemory

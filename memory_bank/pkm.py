@@ -22,8 +22,8 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
 
 import kernels
 from memory_bank.base import MemoryDelta
@@ -46,7 +46,7 @@ class PKMConfig(BaseModel):
     device: str = "cpu"
 
     @model_validator(mode="after")
-    def _check(self) -> "PKMConfig":
+    def _check(self) -> PKMConfig:
         if self.key_dim % 2:
             raise ValueError(f"key_dim: {self.key_dim} must be even (two halves)")
         if self.k > self.n_sub_keys * self.n_sub_keys:
@@ -240,7 +240,7 @@ class ProductKeyMemory(nn.Module):
         """
         import faiss
 
-        n, half, H = self.cfg.n_sub_keys, self.cfg.key_dim // 2, self.cfg.heads
+        half, H = self.cfg.key_dim // 2, self.cfg.heads
         if recent_queries is None:
             recent_queries = self.recent_queries[:, : self.reservoir_filled]
         if recent_queries.shape[0] != H or recent_queries.shape[-1] != self.cfg.key_dim:
@@ -362,4 +362,4 @@ class MemoryGate(nn.Module):
         return tokens + g
 
 
-__all__ = ["PKMConfig", "ProductKeyMemory", "MemoryGate", "PKMStateError"]
+__all__ = ["MemoryGate", "PKMConfig", "PKMStateError", "ProductKeyMemory"]

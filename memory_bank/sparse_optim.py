@@ -23,7 +23,8 @@ pickle) and restored bit-exactly with `import_state()`.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,7 +66,7 @@ class SparseRowAdam(torch.optim.Optimizer):
         weight_decay: float = 0.0,
     ):
         cfg = SparseOptimConfig(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay)
-        defaults = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+        defaults = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
         super().__init__(params, defaults)
         self._touched: dict[int, list[torch.Tensor]] = {}
         for p in self._params():
@@ -77,7 +78,7 @@ class SparseRowAdam(torch.optim.Optimizer):
             self.state[p]["row_step"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
 
     @classmethod
-    def from_config(cls, params, cfg: SparseOptimConfig) -> "SparseRowAdam":
+    def from_config(cls, params, cfg: SparseOptimConfig) -> SparseRowAdam:
         return cls(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
     def _params(self) -> list[torch.nn.Parameter]:

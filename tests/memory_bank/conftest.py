@@ -28,9 +28,9 @@ def through_files(tmp_path):
 
 def _assert_same_tensors(a: dict, b: dict):
     assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype, k
-        assert torch.equal(a[k], b[k]), k
+    for k, t in a.items():
+        assert t.dtype == b[k].dtype, k
+        assert torch.equal(t, b[k]), k
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memory_bank.lemur import BankCapacityError, BankConfig, ItemMemoryBank, UnknownItemError
 
@@ -89,7 +91,7 @@ def test_delta_makes_a_serving_copy_equal():
             serve.apply_delta(train.take_delta())
     serve.apply_delta(train.take_delta())
     assert train.rows == serve.rows
-    live = np.flatnonzero(train.row_ids != None)  # noqa: E711
+    live = np.flatnonzero(train.row_ids != None)
     assert torch.equal(train.bank[live], serve.bank[live])
     assert torch.equal(train.stamps[live], serve.stamps[live])
     q = _obj([items])
@@ -141,3 +143,40 @@ def test_config_errors_name_the_field():
         BankConfig(capacity=0)
     with pytest.raises(ValueError, match="ttl_s"):
         BankConfig(ttl_s=-1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["write", "read", "expire", "delta"]),
+                          st.lists(st.integers(0, 9), min_size=1, max_size=4)), min_size=1, max_size=25))
+def test_random_operations_keep_the_bank_consistent(ops):
+    cfg = BankConfig(dim=2, capacity=4, ttl_s=5.0)
+    bank, serve = ItemMemoryBank(cfg), ItemMemoryBank(cfg)
+    last: dict[str, torch.Tensor] = {}  # what each present id must read back
+    now = 0.0
+    for step, (op, keys) in enumerate(ops):
+        ids = _obj([f"i{k}" for k in keys])
+        now += 1.0
+        if op == "write" and len(set(keys)) <= cfg.capacity:
+            vecs = torch.randn(len(keys), 2)
+            bank.write_rows(ids, vecs, step=step, now_s=now)
+            for item, v in zip(ids.tolist(), vecs):
+                last[item] = v
+        elif op == "read":
+            vec, hit = bank.read(ids[None, :], np.ones((1, len(ids)), bool))
+            for j, item in enumerate(ids.tolist()):
+                assert bool(hit[0, j]) == (item in bank.rows)
+                if item in bank.rows:
+                    assert torch.equal(vec[0, j], last[item])
+        elif op == "expire":
+            for item in bank.evict_expired(now):
+                assert item not in bank.rows
+        else:
+            serve.apply_delta(bank.take_delta())
+        live = {r for r in range(cfg.capacity) if bank.row_ids[r] is not None}
+        assert len(bank.rows) <= cfg.capacity and set(bank.rows.values()) == live
+        assert all(bank.row_ids[r] == item for item, r in bank.rows.items())
+        assert sorted(bank.free) == sorted(set(range(cfg.capacity)) - live)
+    serve.apply_delta(bank.take_delta())
+    assert serve.rows == bank.rows
+    for item, r in bank.rows.items():
+        assert torch.equal(serve.bank[r], bank.bank[r]) and torch.equal(bank.bank[r], last[item])

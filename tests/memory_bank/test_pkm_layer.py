@@ -10,14 +10,14 @@ from memory_bank.sparse_optim import SparseRowAdam
 
 def _layer(seed=0, **kw):
     torch.manual_seed(seed)
-    base = dict(in_dim=8, n_sub_keys=4, heads=2, k=16, key_dim=8, value_dim=5, usage_window=3,
-                query_reservoir=64)
+    base = {"in_dim": 8, "n_sub_keys": 4, "heads": 2, "k": 16, "key_dim": 8, "value_dim": 5,
+            "usage_window": 3, "query_reservoir": 64}
     return ProductKeyMemory(PKMConfig(**{**base, **kw}))
 
 
 def _brute_force(layer, x):
     """Score all N slots of every head, keep the top k, softmax, read, sum heads."""
-    n, half, k = layer.cfg.n_sub_keys, layer.cfg.key_dim // 2, layer.cfg.k
+    half, k = layer.cfg.key_dim // 2, layer.cfg.k
     q = layer.queries(x).double()  # (B, H, kd)
     keys = layer.keys().double()  # (H, 2, n, half)
     s1 = torch.einsum("bhd,hnd->bhn", q[..., :half], keys[:, 0])

@@ -9,7 +9,8 @@ from memory_bank.sparse_optim import SparseRowAdam
 
 def _memory(**kw):
     torch.manual_seed(0)
-    return UserMemory(LMNConfig(**{**dict(query_dim=8, n_sub_keys=8, k=4, key_dim=8, value_dim=6), **kw}))
+    base = {"query_dim": 8, "n_sub_keys": 8, "k": 4, "key_dim": 8, "value_dim": 6}
+    return UserMemory(LMNConfig(**{**base, **kw}))
 
 
 def test_read_shape_and_memory_loss_trains_the_memory():
