@@ -25,12 +25,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from pydantic import BaseModel, ConfigDict, Field
+
 MANIFEST = "manifest.json"
 PREFIX = "ckpt-"
 
 
 class CheckpointError(Exception):
     pass
+
+
+class CheckpointConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dir: str = ""  # empty = <work_dir>/checkpoints (POSIX: a shared volume on a cluster)
+    interval_s: float = Field(30.0, gt=0)
+    keep: int = Field(3, ge=1)
 
 
 @dataclass(frozen=True)

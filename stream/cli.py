@@ -102,6 +102,10 @@ def _replay_arguments(p: argparse.ArgumentParser) -> None:
         "--partitions", type=int,
         help="partitions for the topic if it has to be created (default: the recording's)",
     )
+    p.add_argument(
+        "--retime", action="store_true",
+        help="stamp messages with the send time (for freshness measurement), not the recorded time",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -126,6 +130,23 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
     syn.set_defaults(_handler="stream.cli_commands:data_synthetic")
 
 
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml values)")
+    p.add_argument("--bootstrap", help="Kafka bootstrap servers; omitted: the embedded local "
+                   "broker fed by a replay of job.recording (ML-1M by default)")
+    p.add_argument("--topic", help="topic to consume (default: kafka.topic)")
+    p.add_argument("--max-events", type=int, help="stop after this many messages are applied")
+    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    p.add_argument("--report", help="write the JSON report here (and PNG plots beside it)")
+    p.add_argument("--work-dir", help="checkpoints, snapshots, admin token (default: job.work_dir)")
+    p.add_argument("--ray-address", help="join this Ray cluster ('auto' inside `ray job submit`)")
+    p.add_argument("--replay-rate", type=float, metavar="EVENTS_PER_S",
+                   help="embedded mode: pace the replay at this rate (default: job.replay_speed)")
+    p.add_argument("--no-live", action="store_true", help="no live display (logs only)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set snapshots.interval_s=2 (repeatable)")
+
+
 COMMANDS: list[Command] = [
     Command("broker", "local Kafka-compatible broker (Tansu) for dev and tests", _broker_arguments),
     Command("schema", "print the JSON Schema of an event", _schema_arguments,
@@ -137,6 +158,8 @@ COMMANDS: list[Command] = [
     Command("data", "build recordings from datasets", _data_arguments),
     Command("eval", "train and evaluate (test-then-train) over a recording, no broker",
             add_eval_arguments, "stream.evaluate:eval_main"),
+    Command("run", "the streaming job: Kafka -> Ray trainer -> snapshots -> serving, admin API",
+            _run_arguments, "stream.job:run_main"),
 ]
 
 

@@ -90,7 +90,7 @@ def replay(args: argparse.Namespace) -> int:
     bootstrap, options = _kafka_client(args)
     stats = replay_recording(
         args.recording, bootstrap, args.topic, speed=args.speed, rate=args.rate,
-        partitions=args.partitions, progress=not args.no_progress, **options,
+        partitions=args.partitions, progress=not args.no_progress, retime=args.retime, **options,
     )
     layout = "recorded partitions" if stats.kept_partitions else "partitioned by key"
     created = ", created" if stats.topic_created else ""

@@ -16,6 +16,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.config import ModelConfig, TrainerConfig
+from stream.admin import AdminConfig
+from stream.checkpoints import CheckpointConfig
+from stream.ingest import KafkaConfig
+from stream.publisher import SnapshotConfig
+from stream.serving import ServingConfig
 from stream.errors import MemstreamError
 
 
@@ -23,11 +28,37 @@ class ConfigError(MemstreamError, ValueError):
     """A config file or override that does not validate; the message names the field."""
 
 
+class JobConfig(BaseModel):
+    """The streaming job as a whole (`memstream run`); CLI flags override these."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ray_address: str | None = None  # None: start a local Ray; "auto": join the running cluster
+    namespace: str = "memstream"
+    work_dir: str = "runs/default"  # checkpoints, default snapshot store, report, plots
+    max_events: int | None = Field(None, gt=0)  # stop after this many messages are applied
+    duration_s: float | None = Field(None, gt=0)
+    # Stop once every partition is consumed to its end (replayed recordings).
+    stop_at_end: bool = False
+    # The embedded default (no kafka.bootstrap): a local broker fed from a recording.
+    recording: str = ".memstream/data/ml1m.parquet"  # built from ML-1M when missing
+    replay_speed: str = "max"  # "max" or a factor of the recorded pace
+    replay_rate: float | None = Field(None, gt=0)  # events/s, overrides replay_speed
+    live_display: bool = True
+    progress_interval_s: float = Field(1.0, gt=0)
+
+
 class MemstreamConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    snapshots: SnapshotConfig = Field(default_factory=SnapshotConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    job: JobConfig = Field(default_factory=JobConfig)
 
 
 def _parse_value(text: str) -> Any:

@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -45,7 +46,8 @@ class KafkaConfig(BaseModel):
     # Partitions per ingest actor are assigned round-robin by the driver.
     ingest_actors: int = Field(1, ge=1)
     poll_timeout_ms: int = Field(200, ge=1)
-    max_poll_records: int = Field(2000, ge=1)
+    # One poll = one unit handed to the trainer whole (see PartitionReader.next_batch).
+    max_poll_records: int = Field(512, ge=1)
     # Bound on decoded-but-untrained events held by each reader (backpressure).
     buffer_max_events: int = Field(20_000, ge=1)
     # Extra kafka-python consumer/producer settings (security_protocol, sasl_*,
@@ -59,6 +61,18 @@ class KafkaConfig(BaseModel):
 
 class IngestError(Exception):
     pass
+
+
+@dataclass
+class _Unit:
+    """One poll's worth of messages: valid events, rejects, and the offsets it covers."""
+
+    batch: EventBatch
+    rejects: list[tuple[int, int, str]]
+    next_offsets: dict[int, int]
+
+    def size(self) -> int:  # what the buffer bound counts: every message held
+        return len(self.batch) + len(self.rejects)
 
 
 class PartitionReader:
@@ -83,7 +97,7 @@ class PartitionReader:
         self._dlq = DeadLetterWriter(bootstrap, cfg.dlq(), **cfg.client_options)
         self._lock = threading.Lock()  # guards the consumer
         self._cv = threading.Condition()  # guards the buffer and counters
-        self._buffer: deque[EventBatch] = deque()
+        self._buffer: deque[_Unit] = deque()
         self._buffered = 0
         self._generation = 0
         self._dlq_next: dict[int, int] = {}  # per partition: first offset not yet dead-lettered
@@ -146,8 +160,15 @@ class PartitionReader:
         return {tp.partition: int(o) for tp, o in ends.items()}
 
     # -- data ------------------------------------------------------------------
-    def next_batch(self, max_events: int, timeout_s: float) -> pa.Table | None:
-        """Up to `max_events` decoded events as an Arrow table, or None after `timeout_s`."""
+    def next_batch(self, max_events: int, timeout_s: float) -> dict[str, Any] | None:
+        """Whole poll units (never split) totalling about `max_events`, or None after `timeout_s`.
+
+        Returns {"events": Arrow table of valid events, "rejects": [(partition, offset,
+        category)], "next_offsets": {partition: offset after the last message covered}}.
+        Units are never split so a consumer that applies the whole result and then
+        advances its offsets to `next_offsets` has applied every message below them
+        exactly once (rejects included).
+        """
         deadline = time.monotonic() + timeout_s
         with self._cv:
             while not self._buffer and not self._stop:
@@ -157,18 +178,22 @@ class PartitionReader:
                 self._cv.wait(left)
             if not self._buffer:
                 return None
-            parts, n = [], 0
-            while self._buffer and n < max_events:
-                b = self._buffer.popleft()
-                if n + len(b) > max_events:
-                    cut = max_events - n
-                    self._buffer.appendleft(b.take(slice(cut, None)))
-                    b = b.take(slice(0, cut))
-                parts.append(b)
-                n += len(b)
-            self._buffered -= n
+            units: list[_Unit] = []
+            n = 0
+            while self._buffer and (not units or n + len(self._buffer[0].batch) <= max_events):
+                u = self._buffer.popleft()
+                units.append(u)
+                n += len(u.batch)
+                self._buffered -= u.size()
             self._cv.notify_all()
-        return EventBatch.concat(parts).to_arrow()
+        next_offsets: dict[int, int] = {}
+        for u in units:
+            next_offsets.update(u.next_offsets)
+        return {
+            "events": EventBatch.concat([u.batch for u in units]).to_arrow(),
+            "rejects": [r for u in units for r in u.rejects],
+            "next_offsets": next_offsets,
+        }
 
     def stats(self) -> dict[str, Any]:
         with self._cv:
@@ -218,8 +243,10 @@ class PartitionReader:
                 return  # a seek happened while we polled: these records are stale
             # Re-reads after a seek back (trainer restart) must not dead-letter twice.
             fresh_rejects = []
+            unit_rejects = []
             for pos, rej in zip(res.rejected_positions.tolist(), res.rejects):
                 p, off = parts[pos], offsets[pos]
+                unit_rejects.append((p, off, rej.category))
                 if off >= self._dlq_next.get(p, -1):
                     self._dlq_next[p] = off + 1
                     fresh_rejects.append((pos, rej))
@@ -229,11 +256,11 @@ class PartitionReader:
             self.counters["consumed"] += len(values)
             self.counters["accepted"] += len(res.batch)
             self.counters["rejected"] += len(fresh_rejects)
-            if len(res.batch):
-                self._buffer.append(res.batch)
-                self._buffered += len(res.batch)
-                self._cv.notify_all()
+            next_offsets: dict[int, int] = {}
+            for p, off in zip(parts, offsets):
+                next_offsets[p] = max(next_offsets.get(p, 0), off + 1)
+            self._buffer.append(_Unit(res.batch, unit_rejects, next_offsets))
+            self._buffered += self._buffer[-1].size()
+            self._cv.notify_all()
         for pos, rej in fresh_rejects:
             self._dlq.send(rej, key=keys[pos], source=(self.cfg.topic, parts[pos], offsets[pos]))
-        if fresh_rejects:
-            self._dlq.flush_async()

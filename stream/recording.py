@@ -287,6 +287,7 @@ def replay(
     rate: float | None = None,
     partitions: int | None = None,
     progress: bool = False,
+    retime: bool = False,
     **client_options: Any,
 ) -> ReplayStats:
     """Produce the recording's rows into `topic` (created if missing); see the module doc.
@@ -294,6 +295,10 @@ def replay(
     `partitions` is the partition count for a topic that has to be created
     (default: the recording's). Raises RecordingError if any send failed: a
     replay either delivers every row or says it did not.
+
+    `retime`: stamp each message with the time it is sent instead of its recorded
+    timestamp (pacing still follows the recorded ones). A live job measures
+    freshness from the Kafka timestamp; the event's own `ts_ms` is in the value.
     """
     info = recording_info(path)
     pacer = _Pacer.of(speed, rate)
@@ -320,7 +325,8 @@ def replay(
                     targets = _key_partitions(keys, count)
                 headers = _headers_of(batch.column("headers"))
                 due = pacer.due(stamps, sent)
-                _send_rows(producer, topic, keys, values, stamps.tolist(), targets, headers,
+                send_stamps = [None] * len(keys) if retime else stamps.tolist()
+                _send_rows(producer, topic, keys, values, send_stamps, targets, headers,
                            due, started, failures)
                 if failures:
                     break

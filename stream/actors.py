@@ -1,0 +1,265 @@
+"""Ray actors of the streaming job. Actors own state; the driver (stream/job.py) owns topology.
+
+IngestActor     a PartitionReader: Kafka -> decoded columnar units (CPU)
+TrainerActor    a TrainerService: pulls units from the readers, trains, checkpoints,
+                hands snapshots to the publisher (GPU when the cluster has one)
+PublisherActor  a SnapshotPublisher: writes snapshots, keeps the serving ledger
+
+The trainer pulls: it keeps one `next_batch` request outstanding per reader and
+waits on whichever answers first (`ray.wait`), so readers fetch and decode while
+the trainer trains, and a slow trainer simply stops asking (the readers' buffers
+are bounded). All three restart after a crash (max_restarts); the trainer then
+restores its newest checkpoint and seeks the readers back to its offsets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=4, num_cpus=0.25)
+class IngestActor:
+    def __init__(self, kafka_cfg: dict[str, Any], bootstrap: str, partitions: list[int]):
+        from stream.ingest import KafkaConfig, PartitionReader
+
+        self.reader = PartitionReader(KafkaConfig.model_validate(kafka_cfg), bootstrap, partitions)
+
+    def seek(self, offsets: dict[int, int]) -> None:
+        self.reader.seek(offsets)
+        self.reader.start()
+
+    def next_batch(self, max_events: int, timeout_s: float) -> dict[str, Any] | None:
+        return self.reader.next_batch(max_events, timeout_s)
+
+    def commit(self, offsets: dict[int, int]) -> None:
+        self.reader.commit(offsets)
+
+    def end_offsets(self) -> dict[int, int]:
+        return self.reader.end_offsets()
+
+    def stats(self) -> dict[str, Any]:
+        return self.reader.stats()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=8, num_cpus=0.25)
+class PublisherActor:
+    def __init__(self, uri: str, keep_versions: int):
+        from stream.publisher import SnapshotPublisher
+
+        self.pub = SnapshotPublisher(uri, keep_versions)
+
+    def publish(self, version, parent, state, meta, event_ts_ms) -> dict[str, Any]:
+        return self.pub.publish(version, parent, state, meta, event_ts_ms)
+
+    def latest_version(self) -> int | None:
+        return self.pub.latest_version()
+
+    def report_serving(self, replica_id: str, event: dict[str, Any]) -> None:
+        self.pub.report_serving(replica_id, event)
+
+    def serving_state(self) -> list[dict[str, Any]]:
+        return self.pub.serving_state()
+
+    def freshness(self) -> dict[str, Any]:
+        return self.pub.freshness()
+
+    def freshness_samples(self):
+        return self.pub.freshness_samples()
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        return self.pub.snapshots()
+
+    def pin(self, version: int | None) -> dict[str, Any]:
+        return self.pub.pin(version)
+
+    def stats(self) -> dict[str, Any]:
+        return {"published": self.pub.published}
+
+
+@ray.remote(
+    max_restarts=-1,
+    max_task_retries=0,
+    concurrency_groups={"train": 1, "query": 2},
+)
+class TrainerActor:
+    def __init__(self, cfg: dict[str, Any], work_dir: str, publisher_name: str, namespace: str):
+        from models.online import OnlineTrainer
+        from stream.checkpoints import CheckpointManager
+        from stream.config import config_from_dict
+        from stream.trainer_service import TrainerService
+
+        self.cfg = config_from_dict(cfg, "job config")
+        ck = self.cfg.checkpoints
+        ckpt_dir = Path(ck.dir) if ck.dir else Path(work_dir) / "checkpoints"
+        self.publisher = ray.get_actor(publisher_name, namespace=namespace)
+        latest = ray.get(self.publisher.latest_version.remote())
+        self.svc = TrainerService(
+            OnlineTrainer(self.cfg.model, self.cfg.trainer),
+            CheckpointManager(ckpt_dir, keep=ck.keep),
+            batch_size=self.cfg.trainer.batch_size,
+            full_every=self.cfg.snapshots.full_every,
+            first_version=(latest or 0) + 1,
+        )
+        self._stop = threading.Event()
+
+    # -- the loop ------------------------------------------------------------------------------
+    @ray.method(concurrency_group="train")
+    def run(self, readers: list, max_events: int | None = None) -> dict[str, Any]:
+        """Train until stopped or `max_events` messages (trained + rejected) are applied."""
+        self._stop.clear()
+        svc, cfg = self.svc, self.cfg
+        for r in readers:
+            self._seek(r)
+        pull = max(cfg.trainer.batch_size * 4, cfg.kafka.max_poll_records)
+        inflight = {r.next_batch.remote(pull, 0.5): i for i, r in enumerate(readers)}
+        last_ckpt = last_snap = time.monotonic()
+        published_at = self._applied()
+        publish_ref = None
+        while not self._stop.is_set():
+            if max_events is not None and self._applied() >= max_events:
+                break
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.2)
+            for ref in ready:
+                i = inflight.pop(ref)
+                try:
+                    unit = ray.get(ref)
+                except RayActorError:
+                    log.warning("ingest actor %d died; seeking its restart to our offsets", i)
+                    self._seek(readers[i])
+                    unit = None
+                if unit is not None:
+                    svc.apply_unit(unit)
+                inflight[readers[i].next_batch.remote(pull, 0.5)] = i
+            now = time.monotonic()
+            publish_done = publish_ref is None or ray.wait([publish_ref], timeout=0)[0]
+            if (
+                now - last_snap >= cfg.snapshots.interval_s
+                and publish_done
+                and self._applied() > published_at
+            ):
+                publish_ref = self._publish()
+                published_at, last_snap = self._applied(), now
+            if now - last_ckpt >= cfg.checkpoints.interval_s:
+                self._checkpoint(readers)
+                last_ckpt = now
+        # Final: the last snapshot and a checkpoint covering everything applied.
+        if publish_ref is not None:
+            ray.get(publish_ref)
+        if self._applied() > published_at:
+            ray.get(self._publish())
+        self._checkpoint(readers, wait_commit=True)
+        return svc.progress()
+
+    def _applied(self) -> int:
+        return self.svc.trainer.events_applied + sum(self.svc.rejects_applied.values())
+
+    def _seek(self, reader, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                ray.get(reader.seek.remote(dict(self.svc.next_offsets)), timeout=30)
+                return
+            except (RayActorError, GetTimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)  # the actor is restarting
+
+    def _publish(self):
+        p = self.svc.snapshot_payload()
+        return self.publisher.publish.remote(p.version, p.parent, p.state, p.meta, p.event_ts_ms)
+
+    def _checkpoint(self, readers, wait_commit: bool = False) -> None:
+        offsets = self.svc.checkpoint()
+        # Only now, with the checkpoint durable, may the group offsets move.
+        refs = [r.commit.remote(offsets) for r in readers]
+        if wait_commit:
+            try:
+                ray.get(refs, timeout=30)
+            except Exception as e:  # monitoring only; the checkpoint holds the truth
+                log.warning("committing group offsets failed: %s", e)
+
+    # -- control and queries -------------------------------------------------------------------
+    @ray.method(concurrency_group="query")
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    @ray.method(concurrency_group="query")
+    def pid(self) -> int:
+        return os.getpid()
+
+    @ray.method(concurrency_group="query")
+    def progress(self) -> dict[str, Any]:
+        return self.svc.progress()
+
+    @ray.method(concurrency_group="query")
+    def stats(self) -> dict[str, Any]:
+        return self.svc.stats()
+
+    @ray.method(concurrency_group="query")
+    def final_report(self) -> dict[str, Any]:
+        """Progress plus the full metrics (AUC of the last 20%) and memory stats."""
+        with self.svc.lock:
+            t = self.svc.trainer
+            out = self.svc.progress()
+            out["stats"] = t.stats()
+            if t.metrics.keep_log:
+                v = t.metrics.auc_last(0.2)
+                out["auc_last20.like"] = v if v == v else None  # NaN -> null
+            return out
+
+    @ray.method(concurrency_group="query")
+    def bank_item(self, item_id: str):
+        with self.svc.lock:
+            bank = self.svc.trainer.bank
+            return None if bank is None else bank.lookup(item_id)
+
+    @ray.method(concurrency_group="query")
+    def bank_neighbors(self, item_id: str, k: int):
+        with self.svc.lock:
+            bank = self.svc.trainer.bank
+            if bank is None or bank.lookup(item_id) is None:
+                return None
+            return [{"item_id": i, "cosine": float(c)} for i, c in bank.neighbors(item_id, k)]
+
+    @ray.method(concurrency_group="query")
+    def memory_stats(self, name: str) -> dict[str, Any]:
+        with self.svc.lock:
+            t = self.svc.trainer
+            comp = {"bank": t.bank, "lmn": t.model.lmn, "pkm": t.model.pkm, "history": t.history}[name]
+            return {"enabled": False} if comp is None else {"enabled": True, **comp.stats()}
+
+    @ray.method(concurrency_group="query")
+    def user_history(self, user_id: str, limit: int):
+        import numpy as np
+
+        with self.svc.lock:
+            h = self.svc.trainer.history
+            if user_id not in h.slots:
+                return None
+            view = h.get(np.array([user_id], dtype=object))
+        keep = np.flatnonzero(view.mask[0])[::-1][:limit]  # most recent first
+        return {
+            "user_id": user_id,
+            "length": int(view.mask[0].sum()),
+            "items": [
+                {"item_id": view.item_ids[0, j], "ts_ms": int(view.ts_ms[0, j]),
+                 "signal": float(view.signal[0, j])}
+                for j in keep.tolist()
+            ],
+        }

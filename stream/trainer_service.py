@@ -1,0 +1,194 @@
+"""The trainer's side of the streaming job, without Ray: exactly-once training on
+ingest units, checkpoints with offsets, and snapshot payloads.
+
+Exactly once: the service keeps, per partition, the next offset not yet applied
+(`next_offsets`). A unit from a reader is applied whole (its valid events in
+micro-batches, its rejects counted), then the offsets advance past every message
+it covered. Checkpoints store the trainer state together with those offsets; on
+start the newest complete checkpoint is restored and the readers are sought to
+its offsets, so messages after it are applied again exactly once. Rows below
+`next_offsets` (a reader re-delivering after a seek) are dropped.
+
+stream/actors.py wraps this in a Ray actor; tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from models.online import OnlineTrainer
+from stream.checkpoints import CheckpointManager
+from stream.events import EventBatch
+from stream.servable import CounterTracker, delta_snapshot, full_snapshot, snapshot_meta
+from stream.snapshots import DeltaState, FullState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SnapshotPayload:
+    """What the trainer hands the publisher (tensors travel by the object store)."""
+
+    version: int
+    parent: int | None
+    state: FullState | DeltaState
+    meta: dict[str, Any]
+    event_ts_ms: np.ndarray
+
+
+class TrainerService:
+    def __init__(
+        self,
+        trainer: OnlineTrainer,
+        checkpoints: CheckpointManager,
+        batch_size: int,
+        full_every: int,
+        first_version: int,
+    ):
+        self.trainer = trainer
+        self.checkpoints = checkpoints
+        self.batch_size = batch_size
+        self.full_every = full_every
+        self.lock = threading.RLock()  # training vs. queries (admin) vs. checkpoints
+        self.next_offsets: dict[int, int] = {}
+        self.rejects_applied: dict[str, int] = {}
+        self.duplicates_dropped = 0
+        self.restored_from: int | None = None
+        self.started_at = time.time()
+        ckpt = checkpoints.latest()
+        if ckpt is not None:
+            trainer.load(ckpt.path / "state")
+            self.next_offsets = {int(p): int(o) for p, o in ckpt.meta["offsets"].items()}
+            self.rejects_applied = dict(ckpt.meta.get("rejects_applied", {}))
+            self.restored_from = ckpt.seq
+            first_version = max(first_version, int(ckpt.meta.get("snapshot_version", 0)) + 1)
+        # Snapshots: the first one after a (re)start is always full, since the row
+        # tracking of the previous incarnation is gone.
+        self.next_version = max(1, first_version)
+        self.last_published: int | None = None
+        self.counters: CounterTracker | None = None
+        self._pending_ts: list[np.ndarray] = []
+        # Throughput of this incarnation: events trained between its first and last unit.
+        self._first_unit_t: float | None = None
+        self._last_unit_t: float | None = None
+        self._trained_here = 0
+
+    # -- training ------------------------------------------------------------------------------
+    def apply_unit(self, unit: dict[str, Any]) -> int:
+        """Train on one reader result (see PartitionReader.next_batch); returns events trained."""
+        t0 = time.monotonic()
+        table: pa.Table = unit["events"]
+        batch = EventBatch.from_arrow(table) if table.num_rows else EventBatch.empty()
+        trained = 0
+        with self.lock:
+            if len(batch):
+                floor = np.array(
+                    [self.next_offsets.get(int(p), -1) for p in batch.kafka_partition], dtype=np.int64
+                )
+                fresh = batch.kafka_offset >= floor
+                self.duplicates_dropped += int((~fresh).sum())
+                if not fresh.all():
+                    batch = batch.take(np.flatnonzero(fresh))
+                for start in range(0, len(batch), self.batch_size):
+                    mb = batch.take(slice(start, start + self.batch_size))
+                    self.trainer.step(mb)
+                    trained += len(mb)
+                self._pending_ts.append(batch.kafka_ts_ms.copy())
+            for p, off, category in unit["rejects"]:
+                if off >= self.next_offsets.get(p, -1):
+                    self.rejects_applied[category] = self.rejects_applied.get(category, 0) + 1
+            for p, nxt in unit["next_offsets"].items():
+                self.next_offsets[int(p)] = max(self.next_offsets.get(int(p), 0), int(nxt))
+            if trained:
+                if self._first_unit_t is None:
+                    self._first_unit_t = t0
+                self._last_unit_t = time.monotonic()
+                self._trained_here += trained
+        return trained
+
+    def throughput_eps(self) -> float | None:
+        if self._first_unit_t is None or self._last_unit_t is None:
+            return None
+        span = self._last_unit_t - self._first_unit_t
+        return self._trained_here / span if span > 0 else None
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def checkpoint(self) -> dict[int, int]:
+        """Write a durable checkpoint; returns the offsets it covers (commit them after)."""
+        with self.lock:
+            offsets = dict(self.next_offsets)
+            meta = {
+                "offsets": {str(p): o for p, o in offsets.items()},
+                "events_applied": self.trainer.events_applied,
+                "rejects_applied": dict(self.rejects_applied),
+                "train_step": self.trainer.steps,
+                "snapshot_version": self.last_published or 0,
+            }
+            self.checkpoints.save(lambda d: self.trainer.save(d / "state"), meta)
+        return offsets
+
+    # -- snapshots -----------------------------------------------------------------------------
+    def snapshot_payload(self) -> SnapshotPayload:
+        """The next version's content; full every `full_every` versions and after a start."""
+        with self.lock:
+            version = self.next_version
+            full = (
+                self.last_published is None
+                or self.counters is None
+                or (version - 1) % self.full_every == 0
+            )
+            if full:
+                state: FullState | DeltaState = full_snapshot(self.trainer)
+                self.counters = CounterTracker(self.trainer)
+                parent = None
+            else:
+                state = delta_snapshot(self.trainer, self.counters)
+                parent = self.last_published
+            meta = snapshot_meta(self.trainer)
+            meta["metrics"] = _metrics_brief(self.trainer.metrics.summary())
+            ts = np.concatenate(self._pending_ts) if self._pending_ts else np.empty(0, np.int64)
+            self._pending_ts = []
+            self.next_version = version + 1
+            self.last_published = version
+        return SnapshotPayload(version=version, parent=parent, state=state, meta=meta, event_ts_ms=ts)
+
+    # -- queries -------------------------------------------------------------------------------
+    def progress(self) -> dict[str, Any]:
+        with self.lock:
+            summary = self.trainer.metrics.summary()
+            return {
+                "events_applied": self.trainer.events_applied,
+                "steps": self.trainer.steps,
+                "rejects_applied": dict(self.rejects_applied),
+                "duplicates_dropped": self.duplicates_dropped,
+                "next_offsets": dict(self.next_offsets),
+                "snapshot_version": self.last_published,
+                "restored_from": self.restored_from,
+                "throughput_eps": self.throughput_eps(),
+                "metrics": _metrics_brief(summary),
+            }
+
+    def stats(self) -> dict[str, Any]:
+        with self.lock:
+            return self.trainer.stats()
+
+
+def _metrics_brief(summary: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe numbers only (the summary may carry arrays)."""
+    out: dict[str, Any] = {}
+    for k, v in summary.items():
+        if isinstance(v, float):
+            out[k] = v if np.isfinite(v) else None  # JSON has no NaN
+        elif isinstance(v, (int, str)) or v is None:
+            out[k] = v
+        elif isinstance(v, dict):
+            out[k] = _metrics_brief(v)
+    return out
