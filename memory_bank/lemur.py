@@ -20,6 +20,7 @@ import os
 import re
 import zlib
 from collections import OrderedDict, deque
+from itertools import repeat
 from typing import Any, Literal
 
 import numpy as np
@@ -102,6 +103,11 @@ class ItemMemoryBank(nn.Module):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def rows_of(self, item_ids: np.ndarray) -> np.ndarray:
+        """(n,) item ids -> (n,) int64 rows, -1 where absent. Read-only: no hit, no LRU touch."""
+        ids = item_ids.tolist()
+        return np.fromiter(map(self.rows.get, ids, repeat(-1)), dtype=np.int64, count=len(ids))
+
     # -- write ---------------------------------------------------------------------------------
 
     def _evict(self, rows: np.ndarray, reason: str) -> list[str]:
@@ -147,9 +153,7 @@ class ItemMemoryBank(nn.Module):
             raise ValueError(f"vectors: shape {tuple(vectors.shape)}, want ({len(item_ids)}, {self.cfg.dim})")
         if len(item_ids) == 0:
             return 0
-        get = self.rows.get
-        ids = item_ids.tolist()
-        rows = np.fromiter((get(x, -1) for x in ids), dtype=np.int64, count=len(ids))  # (M,)
+        rows = self.rows_of(item_ids)  # (M,)
         new_at = np.flatnonzero(rows < 0)
         if len(new_at):
             new_ids = list(dict.fromkeys(item_ids[new_at].tolist()))  # distinct, first-seen order
@@ -186,9 +190,7 @@ class ItemMemoryBank(nn.Module):
         """
         B, L = item_ids.shape
         mask = np.asarray(mask, dtype=bool)
-        get = self.rows.get
-        valid = item_ids[mask].tolist()  # (n,) ids at real positions
-        found = np.fromiter((get(x, -1) for x in valid), dtype=np.int64, count=len(valid))  # (n,)
+        found = self.rows_of(item_ids[mask])  # (n,) rows of the ids at real positions
         row = np.full(B * L, -1, dtype=np.int64)
         row.reshape(B, L)[mask] = found  # (B, L) -> -1 at padding and misses
         hit_rows = found[found >= 0]
@@ -208,6 +210,20 @@ class ItemMemoryBank(nn.Module):
         vectors = torch.where(hit[:, None], gathered, self.missing[None, :] * miss[:, None])  # (B*L, dim)
         return vectors.view(B, L, -1), hit.view(B, L)
 
+    def read_targets(self, item_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached rows of batch targets: item_ids (M,) -> (vectors (M, dim), hit (M,) bool).
+
+        Misses read `missing` (with gradient). Refreshes LRU recency but does not count toward
+        coverage, which is defined over history lookups (DESIGN 5.1).
+        """
+        rows = self.rows_of(np.asarray(item_ids, dtype=object))  # (M,)
+        self.clock += 1
+        self.last_access[rows[rows >= 0]] = self.clock
+        rows_t = torch.from_numpy(rows).to(self.bank.device)
+        hit = rows_t >= 0  # (M,)
+        gathered = self.bank.index_select(0, rows_t.clamp(min=0))  # (M, dim)
+        return torch.where(hit[:, None], gathered, self.missing[None, :]), hit
+
     # -- staleness -----------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -218,8 +234,7 @@ class ItemMemoryBank(nn.Module):
         Returns the mean cosine of this call (None when no id was cached).
         """
         item_ids = np.asarray(item_ids, dtype=object)
-        get = self.rows.get
-        rows = np.fromiter((get(x, -1) for x in item_ids.tolist()), dtype=np.int64, count=len(item_ids))
+        rows = self.rows_of(item_ids)  # (M,)
         at = np.flatnonzero(rows >= 0)
         if len(at) == 0:
             return None

@@ -48,6 +48,16 @@ def test_read_padding_misses_and_missing_gets_gradient():
     assert b.lookup("a")["hits"] == 3
 
 
+def test_read_targets_does_not_count_coverage_but_keeps_items_recent():
+    b = _bank(capacity=2)
+    b.write_rows(_obj(["a", "b"]), _vec(1, 2), step=1, now_s=0.0)
+    vec, hit = b.read_targets(_obj(["a", "zz"]))
+    assert hit.tolist() == [True, False] and vec[0, 0] == 1.0 and torch.equal(vec[1], b.missing.detach())
+    assert b.stats()["coverage"]["lookups"] == 0
+    b.write_rows(_obj(["c"]), _vec(3), step=2, now_s=1.0)  # b (not a) was least recently used
+    assert set(b.rows) == {"a", "c"}
+
+
 def test_lru_eviction_emits_tombstones_and_spares_the_batch():
     b = _bank(capacity=3)
     b.write_rows(_obj(["a", "b", "c"]), _vec(1, 2, 3), step=1, now_s=0.0)
