@@ -57,8 +57,12 @@ class UserHistoryStore:
     shared memory API: stats / export_state / import_state / take_delta / apply_delta."""
 
     def __init__(self, cfg: HistoryConfig | None = None):
-        self.cfg = cfg = cfg or HistoryConfig()
-        n, L = cfg.max_users, cfg.length
+        self.cfg = cfg or HistoryConfig()
+        self._reset()
+
+    def _reset(self) -> None:
+        """Every slot empty, no user, no pending delta."""
+        n, L = self.cfg.max_users, self.cfg.length
         self.items = np.full((n, L), None, dtype=object)  # (U, L) ring of item ids
         self.ts_ms = np.zeros((n, L), dtype=np.int64)  # (U, L)
         self.signal = np.zeros((n, L), dtype=np.float32)  # (U, L)
@@ -201,21 +205,22 @@ class UserHistoryStore:
         }
 
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Ring arrays as they are (bit-exact), item ids interned into `meta['item_vocab']`."""
-        flat = self.items.ravel()
-        present = np.flatnonzero(flat != None)
+        """The ring rows of live users only (free slots are all-empty), bit-exact, in LRU order;
+        item ids interned into `meta['item_vocab']` (codes -1 = empty)."""
+        lru = np.fromiter(self.slots.values(), dtype=np.int64, count=len(self.slots))  # (U',) oldest first
+        items = self.items[lru]  # (U', L)
+        present = items != None
         vocab: dict[str, int] = {}
-        codes = np.full(flat.shape[0], -1, dtype=np.int64)
-        codes[present] = [vocab.setdefault(x, len(vocab)) for x in flat[present].tolist()]
-        lru = np.fromiter(self.slots.values(), dtype=np.int64, count=len(self.slots))
+        codes = np.full(items.shape, -1, dtype=np.int64)
+        codes[present] = [vocab.setdefault(x, len(vocab)) for x in items[present].tolist()]
         tensors = {
-            "item_codes": torch.from_numpy(codes.reshape(self.items.shape)),
-            "ts_ms": torch.from_numpy(self.ts_ms.copy()),
-            "signal": torch.from_numpy(self.signal.copy()),
-            "count": torch.from_numpy(self.count.copy()),
             "lru_slots": torch.from_numpy(lru),
+            "item_codes": torch.from_numpy(codes),
+            "ts_ms": torch.from_numpy(self.ts_ms[lru]),
+            "signal": torch.from_numpy(self.signal[lru]),
+            "count": torch.from_numpy(self.count[lru]),
+            "dirty_slots": torch.from_numpy(np.flatnonzero(self.dirty)),
             "free": torch.tensor(self.free, dtype=torch.int64),
-            "dirty": torch.from_numpy(self.dirty.copy()),
         }
         meta = {
             "config": self.cfg.model_dump(),
@@ -231,16 +236,16 @@ class UserHistoryStore:
         saved = HistoryConfig(**meta["config"])
         if saved != self.cfg:
             raise HistoryStateError(f"config: saved {saved.model_dump()}, have {self.cfg.model_dump()}")
-        vocab = np.asarray(meta["item_vocab"] + [None], dtype=object)  # code -1 -> None
-        self.items = vocab[tensors["item_codes"].numpy()]
-        self.ts_ms = tensors["ts_ms"].numpy().copy()
-        self.signal = tensors["signal"].numpy().copy()
-        self.count = tensors["count"].numpy().copy()
-        self.dirty = tensors["dirty"].numpy().copy()
+        self._reset()  # every slot empty, then the live ones filled
+        lru = tensors["lru_slots"].numpy()
+        vocab = np.asarray([*meta["item_vocab"], None], dtype=object)  # code -1 -> None
+        self.items[lru] = vocab[tensors["item_codes"].numpy()]
+        self.ts_ms[lru] = tensors["ts_ms"].numpy()
+        self.signal[lru] = tensors["signal"].numpy()
+        self.count[lru] = tensors["count"].numpy()
+        self.dirty[tensors["dirty_slots"].numpy()] = True
         self.free = tensors["free"].tolist()
-        lru = tensors["lru_slots"].tolist()
-        self.slots = OrderedDict(zip(meta["lru_users"], lru))
-        self.slot_user = np.full(self.cfg.max_users, None, dtype=object)
+        self.slots = OrderedDict(zip(meta["lru_users"], lru.tolist()))
         self.slot_user[lru] = np.asarray(meta["lru_users"], dtype=object)
         self.tombstones = list(meta["tombstones"])
         self.evictions, self.appended = int(meta["evictions"]), int(meta["appended"])
@@ -256,7 +261,7 @@ class UserHistoryStore:
         rows = np.flatnonzero(self.dirty)
         self.dirty[:] = False
         users = self.slot_user[rows].tolist()
-        delta = MemoryDelta(tombstones=self.tombstones)
+        delta = MemoryDelta(tombstones=list(dict.fromkeys(self.tombstones)))  # evicted twice: once
         self.tombstones = []
         if len(rows):
             # Read without touching the LRU order: the delta is not a use.

@@ -121,6 +121,7 @@ def test_export_import_bit_exact(through_files, same_tensors):
     same_tensors(b.export_state()[0], c.export_state()[0])
     assert b.export_state()[1] == c.export_state()[1]
     assert b.stats() == c.stats()
+    assert tensors["vectors"].shape == (4, 4)  # live rows only
     for x in (b, c):  # continues identically, eviction choice included
         x.write_rows(_obj(["f", "g"]), _vec(1, 2), step=3, now_s=3.0)
     assert b.rows == c.rows and b.take_delta().tombstones == c.take_delta().tombstones

@@ -101,6 +101,7 @@ def test_config_errors_name_the_field():
 def test_matches_a_reference_of_deques(batches):
     L, U = 3, 4
     h = UserHistoryStore(HistoryConfig(length=L, max_users=U))
+    serve = UserHistoryStore(HistoryConfig(length=L, max_users=U))
     ref: OrderedDict[str, deque] = OrderedDict()
     t = 0
     for batch in batches:
@@ -122,7 +123,10 @@ def test_matches_a_reference_of_deques(batches):
         for u, i, _, _ in ev:
             ref[u].append(i)
         _append(h, ev)
+        if len(batch) % 2:
+            serve.apply_delta(h.take_delta())
+    serve.apply_delta(h.take_delta())
     users = [f"u{k}" for k in range(6)]
-    got = h.get(_obj(users)).item_ids.tolist()
     want = [[None] * (L - len(ref.get(u, []))) + list(ref.get(u, [])) for u in users]
-    assert got == want
+    assert serve.get(_obj(users)).item_ids.tolist() == want  # (reads touch the LRU: serve first)
+    assert h.get(_obj(users)).item_ids.tolist() == want
