@@ -233,7 +233,8 @@ class ProductKeyMemory(nn.Module):
     def reinit_dead_keys(self, recent_queries: torch.Tensor | None = None, seed: int = 0) -> int:
         """Re-initialise the sub-keys no query selected since the previous call (or the start).
 
-        recent_queries (H, M, key_dim) normalised queries per head; default: the layer's own
+        recent_queries (H, M, key_dim) normalised queries per head, or (M, key_dim) used for
+        every head; default: the layer's own
         ring of recent training queries. Dead sub-keys of head h, axis a are set to faiss
         k-means centroids of that half of the queries (+ small noise when there are more
         dead keys than centroids). Other keys do not change. Returns the number re-initialised.
@@ -243,6 +244,8 @@ class ProductKeyMemory(nn.Module):
         half, H = self.cfg.key_dim // 2, self.cfg.heads
         if recent_queries is None:
             recent_queries = self.recent_queries[:, : self.reservoir_filled]
+        elif recent_queries.dim() == 2:
+            recent_queries = recent_queries.unsqueeze(0).expand(H, -1, -1)  # (H, M, key_dim)
         if recent_queries.shape[0] != H or recent_queries.shape[-1] != self.cfg.key_dim:
             raise ValueError(f"recent_queries: shape {tuple(recent_queries.shape)}, want ({H}, M, {self.cfg.key_dim})")
         M = recent_queries.shape[1]

@@ -70,12 +70,18 @@ class SparseRowAdam(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._touched: dict[int, list[torch.Tensor]] = {}
         for p in self._params():
+            self._init_state(p)
+
+    def _init_state(self, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+        """Zero state of p (also for groups added later with add_param_group)."""
+        st = self.state[p]
+        if "moments" not in st:
             if p.dim() == 0:
                 raise ValueError("SparseRowAdam: parameters must have a row dimension (dim >= 1)")
             # One (N, 2, *) tensor for both moments: a step gathers and scatters them once.
-            self.state[p]["moments"] = torch.zeros((p.shape[0], 2) + tuple(p.shape[1:]), dtype=p.dtype,
-                                                   device=p.device)
-            self.state[p]["row_step"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
+            st["moments"] = torch.zeros((p.shape[0], 2, *p.shape[1:]), dtype=p.dtype, device=p.device)
+            st["row_step"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
+        return st
 
     @classmethod
     def from_config(cls, params, cfg: SparseOptimConfig) -> SparseRowAdam:
@@ -123,7 +129,7 @@ class SparseRowAdam(torch.optim.Optimizer):
                 if rows.numel() == 0:
                     continue
                 g = g.to(p.dtype)
-                st = self.state[p]
+                st = self._init_state(p)
                 mv = st["moments"].index_select(0, rows)  # (R, 2, *)
                 m, v = mv[:, 0], mv[:, 1]  # (R, *) views
                 m.mul_(beta1).add_(g, alpha=1 - beta1)
@@ -163,7 +169,7 @@ class SparseRowAdam(torch.optim.Optimizer):
 
     def _named_state(self, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
         """The saved names of p's state: exp_avg, exp_avg_sq (views of `moments`), row_step."""
-        st = self.state[p]
+        st = self._init_state(p)
         return {"exp_avg": st["moments"][:, 0], "exp_avg_sq": st["moments"][:, 1], "row_step": st["row_step"]}
 
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -102,6 +102,7 @@ def test_reinit_changes_only_dead_keys():
             assert d.max() < 0.1
     assert layer.stats()["reinit_sub_keys_total"] == int(dead.sum())
     assert layer.subkey_hits.sum() == 0  # counting starts again
+    assert layer.reinit_dead_keys(torch.randn(16, 8)) == 64  # (M, key_dim): same queries, every head
 
 
 def _train_step(layer, opts, x):
