@@ -39,6 +39,9 @@ class FeatureConfig(_Strict):
     # Online counters (user / item counts, like rate, mean rating), read before
     # the batch's labels are applied: no label of an event reaches its own score.
     use_counters: bool = True
+    # Counters and histories include the same user's / item's EARLIER events of the
+    # current batch (labels of strictly earlier events only): what a per-event learner knows.
+    in_batch_features: bool = True
     counter_prior: float = Field(5.0, ge=0)  # pseudo-counts for the smoothed rates
     like_task: str = "like"
     rating_task: str = "rating"
@@ -58,7 +61,9 @@ class ModelConfig(_Strict):
     # Sequence (LEMUR / HyFormer style): query tokens cross-attend the history.
     num_queries: int = Field(2, gt=0)
     attn_heads: int = Field(2, gt=0)
+    attn_dim: int = Field(32, gt=0)  # width of the history attention (its k/v projection is the cost)
     # Memories (each one's switch is what the ablations flip).
+    dot_interaction: bool = True  # <user emb, item emb> added to the logits (MF path)
     use_bank: bool = True  # LEMUR doc encoder + item memory bank
     use_lmn: bool = True  # LMN user memory
     use_pkm: bool = True  # MSN product-key memory through a memory gate
@@ -67,9 +72,13 @@ class ModelConfig(_Strict):
     rating_loss_weight: float = Field(0.5, ge=0)
     features: FeatureConfig = Field(default_factory=FeatureConfig)
     bank: BankConfig = Field(default_factory=BankConfig)
-    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    # Sparse word table: the encoder's 2M-parameter embedding would otherwise cost a dense
+    # AdamW update of every row every step.
+    encoder: EncoderConfig = Field(default_factory=lambda: EncoderConfig(sparse_embedding=True))
     lmn: LMNConfig = Field(default_factory=LMNConfig)
-    pkm: PKMConfig = Field(default_factory=PKMConfig)
+    # 65,536 slots, 2 heads x k=16 reads per event: the CPU budget (MSN's reference
+    # 4 x 32 costs ~30% of the step here; GPU configs can raise it).
+    pkm: PKMConfig = Field(default_factory=lambda: PKMConfig(heads=2, k=16))
     # 100k users x L=50 ids: the history store's object arrays stay ~40 MB.
     history: HistoryConfig = Field(default_factory=lambda: HistoryConfig(max_users=100_000))
 
@@ -82,8 +91,8 @@ class ModelConfig(_Strict):
             )
         if self.use_bank and self.encoder.dim != self.bank.dim:
             raise ValueError(f"encoder.dim={self.encoder.dim} must equal bank.dim={self.bank.dim}")
-        if self.d_model % self.attn_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by attn_heads={self.attn_heads}")
+        if self.attn_dim % self.attn_heads:
+            raise ValueError(f"attn_dim={self.attn_dim} must be divisible by attn_heads={self.attn_heads}")
         if self.num_tokens != 6 + self.num_queries:
             raise ValueError(
                 f"num_tokens={self.num_tokens} must be 6 + num_queries={self.num_queries} (user, user "

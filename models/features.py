@@ -110,11 +110,65 @@ def signed_log(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.log1p(np.abs(x))
 
 
+def exclusive_group_cumsum(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """For each row j: the sum of values[i] over i < j with keys[i] == keys[j].
+
+    keys (B,), values (B, K) -> (B, K). Stable sort by key, cumulative sum, minus the
+    sum at the start of each key's run, minus the row itself.
+    """
+    order = np.argsort(keys, kind="stable")
+    v = values[order]
+    csum = np.cumsum(v, axis=0) - v  # exclusive over the sorted rows
+    k = keys[order]
+    starts = np.r_[0, np.flatnonzero(k[1:] != k[:-1]) + 1]
+    run_len = np.diff(np.r_[starts, len(k)])
+    out_sorted = csum - np.repeat(csum[starts], run_len, axis=0)
+    out = np.empty_like(out_sorted)
+    out[order] = out_sorted
+    return out
+
+
+def causal_batch_history(
+    item_ids: np.ndarray, signal: np.ndarray, mask: np.ndarray,
+    user_ids: np.ndarray, batch_items: np.ndarray, batch_signal: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Histories as each event of the batch would see them: stored history + the same
+    user's earlier events of this batch (their items and feedback), last L kept.
+
+    item_ids (B, L) object, signal (B, L), mask (B, L) (the store's view before the
+    batch, most recent last); user_ids, batch_items, batch_signal (B,) in event order.
+    Event j with r earlier same-user events in the batch sees the window
+    combined[r : r + L] of combined = stored (L) ++ those events (positions c >= L).
+    """
+    b, L = item_ids.shape
+    codes = np.unique(user_ids, return_inverse=True)[1].reshape(-1)
+    order = np.argsort(codes, kind="stable")
+    k = codes[order]
+    starts = np.r_[0, np.flatnonzero(k[1:] != k[:-1]) + 1]
+    run_len = np.diff(np.r_[starts, b])
+    start_sorted = np.repeat(starts, run_len)  # (B,) run start of each sorted row
+    rank = np.empty(b, dtype=np.int64)
+    rank[order] = np.arange(b) - start_sorted
+    if not rank.any():
+        return item_ids, signal, mask
+    first = np.empty(b, dtype=np.int64)
+    first[order] = start_sorted
+    c = np.arange(L)[None, :] + rank[:, None]  # (B, L) combined index
+    stored = c < L
+    rows = np.arange(b)[:, None]
+    cs = np.minimum(c, L - 1)
+    pos = order[np.minimum(first[:, None] + np.maximum(c - L, 0), b - 1)]  # batch row of c >= L
+    new_items = np.where(stored, item_ids[rows, cs], batch_items[pos])
+    new_signal = np.where(stored, signal[rows, cs], batch_signal[pos]).astype(np.float32)
+    new_mask = np.where(stored, mask[rows, cs], True)
+    return new_items, new_signal, new_mask
+
+
 class OnlineCounters:
     """Per user / per item running counts, like rate and mean rating (hashed rows).
 
     read() is called before update() for the same batch: features only ever
-    contain labels of strictly earlier batches.
+    contain labels of strictly earlier events.
     """
 
     NUM_FEATURES = 8  # per event: user (log n, like rate, mean rating), item (same), 2 crosses
@@ -127,32 +181,46 @@ class OnlineCounters:
         self.item = np.zeros((item_buckets, 4), dtype=np.float64)
         self.total = np.zeros(4, dtype=np.float64)
 
-    def _rates(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        g_like = (self.total[1] + 1.0) / (self.total[0] + 2.0)
-        g_rating = self.total[2] / self.total[3] if self.total[3] else self.rating_center
+    def _rates(self, rows: np.ndarray, total: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """rows (B, 4), total (B, 4) global counts -> log count, smoothed like rate and mean rating."""
+        g_like = (total[:, 1] + 1.0) / (total[:, 0] + 2.0)
+        g_rating = np.where(total[:, 3] > 0, total[:, 2] / np.maximum(total[:, 3], 1.0), self.rating_center)
         n = rows[:, 0]
         like = (rows[:, 1] + self.prior * g_like) / (n + self.prior)
         rating = (rows[:, 2] + self.prior * g_rating) / (rows[:, 3] + self.prior)
         return np.log1p(n), like - g_like, rating - g_rating
 
-    def read(self, user_idx: np.ndarray, item_idx: np.ndarray) -> np.ndarray:
-        """(B,) rows -> (B, 8) float32 features."""
-        un, ul, ur = self._rates(self.user[user_idx])
-        in_, il, ir = self._rates(self.item[item_idx])
+    def read(
+        self, user_idx: np.ndarray, item_idx: np.ndarray, like: np.ndarray, rating: np.ndarray,
+        in_batch: bool = True,
+    ) -> np.ndarray:
+        """(B,) rows -> (B, 8) float32 features, causal within the batch.
+
+        Event j sees the counts before the batch plus the labels of the batch's events
+        before j (exclusive prefix sums per user / item): exactly what a per-event
+        learner would know, and never j's own label.
+        """
+        upd = self._increments(like, rating)  # (B, 4)
+        if not in_batch:  # counts as of before the batch only
+            upd = np.zeros_like(upd)
+        users = self.user[user_idx] + exclusive_group_cumsum(user_idx, upd)
+        items = self.item[item_idx] + exclusive_group_cumsum(item_idx, upd)
+        total = self.total + np.cumsum(upd, axis=0) - upd  # (B, 4)
+        un, ul, ur = self._rates(users, total)
+        in_, il, ir = self._rates(items, total)
         return np.stack([un, ul, ur, in_, il, ir, ul * il, ur + ir], axis=1).astype(np.float32)
 
-    def update(self, user_idx: np.ndarray, item_idx: np.ndarray, like: np.ndarray, rating: np.ndarray) -> None:
-        has_like = ~np.isnan(like)
-        has_rating = ~np.isnan(rating)
-        upd = np.stack(
-            [
-                np.ones(len(user_idx)),
-                np.where(has_like, np.nan_to_num(like), 0.0) * has_like,
-                np.where(has_rating, np.nan_to_num(rating), 0.0),
-                has_rating.astype(np.float64),
-            ],
+    @staticmethod
+    def _increments(like: np.ndarray, rating: np.ndarray) -> np.ndarray:
+        has_like, has_rating = ~np.isnan(like), ~np.isnan(rating)
+        return np.stack(
+            [np.ones(len(like)), np.where(has_like, like, 0.0), np.where(has_rating, rating, 0.0),
+             has_rating.astype(np.float64)],
             axis=1,
-        )
+        )  # (B, 4): count, likes, rating sum, rating count
+
+    def update(self, user_idx: np.ndarray, item_idx: np.ndarray, like: np.ndarray, rating: np.ndarray) -> None:
+        upd = self._increments(like, rating)
         np.add.at(self.user, user_idx, upd)
         np.add.at(self.item, item_idx, upd)
         self.total += upd.sum(0)
@@ -220,7 +288,10 @@ class FeatureBuilder:
         scenario_idx = self.cats.many(np.array([f"scenario={s}" for s in batch.scenario], dtype=object))
         text_idx = self.text.many(batch.item_text)
         if cfg.use_counters:
-            counters = self.counters.read(user_idx, item_idx)
+            nan = np.full(b, np.nan)
+            like = batch.labels.get(cfg.like_task, nan)
+            rating = batch.labels.get(cfg.rating_task, nan)
+            counters = self.counters.read(user_idx, item_idx, like, rating, cfg.in_batch_features)
         else:
             counters = np.zeros((b, OnlineCounters.NUM_FEATURES), dtype=np.float32)
         return FeatureArrays(user_idx, item_idx, cat_idx, num, scenario_idx, text_idx, counters)

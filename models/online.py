@@ -36,7 +36,7 @@ from memory_bank.base import MemoryDelta
 from memory_bank.history import UserHistoryStore
 from memory_bank.sparse_optim import SparseRowAdam
 from models.config import ModelConfig, TrainerConfig
-from models.features import BatchLike, FeatureBuilder
+from models.features import BatchLike, FeatureBuilder, causal_batch_history
 from models.metrics import StreamingMetrics
 from models.ranker import CandidateInputs, Ranker, UserInputs
 
@@ -86,8 +86,9 @@ class OnlineTrainer:
         # Dense AdamW: the backbone, the encoder, the bank's learned "missing" vector.
         dense = self.model.dense_parameters()
         if self.bank is not None:
-            dense += list(self.encoder.parameters()) + [self.bank.missing]
-        self.opt_dense = torch.optim.AdamW(dense, lr=tcfg.lr_dense, weight_decay=tcfg.weight_decay)
+            enc_sparse = {id(p) for p in self.encoder.sparse_parameters()}
+            dense += [p for p in self.encoder.parameters() if id(p) not in enc_sparse] + [self.bank.missing]
+        self.opt_dense = torch.optim.AdamW(dense, lr=tcfg.lr_dense, weight_decay=tcfg.weight_decay, foreach=True)
         self.opt_sparse = SparseRowAdam(self._sparse_groups(), lr=tcfg.lr_sparse)
         self.metrics = StreamingMetrics(tcfg.metrics_window, tcfg.keep_score_log)
         self.rng = np.random.Generator(np.random.PCG64(tcfg.seed))
@@ -104,6 +105,9 @@ class OnlineTrainer:
         own = [m.user_emb.weight, m.item_emb.weight, m.cat_emb.weight, m.text_emb.weight,
                m.user_bias.weight, m.item_bias.weight]
         groups = [{"params": own, "lr": self.tcfg.lr_sparse}]
+        if self.encoder is not None and self.encoder.sparse_parameters():
+            # The doc encoder's hashed word table: rows of the words in this batch's texts.
+            groups.append({"params": self.encoder.sparse_parameters(), "lr": self.tcfg.lr_dense})
         if m.lmn is not None:
             groups.append({"params": list(m.lmn.sparse_parameters()), "lr": self.cfg.lmn.value_lr})
         if m.pkm is not None:
@@ -152,14 +156,19 @@ class OnlineTrainer:
         # 1. Inputs as of before this batch.
         feats = self.features.build(batch)
         hist = self.history.get(batch.user_id)
+        signal = self._signal(like, rating)  # (B,) feedback each event adds to its user's history
+        hist_items, hist_signal, hist_mask_np = hist.item_ids, hist.signal, hist.mask
+        if fc.in_batch_features:  # + the same user's earlier events of this batch
+            hist_items, hist_signal, hist_mask_np = causal_batch_history(
+                hist_items, hist_signal, hist_mask_np, batch.user_id, batch.item_id, signal)
         tt = lambda a, dt=torch.int64: torch.from_numpy(np.ascontiguousarray(a)).to(dev, dt)  # noqa: E731
-        hist_mask = tt(hist.mask, torch.bool)
+        hist_mask = tt(hist_mask_np, torch.bool)
         hist_bank = None
         target_vec = None
         encoded = 0
         fresh = None
         if self.bank is not None:
-            hist_bank, _ = self.bank.read(hist.item_ids, hist.mask)  # (B, L, Db), misses = learned vector
+            hist_bank, _ = self.bank.read(hist_items, hist_mask_np)  # (B, L, Db), misses = learned vector
             target_vec = self._target_rows(batch.item_id)  # (B, Db) cached rows of the targets
             # 2. LEMUR sampling: the encoder runs (forward and backward) on a fraction of targets.
             has_text = np.array([t is not None and t != "" for t in batch.item_text])
@@ -170,8 +179,8 @@ class OnlineTrainer:
                 target_vec = target_vec.index_put((torch.from_numpy(pick).to(dev),), fresh)
         u = UserInputs(
             user_idx=tt(feats.user_idx), cat_idx=tt(feats.cat_idx), num=tt(feats.num, torch.float32),
-            scenario_idx=tt(feats.scenario_idx), hist_item_idx=tt(self.features.items.many(hist.item_ids)),
-            hist_signal=tt(hist.signal, torch.float32), hist_mask=hist_mask, hist_bank=hist_bank,
+            scenario_idx=tt(feats.scenario_idx), hist_item_idx=tt(self.features.items.many(hist_items)),
+            hist_signal=tt(hist_signal, torch.float32), hist_mask=hist_mask, hist_bank=hist_bank,
         )
         c = CandidateInputs(
             item_idx=tt(feats.item_idx), text_idx=tt(feats.text_idx),
@@ -216,7 +225,7 @@ class OnlineTrainer:
             fresh_d = fresh.detach()
             self.bank.record_staleness(ids, fresh_d)
             self.bank.write_rows(ids, fresh_d, step=self.steps, now_s=float(batch.ts_ms[pick].max()) / 1000.0)
-        self.history.append(batch.user_id, batch.item_id, batch.ts_ms, self._signal(like, rating))
+        self.history.append(batch.user_id, batch.item_id, batch.ts_ms, signal)
         self.features.learn(feats, like, rating)
         self.events_applied += n
         self._track_offsets(batch)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from models.config import ModelConfig
 from models.features import OnlineCounters
 from models.rankmixer import RankMixerBlock, RMSNorm
-from models.sequence import NUM_COS_FEATURES, HistoryCrossAttention, cosine_features
+from models.sequence import NUM_COS_FEATURES, HistoryCrossAttention, cosine_features, normalize_history
 
 
 @dataclass
@@ -63,11 +63,12 @@ class UserState:
     k: torch.Tensor  # (B, H, L+1, dh) history keys (with the null slot)
     v: torch.Tensor  # (B, H, L+1, dh)
     kv_mask: torch.Tensor  # (B, L+1) bool
-    hist_emb: torch.Tensor  # (B, L, E) history item id embeddings
-    hist_bank: torch.Tensor | None  # (B, L, Db)
+    hist_unit: torch.Tensor  # (B, L, E) history item id embeddings, unit norm, detached
+    hist_bank_unit: torch.Tensor | None  # (B, L, Db) bank vectors, unit norm
     hist_signal: torch.Tensor  # (B, L)
     hist_mask: torch.Tensor  # (B, L)
     scen_emb: torch.Tensor  # (B, E)
+    user_emb: torch.Tensor  # (B, E) user id embedding (the MF term)
     bias: torch.Tensor  # (B, 2) user bias for (like, rating)
     lmn_read: torch.Tensor | None  # (B, dv) for the memory loss
     lmn_target: torch.Tensor | None  # (B, dv) history summary the read must reconstruct
@@ -126,7 +127,7 @@ class Ranker(nn.Module):
         self.tok_user = nn.Linear(E + lmn_dv, D)
         self.tok_user_ctx = nn.Linear(E * (C + 1) + 2 * N, D)
         hist_item_dim = E + Db + 3  # id emb, bank vector, signal features
-        self.history = HistoryCrossAttention(hist_item_dim, D, cfg.attn_heads)
+        self.history = HistoryCrossAttention(hist_item_dim, D, cfg.attn_dim, cfg.attn_heads)
 
         # 3. Candidate side.
         self.tok_item = nn.Linear(E + OnlineCounters.NUM_FEATURES, D)
@@ -149,6 +150,7 @@ class Ranker(nn.Module):
         # learn in a few batches, which carries the cold start of the stream while the
         # deep part's embeddings are still noise.
         self.wide = nn.Linear(OnlineCounters.NUM_FEATURES, 2)
+        self.dot_scale = nn.Parameter(torch.ones(2))  # (like, rating) weights of <user, item>
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
@@ -198,8 +200,10 @@ class Ranker(nn.Module):
             tokens=torch.stack([user_tok, ctx_tok], dim=1),
             query_ctx=user,
             k=k, v=v, kv_mask=kv_mask,
-            hist_emb=hist_emb, hist_bank=u.hist_bank, hist_signal=sig, hist_mask=u.hist_mask,
-            scen_emb=scen, bias=self.user_bias(u.user_idx),
+            hist_unit=normalize_history(hist_emb),
+            hist_bank_unit=None if u.hist_bank is None else normalize_history(u.hist_bank),
+            hist_signal=sig, hist_mask=u.hist_mask,
+            scen_emb=scen, user_emb=user, bias=self.user_bias(u.user_idx),
             lmn_read=lmn_read, lmn_target=lmn_target,
         )
 
@@ -213,9 +217,9 @@ class Ranker(nn.Module):
         item_tok = self.tok_item(torch.cat([item, c.counters], dim=1))
         content = [text] if c.target_vec is None else [text, c.target_vec]
         content_tok = self.tok_content(torch.cat(content, dim=1))
-        cos = [cosine_features(item, us.hist_emb, us.hist_signal, us.hist_mask)]  # (B, 7)
-        if c.target_vec is not None and us.hist_bank is not None:
-            cos.append(cosine_features(c.target_vec, us.hist_bank, us.hist_signal, us.hist_mask))
+        cos = [cosine_features(item, us.hist_unit, us.hist_signal, us.hist_mask)]  # (B, 7)
+        if c.target_vec is not None and us.hist_bank_unit is not None:
+            cos.append(cosine_features(c.target_vec, us.hist_bank_unit, us.hist_signal, us.hist_mask))
         stats_tok = self.tok_hist_stats(torch.cat(cos, dim=1))
         task_tok = self.task_token + self.tok_task(us.scen_emb)  # (B, D)
         # History queries from non-sequence features (target-aware; the history never
@@ -234,6 +238,10 @@ class Ranker(nn.Module):
             x = self.pkm_gate(x, self.pkm(x.reshape(b, -1)))
         out = self.head(self.norm_out(x).reshape(b, -1))  # (B, 2)
         out = out + self.wide(c.counters) + us.bias + self.item_bias(c.item_idx)
+        if cfg.dot_interaction:
+            # Matrix factorisation term <user, item> per head: the user x item interaction
+            # as a direct path; through the mixer alone it is learned much more slowly.
+            out = out + self.dot_scale * (us.user_emb * item).sum(-1, keepdim=True)
         fc = cfg.features
         return Scores(like_logit=out[:, 0], rating=fc.rating_center + fc.rating_scale * out[:, 1])
 

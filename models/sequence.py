@@ -23,56 +23,68 @@ NUM_COS_FEATURES = 7
 
 
 class HistoryCrossAttention(nn.Module):
-    """Q query tokens (B, Q, D) attend the history (B, L, D) with a learned null slot.
+    """Q query tokens (B, Q, D) attend the history (B, L, item_dim) with a learned null slot.
 
-    The null slot (always visible) makes an empty history well-defined and lets a
-    query attend "nothing relevant" instead of being forced onto some item.
+    Attention runs at width A (attn_dim) < D: the (B*L, item_dim) -> 2A key/value
+    projection is the largest matmul of the model (B*L = 12,800 rows at B=256,
+    L=50), so its width is what the history costs. The null slot (always visible)
+    makes an empty history well-defined and lets a query attend "nothing relevant".
     """
 
-    def __init__(self, item_dim: int, d_model: int, num_heads: int) -> None:
+    def __init__(self, item_dim: int, d_model: int, attn_dim: int, num_heads: int) -> None:
         super().__init__()
         self.h = num_heads
-        self.dh = d_model // num_heads
-        self.kv = nn.Linear(item_dim, 2 * d_model)
-        self.null_kv = nn.Parameter(torch.zeros(2, d_model))
-        self.out = nn.Linear(d_model, d_model)
+        self.a = attn_dim
+        self.dh = attn_dim // num_heads
+        self.q = nn.Linear(d_model, attn_dim)
+        self.kv = nn.Linear(item_dim, 2 * attn_dim)
+        self.null_kv = nn.Parameter(torch.zeros(1, 1, 2 * attn_dim))
+        self.out = nn.Linear(attn_dim, d_model)
 
     def history_kv(self, items: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """items (B, L, item_dim), mask (B, L) -> k, v (B, H, L+1, dh), mask (B, L+1). User side only."""
         b = items.shape[0]
-        kv = self.kv(items)  # (B, L, 2D)
-        kv = torch.cat([self.null_kv.expand(b, 1, 2, -1).reshape(b, 1, -1), kv], dim=1)  # (B, L+1, 2D)
-        k, v = kv.chunk(2, dim=-1)  # (B, L+1, D) each
-        k = k.view(b, -1, self.h, self.dh).transpose(1, 2)  # (B, H, L+1, dh)
-        v = v.view(b, -1, self.h, self.dh).transpose(1, 2)
+        kv = torch.cat([self.null_kv.expand(b, 1, -1), self.kv(items)], dim=1)  # (B, L+1, 2A)
+        k, v = kv.chunk(2, dim=-1)  # (B, L+1, A) each
+        k = k.reshape(b, -1, self.h, self.dh).transpose(1, 2)  # (B, H, L+1, dh)
+        v = v.reshape(b, -1, self.h, self.dh).transpose(1, 2)
         full_mask = torch.cat([mask.new_ones(b, 1), mask], dim=1)  # (B, L+1)
         return k, v, full_mask
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """q (B, Q, D) -> (B, Q, D)."""
-        b, nq, d = q.shape
-        qh = q.view(b, nq, self.h, self.dh).transpose(1, 2)  # (B, H, Q, dh)
+        b, nq, _ = q.shape
+        qh = self.q(q).view(b, nq, self.h, self.dh).transpose(1, 2)  # (B, H, Q, dh)
         o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask[:, None, None, :])  # (B, H, Q, dh)
-        return self.out(o.transpose(1, 2).reshape(b, nq, d))  # (B, Q, D)
+        return self.out(o.transpose(1, 2).reshape(b, nq, self.a))  # (B, Q, D)
+
+
+def normalize_history(hist: torch.Tensor) -> torch.Tensor:
+    """(B, L, E) -> unit rows, detached: the cosine features treat the history as given
+    (it gets its gradient through the attention), which halves their backward cost.
+    User side: computed once per user."""
+    return F.normalize(hist.detach(), dim=-1)
 
 
 def cosine_features(
-    target: torch.Tensor, hist: torch.Tensor, signal: torch.Tensor, mask: torch.Tensor
+    target: torch.Tensor, hist_unit: torch.Tensor, signal: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
     """LEMUR's cosine(target, history item) features, summarised over the history.
 
-    target (B, E), hist (B, L, E), signal (B, L) (centred feedback), mask (B, L)
-    -> (B, 7): mean cos, max cos, mean cos*signal, cos-weighted signal, signal of the
-    nearest item, mean signal, log(1 + history length).
+    target (B, E), hist_unit (B, L, E) unit rows, signal (B, L) (centred feedback),
+    mask (B, L) -> (B, 7): mean cos, max cos, mean cos*signal, cos-weighted signal,
+    signal of the nearest item, mean signal, log(1 + history length).
     """
     m = mask.to(target.dtype)  # (B, L)
-    n = m.sum(1).clamp_min(1.0)  # (B,)
-    cos = F.cosine_similarity(target.unsqueeze(1), hist, dim=-1) * m  # (B, L)
+    cnt = m.sum(1)  # (B,)
+    n = cnt.clamp_min(1.0)
+    t = F.normalize(target, dim=-1)  # (B, E)
+    cos = torch.bmm(hist_unit, t.unsqueeze(-1)).squeeze(-1) * m  # (B, L)
     mean_cos = cos.sum(1) / n
-    max_cos = cos.masked_fill(~mask, -1.0).max(1).values * (m.sum(1) > 0)
+    max_cos = cos.masked_fill(~mask, -1.0).max(1).values * (cnt > 0)
     cos_sig = (cos * signal).sum(1) / n
     w = torch.softmax((cos * 5.0).masked_fill(~mask, -1e4), dim=1) * m  # (B, L)
     wsig = (w * signal).sum(1)
     near_sig = signal.gather(1, cos.masked_fill(~mask, -2.0).argmax(1, keepdim=True)).squeeze(1)
     mean_sig = (signal * m).sum(1) / n
-    return torch.stack([mean_cos, max_cos, cos_sig, wsig, near_sig, mean_sig, torch.log1p(m.sum(1))], dim=1)
+    return torch.stack([mean_cos, max_cos, cos_sig, wsig, near_sig, mean_sig, torch.log1p(cnt)], dim=1)

@@ -82,3 +82,38 @@ def test_metrics_state_round_trip():
     b.import_state({k: v.copy() for k, v in arrays.items()}, meta)
     assert b.summary() == a.summary()
     assert b.auc_last(0.2) == a.auc_last(0.2)
+
+
+def test_exclusive_group_cumsum_matches_loop():
+    from models.features import exclusive_group_cumsum
+
+    rng = np.random.default_rng(4)
+    keys = rng.integers(0, 5, size=40)
+    vals = rng.normal(size=(40, 3))
+    out = exclusive_group_cumsum(keys, vals)
+    for j in range(40):
+        expect = vals[:j][keys[:j] == keys[j]].sum(0)
+        np.testing.assert_allclose(out[j], expect, atol=1e-12)
+
+
+def test_causal_batch_history_matches_per_event_appends():
+    """Event j sees exactly what the store would hold had events before j been appended one by one."""
+    from memory_bank.history import HistoryConfig, UserHistoryStore
+    from models.features import causal_batch_history
+
+    rng = np.random.default_rng(5)
+    L = 4
+    store = UserHistoryStore(HistoryConfig(length=L, max_users=50))
+    ref = UserHistoryStore(HistoryConfig(length=L, max_users=50))
+    for step in range(6):
+        users = np.array([f"u{x}" for x in rng.integers(0, 4, size=12)], dtype=object)
+        items = np.array([f"i{step}_{j}" for j in range(12)], dtype=object)
+        sig = rng.normal(size=12).astype(np.float32)
+        h = store.get(users)
+        it, sg, mk = causal_batch_history(h.item_ids, h.signal, h.mask, users, items, sig)
+        for j in range(12):  # reference: per-event get, then append
+            r = ref.get(users[j:j + 1])
+            assert list(it[j][mk[j]]) == list(r.item_ids[0][r.mask[0]])
+            np.testing.assert_array_equal(sg[j][mk[j]], r.signal[0][r.mask[0]])
+            ref.append(users[j:j + 1], items[j:j + 1], np.zeros(1, np.int64), sig[j:j + 1])
+        store.append(users, items, np.zeros(12, np.int64), sig)
