@@ -210,11 +210,14 @@ class ItemMemoryBank(nn.Module):
 
         dev = self.bank.device
         row_t = torch.from_numpy(row).to(dev)  # (B*L,)
-        hit = row_t >= 0  # (B*L,)
-        miss = torch.from_numpy(mask.reshape(-1)).to(dev) & ~hit  # (B*L,)
-        gathered = self.bank.index_select(0, row_t.clamp(min=0))  # (B*L, dim), no grad
-        vectors = torch.where(hit[:, None], gathered, self.missing[None, :] * miss[:, None])  # (B*L, dim)
-        return vectors.view(B, L, -1), hit.view(B, L)
+        vectors = self.bank.index_select(0, row_t.clamp(min=0))  # (B*L, dim), no grad
+        # Padding -> zeros, misses -> `missing` (in place: the graph holds only the miss rows).
+        vectors.index_fill_(0, torch.from_numpy(np.flatnonzero(~mask.reshape(-1))).to(dev), 0.0)
+        miss_at = np.flatnonzero(mask.reshape(-1) & (row < 0))  # (n_miss,)
+        if len(miss_at):
+            miss_t = torch.from_numpy(miss_at).to(dev)
+            vectors = vectors.index_put((miss_t,), self.missing.expand(len(miss_at), -1))
+        return vectors.view(B, L, -1), (row_t >= 0).view(B, L)
 
     def read_targets(self, item_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached rows of batch targets: item_ids (M,) -> (vectors (M, dim), hit (M,) bool).
