@@ -18,6 +18,14 @@ routes such calls to the interpreter (JITFunction.__call__ otherwise only raises
 compiled code never goes through it). So nothing depends on when triton was first
 imported, and TRITON_INTERPRET only has to be set while a CPU call is dispatched
 (the tests set it per test).
+
+Name clash, on purpose: the op `kernels.sparse_gather` (a function, the API) and the
+module `kernels/sparse_gather.py` (its Triton implementation) share a name, and so do
+pkm_topk and bank_update. Importing a submodule normally sets it as an attribute of
+the package, which would replace the function; the package class below refuses that,
+so `kernels.sparse_gather` is always the op. Get an implementation module with
+`importlib.import_module("kernels.sparse_gather")` (or `_triton_impl`), not with
+`import kernels.sparse_gather as m` (that form reads the package attribute: the op).
 """
 
 from __future__ import annotations
@@ -56,6 +64,16 @@ def backend_for(t: torch.Tensor) -> str:
     return "torch"
 
 
+class _Package(ModuleType):
+    """Keeps the ops as the package attributes when their same-named modules load."""
+
+    def __setattr__(self, name, value):
+        if name in _OPS and isinstance(value, ModuleType):
+            return  # the submodule stays in sys.modules["kernels." + name]
+        super().__setattr__(name, value)
+
+
+_OPS = ("sparse_gather", "pkm_topk", "bank_update")
 _LOCK = threading.Lock()
 
 
@@ -141,3 +159,6 @@ def bank_update(bank, stamps, rows, vectors, step: int):
     if backend_for(bank) == "triton":
         return _triton_impl("bank_update", bank).bank_update_triton(bank, stamps, rows, vectors, step)
     return bank_update_ref(bank, stamps, rows, vectors, step)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -12,8 +12,8 @@ and indices as sets where values tie. NaN inputs are not supported.
    `kernels.reference.pkm_topk_ref`. One program per (block of BLOCK_B queries, head):
    - per half: scores q (BLOCK_B, dk) x keys^T (dk, BLOCK_N) chunk by chunk over the
      n sub-keys (tl.dot, fp32 "ieee" so it matches the fp32 reference), each chunk
-     reduced to its top KP (tl.topk on packed words) and merged into a running
-     top KP; the (BLOCK_B, n) score matrix never reaches memory.
+     reduced to its top KP (bitonic top-k of the packed words, `_bitonic_topk`) and
+     merged into a running top KP; the (BLOCK_B, n) score matrix never reaches memory.
    - combine: both halves are sorted, so pair (i, j) can be in the top k only if
      (i + 1) * (j + 1) <= k (at least that many pairs beat or tie it). Only that
      "staircase" (119 pairs for k = 32, instead of 1024) is gathered, packed with
@@ -22,8 +22,8 @@ and indices as sets where values tie. NaN inputs are not supported.
 2. `topk_triton(x, k)`: top-k along the last dim, same contract as `topk_ref` plus
    the tie rule. Dispatch by row length (`choose_topk`):
    - short rows (L <= 8192 and k <= 128): "stream": one program per row walks the row
-     in chunks, top-KP of each chunk by tl.topk (bitonic network) merged into a
-     running top-KP.
+     in chunks, top-KP of each chunk by the bitonic network merged into a running
+     top-KP.
    - long rows (or larger k, up to 2048): "radix", in the spirit of AIR Top-K
      (NVIDIA, SC'23): the fp32 bits mapped to order-preserving uint32, 4 passes of
      8-bit digits from the top. Each pass builds the histogram of the current digit
@@ -109,11 +109,69 @@ def _unpack(p):
     return _key_to_f32(key), idx
 
 
+# Bitonic top-k / sort of packed int64 along the last dim: triton's own `tl.topk` /
+# `tl.sort` algorithm (language/standard.py, MIT licence), with one change: the partner
+# of an element along a hypercube axis of size 2 is found as `sum(pair) - x` (add
+# reduce, wraps like two's complement) instead of `x ^ xor_sum(pair)`. Same cost when
+# compiled, but the interpreter runs sum in numpy while xor_sum goes through its
+# per-element Python reduce: that is what keeps the CPU tests fast.
+
+
+@triton.constexpr_function
+def _log2(n):
+    return n.bit_length() - 1
+
+
+@triton.jit
+def _indicator(n_dims: tl.constexpr, j: tl.constexpr):
+    ar = tl.arange(0, 2)
+    return tl.reshape(ar, [1] * (n_dims - j - 1) + [2] + [1] * j)
+
+
+@triton.jit
+def _compare_and_swap(x, flip, i: tl.constexpr):
+    n_dims: tl.constexpr = _log2(x.numel)
+    y = tl.sum(x, axis=n_dims - 1 - i, keep_dims=True) - x  # partner along axis i
+    is_right = _indicator(n_dims, i)
+    return tl.where((x > y) != (flip ^ is_right).to(tl.int1), y, x)
+
+
+@triton.jit
+def _bitonic_merge(x, stage: tl.constexpr, order: tl.constexpr):
+    # order 0: ascending, 1: descending, 2: alternating
+    if order == 2:
+        flip = _indicator(_log2(x.numel), stage)
+    else:
+        flip = order
+    for i in tl.static_range(stage):
+        x = _compare_and_swap(x, flip, stage - 1 - i)
+    return x
+
+
+@triton.jit
+def _bitonic_topk(x, k: tl.constexpr):
+    # x (..., M) int64, M and k powers of two -> (..., k): the k largest, descending
+    log_n: tl.constexpr = _log2(x.shape[len(x.shape) - 1])
+    log_k: tl.constexpr = _log2(k)
+    n_dims: tl.constexpr = _log2(x.numel)
+    if log_k == 0:
+        out = tl.max(x, axis=len(x.shape) - 1, keep_dims=True)
+    else:
+        h = tl.reshape(x, [2] * n_dims)
+        for i in tl.static_range(1, log_k + 1):
+            h = _bitonic_merge(h, i, 2 if i < log_n else 1)
+        for i in tl.static_range(log_k + 1, log_n + 1):
+            h = tl.max(h, axis=(_log2(h.numel) - 1 - log_k))
+            h = _bitonic_merge(h, log_k, 2 if i < log_n else 1)
+        out = tl.reshape(h, x.shape[:-1] + [k])
+    return out
+
+
 @triton.jit
 def _merge_top(run, chunk, KP: tl.constexpr):
     # run (R, KP), chunk (R, KP) packed -> top KP of both, sorted descending
     both = tl.reshape(tl.join(run, chunk), [run.shape[0], 2 * KP])
-    return tl.topk(both, KP, dim=1)
+    return _bitonic_topk(both, KP)
 
 
 # ---------------------------------------------------------------------------------
@@ -139,11 +197,31 @@ def _half_topk(q, KEYS, n, dk, offs_dk, m_dk,
         s = tl.where(m_n[None, :], s, float("-inf"))
         p = _pack(s, tl.broadcast_to(offs_n[None, :], [BLOCK_B, BLOCK_N]))
         if BLOCK_N > KP:
-            p = tl.topk(p, KP, dim=1)
+            p = _bitonic_topk(p, KP)
         run = _merge_top(run, p, KP)
     return run
 
 
+def _pkm_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_B": 16, "BLOCK_N": 64}, num_warps=4)]
+    # BLOCK_B = 16: the smallest tl.dot M; 32 spills at KP = 32 on sm_90 (compile check)
+    return [triton.Config({"BLOCK_B": 16, "BLOCK_N": bn}, num_warps=nw)
+            for bn in (64, 128, 256) for nw in (4, 8)]
+
+
+def _prune_pkm(configs, named_args, **kwargs):
+    # a chunk must hold at least KP candidates; keep one config whatever KP is
+    kp = kwargs["KP"]
+    ok = [c for c in configs if c.kwargs["BLOCK_N"] >= kp]
+    if ok:
+        return ok
+    c = configs[0]
+    return [triton.Config({**c.kwargs, "BLOCK_N": kp}, num_warps=c.num_warps)]
+
+
+@triton.autotune(configs=_pkm_configs(), key=["n", "dk", "k", "KP"],
+                 prune_configs_by={"early_config_prune": _prune_pkm})
 @triton.jit
 def _pkm_topk_kernel(
     Q1, Q2,  # (B, H, dk) contiguous
@@ -181,7 +259,7 @@ def _pkm_topk_kernel(
     ok = valid[None, :] & (pi1 < n) & (pi2 < n)
     slot = tl.where(ok, pi1 * n + pi2, 0)
     pv = tl.where(ok, pv, float("-inf"))
-    best = tl.topk(_pack(pv, slot), KF, dim=1)  # (BLOCK_B, KF)
+    best = _bitonic_topk(_pack(pv, slot), KF)  # (BLOCK_B, KF)
     bv, bslot = _unpack(best)
     offs_k = tl.arange(0, KF)
     o_off = (offs_b[:, None] * H + h) * k + offs_k[None, :]
@@ -198,12 +276,6 @@ def _staircase(k: int, kk: int):
     ci = [p[0] for p in pairs] + [-1] * (c - len(pairs))
     cj = [p[1] for p in pairs] + [-1] * (c - len(pairs))
     return ci, cj, c
-
-
-def _pkm_blocks(B: int, n: int, KP: int):
-    if _INTERPRET:
-        return 16, max(min(64, triton.next_power_of_2(n)), KP), 4
-    return 16, max(min(128, triton.next_power_of_2(n)), KP), 8
 
 
 def pkm_topk_triton(q1, q2, keys1, keys2, k: int):
@@ -225,13 +297,11 @@ def pkm_topk_triton(q1, q2, keys1, keys2, k: int):
     ci, cj, C = _staircase(k, kk)
     ci_t = torch.tensor(ci, dtype=torch.int32, device=q1.device)
     cj_t = torch.tensor(cj, dtype=torch.int32, device=q1.device)
-    BLOCK_B, BLOCK_N, warps = _pkm_blocks(B, n, KP)
     BLOCK_DK = max(triton.next_power_of_2(dk), 16)
-    grid = (triton.cdiv(B, BLOCK_B), H)
+    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), H)
     _pkm_topk_kernel[grid](
         q1, q2, keys1, keys2, ci_t, cj_t, scores, slots, B, H, n, dk, k,
-        BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_DK=BLOCK_DK, KP=KP, C=C,
-        KF=triton.next_power_of_2(k), USE_DOT=True, num_warps=warps,
+        BLOCK_DK=BLOCK_DK, KP=KP, C=C, KF=triton.next_power_of_2(k), USE_DOT=True,
     )
     return scores, slots
 
@@ -266,7 +336,7 @@ def _topk_stream_kernel(X, OUT_V, OUT_I, L, k, stride_x,
         x = tl.load(X + r * stride_x + offs, mask=m, other=float("-inf")).to(tl.float32)
         p = tl.reshape(_pack(x, offs), [1, BLOCK])
         if BLOCK > KP:
-            p = tl.topk(p, KP, dim=1)
+            p = _bitonic_topk(p, KP)
         run = _merge_top(run, p, KP)
     v, i = _unpack(tl.reshape(run, [KP]))
     offs_k = tl.arange(0, KP)
@@ -314,9 +384,9 @@ def _topk_radix_kernel(
     prefix = tl.zeros([], dtype=tl.uint32)  # digits of the k-th key found so far
     cnt = L  # candidates entering the pass (rows for passes 0 and 1)
     for p in tl.static_range(NPASS):
-        SHIFT: tl.constexpr = 32 - BITS * (p + 1)
-        SRC: tl.constexpr = (p - 2) % 2  # buffer read by pass p >= 2
-        DST: tl.constexpr = (p - 1) % 2  # buffer written by pass 1 <= p < NPASS - 1
+        shift = 32 - BITS * (p + 1)  # (constexprs, recomputed per unrolled pass)
+        src_buf = (p - 2) % 2  # buffer read by pass p >= 2
+        dst_buf = (p - 1) % 2  # buffer written by pass 1 <= p < NPASS - 1
         hist = tl.zeros([NB], dtype=tl.int32)
         n_src = cnt
         new_cnt = tl.zeros([], dtype=tl.int32)
@@ -327,7 +397,7 @@ def _topk_radix_kernel(
                 key = _order_key(tl.load(row + offs, mask=m, other=0.0).to(tl.float32))
                 ii = offs
             else:
-                base = (SRC * R + r) * L
+                base = (src_buf * R + r) * L
                 key = tl.load(BUF_K + base + offs, mask=m, other=0)
                 ii = tl.load(BUF_I + base + offs, mask=m, other=0)
             u = _ukey(key)
@@ -335,14 +405,14 @@ def _topk_radix_kernel(
                 keep = m
             else:
                 # filter of the previous pass, fused into this pass's histogram
-                keep = m & ((u >> (SHIFT + BITS)) == prefix)
+                keep = m & ((u >> (shift + BITS)) == prefix)
                 if p < NPASS - 1:
                     pos = new_cnt + tl.cumsum(keep.to(tl.int32), 0) - 1
-                    dbase = (DST * R + r) * L
+                    dbase = (dst_buf * R + r) * L
                     tl.store(BUF_K + dbase + pos, key, mask=keep)
                     tl.store(BUF_I + dbase + pos, ii.to(tl.int32), mask=keep)
                     new_cnt += tl.sum(keep.to(tl.int32), 0)
-            digit = ((u >> SHIFT) & DMASK).to(tl.int32)
+            digit = ((u >> shift) & DMASK).to(tl.int32)
             hist += tl.histogram(digit, NB, mask=keep)
         d, above = _select_digit(hist, k_rem, NB)
         k_rem -= above
@@ -372,7 +442,7 @@ def _topk_radix_kernel(
     key = tl.load(BUF_K + obase + offs_k, mask=m_k, other=0)
     ii = tl.load(BUF_I + obase + offs_k, mask=m_k, other=0)
     packed = tl.where(m_k, _pack_key(key, ii), _pack_empty([KF]))
-    v, i = _unpack(tl.sort(packed, descending=True))
+    v, i = _unpack(_bitonic_topk(packed, KF))
     tl.store(OUT_V + r * k + offs_k, _cast(v, OUT_V.dtype.element_ty), mask=m_k)
     tl.store(OUT_I + r * k + offs_k, i, mask=m_k)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -36,11 +37,21 @@ def test_interpreted_copy_regardless_of_import_order(monkeypatch):
     assert isinstance(mod._bank_update_kernel, InterpretedFunction)
     assert "TRITON_INTERPRET" not in os.environ
     # the normal import (used for CUDA tensors) gives compiled kernels
-    import kernels.bank_update as compiled
-
+    compiled = importlib.import_module("kernels.bank_update")
     assert compiled is not mod
     assert isinstance(compiled._bank_update_kernel, JITFunction)
     assert triton.__version__
+
+
+def test_importing_an_implementation_module_keeps_the_op():
+    # kernels/sparse_gather.py and the op kernels.sparse_gather share a name: loading the
+    # module must not replace the op (it did once: 'module' object is not callable)
+    for name in ("sparse_gather", "pkm_topk", "bank_update"):
+        mod = importlib.import_module(f"kernels.{name}")
+        assert callable(getattr(kernels, name)) and getattr(kernels, name) is not mod
+    from kernels import sparse_gather
+
+    assert callable(sparse_gather)
 
 
 def test_rest_of_suite_keeps_torch_path():
