@@ -11,8 +11,9 @@ lr=cfg.value_lr). Slots take long to fill, so per-slot hit counts are reported a
 the memory warm-starts from checkpoints (export_state / import_state).
 
 The addressing is the product-key layer of `memory_bank.pkm` (same selection,
-recompute and sparse gather), configured for LMN: LayerNorm queries (per-user reads
-must not depend on the rest of the batch, unlike BatchNorm), plain keys.
+recompute and sparse gather), configured for LMN: plain keys; LayerNorm queries by
+default (a training read does not depend on the rest of the batch), BatchNorm as the
+option that keeps far more slots in use (see `LMNConfig.query_norm`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ class LMNConfig(BaseModel):
     key_dim: int = Field(64, ge=2)
     value_dim: int = Field(64, ge=1)
     value_lr: float = Field(1e-2, gt=0, description="lr of the values' SparseRowAdam (set by the caller)")
-    query_norm: Literal["layernorm", "batchnorm", "none"] = "layernorm"
+    query_norm: Literal["layernorm", "batchnorm", "none"] = Field(
+        "layernorm",
+        description="batchnorm centres queries across users and spreads them over the slots "
+        "(ML-1M 20k prefix: 8.2% of slots used vs 0.65% with layernorm, same AUC); its "
+        "training reads depend on the batch, eval reads use running statistics",
+    )
     memory_loss: Literal["cosine", "mse"] = "cosine"
     usage_window: int = Field(100, ge=1)
     query_reservoir: int = Field(4096, ge=0)
