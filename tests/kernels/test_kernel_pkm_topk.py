@@ -51,6 +51,7 @@ TOPK_CASES = [  # (R, L, k)
     (4, 300, 32),
     (1, 1, 1),
     (2, 700, 13),
+    (2, 300, 100),  # k-th value mid-range: ties at the k-th mixed with larger values
 ]
 
 
