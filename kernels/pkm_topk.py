@@ -278,6 +278,19 @@ def _staircase(k: int, kk: int):
     return ci, cj, c
 
 
+_STAIRCASES: dict = {}
+
+
+def _staircase_on(k: int, kk: int, device):
+    """The staircase tables as int32 tensors on `device`, built once (no copy per call)."""
+    key = (k, kk, str(device))
+    if key not in _STAIRCASES:
+        ci, cj, c = _staircase(k, kk)
+        _STAIRCASES[key] = (torch.tensor(ci, dtype=torch.int32, device=device),
+                            torch.tensor(cj, dtype=torch.int32, device=device), c)
+    return _STAIRCASES[key]
+
+
 def pkm_topk_triton(q1, q2, keys1, keys2, k: int):
     """q1, q2 (B, H, dk), keys1, keys2 (H, n, dk) -> (scores (B, H, k), slots (B, H, k))."""
     B, H, dk = q1.shape
@@ -294,9 +307,7 @@ def pkm_topk_triton(q1, q2, keys1, keys2, k: int):
     slots = torch.empty((B, H, k), dtype=torch.int64, device=q1.device)
     if B == 0 or H == 0:
         return scores, slots
-    ci, cj, C = _staircase(k, kk)
-    ci_t = torch.tensor(ci, dtype=torch.int32, device=q1.device)
-    cj_t = torch.tensor(cj, dtype=torch.int32, device=q1.device)
+    ci_t, cj_t, C = _staircase_on(k, kk, q1.device)
     BLOCK_DK = max(triton.next_power_of_2(dk), 16)
     grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), H)
     _pkm_topk_kernel[grid](
