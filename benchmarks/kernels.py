@@ -17,6 +17,7 @@ the autotuner are not counted, so GB/s is "useful" bandwidth):
   + dV rows written U*D*e (U = unique rows used)
 - pkm top-k: q1, q2 2*B*H*dk*e + sub-keys 2*H*n*dk*e + scores and slots B*H*k*(e + 8)
 - bank update: rows M*8 + vectors M*D*e + bank rows written U*D*e + stamps U*8
+- row top-k: input R*L*e + values and indices R*k*(e + 8)
 Copy bandwidth: a large device-to-device tensor copy, read + write bytes over time.
 """
 
@@ -41,11 +42,13 @@ GPU_SHAPES = {
     "gather": [(16384, 128, 1_000_000, 128, "uniform"), (16384, 128, 1_000_000, 128, "zipf")],
     "pkm": [(16384, 4, 1024, 64, 32)],
     "bank": [(16384, 1_000_000, 128)],
+    "topk": [(65536, 1024, 32), (64, 1 << 20, 32)],  # short rows (stream), long rows (radix)
 }
 CPU_SHAPES = {
     "gather": [(1024, 128, 100_000, 128, "uniform"), (1024, 128, 100_000, 128, "zipf")],
     "pkm": [(1024, 4, 256, 64, 32)],
     "bank": [(4096, 100_000, 128)],
+    "topk": [(4096, 1024, 32), (4, 1 << 20, 32)],
 }
 
 
@@ -205,6 +208,21 @@ def run_bank(shape, dev, dtype, args, triton_mod, rows_out):
     _time_rows(name, results, dev, args, rows_out)
 
 
+def run_topk(shape, dev, dtype, args, triton_mod, rows_out):
+    R, L, k = shape
+    x = torch.randn(R, L, device=dev, generator=_gen(dev)).to(dtype)
+    e = x.element_size()
+    nbytes = R * L * e + R * k * (e + 8)
+    name = f"row top-k R={R} L={L} k={k} {dtype_name(dtype)}"
+    results = [("torch.topk", lambda: torch.topk(x, k, dim=-1), nbytes)]
+    if triton_mod is not None:
+        method = triton_mod.choose_topk(L, k)
+        v, i = triton_mod.topk_triton(x, k)
+        assert torch.equal(v, torch.topk(x, k, dim=-1).values) and torch.equal(x.gather(1, i), v)
+        results.append((f"triton ({method})", lambda: triton_mod.topk_triton(x, k), nbytes))
+    _time_rows(name, results, dev, args, rows_out)
+
+
 def dtype_name(dt):
     return {torch.float32: "fp32", torch.bfloat16: "bf16"}[dt]
 
@@ -228,10 +246,10 @@ def parse_shapes(specs):
         if op == "gather":
             dist = parts[4] if len(parts) > 4 else "uniform"
             shapes.setdefault(op, []).append((*map(int, parts[:4]), dist))
-        elif op in ("pkm", "bank"):
+        elif op in ("pkm", "bank", "topk"):
             shapes.setdefault(op, []).append(tuple(map(int, parts)))
         else:
-            raise SystemExit(f"unknown op in --shapes: {spec!r} (gather=, pkm=, bank=)")
+            raise SystemExit(f"unknown op in --shapes: {spec!r} (gather=, pkm=, bank=, topk=)")
     return shapes
 
 
@@ -267,7 +285,8 @@ def write_table(path, dev_name, copy_gbs, rows, note, args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", action="append", help="gather=B,K,N,D[,uniform|zipf] | pkm=B,H,n,dk,k | bank=M,N,D")
+    ap.add_argument("--shapes", action="append",
+                    help="gather=B,K,N,D[,uniform|zipf] | pkm=B,H,n,dk,k | bank=M,N,D | topk=R,L,k")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--iters", type=int, default=None)
@@ -288,7 +307,8 @@ def main(argv=None):
         import kernels
 
         mods = {op: kernels._triton_impl(m, torch.zeros(1, device=dev))
-                for op, m in (("gather", "sparse_gather"), ("pkm", "pkm_topk"), ("bank", "bank_update"))}
+                for op, m in (("gather", "sparse_gather"), ("pkm", "pkm_topk"), ("bank", "bank_update"),
+                              ("topk", "pkm_topk"))}
         shapes = {**GPU_SHAPES, **parse_shapes(args.shapes)}
         note = "Triton kernels and torch references on the GPU."
         out = Path(args.out) if args.out else RESULTS / f"kernels_{dev_name.replace(' ', '_')}.md"
@@ -300,7 +320,7 @@ def main(argv=None):
         dev_name = "cpu"
         args.warmup = 2 if args.warmup is None else args.warmup
         args.iters = 7 if args.iters is None else args.iters
-        mods = {"gather": None, "pkm": None, "bank": None}
+        mods = {"gather": None, "pkm": None, "bank": None, "topk": None}
         shapes = {**CPU_SHAPES, **parse_shapes(args.shapes)}
         note = ("**No GPU on this machine: only the torch references are timed, on small "
                 "shapes** (the Triton kernels run on CPU only under the interpreter, which is a "
@@ -310,7 +330,7 @@ def main(argv=None):
     copy_gbs = copy_bandwidth(dev, args.warmup, args.iters)
     print(f"device: {dev_name}; copy bandwidth {copy_gbs:.1f} GB/s")
     rows = []
-    runners = {"gather": run_gather, "pkm": run_pkm, "bank": run_bank}
+    runners = {"gather": run_gather, "pkm": run_pkm, "bank": run_bank, "topk": run_topk}
     for op, runner in runners.items():
         for shape in shapes.get(op, []):
             print(f"{op} {shape}", flush=True)
