@@ -104,7 +104,8 @@ def _gather_fwd_kernel(
 
 
 @triton.autotune(
-    configs=_configs([16, 32, 64], [2, 4, 8]),
+    # BLOCK_K = 64 spills on sm_90 at D = 128 (tests/kernels/test_kernel_compile_sm90.py)
+    configs=_configs([8, 16, 32], [4, 8]),
     key=["K", "D", "COMPUTE_DW", "ATOMIC_DV"],
     reset_to_zero=["DVC"],  # timing runs must not leave their atomic adds behind
 )
