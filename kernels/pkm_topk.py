@@ -301,6 +301,8 @@ def pkm_topk_triton(q1, q2, keys1, keys2, k: int):
     assert 1 <= k <= kk * kk, "k must be in [1, min(k, n)^2]"
     assert n * n < 2**32, "slots must fit in 32 bits"
     KP = triton.next_power_of_2(kk)
+    if q1.dtype == torch.float64:  # the kernels score in fp32
+        return pkm_topk_ref(q1, q2, keys1, keys2, k)
     if KP > FUSED_MAX_KP:
         return _pkm_topk_unfused(q1, q2, keys1, keys2, k)
     q1, q2 = q1.contiguous(), q2.contiguous()
