@@ -95,6 +95,55 @@ def run_river(recording: str, max_events: int | None, batch_size: int = 256) -> 
     }
 
 
+def run_model_row(args, rec: Path, k: int) -> dict:
+    name, sets = ABLATIONS[k]
+    cfg = load_config(args.config, args.overrides + sets)
+    print(f"[quality] {name} ...", file=sys.stderr, flush=True)
+    rep = run_eval(cfg, rec, args.max_events, progress=False)
+    print(f"[quality] {name}: auc {rep['auc.like']:.4f} ({rep['throughput_eps']:.0f} ev/s)", file=sys.stderr)
+    return rep
+
+
+def run_river_row(rec: Path, max_events: int | None) -> dict:
+    print("[quality] river LogisticRegression ...", file=sys.stderr, flush=True)
+    rep = run_river(str(rec), max_events)
+    print(f"[quality] river: auc {rep['auc.like']:.4f}", file=sys.stderr)
+    return rep
+
+
+def run_parallel(args, rec: Path, wanted: list[int], with_river: bool) -> dict[str, dict]:
+    """Each row in its own process (this script with --only k --json), `--jobs` at a time.
+
+    Rows then share the CPU: their events/s are lower than a row run alone.
+    """
+    import subprocess
+    import tempfile
+
+    todo = [str(k) for k in wanted] + (["r"] if with_river else [])
+    out: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        running: list[tuple[str, subprocess.Popen, Path]] = []
+        while todo or running:
+            while todo and len(running) < args.jobs:
+                k = todo.pop(0)
+                js = Path(tmp) / f"{k}.json"
+                cmd = [sys.executable, __file__, "--recording", str(rec), "--config", args.config,
+                       "--only", k, "--json", str(js), "--out", str(Path(tmp) / f"{k}.md")]
+                cmd += (["--max-events", str(args.max_events)] if args.max_events else [])
+                for o in args.overrides:
+                    cmd += ["--set", o]
+                running.append((k, subprocess.Popen(cmd, stdout=subprocess.DEVNULL), js))
+            time.sleep(1.0)
+            for item in list(running):
+                k, proc, js = item
+                if proc.poll() is not None:
+                    running.remove(item)
+                    if proc.returncode != 0:
+                        raise RuntimeError(f"row {k} failed with exit code {proc.returncode}")
+                    out[k] = json.loads(js.read_text())[0]["report"]
+    return out
+
+
 def fmt(x, digits=4) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
@@ -110,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write all reports as JSON here")
     ap.add_argument("--only", default=None, help="comma-separated row numbers to run (0-based; river = r)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="applied to every model row")
+    ap.add_argument("--jobs", type=int, default=1, help="rows run in parallel processes")
     args = ap.parse_args(argv)
 
     rec = Path(args.recording)
@@ -118,20 +168,21 @@ def main(argv: list[str] | None = None) -> int:
 
         build_ml1m_recording(rec)
     only = None if args.only is None else set(args.only.split(","))
-    rows: list[tuple[str, list[str], dict]] = []
-    for k, (name, sets) in enumerate(ABLATIONS):
-        if only is not None and str(k) not in only:
-            continue
-        cfg = load_config(args.config, args.overrides + sets)
-        print(f"[quality] {name} ...", file=sys.stderr, flush=True)
-        rep = run_eval(cfg, rec, args.max_events, progress=False)
-        print(f"[quality] {name}: auc {rep['auc.like']:.4f} ({rep['throughput_eps']:.0f} ev/s)", file=sys.stderr)
-        rows.append((name, sets, rep))
-    if only is None or "r" in only:
-        print("[quality] river LogisticRegression ...", file=sys.stderr, flush=True)
-        rep = run_river(str(rec), args.max_events)
-        print(f"[quality] river: auc {rep['auc.like']:.4f}", file=sys.stderr)
-        rows.append(("River LogisticRegression (peer)", [], rep))
+    wanted = [k for k in range(len(ABLATIONS)) if only is None or str(k) in only]
+    with_river = only is None or "r" in only
+    reports: dict[str, dict] = {}
+    if args.jobs > 1:
+        reports = run_parallel(args, rec, wanted, with_river)
+    else:
+        for k in wanted:
+            reports[str(k)] = run_model_row(args, rec, k)
+        if with_river:
+            reports["r"] = run_river_row(rec, args.max_events)
+    rows: list[tuple[str, list[str], dict]] = [
+        (ABLATIONS[k][0], ABLATIONS[k][1], reports[str(k)]) for k in wanted
+    ]
+    if with_river:
+        rows.append(("River LogisticRegression (peer)", [], reports["r"]))
 
     cmd = "`.venv/bin/python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`"
     lines = [

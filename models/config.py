@@ -42,7 +42,10 @@ class FeatureConfig(_Strict):
     # Counters and histories include the same user's / item's EARLIER events of the
     # current batch (labels of strictly earlier events only): what a per-event learner knows.
     in_batch_features: bool = True
-    counter_prior: float = Field(5.0, ge=0)  # pseudo-counts for the smoothed rates
+    counter_prior: float = Field(5.0, ge=0)
+    # The user's running feedback per word of item_text (genres, title words).
+    use_word_affinity: bool = True
+    affinity_buckets: int = Field(1 << 21, gt=0)  # pseudo-counts for the smoothed rates
     like_task: str = "like"
     rating_task: str = "rating"
     rating_center: float = 3.5

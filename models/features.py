@@ -226,6 +226,51 @@ class OnlineCounters:
         self.total += upd.sum(0)
 
 
+def feedback_signal(like: np.ndarray, rating: np.ndarray, center: float, scale: float) -> np.ndarray:
+    """What an event says about the user's taste: centred rating, else +-1 like, else 0."""
+    sig = np.where(np.isnan(rating), np.nan, (rating - center) / max(scale, 1e-6))
+    return np.where(np.isnan(sig), np.where(np.isnan(like), 0.0, 2.0 * like - 1.0), sig).astype(np.float32)
+
+
+class UserWordAffinity:
+    """The user's running feedback per word of item_text (genres, title words, year).
+
+    A hashed (user, word) table of (feedback sum, count). For a target item the
+    features are the user's smoothed mean feedback over the item's words and the
+    log evidence: "this user rates comedies high" as a number the model gets for
+    free, causal within the batch like the counters.
+    """
+
+    NUM_FEATURES = 2
+
+    def __init__(self, buckets: int, prior: float) -> None:
+        self.prior = prior
+        self.table = np.zeros((buckets, 2), dtype=np.float64)  # feedback sum, count
+
+    def _keys(self, user_idx: np.ndarray, text_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B,), (B, Lt) -> keys (B, Lt), valid (B, Lt): each distinct word of a row once."""
+        words = np.sort(text_idx, axis=1)  # word order does not matter; duplicates adjacent
+        valid = words > 0
+        valid[:, 1:] &= words[:, 1:] != words[:, :-1]
+        keys = (user_idx[:, None] * 1_000_003 + words) % len(self.table)
+        return keys, valid
+
+    def read(self, user_idx: np.ndarray, text_idx: np.ndarray, signal: np.ndarray, in_batch: bool) -> np.ndarray:
+        keys, valid = self._keys(user_idx, text_idx)
+        got = self.table[keys] * valid[..., None]  # (B, Lt, 2)
+        if in_batch:
+            flat_keys = keys[valid]  # event-major: a key's earlier entries are earlier events
+            inc = np.stack([np.repeat(signal, valid.sum(1)), np.ones(len(flat_keys))], axis=1)
+            got[valid] += exclusive_group_cumsum(flat_keys, inc)
+        ssum, cnt = got[..., 0].sum(1), got[..., 1].sum(1)  # (B,)
+        return np.stack([ssum / (cnt + self.prior), np.log1p(cnt)], axis=1).astype(np.float32)
+
+    def update(self, user_idx: np.ndarray, text_idx: np.ndarray, signal: np.ndarray) -> None:
+        keys, valid = self._keys(user_idx, text_idx)
+        inc = np.stack([np.broadcast_to(signal[:, None], keys.shape)[valid], np.ones(int(valid.sum()))], axis=1)
+        np.add.at(self.table, keys[valid], inc)
+
+
 @dataclass
 class FeatureArrays:
     """One batch as fixed-layout arrays (B = batch size)."""
@@ -236,7 +281,10 @@ class FeatureArrays:
     num: np.ndarray  # (B, 2*N) float32: signed log value and a missing flag per slot
     scenario_idx: np.ndarray  # (B,) int64 into the categorical table
     text_idx: np.ndarray  # (B, Lt) int64, 0 = padding
-    counters: np.ndarray  # (B, 8) float32
+    counters: np.ndarray  # (B, NUM_COUNTER_FEATURES) float32: counters + user-word affinity
+
+
+NUM_COUNTER_FEATURES = OnlineCounters.NUM_FEATURES + UserWordAffinity.NUM_FEATURES
 
 
 class FeatureBuilder:
@@ -256,6 +304,7 @@ class FeatureBuilder:
             raise FeatureLayoutError("more named user features than max_user_cat / max_user_num")
         self.dropped_features: set[str] = set()
         self.counters = OnlineCounters(cfg.user_buckets, cfg.item_buckets, cfg.counter_prior, cfg.rating_center)
+        self.affinity = UserWordAffinity(cfg.affinity_buckets if cfg.use_word_affinity else 1, cfg.counter_prior)
 
     def _slot(self, slots: dict[str, int], name: str, cap: int, fixed: bool) -> int | None:
         s = slots.get(name)
@@ -287,22 +336,31 @@ class FeatureBuilder:
                 num[:, 2 * s + 1] = np.isnan(v)
         scenario_idx = self.cats.many(np.array([f"scenario={s}" for s in batch.scenario], dtype=object))
         text_idx = self.text.many(batch.item_text)
+        nan = np.full(b, np.nan)
+        like = batch.labels.get(cfg.like_task, nan)
+        rating = batch.labels.get(cfg.rating_task, nan)
+        counters = np.zeros((b, NUM_COUNTER_FEATURES), dtype=np.float32)
         if cfg.use_counters:
-            nan = np.full(b, np.nan)
-            like = batch.labels.get(cfg.like_task, nan)
-            rating = batch.labels.get(cfg.rating_task, nan)
-            counters = self.counters.read(user_idx, item_idx, like, rating, cfg.in_batch_features)
-        else:
-            counters = np.zeros((b, OnlineCounters.NUM_FEATURES), dtype=np.float32)
+            counters[:, : OnlineCounters.NUM_FEATURES] = self.counters.read(
+                user_idx, item_idx, like, rating, cfg.in_batch_features)
+        if cfg.use_word_affinity:
+            signal = feedback_signal(like, rating, cfg.rating_center, cfg.rating_scale)
+            counters[:, OnlineCounters.NUM_FEATURES:] = self.affinity.read(
+                user_idx, text_idx, signal, cfg.in_batch_features)
         return FeatureArrays(user_idx, item_idx, cat_idx, num, scenario_idx, text_idx, counters)
 
     def learn(self, feats: FeatureArrays, like: np.ndarray, rating: np.ndarray) -> None:
         """Add the batch's labels to the counters (after it was scored)."""
+        cfg = self.cfg
         self.counters.update(feats.user_idx, feats.item_idx, like, rating)
+        if cfg.use_word_affinity:
+            signal = feedback_signal(like, rating, cfg.rating_center, cfg.rating_scale)
+            self.affinity.update(feats.user_idx, feats.text_idx, signal)
 
     def export_state(self) -> tuple[dict[str, np.ndarray], dict]:
         c = self.counters
-        arrays = {"counters.user": c.user, "counters.item": c.item, "counters.total": c.total}
+        arrays = {"counters.user": c.user, "counters.item": c.item, "counters.total": c.total,
+                  "affinity": self.affinity.table}
         meta = {"cat_slots": self.cat_slots, "num_slots": self.num_slots, "dropped": sorted(self.dropped_features)}
         return arrays, meta
 
@@ -310,6 +368,7 @@ class FeatureBuilder:
         self.counters.user = arrays["counters.user"].copy()
         self.counters.item = arrays["counters.item"].copy()
         self.counters.total = arrays["counters.total"].copy()
+        self.affinity.table = arrays["affinity"].copy()
         self.cat_slots = dict(meta["cat_slots"])
         self.num_slots = dict(meta["num_slots"])
         self.dropped_features = set(meta["dropped"])

@@ -36,7 +36,7 @@ from memory_bank.base import MemoryDelta
 from memory_bank.history import UserHistoryStore
 from memory_bank.sparse_optim import SparseRowAdam
 from models.config import ModelConfig, TrainerConfig
-from models.features import BatchLike, FeatureBuilder, causal_batch_history
+from models.features import BatchLike, FeatureBuilder, causal_batch_history, feedback_signal
 from models.metrics import StreamingMetrics
 from models.ranker import CandidateInputs, Ranker, UserInputs
 
@@ -96,6 +96,7 @@ class OnlineTrainer:
         self.events_applied = 0
         self.max_offset: dict[int, int] = {}  # kafka partition -> max offset trained on
         self._dense_names = self._dense_state_names()
+        self._touched = {n: np.zeros(p.shape[0], dtype=bool) for n, p in self._id_tables().items()}
 
     # ---- setup helpers ---------------------------------------------------------------------
 
@@ -124,13 +125,6 @@ class OnlineTrainer:
         v = batch.labels.get(name)
         return np.full(len(batch), np.nan) if v is None else np.asarray(v, dtype=np.float64)
 
-    def _signal(self, like: np.ndarray, rating: np.ndarray) -> np.ndarray:
-        """The feedback stored in the history: centred rating, else +-1 like, else 0."""
-        fc = self.cfg.features
-        sig = np.where(np.isnan(rating), np.nan, (rating - fc.rating_center) / max(fc.rating_scale, 1e-6))
-        sig = np.where(np.isnan(sig), np.where(np.isnan(like), 0.0, 2.0 * like - 1.0), sig)
-        return sig.astype(np.float32)
-
     def _target_rows(self, item_ids: np.ndarray) -> torch.Tensor:
         """The bank rows of the targets (B, Db), the learned missing vector where absent.
 
@@ -156,7 +150,7 @@ class OnlineTrainer:
         # 1. Inputs as of before this batch.
         feats = self.features.build(batch)
         hist = self.history.get(batch.user_id)
-        signal = self._signal(like, rating)  # (B,) feedback each event adds to its user's history
+        signal = feedback_signal(like, rating, fc.rating_center, fc.rating_scale)  # (B,) feedback each event adds to its user's history
         hist_items, hist_signal, hist_mask_np = hist.item_ids, hist.signal, hist.mask
         if fc.in_batch_features:  # + the same user's earlier events of this batch
             hist_items, hist_signal, hist_mask_np = causal_batch_history(
@@ -217,6 +211,7 @@ class OnlineTrainer:
         )
         self.opt_dense.step()
         self.opt_sparse.step()
+        self._collect_touched()
 
         # 5. Memories and counters take this batch.
         self.steps += 1
@@ -241,26 +236,43 @@ class OnlineTrainer:
 
     # ---- serving / snapshots -----------------------------------------------------------------
 
+    def _id_tables(self) -> dict[str, torch.nn.Parameter]:
+        m = self.model
+        return {"user_emb": m.user_emb.weight, "item_emb": m.item_emb.weight, "cat_emb": m.cat_emb.weight,
+                "text_emb": m.text_emb.weight, "user_bias": m.user_bias.weight, "item_bias": m.item_bias.weight}
+
+    def _collect_touched(self) -> None:
+        """Move the optimizer's per-step row lists into one bool mask per id table.
+
+        The optimizer keeps a tensor of rows per step until someone takes them; over a
+        long stream without snapshots that list grows without bound, a mask does not.
+        Memory values (LMN/PKM) track their own rows (gradient hooks); the encoder's
+        word table ships whole with the dense state.
+        """
+        for name, p in self._id_tables().items():
+            rows = self.opt_sparse.take_touched(p)
+            if len(rows):
+                self._touched[name][rows] = True
+        for group in self.opt_sparse.param_groups[1:]:
+            for p in group["params"]:
+                self.opt_sparse.take_touched(p)
+
     def take_deltas(self) -> dict[str, MemoryDelta]:
         """Rows changed since the previous call, per memory (clears the tracking).
 
         "embeddings": the model's id tables (rows updated by the sparse optimizer);
         "bank", "lmn", "pkm", "history": each memory's own delta.
         """
-        m = self.model
-        tables = {"user_emb": m.user_emb.weight, "item_emb": m.item_emb.weight, "cat_emb": m.cat_emb.weight,
-                  "text_emb": m.text_emb.weight, "user_bias": m.user_bias.weight, "item_bias": m.item_bias.weight}
         emb = MemoryDelta()
-        for name, p in tables.items():
-            rows = self.opt_sparse.take_touched(p)
+        for name, p in self._id_tables().items():
+            rows = np.flatnonzero(self._touched[name])
+            self._touched[name][:] = False
             emb.tables[name] = (rows, p.detach()[torch.from_numpy(rows).to(p.device)].cpu())
         out = {"embeddings": emb, "history": self.history.take_delta()}
         if self.bank is not None:
             out["bank"] = self.bank.take_delta()
-        for name, mem in (("lmn", m.lmn), ("pkm", m.pkm)):
+        for name, mem in (("lmn", self.model.lmn), ("pkm", self.model.pkm)):
             if mem is not None:
-                for p in mem.sparse_parameters():  # rows the optimizer changed are the memory's delta
-                    self.opt_sparse.take_touched(p)
                 out[name] = mem.take_delta()
         return out
 
@@ -319,6 +331,7 @@ class OnlineTrainer:
             ts, cm = comp.export_state()
             put(f"{name}.", ts)
             meta[name] = cm
+        put("touched.", {k: v.view(np.uint8) for k, v in self._touched.items()})
         tensors["torch_rng"] = torch.get_rng_state()
         meta.update(
             model_config=self.cfg.model_dump(mode="json"),
@@ -362,6 +375,7 @@ class OnlineTrainer:
             if name in numpy_comps:
                 ts = {k: v.numpy() for k, v in ts.items()}
             comp.import_state(ts, meta[name])
+        self._touched = {k: v.numpy().astype(bool) for k, v in take("touched.").items()}
         torch.set_rng_state(tensors["torch_rng"])
         self.rng.bit_generator.state = meta["rng"]
         self.steps = meta["steps"]

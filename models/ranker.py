@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.config import ModelConfig
-from models.features import OnlineCounters
+from models.features import NUM_COUNTER_FEATURES
 from models.rankmixer import RankMixerBlock, RMSNorm
 from models.sequence import NUM_COS_FEATURES, HistoryCrossAttention, cosine_features, normalize_history
 
@@ -50,7 +50,7 @@ class UserInputs:
 class CandidateInputs:
     item_idx: torch.Tensor  # (B,) int64
     text_idx: torch.Tensor  # (B, Lt) int64, 0 = padding
-    counters: torch.Tensor  # (B, 8) float32
+    counters: torch.Tensor  # (B, NUM_COUNTER_FEATURES) float32
     target_vec: torch.Tensor | None  # (B, Db): fresh encoder output (grad) or bank row
 
 
@@ -126,17 +126,17 @@ class Ranker(nn.Module):
             self.register_buffer("lmn_target_proj", torch.randn(2 * E, lmn_dv, generator=g) / math.sqrt(2 * E))
         self.tok_user = nn.Linear(E + lmn_dv, D)
         self.tok_user_ctx = nn.Linear(E * (C + 1) + 2 * N, D)
-        hist_item_dim = E + Db + 3  # id emb, bank vector, signal features
-        self.history = HistoryCrossAttention(hist_item_dim, D, cfg.attn_dim, cfg.attn_heads)
+        # History items: id embedding (learned) + bank vector and feedback features (given).
+        self.history = HistoryCrossAttention(E, Db + 3, D, cfg.attn_dim, cfg.attn_heads)
 
         # 3. Candidate side.
-        self.tok_item = nn.Linear(E + OnlineCounters.NUM_FEATURES, D)
+        self.tok_item = nn.Linear(E + NUM_COUNTER_FEATURES, D)
         self.tok_content = nn.Linear(E + Db, D)
         n_cos = NUM_COS_FEATURES * (2 if Db else 1)
         self.tok_hist_stats = nn.Linear(n_cos, D)
         self.task_token = nn.Parameter(torch.randn(D) * 0.02)
         self.tok_task = nn.Linear(E, D)
-        self.query_proj = nn.Linear(E * 3 + Db + OnlineCounters.NUM_FEATURES, Q * D)
+        self.query_proj = nn.Linear(E * 3 + Db + NUM_COUNTER_FEATURES, Q * D)
         self.blocks = nn.ModuleList(RankMixerBlock(T, D, cfg.ffn_mult) for _ in range(cfg.num_layers))
         self.pkm = self.pkm_gate = None
         if cfg.use_pkm:
@@ -149,7 +149,7 @@ class Ranker(nn.Module):
         # Wide part: the online counters straight to the logits. A handful of weights
         # learn in a few batches, which carries the cold start of the stream while the
         # deep part's embeddings are still noise.
-        self.wide = nn.Linear(OnlineCounters.NUM_FEATURES, 2)
+        self.wide = nn.Linear(NUM_COUNTER_FEATURES, 2)
         self.dot_scale = nn.Parameter(torch.ones(2))  # (like, rating) weights of <user, item>
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
@@ -194,8 +194,8 @@ class Ranker(nn.Module):
             user_tok = self.tok_user(user)
         ctx_tok = self.tok_user_ctx(torch.cat([cats, scen, u.num], dim=1))
         sig_feats = torch.stack([sig, sig.abs(), m], dim=-1)  # (B, L, 3)
-        parts = [hist_emb, sig_feats] if u.hist_bank is None else [hist_emb, u.hist_bank, sig_feats]
-        k, v, kv_mask = self.history.history_kv(torch.cat(parts, dim=-1), u.hist_mask)
+        given = sig_feats if u.hist_bank is None else torch.cat([u.hist_bank, sig_feats], dim=-1)
+        k, v, kv_mask = self.history.history_kv(hist_emb, given, u.hist_mask)
         return UserState(
             tokens=torch.stack([user_tok, ctx_tok], dim=1),
             query_ctx=user,

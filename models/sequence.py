@@ -23,7 +23,7 @@ NUM_COS_FEATURES = 7
 
 
 class HistoryCrossAttention(nn.Module):
-    """Q query tokens (B, Q, D) attend the history (B, L, item_dim) with a learned null slot.
+    """Q query tokens (B, Q, D) attend the history (B, L, items) with a learned null slot.
 
     Attention runs at width A (attn_dim) < D: the (B*L, item_dim) -> 2A key/value
     projection is the largest matmul of the model (B*L = 12,800 rows at B=256,
@@ -31,20 +31,28 @@ class HistoryCrossAttention(nn.Module):
     makes an empty history well-defined and lets a query attend "nothing relevant".
     """
 
-    def __init__(self, item_dim: int, d_model: int, attn_dim: int, num_heads: int) -> None:
+    def __init__(self, learned_dim: int, given_dim: int, d_model: int, attn_dim: int, num_heads: int) -> None:
         super().__init__()
         self.h = num_heads
         self.a = attn_dim
         self.dh = attn_dim // num_heads
         self.q = nn.Linear(d_model, attn_dim)
-        self.kv = nn.Linear(item_dim, 2 * attn_dim)
+        # Two projections summed: the learned part (id embeddings) needs an input
+        # gradient, the given part (bank vectors: stop-gradient, feedback) does not,
+        # and a single Linear over their concatenation would compute one for all of it.
+        self.kv_learned = nn.Linear(learned_dim, 2 * attn_dim)
+        self.kv_given = nn.Linear(given_dim, 2 * attn_dim, bias=False)
         self.null_kv = nn.Parameter(torch.zeros(1, 1, 2 * attn_dim))
         self.out = nn.Linear(attn_dim, d_model)
 
-    def history_kv(self, items: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """items (B, L, item_dim), mask (B, L) -> k, v (B, H, L+1, dh), mask (B, L+1). User side only."""
-        b = items.shape[0]
-        kv = torch.cat([self.null_kv.expand(b, 1, -1), self.kv(items)], dim=1)  # (B, L+1, 2A)
+    def history_kv(
+        self, learned: torch.Tensor, given: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """learned (B, L, El) with grad, given (B, L, Eg) without, mask (B, L)
+        -> k, v (B, H, L+1, dh), mask (B, L+1). User side only."""
+        b = learned.shape[0]
+        items = self.kv_learned(learned) + self.kv_given(given.detach())  # (B, L, 2A)
+        kv = torch.cat([self.null_kv.expand(b, 1, -1), items], dim=1)  # (B, L+1, 2A)
         k, v = kv.chunk(2, dim=-1)  # (B, L+1, A) each
         k = k.reshape(b, -1, self.h, self.dh).transpose(1, 2)  # (B, H, L+1, dh)
         v = v.reshape(b, -1, self.h, self.dh).transpose(1, 2)

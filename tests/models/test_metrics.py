@@ -117,3 +117,20 @@ def test_causal_batch_history_matches_per_event_appends():
             np.testing.assert_array_equal(sg[j][mk[j]], r.signal[0][r.mask[0]])
             ref.append(users[j:j + 1], items[j:j + 1], np.zeros(1, np.int64), sig[j:j + 1])
         store.append(users, items, np.zeros(12, np.int64), sig)
+
+
+def test_user_word_affinity_in_batch_equals_per_event_updates():
+    from models.features import UserWordAffinity
+
+    rng = np.random.default_rng(6)
+    batched, ref = UserWordAffinity(4096, prior=2.0), UserWordAffinity(4096, prior=2.0)
+    for _ in range(4):
+        users = rng.integers(0, 3, size=10)
+        text = rng.integers(0, 6, size=(10, 5))  # 0 = padding, repeated words in a row
+        sig = rng.normal(size=10).astype(np.float32)
+        got = batched.read(users, text, sig, in_batch=True)
+        for j in range(10):
+            np.testing.assert_allclose(got[j], ref.read(users[j:j + 1], text[j:j + 1], sig[j:j + 1], False)[0],
+                                       rtol=1e-6)
+            ref.update(users[j:j + 1], text[j:j + 1], sig[j:j + 1])
+        batched.update(users, text, sig)

@@ -106,9 +106,11 @@ def test_deltas_and_dense_state(ml1m_20k):
 def test_learns_ml1m_prefix(ml1m_20k):
     """A 20k-event ML-1M prefix clearly learns (River LR reaches ~0.69-0.72 on it), under a minute."""
     cfg = load_config(None, [])
-    t0 = time.perf_counter()
+    # CPU time of this process, not wall time: the budget must not depend on how
+    # busy the machine's other tenants are.
+    t0 = time.process_time()
     rep = run_eval(cfg, ml1m_20k, progress=False)
-    took = time.perf_counter() - t0
+    took = time.process_time() - t0
     assert rep["events"] == 20_000 and rep["rejects"] == 0
     assert rep["auc.like"] > 0.68, rep["auc.like"]
     assert took < 60, took

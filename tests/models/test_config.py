@@ -1,0 +1,39 @@
+"""Config loading: YAML + dotted overrides, validated; errors name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stream.config import ConfigError, MemstreamConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_default_yaml_equals_built_in_defaults():
+    assert load_config(ROOT / "configs" / "default.yaml") == MemstreamConfig()
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    cfg = load_config(ROOT / "configs" / "default.yaml",
+                      ["model.use_pkm=false", "trainer.batch_size=128", "model.pkm.k=8", "trainer.device=cuda"])
+    assert cfg.model.use_pkm is False and cfg.trainer.batch_size == 128
+    assert cfg.model.pkm.k == 8 and cfg.trainer.device == "cuda"
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [("model.pkm.kk=3", "model.pkm.kk"), ("trainer.batch_size=abc", "trainer.batch_size"),
+     ("model.sample_rate=1.5", "model.sample_rate"), ("kafka.x=1", "kafka")],
+)
+def test_errors_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_shape_rules_are_checked():
+    with pytest.raises(ConfigError, match="num_tokens"):
+        load_config(None, ["model.num_queries=3"])
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(None, ["model.use_pkm"])
