@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,13 @@ class IngestActor:
 
         self.reader = PartitionReader(KafkaConfig.model_validate(kafka_cfg), bootstrap, partitions)
 
-    def seek(self, offsets: dict[int, int]) -> None:
-        self.reader.seek(offsets)
+    def seek(self, offsets: dict[int, int], epoch: str) -> str:
+        epoch = self.reader.seek(offsets, epoch)
         self.reader.start()
+        return epoch
 
-    def next_batch(self, max_events: int, timeout_s: float) -> dict[str, Any] | None:
-        return self.reader.next_batch(max_events, timeout_s)
+    def next_batch(self, max_events: int, timeout_s: float, epoch: str) -> dict[str, Any] | None:
+        return self.reader.next_batch(max_events, timeout_s, epoch)
 
     def commit(self, offsets: dict[int, int]) -> None:
         self.reader.commit(offsets)
@@ -124,10 +126,9 @@ class TrainerActor:
         """Train until stopped or `max_events` messages (trained + rejected) are applied."""
         self._stop.clear()
         svc, cfg = self.svc, self.cfg
-        for r in readers:
-            self._seek(r)
+        epochs = [self._seek(r) for r in readers]
         pull = max(cfg.trainer.batch_size * 4, cfg.kafka.max_poll_records)
-        inflight = {r.next_batch.remote(pull, 0.5): i for i, r in enumerate(readers)}
+        inflight = {r.next_batch.remote(pull, 0.5, epochs[i]): i for i, r in enumerate(readers)}
         last_ckpt = last_snap = time.monotonic()
         published_at = self._applied()
         publish_ref = None
@@ -141,11 +142,11 @@ class TrainerActor:
                     unit = ray.get(ref)
                 except RayActorError:
                     log.warning("ingest actor %d died; seeking its restart to our offsets", i)
-                    self._seek(readers[i])
+                    epochs[i] = self._seek(readers[i])
                     unit = None
                 if unit is not None:
                     svc.apply_unit(unit)
-                inflight[readers[i].next_batch.remote(pull, 0.5)] = i
+                inflight[readers[i].next_batch.remote(pull, 0.5, epochs[i])] = i
             now = time.monotonic()
             publish_done = publish_ref is None or ray.wait([publish_ref], timeout=0)[0]
             if (
@@ -169,12 +170,14 @@ class TrainerActor:
     def _applied(self) -> int:
         return self.svc.trainer.events_applied + sum(self.svc.rejects_applied.values())
 
-    def _seek(self, reader, timeout_s: float = 120.0) -> None:
+    def _seek(self, reader, timeout_s: float = 120.0) -> str:
+        """Seek a reader to our offsets under a fresh epoch token (retries reuse it)."""
+        epoch = uuid.uuid4().hex
+        offsets = dict(self.svc.next_offsets)
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                ray.get(reader.seek.remote(dict(self.svc.next_offsets)), timeout=30)
-                return
+                return ray.get(reader.seek.remote(offsets, epoch), timeout=30)
             except (RayActorError, GetTimeoutError):
                 if time.monotonic() > deadline:
                     raise

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -99,7 +100,9 @@ class PartitionReader:
         self._cv = threading.Condition()  # guards the buffer and counters
         self._buffer: deque[_Unit] = deque()
         self._buffered = 0
-        self._generation = 0
+        self._generation = 0  # bumped by every seek: polls started before it are dropped
+        self._epoch = ""  # the token of the last seek (see seek / next_batch)
+        self._verify: dict[int, tuple[int, int]] = {}  # partition -> (sought offset, probe)
         self._dlq_next: dict[int, int] = {}  # per partition: first offset not yet dead-lettered
         self._stop = False
         self.counters = {"consumed": 0, "accepted": 0, "rejected": 0}
@@ -107,22 +110,30 @@ class PartitionReader:
         self._thread: threading.Thread | None = None
 
     # -- control (called by the trainer / driver) -----------------------------
-    def seek(self, offsets: dict[int, int] | None) -> None:
+    def seek(self, offsets: dict[int, int] | None, epoch: str | None = None) -> str:
         """Drop buffered batches and continue from `offsets` (partition -> next offset).
 
         Partitions missing from `offsets` start from the beginning of the log.
+        `epoch` (chosen by the caller, a fresh one per seek; returned) is the only
+        token `next_batch` serves afterwards, so a request still in flight from
+        before the seek (e.g. from a trainer that died) cannot take units the new
+        position has moved past, and a retried seek with the same token is harmless.
         """
         with self._lock, self._cv:
             self._generation += 1
             self._buffer.clear()
             self._buffered = 0
+            self._verify.clear()
             for tp in self._tps:
                 off = (offsets or {}).get(tp.partition)
                 if off is None:
                     self._consumer.seek_to_beginning(tp)
                 else:
                     self._consumer.seek(tp, int(off))
+                    self._verify[tp.partition] = (int(off), int(off))
+            self._epoch = epoch if epoch is not None else uuid.uuid4().hex
             self._cv.notify_all()
+            return self._epoch
 
     def start(self) -> None:
         if self._thread is None:
@@ -160,7 +171,7 @@ class PartitionReader:
         return {tp.partition: int(o) for tp, o in ends.items()}
 
     # -- data ------------------------------------------------------------------
-    def next_batch(self, max_events: int, timeout_s: float) -> dict[str, Any] | None:
+    def next_batch(self, max_events: int, timeout_s: float, epoch: str | None = None) -> dict[str, Any] | None:
         """Whole poll units (never split) totalling about `max_events`, or None after `timeout_s`.
 
         Returns {"events": Arrow table of valid events, "rejects": [(partition, offset,
@@ -171,12 +182,13 @@ class PartitionReader:
         """
         deadline = time.monotonic() + timeout_s
         with self._cv:
-            while not self._buffer and not self._stop:
+            stale = lambda: epoch is not None and epoch != self._epoch  # noqa: E731
+            while not self._buffer and not self._stop and not stale():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
                 self._cv.wait(left)
-            if not self._buffer:
+            if not self._buffer or stale():
                 return None
             units: list[_Unit] = []
             n = 0
@@ -212,12 +224,15 @@ class PartitionReader:
                     self._cv.wait(1.0)  # backpressure: the trainer is behind
                 if self._stop:
                     return
-                generation = self._generation
             try:
                 with self._lock:
+                    # Read under the consumer lock: a seek holds it while it moves the
+                    # position and bumps the generation, so this poll and this number agree.
+                    generation = self._generation
                     polled = self._consumer.poll(
                         timeout_ms=self.cfg.poll_timeout_ms, max_records=self.cfg.max_poll_records
                     )
+                    polled = self._check_seek_landing(polled)
             except Exception as e:  # broker outage: kafka-python retries; keep going
                 log.warning("poll failed (%s: %s); retrying", type(e).__name__, e)
                 time.sleep(0.5)
@@ -225,6 +240,41 @@ class PartitionReader:
             if not polled:
                 continue
             self._ingest(polled, generation)
+
+    def _check_seek_landing(self, polled: dict) -> dict:
+        """After a seek to offset X, the first records must start at or before X.
+
+        Kafka returns the record batch that contains X (the client skips the head).
+        A broker that answers with a later batch would make us skip X.. silently
+        (Tansu 0.6 does this for an offset in the middle of a batch), and exactly-once
+        would be lost. So until a partition lands, records starting after X are
+        dropped and the consumer re-seeks earlier (doubling the step back); records
+        before X are dropped once it lands. Landing at offset 0 accepts a real gap
+        (compaction, transaction markers). Called with the consumer lock held.
+        """
+        if not self._verify:
+            return polled
+        out = {}
+        for tp, records in polled.items():
+            check = self._verify.get(tp.partition)
+            if check is None or not records:
+                out[tp] = records
+                continue
+            target, probe = check
+            first = records[0].offset
+            if first <= target or probe == 0:
+                del self._verify[tp.partition]
+                kept = [r for r in records if r.offset >= target]
+                if kept:
+                    out[tp] = kept
+                continue
+            step = max(512, 2 * (target - probe))
+            probe = max(0, target - step)
+            log.warning("partition %s: asked for offset %d, broker answered from %d; re-seeking to %d",
+                        tp.partition, target, first, probe)
+            self._verify[tp.partition] = (target, probe)
+            self._consumer.seek(tp, probe)
+        return out
 
     def _ingest(self, polled: dict, generation: int) -> None:
         values, parts, offsets, ts, keys = [], [], [], [], []

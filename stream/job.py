@@ -58,6 +58,14 @@ def assign_partitions(partitions: int, actors: int) -> list[list[int]]:
     return [list(range(i, partitions, actors)) for i in range(actors)]
 
 
+def _publisher_name(work_dir: Path) -> str:
+    """One publisher per work dir (its snapshot lineage), also across driver restarts."""
+    import hashlib
+
+    digest = hashlib.sha1(str(work_dir.resolve()).encode()).hexdigest()[:10]
+    return f"memstream-publisher-{work_dir.resolve().name}-{digest}"
+
+
 def resolve_device(cfg: MemstreamConfig, cluster_gpus: float) -> tuple[str, float]:
     """(torch device for the trainer, GPUs to request for its actor)."""
     dev = cfg.trainer.device
@@ -266,12 +274,14 @@ class StreamingJob:
 
         store_uri = cfg.snapshots.uri or str((self.work_dir / "snapshots").resolve())
         topo = Topology(bootstrap, cfg.kafka.topic, partitions, self.work_dir, store_uri,
-                        publisher_name=f"memstream-publisher-{self.work_dir.resolve().name}",
+                        publisher_name=_publisher_name(self.work_dir),
                         namespace=cfg.job.namespace)
 
         from stream.actors import IngestActor, PublisherActor, TrainerActor
 
-        topo.publisher = PublisherActor.options(name=topo.publisher_name, get_if_exists=True).remote(
+        topo.publisher = PublisherActor.options(
+            name=topo.publisher_name, namespace=topo.namespace, get_if_exists=True
+        ).remote(
             store_uri, cfg.snapshots.keep_versions
         )
         topo.trainer = TrainerActor.options(num_gpus=num_gpus, num_cpus=1).remote(
@@ -290,7 +300,7 @@ class StreamingJob:
     def _start_serving(self, topo: Topology) -> str:
         from ray import serve
 
-        from stream.serving import build_serving_app
+        from stream.serve_app import build_serving_app
 
         sc = self.cfg.serving
         serve.start(http_options={"host": sc.http_host, "port": sc.http_port})
@@ -310,14 +320,16 @@ class StreamingJob:
 
     # ---- running -----------------------------------------------------------------------------
     def request_stop(self, *_: Any) -> None:
-        if self._stop.is_set():
+        if self._stop.is_set() and threading.current_thread() is threading.main_thread():
             raise KeyboardInterrupt  # second Ctrl-C: stop waiting
         self._stop.set()
 
     def run(self) -> dict[str, Any]:
         import ray
 
-        prev = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        prev = {}
+        if threading.current_thread() is threading.main_thread():  # tests run jobs in threads
+            prev = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         t_start = time.time()
         topo = None
         try:

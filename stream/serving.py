@@ -7,9 +7,7 @@ two copies (live and standby) so a delta is applied to the standby while the
 live copy keeps answering; a version that fails to verify or load is refused,
 counted, and the live version keeps serving.
 
-`RankingDeployment` is the Ray Serve deployment around it: `POST /rank`, a
-background watcher, `reconfigure(user_config)` to pin or follow, and reports of
-activations/refusals to the snapshot publisher (freshness, /v1/serving).
+The Ray Serve deployment around it lives in stream/serve_app.py.
 """
 
 from __future__ import annotations
@@ -151,87 +149,3 @@ class ServingReporter:
 
 def replica_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-
-
-# -- the Ray Serve deployment ----------------------------------------------------------------
-
-
-def build_serving_app(
-    store_uri: str,
-    cfg: ServingConfig,
-    publisher_name: str | None,
-    namespace: str | None,
-):
-    """The Serve application: `serve.run(app, name=..., route_prefix=cfg.route_prefix)`."""
-    from fastapi import FastAPI, HTTPException
-    from ray import serve
-
-    from stream.servable import RankRequest, ServedModel
-
-    api = FastAPI(title="memstream serving", version="1")
-
-    @serve.deployment(
-        num_replicas=cfg.replicas,
-        ray_actor_options={"num_cpus": cfg.num_cpus},
-        user_config={"pin_version": None},
-        health_check_period_s=5,
-    )
-    @serve.ingress(api)
-    class RankingDeployment:
-        def __init__(self) -> None:
-            self.replica_id = replica_identity()
-            self.follower = SnapshotFollower(SnapshotStore(store_uri), build=ServedModel)
-            self.reporter = ServingReporter(publisher_name, namespace)
-            self._wake = threading.Event()
-            self._closed = False
-            self._reported_refusals = 0
-            self._watcher = threading.Thread(target=self._watch, name="snapshot-watch", daemon=True)
-            self._watcher.start()
-
-        def reconfigure(self, user_config: dict[str, Any]) -> None:
-            """Pin a version (rollback) or follow the store again (pin_version: null)."""
-            pin = user_config.get("pin_version")
-            self.follower.pinned = int(pin) if pin is not None else None
-            self._wake.set()
-
-        def _watch(self) -> None:
-            while not self._closed:
-                self._wake.wait(cfg.watch_interval_s)
-                self._wake.clear()
-                try:
-                    moved = self.follower.poll()
-                except Exception as e:  # the store unreachable: keep serving, try again
-                    log.warning("snapshot watch failed: %s", e)
-                    continue
-                if moved:
-                    self.reporter.report(self.replica_id, {
-                        "type": "activated", "version": self.follower.version, "at": time.time(),
-                    })
-                while self._reported_refusals < len(self.follower.refusals):
-                    r = self.follower.refusals[self._reported_refusals]
-                    self._reported_refusals += 1
-                    self.reporter.report(self.replica_id, {"type": "refused", **r})
-
-        @api.post("/rank")
-        def rank(self, req: RankRequest) -> dict[str, Any]:
-            live = self.follower.live  # one read: this request uses one version throughout
-            if live is None:
-                raise HTTPException(503, "no model version loaded yet; retry shortly")
-            if len(req.candidates) > cfg.max_candidates:
-                raise HTTPException(422, f"at most {cfg.max_candidates} candidates per request")
-            return live.rank(req)
-
-        @api.get("/version")
-        def version(self) -> dict[str, Any]:
-            return {
-                "replica": self.replica_id,
-                "version": self.follower.version,
-                "pinned": self.follower.pinned,
-                "refusals": self.follower.refusals[-10:],
-            }
-
-        def __del__(self) -> None:
-            self._closed = True
-            self._wake.set()
-
-    return RankingDeployment.bind()
