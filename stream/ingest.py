@@ -18,6 +18,8 @@ KafkaConsumer is not thread-safe.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import threading
 import time
 import uuid
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from stream.events import EventBatch, EventLimits, decode_batch
 
@@ -58,6 +60,23 @@ class KafkaConfig(BaseModel):
 
     def dlq(self) -> str:
         return self.dlq_topic or f"{self.topic}.dlq"
+
+    @field_validator("client_options")
+    @classmethod
+    def _expand_env(cls, opts: dict[str, Any]) -> dict[str, Any]:
+        """`${NAME}` in a string value is read from the environment (secrets stay out of YAML)."""
+        out = {}
+        for key, value in opts.items():
+            if isinstance(value, str):
+                for name in _ENV_REF.findall(value):
+                    if name not in os.environ:
+                        raise ValueError(f"client_options.{key} refers to ${{{name}}}, which is not set")
+                    value = value.replace(f"${{{name}}}", os.environ[name])
+            out[key] = value
+        return out
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class IngestError(Exception):

@@ -480,7 +480,7 @@ class StreamingJob:
             "pkm": stats.get("pkm"),
             "lmn": stats.get("lmn"),
             "duration_s": time.time() - t_start,
-            "config": self.cfg.model_dump(mode="json"),
+            "config": _redacted(self.cfg.model_dump(mode="json")),
         }
 
     def _wait_serving(self, topo: Topology, version: int | None, timeout_s: float = 20.0):
@@ -612,6 +612,14 @@ class _LiveDisplay:
         for k, v in rows:
             tab.add_row(k, v)
         self._live.update(tab)
+
+
+def _redacted(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config for reports: Kafka client options (credentials) and the admin token masked."""
+    cfg["kafka"]["client_options"] = {k: "***" for k in cfg["kafka"]["client_options"]}
+    if cfg["admin"].get("token"):
+        cfg["admin"]["token"] = "***"
+    return cfg
 
 
 def _fmt(x: Any, nd: int = 4) -> str:

@@ -71,3 +71,39 @@ def test_user_side_reuse_matches_per_candidate(tmp_path, batches):
         b = served.rank(req, reuse_user_side=False)["scores"]["like"]
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
         assert all(0.0 < s < 1.0 for s in a)
+
+
+def test_follower_refuses_corrupt_version_and_keeps_serving(tmp_path, batches):
+    from stream.serving import SnapshotFollower
+
+    trainer = OnlineTrainer(_small_cfg(), TrainerConfig(seed=4))
+    store = SnapshotStore(str(tmp_path / "snaps"))
+    trainer.step(batches[0])
+    store.publish_full(1, full_snapshot(trainer), snapshot_meta(trainer))
+    counters = CounterTracker(trainer)
+    follower = SnapshotFollower(store, build=ServedModel)
+    assert follower.poll() and follower.version == 1
+    req = _requests(batches[1], n=1)[0]
+    before = follower.live.rank(req)
+
+    trainer.step(batches[1])
+    store.publish_delta(2, 1, delta_snapshot(trainer, counters), snapshot_meta(trainer))
+    victim = next(p for p in (tmp_path / "snaps" / "v000002").iterdir() if p.name.startswith("delta."))
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    assert not follower.poll()  # refused
+    assert follower.version == 1 and follower.refusals and follower.refusals[0]["version"] == 2
+    assert "sha256" in follower.refusals[0]["reason"]
+    assert follower.live.rank(req) == before  # the old version keeps answering
+
+    trainer.step(batches[2])  # the next full snapshot recovers the replica
+    store.publish_full(3, full_snapshot(trainer), snapshot_meta(trainer))
+    assert follower.poll() and follower.version == 3
+    # a delta on top of it is applied incrementally (live/standby swap)
+    counters = CounterTracker(trainer)
+    trainer.step(batches[3])
+    store.publish_delta(4, 3, delta_snapshot(trainer, counters), snapshot_meta(trainer))
+    assert follower.poll() and follower.version == 4
+    fresh = ServedModel(store.load_chain(4))
+    np.testing.assert_array_equal(follower.live.rank(req)["scores"]["like"], fresh.rank(req)["scores"]["like"])
