@@ -7,6 +7,10 @@ re-produced as is) and the original key when known, and says why in headers:
 - `memstream.category`: one of stream.events.REJECT_CATEGORIES, to count and alert on
 - `memstream.source`: `topic/partition/offset` of the original message, or just
   the topic when its position is unknown
+- `memstream.truncated_from`: only on a value longer than `max_value_bytes`
+  (a 10 MB poison message): the original size; the value is its first
+  `max_value_bytes` bytes, so the dead letter fits the broker's and the
+  producer's request limits and the reader's memory stays bounded
 
 Sends are batched by the producer (linger); nothing flushes per message. A
 failed send is logged and counted (`failed`), and `flush()` raises
@@ -29,6 +33,9 @@ log = logging.getLogger(__name__)
 REASON_HEADER = "memstream.reason"
 CATEGORY_HEADER = "memstream.category"
 SOURCE_HEADER = "memstream.source"
+TRUNCATED_HEADER = "memstream.truncated_from"
+# Below kafka-python's default max_request_size (1 MiB) with room for key and headers.
+DEFAULT_MAX_VALUE_BYTES = 1024 * 1024 - 64 * 1024
 
 __all__ = ["DeadLetterError", "DeadLetterWriter", "dlq_topic", "source_label"]
 
@@ -48,10 +55,14 @@ def source_label(topic: str, partition: int | None = None, offset: int | None = 
 class DeadLetterWriter:
     """Writes rejects to one dead-letter topic (the `.dlq` topic itself, see dlq_topic())."""
 
-    def __init__(self, bootstrap: str, topic: str, **client_options: Any) -> None:
+    def __init__(
+        self, bootstrap: str, topic: str, *, max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        **client_options: Any,
+    ) -> None:
         from kafka import KafkaProducer
 
         self.topic = topic
+        self.max_value_bytes = max_value_bytes
         self._ensure_topic(bootstrap, client_options)
         config: dict[str, Any] = {
             "bootstrap_servers": bootstrap,
@@ -91,7 +102,18 @@ class DeadLetterWriter:
         ]
         if source:
             headers.append((SOURCE_HEADER, source.encode("utf-8", errors="replace")))
-        future = self._producer.send(self.topic, value=reject.raw, key=key, headers=headers)
+        value = reject.raw
+        if len(value) > self.max_value_bytes:
+            headers.append((TRUNCATED_HEADER, str(len(value)).encode()))
+            value = value[: self.max_value_bytes]
+        if key is not None and len(key) > 64 * 1024:
+            key = key[: 64 * 1024]  # a hostile key must not make the letter unsendable
+        try:
+            future = self._producer.send(self.topic, value=value, key=key, headers=headers)
+        except Exception as e:  # noqa: BLE001 - send() raises some errors synchronously
+            # (size, serialization); the caller is a poll thread that must not die.
+            self._on_error(reject.category, source, e)
+            return
         future.add_errback(self._on_error, reject.category, source)
         with self._lock:
             self.sent += 1

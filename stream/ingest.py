@@ -27,10 +27,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from stream.events import EventBatch, EventLimits, decode_batch
+from stream.events import DecodeResult, EventBatch, EventLimits, Reject, decode_batch
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,14 @@ class KafkaConfig(BaseModel):
     max_poll_records: int = Field(512, ge=1)
     # Bound on decoded-but-untrained events held by each reader (backpressure).
     buffer_max_events: int = Field(20_000, ge=1)
+    # Cross-batch duplicate event ids: a message whose event_id was already
+    # accepted at most this many offsets earlier on the same partition is
+    # dead-lettered as duplicate_event_id (see RecentIds for the exact rule).
+    # Not caught: a repeat further back than the window, one on another partition
+    # (a producer that changed the key), and, after an ingest actor restart, a
+    # repeat of an event read before the restart (the window lives in memory).
+    # Memory: up to 2 x window ids per partition. 0 = off.
+    dedup_window: int = Field(50_000, ge=0)
     # Extra kafka-python consumer/producer settings (security_protocol, sasl_*,
     # ssl_*, client_id...), passed through unchanged.
     client_options: dict[str, Any] = Field(default_factory=dict)
@@ -81,6 +90,46 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 class IngestError(Exception):
     pass
+
+
+class RecentIds:
+    """Event ids recently accepted on one partition, for cross-batch dedup.
+
+    Rule, a function of the log alone so that a re-read gives the same answer:
+    the message at offset f with id x is a duplicate iff x was accepted at an
+    offset o with f - window <= o < f. A re-read of the message itself (o == f,
+    after a seek back for a trainer restart) is not a duplicate. Entries are kept
+    down to `2 * window` offsets below the highest offset seen, so re-seeks up to
+    `window` back from the read position decide exactly as the first read did.
+    """
+
+    def __init__(self, window: int):
+        self.window = window
+        self._first: dict[str, int] = {}  # id -> offset of its accepted occurrence
+        self._order: deque[tuple[int, str]] = deque()  # (offset, id) in insertion order
+        self._high = -1
+
+    def __len__(self) -> int:
+        return len(self._first)
+
+    def is_duplicate(self, event_id: str, offset: int) -> bool:
+        """Record `event_id` at `offset` unless it repeats an accepted one; True if it does."""
+        if self.window <= 0:
+            return False
+        first = self._first.get(event_id)
+        if first is not None and offset - self.window <= first < offset:
+            return True
+        if first is None or offset < first:
+            self._first[event_id] = offset
+            self._order.append((offset, event_id))
+        if offset > self._high:
+            self._high = offset
+            floor = offset - 2 * self.window
+            while self._order and self._order[0][0] < floor:
+                off, eid = self._order.popleft()
+                if self._first.get(eid) == off:
+                    del self._first[eid]
+        return False
 
 
 @dataclass
@@ -125,6 +174,7 @@ class PartitionReader:
         self._dlq_next: dict[int, int] = {}  # per partition: first offset not yet dead-lettered
         self._stop = False
         self.counters = {"consumed": 0, "accepted": 0, "rejected": 0}
+        self._dedup = {p: RecentIds(cfg.dedup_window) for p in self.partitions}
         self.reject_categories: dict[str, int] = {}
         self._thread: threading.Thread | None = None
 
@@ -232,6 +282,7 @@ class PartitionReader:
                 **self.counters,
                 "buffered": self._buffered,
                 "reject_categories": dict(self.reject_categories),
+                "dedup_ids": sum(len(d) for d in self._dedup.values()),
                 "partitions": self.partitions,
             }
 
@@ -259,6 +310,35 @@ class PartitionReader:
             if not polled:
                 continue
             self._ingest(polled, generation)
+
+    def _drop_repeats(self, res, values: list, parts: list[int], offsets: list[int]):
+        """Move events repeating a recently accepted event id (same partition) to the rejects."""
+        if self.cfg.dedup_window <= 0 or not len(res.batch):
+            return res
+        keep = []
+        repeats: list[tuple[int, Reject]] = []
+        for row, pos in enumerate(res.accepted_positions.tolist()):
+            eid = res.batch.event_id[row]
+            if self._dedup[parts[pos]].is_duplicate(eid, offsets[pos]):
+                raw = values[pos]
+                raw = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+                repeats.append((pos, Reject(
+                    raw, "duplicate_event_id",
+                    f"event_id {eid!r} already accepted on partition {parts[pos]} within the last "
+                    f"{self.cfg.dedup_window} offsets",
+                )))
+            else:
+                keep.append(row)
+        if not repeats:
+            return res
+        rejected = list(zip(res.rejected_positions.tolist(), res.rejects)) + repeats
+        rejected.sort(key=lambda pr: pr[0])
+        return DecodeResult(
+            batch=res.batch.take(np.asarray(keep, dtype=np.int64)),
+            rejects=[r for _, r in rejected],
+            accepted_positions=res.accepted_positions[np.asarray(keep, dtype=np.int64)],
+            rejected_positions=np.asarray([p for p, _ in rejected], dtype=np.int64),
+        )
 
     def _check_seek_landing(self, polled: dict) -> dict:
         """After a seek to offset X, the first records must start at or before X.
@@ -310,6 +390,7 @@ class PartitionReader:
         with self._cv:
             if generation != self._generation:
                 return  # a seek happened while we polled: these records are stale
+            res = self._drop_repeats(res, values, parts, offsets)
             # Re-reads after a seek back (trainer restart) must not dead-letter twice.
             fresh_rejects = []
             unit_rejects = []
