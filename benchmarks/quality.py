@@ -38,6 +38,7 @@ ABLATIONS: list[tuple[str, list[str]]] = [
     ("no LMN", ["model.use_lmn=false"]),
     ("no PKM", ["model.use_pkm=false"]),
     ("no memories (all three off)", ["model.use_bank=false", "model.use_lmn=false", "model.use_pkm=false"]),
+    ("default, batch 256 (quality vs speed)", ["trainer.batch_size=256"]),
 ]
 
 _GENRES = re.compile(r"Genres:\s*(.*?)\.?\s*$")

@@ -78,10 +78,11 @@ class ModelConfig(_Strict):
     # Sparse word table: the encoder's 2M-parameter embedding would otherwise cost a dense
     # AdamW update of every row every step.
     encoder: EncoderConfig = Field(default_factory=lambda: EncoderConfig(sparse_embedding=True))
-    lmn: LMNConfig = Field(default_factory=LMNConfig)
-    # 65,536 slots, 2 heads x k=16 reads per event: the CPU budget (MSN's reference
-    # 4 x 32 costs ~30% of the step here; GPU configs can raise it).
-    pkm: PKMConfig = Field(default_factory=lambda: PKMConfig(heads=2, k=16))
+    # BatchNorm queries: with LayerNorm the user queries collapse onto ~1% of the slots.
+    lmn: LMNConfig = Field(default_factory=lambda: LMNConfig(query_norm="batchnorm"))
+    # 65,536 slots, 4 heads x k=16 reads per event: the CPU budget (MSN's reference
+    # k=32 costs ~25% more of the step here; GPU configs can raise it).
+    pkm: PKMConfig = Field(default_factory=lambda: PKMConfig(heads=4, k=16))
     # 100k users x L=50 ids: the history store's object arrays stay ~40 MB.
     history: HistoryConfig = Field(default_factory=lambda: HistoryConfig(max_users=100_000))
 
@@ -107,8 +108,9 @@ class ModelConfig(_Strict):
 class TrainerConfig(_Strict):
     """The online trainer: optimizers, batching, determinism, metrics."""
 
-    batch_size: int = Field(256, gt=0)
+    batch_size: int = Field(512, gt=0)
     lr_dense: float = Field(2e-3, gt=0)
+    lr_wide: float = Field(2e-2, gt=0)  # the counters -> logits linear part: learns fast
     lr_sparse: float = Field(5e-2, gt=0)  # id embeddings: sparse rows learn faster than dense
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(10.0, gt=0)

@@ -36,7 +36,7 @@ from memory_bank.base import MemoryDelta
 from memory_bank.history import UserHistoryStore
 from memory_bank.sparse_optim import SparseRowAdam
 from models.config import ModelConfig, TrainerConfig
-from models.features import BatchLike, FeatureBuilder, causal_batch_history, feedback_signal
+from models.features import BatchLike, FeatureArrays, FeatureBuilder, causal_batch_history, feedback_signal
 from models.metrics import StreamingMetrics
 from models.ranker import CandidateInputs, Ranker, UserInputs
 
@@ -88,7 +88,12 @@ class OnlineTrainer:
         if self.bank is not None:
             enc_sparse = {id(p) for p in self.encoder.sparse_parameters()}
             dense += [p for p in self.encoder.parameters() if id(p) not in enc_sparse] + [self.bank.missing]
-        self.opt_dense = torch.optim.AdamW(dense, lr=tcfg.lr_dense, weight_decay=tcfg.weight_decay, foreach=True)
+        # The wide part (counters -> logits) in its own group: a handful of weights that
+        # carry the cold start if they learn fast.
+        wide = {id(p) for p in self.model.wide.parameters()}
+        groups = [{"params": [p for p in dense if id(p) not in wide]},
+                  {"params": list(self.model.wide.parameters()), "lr": tcfg.lr_wide}]
+        self.opt_dense = torch.optim.AdamW(groups, lr=tcfg.lr_dense, weight_decay=tcfg.weight_decay, foreach=True)
         self.opt_sparse = SparseRowAdam(self._sparse_groups(), lr=tcfg.lr_sparse)
         self.metrics = StreamingMetrics(tcfg.metrics_window, tcfg.keep_score_log)
         self.rng = np.random.Generator(np.random.PCG64(tcfg.seed))
@@ -137,6 +142,42 @@ class OnlineTrainer:
         hit = (rows_t >= 0).unsqueeze(1)  # (B, 1)
         return torch.where(hit, bank.bank.index_select(0, rows_t.clamp(min=0)), bank.missing)
 
+    def inputs(self, batch: BatchLike) -> tuple[UserInputs, CandidateInputs]:
+        """The model's inputs for a batch as of now, without training: targets read their
+        bank rows (no encoder run). For scoring outside `step` (serving-style checks)."""
+        u, c, _, _ = self._inputs(batch)
+        return u, c
+
+    def _inputs(self, batch: BatchLike) -> tuple[UserInputs, CandidateInputs, FeatureArrays, np.ndarray]:
+        """Features, histories and bank vectors as of before this batch (+ its earlier events)."""
+        dev = self.device
+        fc = self.cfg.features
+        like = self._labels(batch, fc.like_task)  # (B,) NaN = missing
+        rating = self._labels(batch, fc.rating_task)
+        feats = self.features.build(batch)
+        hist = self.history.get(batch.user_id)
+        signal = feedback_signal(like, rating, fc.rating_center, fc.rating_scale)  # (B,) what each event adds
+        hist_items, hist_signal, hist_mask_np = hist.item_ids, hist.signal, hist.mask
+        if fc.in_batch_features:  # + the same user's earlier events of this batch
+            hist_items, hist_signal, hist_mask_np = causal_batch_history(
+                hist_items, hist_signal, hist_mask_np, batch.user_id, batch.item_id, signal)
+        tt = lambda a, dt=torch.int64: torch.from_numpy(np.ascontiguousarray(a)).to(dev, dt)  # noqa: E731
+        hist_bank = target_vec = None
+        if self.bank is not None:
+            hist_bank, _ = self.bank.read(hist_items, hist_mask_np)  # (B, L, Db), misses = learned vector
+            target_vec = self._target_rows(batch.item_id)  # (B, Db) cached rows of the targets
+        u = UserInputs(
+            user_idx=tt(feats.user_idx), cat_idx=tt(feats.cat_idx), num=tt(feats.num, torch.float32),
+            scenario_idx=tt(feats.scenario_idx), hist_item_idx=tt(self.features.items.many(hist_items)),
+            hist_signal=tt(hist_signal, torch.float32), hist_mask=tt(hist_mask_np, torch.bool),
+            hist_bank=hist_bank,
+        )
+        c = CandidateInputs(
+            item_idx=tt(feats.item_idx), text_idx=tt(feats.text_idx),
+            counters=tt(feats.counters, torch.float32), target_vec=target_vec,
+        )
+        return u, c, feats, signal
+
     def step(self, batch: BatchLike) -> StepResult:
         t0 = time.perf_counter()
         n = len(batch)
@@ -148,38 +189,17 @@ class OnlineTrainer:
         rating = self._labels(batch, fc.rating_task)
 
         # 1. Inputs as of before this batch.
-        feats = self.features.build(batch)
-        hist = self.history.get(batch.user_id)
-        signal = feedback_signal(like, rating, fc.rating_center, fc.rating_scale)  # (B,) feedback each event adds to its user's history
-        hist_items, hist_signal, hist_mask_np = hist.item_ids, hist.signal, hist.mask
-        if fc.in_batch_features:  # + the same user's earlier events of this batch
-            hist_items, hist_signal, hist_mask_np = causal_batch_history(
-                hist_items, hist_signal, hist_mask_np, batch.user_id, batch.item_id, signal)
-        tt = lambda a, dt=torch.int64: torch.from_numpy(np.ascontiguousarray(a)).to(dev, dt)  # noqa: E731
-        hist_mask = tt(hist_mask_np, torch.bool)
-        hist_bank = None
-        target_vec = None
+        u, c, feats, signal = self._inputs(batch)
         encoded = 0
         fresh = None
         if self.bank is not None:
-            hist_bank, _ = self.bank.read(hist_items, hist_mask_np)  # (B, L, Db), misses = learned vector
-            target_vec = self._target_rows(batch.item_id)  # (B, Db) cached rows of the targets
             # 2. LEMUR sampling: the encoder runs (forward and backward) on a fraction of targets.
             has_text = np.array([t is not None and t != "" for t in batch.item_text])
             pick = np.flatnonzero((self.rng.random(n) < self.cfg.sample_rate) & has_text)
             encoded = len(pick)
             if encoded:
                 fresh = self.encoder([batch.item_text[i] for i in pick])  # (M, Db)
-                target_vec = target_vec.index_put((torch.from_numpy(pick).to(dev),), fresh)
-        u = UserInputs(
-            user_idx=tt(feats.user_idx), cat_idx=tt(feats.cat_idx), num=tt(feats.num, torch.float32),
-            scenario_idx=tt(feats.scenario_idx), hist_item_idx=tt(self.features.items.many(hist_items)),
-            hist_signal=tt(hist_signal, torch.float32), hist_mask=hist_mask, hist_bank=hist_bank,
-        )
-        c = CandidateInputs(
-            item_idx=tt(feats.item_idx), text_idx=tt(feats.text_idx),
-            counters=tt(feats.counters, torch.float32), target_vec=target_vec,
-        )
+                c.target_vec = c.target_vec.index_put((torch.from_numpy(pick).to(dev),), fresh)
 
         # 3. Forward; the metrics see these scores before any update.
         self.model.train()

@@ -103,8 +103,21 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> MemstreamCo
         raise ConfigError(_format_errors(e, source)) from None
 
 
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> MemstreamConfig:
-    """Read YAML at `path` (None = all defaults), apply overrides, validate."""
+    """Read YAML at `path` (None = all defaults), apply overrides, validate.
+
+    The file and the overrides are laid over the dumped defaults of MemstreamConfig,
+    so setting one field of a nested section (`model.pkm.k=8`) keeps that section's
+    other fields at the defaults the model chose (a nested model built from a partial
+    dict would otherwise fall back to its own class defaults).
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         text = Path(path).read_text(encoding="utf-8")
@@ -115,4 +128,5 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"invalid config ({path}): top level must be a mapping")
         raw = loaded
     raw = apply_overrides(raw, list(overrides or []))
+    raw = _deep_merge(MemstreamConfig().model_dump(mode="json"), raw)
     return config_from_dict(raw, str(path) if path is not None else "<defaults>")

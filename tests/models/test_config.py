@@ -37,3 +37,10 @@ def test_shape_rules_are_checked():
         load_config(None, ["model.num_queries=3"])
     with pytest.raises(ConfigError, match="expected key.path=value"):
         load_config(None, ["model.use_pkm"])
+
+
+def test_partial_nested_override_keeps_the_models_defaults():
+    base = MemstreamConfig()
+    cfg = load_config(None, ["model.pkm.k=8"])
+    assert cfg.model.pkm.k == 8
+    assert cfg.model.pkm.heads == base.model.pkm.heads  # not PKMConfig's own class default
