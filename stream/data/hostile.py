@@ -177,6 +177,7 @@ def produce(
 ) -> dict[str, Any]:
     """Send the messages in order (keyed; the topic is created with `partitions`).
 
+    Returns {"sent": n, "positions": [(partition, offset) of each message]}.
     Raises HostileError if any send fails, naming the kind and the broker's error:
     a test must know exactly what reached the topic.
     """
@@ -187,7 +188,7 @@ def produce(
     ensure_topic(bootstrap, topic, partitions, **client_options)
     producer = KafkaProducer(
         bootstrap_servers=bootstrap, acks="all", linger_ms=20,
-        max_request_size=max_request_bytes, buffer_memory=64 * 1024 * 1024,
+        max_request_size=max_request_bytes,
         **client_options,
     )
     futures = []
@@ -196,16 +197,18 @@ def produce(
             futures.append((m, producer.send(topic, key=m.key, value=m.value)))
         producer.flush(timeout=120)
         failed = []
+        positions: list[tuple[int, int]] = []
         for m, f in futures:
             try:
-                f.get(timeout=60)
+                md = f.get(timeout=60)
+                positions.append((md.partition, md.offset))
             except Exception as e:  # noqa: BLE001 - reported below with the kind
                 failed.append((m.kind, repr(e)[:300]))
     finally:
         producer.close(timeout=30)
     if failed:
         raise HostileError(f"{len(failed)} hostile-mix sends to {topic!r} failed; first: {failed[0]}")
-    return {"sent": len(messages)}
+    return {"sent": len(messages), "positions": positions}
 
 
 def expected_counts(messages: Sequence[HostileMessage]) -> dict[str, int]:
