@@ -79,10 +79,15 @@ class RankingDeployment:
             raise HTTPException(422, e.errors(include_url=False, include_input=False)) from None
         if len(req.candidates) > self.cfg.max_candidates:
             raise HTTPException(422, f"at most {self.cfg.max_candidates} candidates per request")
-        live = self.follower.live  # one read: this request uses one version throughout
-        if live is None:
-            raise HTTPException(503, "no model version loaded yet; retry shortly")
-        return await asyncio.to_thread(live.rank, req)
+        return await asyncio.to_thread(self._rank, req)
+
+    def _rank(self, req: RankRequest) -> dict:
+        # One version for the whole request, held in flight so the swap thread does
+        # not apply the next delta to it while we read it (SnapshotFollower.serving).
+        with self.follower.serving() as live:
+            if live is None:
+                raise HTTPException(503, "no model version loaded yet; retry shortly")
+            return live.rank(req)
 
     @api.get("/version")
     def version(self) -> dict:

@@ -7,6 +7,12 @@ two copies (live and standby) so a delta is applied to the standby while the
 live copy keeps answering; a version that fails to verify or load is refused,
 counted, and the live version keeps serving.
 
+Requests take the live model through `serving()`, which counts them in flight
+per model object; before a delta is applied to the standby (the previous live
+copy, which requests that started before the last swap may still be using),
+the follower waits for that count to reach zero. Without it, a slow request
+could read a model half-way through an in-place update.
+
 The Ray Serve deployment around it lives in stream/serve_app.py.
 """
 
@@ -18,7 +24,8 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Callable, Protocol
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -53,7 +60,15 @@ class Servable(Protocol):
     def rank(self, request: dict[str, Any]) -> dict[str, Any]: ...
 
 
+class ServingDrainTimeout(Exception):
+    """Requests on the standby copy did not finish in time; the delta was not applied
+    (the version is not refused: the next poll tries again)."""
+
+
 class SnapshotFollower:
+    # How long a swap waits for requests still running on the standby copy.
+    drain_timeout_s = 30.0
+
     def __init__(self, store: SnapshotStore, build: Callable[[SnapshotChain], Servable]):
         self.store = store
         self._build = build  # chain -> fresh Servable
@@ -65,10 +80,57 @@ class SnapshotFollower:
         self.refusals: list[dict[str, Any]] = []
         self.refused_versions: set[int] = set()
         self.activations: list[tuple[int, float]] = []
+        # id(model) -> requests using it; guarded by _inflight_cv, which also guards
+        # the live/standby swap so "read live + count it" is atomic against a swap.
+        self._inflight: dict[int, int] = {}
+        self._inflight_cv = threading.Condition()
 
     @property
     def live(self) -> Servable | None:
+        """The live model, for a look; requests must use `serving()` instead."""
         return self._live
+
+    @contextmanager
+    def serving(self) -> Iterator[Servable | None]:
+        """The live model for one request (None before the first version), counted in
+        flight until the block ends so no update touches it meanwhile."""
+        with self._inflight_cv:
+            model = self._live
+            if model is not None:
+                self._inflight[id(model)] = self._inflight.get(id(model), 0) + 1
+        try:
+            yield model
+        finally:
+            if model is not None:
+                with self._inflight_cv:
+                    left = self._inflight[id(model)] - 1
+                    if left:
+                        self._inflight[id(model)] = left
+                    else:
+                        del self._inflight[id(model)]
+                        self._inflight_cv.notify_all()
+
+    def in_flight(self, model: Servable | None) -> int:
+        with self._inflight_cv:
+            return self._inflight.get(id(model), 0) if model is not None else 0
+
+    def _drain(self, model: Servable) -> None:
+        """Wait until no request uses `model` (it is the standby: no new ones can start)."""
+        deadline = time.monotonic() + self.drain_timeout_s
+        with self._inflight_cv:
+            while self._inflight.get(id(model), 0):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ServingDrainTimeout(
+                        f"{self._inflight[id(model)]} requests still use version {model.version} after "
+                        f"{self.drain_timeout_s:.0f} s; not updating it under them (rank requests that slow "
+                        "point at an overloaded replica: add replicas or lower max_candidates)"
+                    )
+                self._inflight_cv.wait(left)
+
+    def _swap(self, live: Servable, standby: Servable | None) -> None:
+        with self._inflight_cv:
+            self._live, self._standby = live, standby
 
     @property
     def version(self) -> int | None:
@@ -88,6 +150,9 @@ class SnapshotFollower:
         with self._lock:
             try:
                 self._move_to(target)
+            except ServingDrainTimeout as e:
+                log.warning("version %s not applied yet: %s", target, e)
+                return False
             except Exception as e:  # corrupt or undecodable: refuse, keep serving the old one
                 self.refused_versions.add(target)
                 self.refusals.append(
@@ -111,16 +176,19 @@ class SnapshotFollower:
             # Verify and decode only the new delta; bring the standby up to it.
             delta = self.store.load_delta(target)
             standby = self._standby
+            # The standby was live until the last swap: requests that took it then
+            # may still be running on it. Mutating it under them is the race.
+            self._drain(standby)
             for v, d in self._standby_missing:
                 standby.apply_delta(d, v)
             standby.apply_delta(delta, target)
-            self._live, self._standby = standby, live  # the swap: one assignment each
+            self._swap(standby, live)
             self._standby_missing = [(target, delta)]
             return
         chain = self.store.load_chain(target)
         fresh = self._build(chain)
         standby = self._build(chain)
-        self._live, self._standby = fresh, standby
+        self._swap(fresh, standby)
         self._standby_missing = []
 
 
