@@ -61,6 +61,12 @@ class TrainerService:
         self.next_offsets: dict[int, int] = {}
         self.rejects_applied: dict[str, int] = {}
         self.duplicates_dropped = 0
+        # Applied-offset lineage per partition: [count, sum, sum of squares] of the
+        # offsets applied (trained or rejected) in this lineage, checkpointed with the
+        # state. count == end offset and the sums == those of 0..count-1 means every
+        # offset applied once (a loss plus a double application would have to cancel
+        # in both sums): how the chaos benchmark checks exactly-once.
+        self.lineage: dict[int, list[int]] = {}
         self.restored_from: int | None = None
         self.started_at = time.time()
         ckpt = checkpoints.latest()
@@ -68,6 +74,7 @@ class TrainerService:
             trainer.load(ckpt.path / "state")
             self.next_offsets = {int(p): int(o) for p, o in ckpt.meta["offsets"].items()}
             self.rejects_applied = dict(ckpt.meta.get("rejects_applied", {}))
+            self.lineage = {int(p): list(v) for p, v in ckpt.meta.get("lineage", {}).items()}
             self.restored_from = ckpt.seq
             first_version = max(first_version, int(ckpt.meta.get("snapshot_version", 0)) + 1)
         # Snapshots: the first one after a (re)start is always full, since the row
@@ -102,9 +109,12 @@ class TrainerService:
                     self.trainer.step(mb)
                     trained += len(mb)
                 self._pending_ts.append(batch.kafka_ts_ms.copy())
+                for p, off in zip(batch.kafka_partition.tolist(), batch.kafka_offset.tolist()):
+                    self._note_applied(p, off)
             for p, off, category in unit["rejects"]:
                 if off >= self.next_offsets.get(p, -1):
                     self.rejects_applied[category] = self.rejects_applied.get(category, 0) + 1
+                    self._note_applied(p, off)
             for p, nxt in unit["next_offsets"].items():
                 self.next_offsets[int(p)] = max(self.next_offsets.get(int(p), 0), int(nxt))
             if trained:
@@ -113,6 +123,12 @@ class TrainerService:
                 self._last_unit_t = time.monotonic()
                 self._trained_here += trained
         return trained
+
+    def _note_applied(self, partition: int, offset: int) -> None:
+        acc = self.lineage.setdefault(int(partition), [0, 0, 0])
+        acc[0] += 1
+        acc[1] += offset
+        acc[2] += offset * offset
 
     def throughput_eps(self) -> float | None:
         if self._first_unit_t is None or self._last_unit_t is None:
@@ -129,6 +145,7 @@ class TrainerService:
                 "offsets": {str(p): o for p, o in offsets.items()},
                 "events_applied": self.trainer.events_applied,
                 "rejects_applied": dict(self.rejects_applied),
+                "lineage": {str(p): v for p, v in self.lineage.items()},
                 "train_step": self.trainer.steps,
                 "snapshot_version": self.last_published or 0,
             }
@@ -170,6 +187,7 @@ class TrainerService:
                 "rejects_applied": dict(self.rejects_applied),
                 "duplicates_dropped": self.duplicates_dropped,
                 "next_offsets": dict(self.next_offsets),
+                "lineage": {p: list(v) for p, v in self.lineage.items()},
                 "snapshot_version": self.last_published,
                 "restored_from": self.restored_from,
                 "throughput_eps": self.throughput_eps(),

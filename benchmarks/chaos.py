@@ -1,0 +1,382 @@
+"""Chaos run: the streaming job under faults, checked for lost and twice-applied events.
+
+Real components only: a Tansu broker on loopback (infra.broker.LocalBroker, so it
+can be SIGSTOPped), real local Ray, the real model, an ML-1M prefix.
+
+1. Undisturbed run: the recording replayed into topic `<prefix>-base`, one job
+   over it to the end. Its AUC is the reference.
+2. Chaos run on topic `<prefix>-chaos`: the recording is replayed *while* the job
+   runs (paced at `--rate` events/s), and a seeded schedule of faults fires at
+   points of the trainer's progress (events applied):
+   - SIGKILL of the trainer actor `--trainer-kills` times (Ray restarts it, it
+     restores its newest checkpoint, the readers are sought back);
+   - SIGKILL of one ingest actor (Ray restarts it; the trainer re-seeks it);
+   - a broker outage: SIGSTOP for `--outage-s` seconds, then SIGCONT;
+   - a restart of the whole job from its work dir (graceful stop, then a new
+     StreamingJob on the same config: restores the checkpoint, continues).
+3. The final lineage is read from the newest checkpoint of the chaos work dir:
+   per partition, how many offsets were applied and their sum and sum of squares
+   (stream/trainer_service.py). Count == produced and both sums equal to those of
+   0..n-1 means every produced event applied exactly once. The model's own count
+   of scored events (metrics n.like) must equal produced too.
+
+Prints a table and writes it (with the command) to benchmarks/results/reliability.md
+(`--out`). The test suite runs `run_chaos` small (tests/integration/test_chaos.py).
+
+    .venv/bin/python benchmarks/chaos.py --events 50000 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import shlex
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+log = logging.getLogger("chaos")
+
+
+@dataclass
+class ChaosPlan:
+    events: int = 50_000
+    seed: int = 0
+    # Events/s produced during the chaos run: below the trainer's throughput so the
+    # faults fire while the stream is still being produced (they fire on progress).
+    rate: float = 400.0
+    trainer_kills: int = 5
+    ingest_kills: int = 1
+    outage_s: float = 15.0
+    job_restart: bool = True
+    ingest_actors: int = 2
+    checkpoint_interval_s: float = 3.0
+
+
+@dataclass
+class ChaosResult:
+    plan: ChaosPlan
+    produced: int
+    applied: int  # events trained + dead-lettered in the final lineage (checkpoint)
+    trained: int
+    dlq: int
+    scored: int  # the model's own count of scored events (metrics n.like)
+    lost: int
+    applied_twice: int
+    lineage_exact: bool  # per partition: count, sum and sum of squares of 0..n-1
+    partitions: dict[int, dict[str, int]]
+    auc_chaos: float | None
+    auc_base: float | None
+    faults: list[dict[str, Any]] = field(default_factory=list)
+    trainer_restarts: int = 0
+    duration_s: float = 0.0
+    base_duration_s: float = 0.0
+
+    @property
+    def auc_delta(self) -> float | None:
+        if self.auc_chaos is None or self.auc_base is None:
+            return None
+        return self.auc_chaos - self.auc_base
+
+
+def _recording(events: int, cache: Path) -> Path:
+    from stream.data.ml1m import build_ml1m_recording
+
+    path = cache / f"ml1m_{events}.parquet"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        build_ml1m_recording(path, limit=events)
+    return path
+
+
+def _config(bootstrap: str, topic: str, work_dir: Path, plan: ChaosPlan):
+    from stream.config import load_config
+
+    return load_config(ROOT / "configs" / "default.yaml", [
+        f'kafka.bootstrap="{bootstrap}"', f"kafka.topic={topic}",
+        f"kafka.ingest_actors={plan.ingest_actors}",
+        f"job.work_dir={work_dir}", f"job.max_events={plan.events}", "job.live_display=false",
+        "serving.enabled=false", "admin.enabled=false",
+        f"checkpoints.interval_s={plan.checkpoint_interval_s}", "snapshots.interval_s=2",
+    ])
+
+
+def _run_thread(job) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def target():
+        try:
+            out["report"] = job.run()
+        except BaseException as e:  # noqa: BLE001 - re-raised by the caller
+            out["error"] = e
+
+    th = threading.Thread(target=target, daemon=True, name="chaos-job")
+    th.start()
+    return th, out
+
+
+def _join(th: threading.Thread, out: dict, timeout_s: float) -> dict:
+    th.join(timeout_s)
+    if th.is_alive():
+        raise TimeoutError(f"job did not finish within {timeout_s:.0f} s")
+    if "error" in out:
+        raise out["error"]
+    return out["report"]
+
+
+def _schedule(plan: ChaosPlan) -> list[tuple[int, str]]:
+    """(events applied at which to fire, fault) in order; seeded."""
+    rng = random.Random(plan.seed)
+    n = plan.events
+    faults = [(rng.randint(int(0.05 * n), int(0.9 * n)), "kill_trainer") for _ in range(plan.trainer_kills)]
+    faults += [(rng.randint(int(0.1 * n), int(0.8 * n)), "kill_ingest") for _ in range(plan.ingest_kills)]
+    if plan.outage_s > 0:
+        faults.append((rng.randint(int(0.2 * n), int(0.6 * n)), "broker_outage"))
+    if plan.job_restart:
+        faults.append((rng.randint(int(0.4 * n), int(0.75 * n)), "restart_job"))
+    return sorted(faults)
+
+
+def _progress(job) -> dict[str, Any] | None:
+    import ray
+
+    topo = getattr(job, "topo", None)
+    if topo is None:
+        return None
+    try:
+        return ray.get(topo.trainer.progress.remote(), timeout=5)
+    except Exception:  # restarting: try again later
+        return None
+
+
+def _applied(p: dict[str, Any]) -> int:
+    return int(p["events_applied"]) + sum(p["rejects_applied"].values())
+
+
+def run_chaos(plan: ChaosPlan, cache: Path, *, broker=None, keep_dir: Path | None = None) -> ChaosResult:
+    import ray
+
+    from infra.broker import LocalBroker
+    from stream.checkpoints import CheckpointManager
+    from stream.job import StreamingJob
+    from stream.recording import recording_info, replay
+
+    recording = _recording(plan.events, cache)
+    info = recording_info(recording)
+    work = Path(keep_dir or tempfile.mkdtemp(prefix="chaos-"))
+    own_broker = broker is None
+    if own_broker:
+        broker = LocalBroker(state_dir=work / "broker").start()
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(num_cpus=4, include_dashboard=False, namespace="memstream-chaos",
+                 logging_level="WARNING", log_to_driver=False)
+    prefix = f"chaos-{plan.seed}-{int(time.time())}"
+    try:
+        # 1. undisturbed reference
+        t0 = time.time()
+        replay(recording, broker.bootstrap, f"{prefix}-base", "max", retime=True)
+        base = StreamingJob(_config(broker.bootstrap, f"{prefix}-base", work / "base", plan)).run()
+        base_s = time.time() - t0
+
+        # 2. chaos: replay paced while the job runs, faults on a schedule
+        topic = f"{prefix}-chaos"
+        cfg = _config(broker.bootstrap, topic, work / "chaos", plan)
+        from stream.kafka_io import ensure_topic
+
+        ensure_topic(broker.bootstrap, topic, info.partitions)
+        replay_err: list[BaseException] = []
+
+        def produce():
+            try:
+                replay(recording, broker.bootstrap, topic, rate=plan.rate, retime=True,
+                       request_timeout_ms=60_000, max_block_ms=120_000)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                replay_err.append(e)
+
+        t1 = time.time()
+        producer = threading.Thread(target=produce, daemon=True, name="chaos-replay")
+        producer.start()
+        job = StreamingJob(cfg)
+        th, out = _run_thread(job)
+        faults_done: list[dict[str, Any]] = []
+        restarts = 0
+        for at, fault in _schedule(plan):
+            while True:
+                if not th.is_alive():
+                    break
+                p = _progress(job)
+                if p is not None and _applied(p) >= at:
+                    break
+                time.sleep(0.2)
+            if not th.is_alive() or _applied(p) >= plan.events:
+                # Faults lag their thresholds while the trainer restarts; one that comes
+                # due after everything was applied would test nothing: say so.
+                faults_done.append({"fault": fault, "at": at, "skipped": "stream already fully applied"})
+                continue
+            rec = {"fault": fault, "at": at, "applied_then": _applied(p), "t": round(time.time() - t1, 1)}
+            if fault == "kill_trainer":
+                os.kill(ray.get(job.topo.trainer.pid.remote(), timeout=10), signal.SIGKILL)
+            elif fault == "kill_ingest":
+                victim = random.Random(plan.seed + at).randrange(len(job.topo.readers))
+                os.kill(ray.get(job.topo.readers[victim].pid.remote(), timeout=10), signal.SIGKILL)
+                rec["reader"] = victim
+            elif fault == "broker_outage":
+                broker.pause()
+                time.sleep(plan.outage_s)
+                broker.resume()
+            elif fault == "restart_job":
+                job.request_stop()
+                report = _join(th, out, 600)
+                restarts += report["trainer_restarts"]
+                rec["applied_at_stop"] = report["events_consumed"]
+                job = StreamingJob(cfg)
+                th, out = _run_thread(job)
+            faults_done.append(rec)
+            log.warning("fault %s", rec)
+        report = _join(th, out, 1800)
+        restarts += report["trainer_restarts"]
+        producer.join(300)
+        if replay_err:
+            raise RuntimeError(f"the chaos replay failed: {replay_err[0]!r}")
+        chaos_s = time.time() - t1
+
+        # 3. the final lineage, from the newest checkpoint
+        ckpt = CheckpointManager(work / "chaos" / "checkpoints").latest()
+        lineage = {int(p): v for p, v in ckpt.meta["lineage"].items()}
+        per_partition = _partition_rows(recording)
+        parts: dict[int, dict[str, int]] = {}
+        lost = twice = 0
+        exact = True
+        for p, n in sorted(per_partition.items()):
+            count, s1, s2 = lineage.get(p, [0, 0, 0])
+            want1, want2 = n * (n - 1) // 2, (n - 1) * n * (2 * n - 1) // 6
+            ok = count == n and s1 == want1 and s2 == want2
+            exact &= ok
+            lost += max(0, n - count)
+            twice += max(0, count - n)
+            nxt = int(ckpt.meta["offsets"].get(str(p), 0))
+            parts[p] = {"produced": n, "applied": count, "next_offset": nxt, "exact": int(ok)}
+        if not exact and lost == 0 and twice == 0:
+            lost = twice = -1  # counts agree but the sums do not: some lost and as many twice
+        metrics = report  # the last job's report: the final lineage's metrics
+        scored_like = _scored(work / "chaos")
+        return ChaosResult(
+            plan=plan, produced=info.rows,
+            applied=int(ckpt.meta["events_applied"]) + sum(ckpt.meta["rejects_applied"].values()),
+            trained=int(ckpt.meta["events_applied"]), dlq=sum(ckpt.meta["rejects_applied"].values()),
+            scored=scored_like, lost=lost, applied_twice=twice, lineage_exact=exact,
+            partitions=parts, auc_chaos=metrics.get("auc.like"), auc_base=base.get("auc.like"),
+            faults=faults_done, trainer_restarts=restarts, duration_s=chaos_s, base_duration_s=base_s,
+        )
+    finally:
+        if started_ray:
+            ray.shutdown()
+        if own_broker:
+            broker.stop()
+
+
+def _partition_rows(recording: Path) -> dict[int, int]:
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    parts = pq.read_table(recording, columns=["partition"]).column("partition").to_numpy()
+    values, counts = np.unique(parts, return_counts=True)
+    return {int(p): int(c) for p, c in zip(values, counts)}
+
+
+def _scored(work_dir: Path) -> int:
+    """Events the final model scored (metrics n.like), from the newest checkpoint's state."""
+    from models.online import OnlineTrainer
+    from stream.checkpoints import CheckpointManager
+    from stream.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "default.yaml", [])
+    trainer = OnlineTrainer(cfg.model, cfg.trainer)
+    trainer.load(CheckpointManager(work_dir / "checkpoints").latest().path / "state")
+    return int(trainer.metrics.summary().get("n.like", -1))
+
+
+def table(r: ChaosResult) -> str:
+    fmt = lambda x: "n/a" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))  # noqa: E731
+    kinds: dict[str, int] = {}
+    for f in r.faults:
+        if "skipped" not in f:
+            kinds[f["fault"]] = kinds.get(f["fault"], 0) + 1
+    rows = [
+        ("events produced", r.produced),
+        ("events applied (checkpointed lineage: trained + DLQ)", r.applied),
+        ("events trained", r.trained),
+        ("events in the DLQ", r.dlq),
+        ("events scored by the final model (metrics n.like)", r.scored),
+        ("events lost", r.lost),
+        ("events applied twice", r.applied_twice),
+        ("per-partition lineage exact (count, sum, sum of squares of offsets)", r.lineage_exact),
+        ("trainer restarts seen by the driver", r.trainer_restarts),
+        ("faults injected", ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items()))),
+        ("AUC (like), undisturbed run", fmt(r.auc_base)),
+        ("AUC (like), chaos run", fmt(r.auc_chaos)),
+        ("AUC difference (chaos - undisturbed)", fmt(r.auc_delta)),
+        ("wall time, undisturbed / chaos (s)", f"{r.base_duration_s:.0f} / {r.duration_s:.0f}"),
+    ]
+    lines = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "| partition | produced | applied | next offset | exact |", "|---|---|---|---|---|"]
+    lines += [f"| {p} | {d['produced']} | {d['applied']} | {d['next_offset']} | {bool(d['exact'])} |"
+              for p, d in sorted(r.partitions.items())]
+    lines += ["", "Fault schedule (events applied when fired):", ""]
+    lines += [f"- {json.dumps(f)}" for f in r.faults]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--events", type=int, default=50_000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rate", type=float, default=400.0, help="events/s produced during the chaos run")
+    ap.add_argument("--trainer-kills", type=int, default=5)
+    ap.add_argument("--outage-s", type=float, default=15.0)
+    ap.add_argument("--cache", default=str(ROOT / ".memstream" / "data"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reliability.md"))
+    ap.add_argument("--json", default=None, help="also write the result as JSON here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    plan = ChaosPlan(events=args.events, seed=args.seed, rate=args.rate,
+                     trainer_kills=args.trainer_kills, outage_s=args.outage_s)
+    result = run_chaos(plan, Path(args.cache))
+    text = table(result)
+    print(text)
+    cmd = "benchmarks/chaos.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    section = f"## Chaos run\n\nCommand: `.venv/bin/python {cmd}`\n\n{text}\n"
+    _write_section(Path(args.out), "## Chaos run", section)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.__dict__, default=lambda o: o.__dict__, indent=1))
+    ok = result.lost == 0 and result.applied_twice == 0 and result.lineage_exact and result.scored == result.produced
+    return 0 if ok else 1
+
+
+def _write_section(path: Path, heading: str, section: str) -> None:
+    """Replace (or append) one `## ` section of the results file, keeping the others."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.read_text() if path.exists() else "# Reliability results\n\n"
+    start = old.find(heading)
+    if start < 0:
+        new = old.rstrip() + "\n\n" + section
+    else:
+        end = old.find("\n## ", start + len(heading))
+        new = old[:start] + section + ("" if end < 0 else old[end:])
+    path.write_text(new)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
