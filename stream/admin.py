@@ -59,6 +59,7 @@ class JobView(Protocol):
     def user_history(self, user_id: str, limit: int) -> dict[str, Any] | None: ...
     def snapshots(self) -> list[dict[str, Any]]: ...
     def rollback(self, version: int) -> dict[str, Any]: ...
+    def unpin(self) -> dict[str, Any]: ...
     def serving(self) -> list[dict[str, Any]]: ...
     def ingest_lag(self) -> dict[str, Any]: ...
     def metrics_text(self) -> bytes: ...
@@ -117,6 +118,18 @@ class _RateLimiter:
             return True
 
 
+class ErrorBody(BaseModel):
+    detail: Any
+
+
+# Documented on every secured route so clients (and schemathesis) know the error shapes.
+_ERRORS = {
+    401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
+    429: {"model": ErrorBody, "description": "rate limit exceeded (per client address)"},
+}
+_NOT_FOUND = {404: {"model": ErrorBody, "description": "unknown id or version"}}
+
+
 class RollbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: int = Field(..., ge=1)
@@ -145,44 +158,46 @@ def create_app(view: JobView, cfg: AdminConfig, token: str) -> FastAPI:
     async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
         return JSONResponse({"detail": str(exc) or "not found"}, status_code=404)
 
-    secured = [Depends(auth)]
+    # Route options: the auth dependency, and the error answers it adds to the spec.
+    secured: dict[str, Any] = {"dependencies": [Depends(auth)], "responses": _ERRORS}
+    secured_or_404: dict[str, Any] = {**secured, "responses": {**_ERRORS, **_NOT_FOUND}}
     ItemId = PathParam(..., pattern=ID_PATTERN, description="item id (URL-encoded)")
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/metrics", dependencies=secured, response_class=PlainTextResponse)
+    @app.get("/metrics", **secured, response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
         return PlainTextResponse(view.metrics_text(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/bank/items/{item_id}", dependencies=secured)
+    @app.get("/v1/bank/items/{item_id}", **secured_or_404)
     def bank_item(item_id: str = ItemId) -> dict[str, Any]:
         row = view.bank_item(item_id)
         if row is None:
             raise NotFound(f"item {item_id!r} is not in the bank")
         return row
 
-    @app.get("/v1/bank/items/{item_id}/neighbors", dependencies=secured)
+    @app.get("/v1/bank/items/{item_id}/neighbors", **secured_or_404)
     def bank_neighbors(item_id: str = ItemId, k: int = Query(10, ge=1, le=MAX_PAGE)) -> dict:
         found = view.bank_neighbors(item_id, k)
         if found is None:
             raise NotFound(f"item {item_id!r} is not in the bank")
         return {"item_id": item_id, "k": k, "neighbors": found}
 
-    @app.get("/v1/bank/stats", dependencies=secured)
+    @app.get("/v1/bank/stats", **secured)
     def bank_stats() -> dict[str, Any]:
         return view.bank_stats()
 
-    @app.get("/v1/pkm/stats", dependencies=secured)
+    @app.get("/v1/pkm/stats", **secured)
     def pkm_stats() -> dict[str, Any]:
         return view.pkm_stats()
 
-    @app.get("/v1/lmn/stats", dependencies=secured)
+    @app.get("/v1/lmn/stats", **secured)
     def lmn_stats() -> dict[str, Any]:
         return view.lmn_stats()
 
-    @app.get("/v1/users/{user_id}/history", dependencies=secured)
+    @app.get("/v1/users/{user_id}/history", **secured_or_404)
     def user_history(
         user_id: str = PathParam(..., pattern=ID_PATTERN),
         limit: int = Query(50, ge=1, le=MAX_PAGE),
@@ -192,7 +207,7 @@ def create_app(view: JobView, cfg: AdminConfig, token: str) -> FastAPI:
             raise NotFound(f"user {user_id!r} has no history")
         return found
 
-    @app.get("/v1/snapshots", dependencies=secured)
+    @app.get("/v1/snapshots", **secured)
     def snapshots(
         offset: int = Query(0, ge=0, le=1_000_000),
         limit: int = Query(20, ge=1, le=MAX_PAGE),
@@ -201,15 +216,21 @@ def create_app(view: JobView, cfg: AdminConfig, token: str) -> FastAPI:
         return {"total": len(items), "offset": offset, "limit": limit,
                 "items": items[offset : offset + limit]}
 
-    @app.post("/v1/snapshots/rollback", dependencies=secured)
+    @app.post("/v1/snapshots/rollback", **secured_or_404)
     def rollback(req: RollbackRequest) -> dict[str, Any]:
+        """Pin serving to `version` (it must still be in the store); see DELETE /v1/snapshots/pin."""
         return view.rollback(req.version)
 
-    @app.get("/v1/serving", dependencies=secured)
+    @app.delete("/v1/snapshots/pin", **secured)
+    def unpin() -> dict[str, Any]:
+        """Undo a rollback: serving follows the newest published version again."""
+        return view.unpin()
+
+    @app.get("/v1/serving", **secured)
     def serving() -> dict[str, Any]:
         return {"replicas": view.serving()}
 
-    @app.get("/v1/ingest/lag", dependencies=secured)
+    @app.get("/v1/ingest/lag", **secured)
     def ingest_lag() -> dict[str, Any]:
         return view.ingest_lag()
 

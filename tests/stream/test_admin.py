@@ -38,6 +38,9 @@ class _View:
             raise NotFound(f"version {version} does not exist")
         return {"pinned": version}
 
+    def unpin(self):
+        return {"pinned": None}
+
     def serving(self):
         return [{"replica": "r1", "version": 3}]
 
@@ -102,3 +105,53 @@ def test_token_rules(tmp_path, monkeypatch):
     assert oct((tmp_path / "admin_token").stat().st_mode & 0o777) == "0o600"
     monkeypatch.setenv("MEMSTREAM_ADMIN_TOKEN", "e" * 20)
     assert resolve_token(AdminConfig(host="0.0.0.0"), None) == "e" * 20
+
+
+def test_unpin_route():
+    c = TestClient(create_app(_View(), AdminConfig(), TOKEN))
+    assert c.delete("/v1/snapshots/pin").status_code == 401
+    assert c.delete("/v1/snapshots/pin", headers=H).json() == {"pinned": None}
+
+
+def test_every_route_but_healthz_needs_the_token():
+    """From the OpenAPI spec itself, so a route added later is covered too."""
+    app = create_app(_View(), AdminConfig(rate_limit_per_s=1000, rate_limit_burst=1000), TOKEN)
+    c = TestClient(app)
+    spec = c.get("/openapi.json").json()
+    checked = 0
+    for path, ops in spec["paths"].items():
+        url = path.replace("{item_id}", "Toy Story (1995)").replace("{user_id}", "1m_1")
+        for method in ops:
+            for headers in ({}, {"Authorization": "Bearer " + "u" * 32}, {"Authorization": "Basic " + TOKEN}):
+                r = c.request(method, url, headers=headers, json={"version": 1})
+                if path == "/healthz":
+                    assert r.status_code == 200
+                else:
+                    assert r.status_code == 401, (method, path, headers, r.status_code)
+                    assert r.headers["www-authenticate"] == "Bearer"
+                checked += 1
+    assert checked >= 3 * 12
+
+
+def test_schemathesis_finds_no_5xx_and_no_schema_violation():
+    """Property-based run over the OpenAPI spec, in process, bounded (~seconds)."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+
+    app = create_app(_View(), AdminConfig(rate_limit_per_s=1e6, rate_limit_burst=10**6), TOKEN)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    failures = []
+    for op in schema.get_all_operations():
+        operation = op.ok()
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=25, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def run(case):
+            case.call_and_validate(headers=H)
+
+        try:
+            run()
+        except Exception as e:  # collect all operations' failures, report them together
+            failures.append(f"{operation.method.upper()} {operation.path}: {e}"[:2000])
+    assert not failures, "\n\n".join(failures)
