@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
+from torch.nn import functional as F
 
 import kernels
 from memory_bank.base import MemoryDelta
@@ -138,6 +139,13 @@ class ProductKeyMemory(nn.Module):
         q = self.query(x)  # (B, H*key_dim)
         if isinstance(self.query_norm, nn.LayerNorm):
             return self.query_norm(q.view(B, H, -1))  # (B, H, key_dim)
+        if B == 1 and self.training and isinstance(self.query_norm, nn.BatchNorm1d):
+            # Batch statistics of one row are undefined (torch raises ValueError), and a
+            # streaming trainer does get one-event batches at low traffic: normalise with
+            # the running statistics instead (affine weights still learn).
+            bn = self.query_norm
+            return F.batch_norm(q, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                training=False, eps=bn.eps).view(B, H, -1)
         return self.query_norm(q).view(B, H, -1)  # (B, H, key_dim)
 
     def select(self, q: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

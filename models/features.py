@@ -116,6 +116,8 @@ def exclusive_group_cumsum(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
     keys (B,), values (B, K) -> (B, K). Stable sort by key, cumulative sum, minus the
     sum at the start of each key's run, minus the row itself.
     """
+    if len(keys) == 0:  # e.g. no word of any item text in the batch (item_text is optional)
+        return np.zeros_like(values)
     order = np.argsort(keys, kind="stable")
     v = values[order]
     csum = np.cumsum(v, axis=0) - v  # exclusive over the sorted rows
