@@ -369,6 +369,12 @@ class StreamingJob:
                             raise JobError(f"trainer failed while stopping: {e}") from e
                         self.trainer_restarts += 1
                         log.warning("trainer actor died (%s); restarting from its checkpoint", type(e).__name__)
+                        if not isinstance(e, RayActorError):
+                            # run() raised but the actor lives on, its model holding part of
+                            # the failed unit: retrying on it would apply those events twice.
+                            # Kill it so Ray restarts it from its last checkpoint.
+                            log.warning("trainer run() raised: %s", str(e)[-2000:])
+                            ray.kill(topo.trainer, no_restart=False)
                         self._wait_trainer(topo)
                         run_ref = topo.trainer.run.remote(topo.readers, max_events)
                         continue
