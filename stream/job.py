@@ -200,6 +200,17 @@ class StreamingJob:
         log.info("embedded broker at %s", self._broker.bootstrap)
         return self._broker.bootstrap
 
+    def _fresh_embedded_state(self) -> None:
+        """The embedded broker keeps topics in memory: a new one starts empty, so the
+        offsets in an earlier embedded run's checkpoints mean nothing. Start clean."""
+        import shutil
+
+        for name, configured in (("checkpoints", self.cfg.checkpoints.dir), ("snapshots", self.cfg.snapshots.uri)):
+            path = self.work_dir / name
+            if not configured and path.exists():
+                log.info("embedded run: removing the previous run's %s in %s", name, path)
+                shutil.rmtree(path)
+
     def _ensure_recording(self) -> Path:
         path = Path(self.cfg.job.recording)
         if not path.exists():
@@ -252,6 +263,7 @@ class StreamingJob:
         recording = None
         bootstrap = cfg.kafka.bootstrap
         if bootstrap is None:
+            self._fresh_embedded_state()
             bootstrap = self._embedded_broker()
             recording = self._ensure_recording()
             if self.max_events is None:  # a replay ends: stop when all of it is applied
