@@ -158,7 +158,7 @@ def _progress(job) -> dict[str, Any] | None:
         return None
     try:
         return ray.get(topo.trainer.progress.remote(), timeout=5)
-    except Exception:  # restarting: try again later
+    except Exception:  # noqa: BLE001 - restarting: try again later
         return None
 
 
@@ -311,7 +311,7 @@ def _scored(work_dir: Path) -> int:
 
 
 def table(r: ChaosResult) -> str:
-    fmt = lambda x: "n/a" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))  # noqa: E731
+    fmt = lambda x: "n/a" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))
     kinds: dict[str, int] = {}
     for f in r.faults:
         if "skipped" not in f:

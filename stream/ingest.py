@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from stream.events import DecodeResult, EventBatch, EventLimits, Reject, decode_batch
@@ -251,7 +250,7 @@ class PartitionReader:
         """
         deadline = time.monotonic() + timeout_s
         with self._cv:
-            stale = lambda: epoch is not None and epoch != self._epoch  # noqa: E731
+            stale = lambda: epoch is not None and epoch != self._epoch
             while not self._buffer and not self._stop and not stale():
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -24,15 +24,15 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from stream.snapshots import (
     DeltaState,
     SnapshotChain,
-    SnapshotError,
     SnapshotStore,
 )
 

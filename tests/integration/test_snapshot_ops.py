@@ -38,7 +38,7 @@ def _fake_corrupt_version(store: SnapshotStore, root, good: int) -> int:
     manifest = json.loads((dst / "manifest.json").read_text())
     manifest["version"] = bad
     (dst / "manifest.json").write_text(json.dumps(manifest))
-    victim = dst / sorted(manifest["files"])[0]
+    victim = dst / min(manifest["files"])
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x40
     victim.write_bytes(bytes(data))

@@ -27,7 +27,7 @@ def test_every_kind_decodes_to_its_promised_category():
     mix = hostile_mix(_valid(20 * len(KINDS)), seed=3, now_ms=NOW, ratio=10, dup_share=0.0)
     seen = set()
     for m in mix:
-        ev, rej = decode_one(m.value, EventLimits(), NOW)
+        _, rej = decode_one(m.value, EventLimits(), NOW)
         got = None if rej is None else rej.category
         assert got == m.expected, (m.kind, rej)
         seen.add(m.kind)
