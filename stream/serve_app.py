@@ -13,7 +13,6 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from pydantic import ValidationError
