@@ -25,6 +25,8 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
+from stream.ingest import ReaderNotSought
+
 log = logging.getLogger(__name__)
 
 
@@ -140,7 +142,9 @@ class TrainerActor:
                 i = inflight.pop(ref)
                 try:
                     unit = ray.get(ref)
-                except RayActorError:
+                except (RayActorError, ReaderNotSought):
+                    # ReaderNotSought: our request reached its restarted incarnation
+                    # (queued while it restarted) instead of failing; seek it all the same.
                     log.warning("ingest actor %d died; seeking its restart to our offsets", i)
                     epochs[i] = self._seek(readers[i])
                     unit = None

@@ -91,6 +91,13 @@ class IngestError(Exception):
     pass
 
 
+class ReaderNotSought(IngestError):
+    """next_batch with an epoch on a reader that was never sought: a fresh incarnation
+    (Ray restarted the ingest actor, and a request queued while it restarted reached the
+    new one). The caller must seek it to its offsets; answering None instead would
+    stall its partitions forever, since the caller would never learn it restarted."""
+
+
 class RecentIds:
     """Event ids recently accepted on one partition, for cross-batch dedup.
 
@@ -249,6 +256,11 @@ class PartitionReader:
         exactly once (rejects included).
         """
         deadline = time.monotonic() + timeout_s
+        if epoch is not None and not self._epoch:
+            raise ReaderNotSought(
+                f"reader of partitions {self.partitions} has not been sought since it started; "
+                "seek it to the trainer's offsets before asking for batches"
+            )
         with self._cv:
             stale = lambda: epoch is not None and epoch != self._epoch
             while not self._buffer and not self._stop and not stale():
