@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated row numbers to run (0-based; river = r)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="applied to every model row")
     ap.add_argument("--jobs", type=int, default=1, help="rows run in parallel processes")
+    ap.add_argument("--assemble", default=None, metavar="DIR",
+                    help="no runs: build the table from DIR/<row>.json reports (row = 0.., r)")
     args = ap.parse_args(argv)
 
     rec = Path(args.recording)
@@ -172,7 +174,17 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [k for k in range(len(ABLATIONS)) if only is None or str(k) in only]
     with_river = only is None or "r" in only
     reports: dict[str, dict] = {}
-    if args.jobs > 1:
+    if args.assemble:
+        # Rows computed earlier (by --json runs of this script or `memstream eval --report`):
+        # DIR/<row>.json; rows without a file are left out of the table.
+        for k in [str(k) for k in wanted] + (["r"] if with_river else []):
+            f = Path(args.assemble) / f"{k}.json"
+            if f.exists():
+                data = json.loads(f.read_text())
+                reports[k] = data[0]["report"] if isinstance(data, list) else data
+        wanted = [k for k in wanted if str(k) in reports]
+        with_river = with_river and "r" in reports
+    elif args.jobs > 1:
         reports = run_parallel(args, rec, wanted, with_river)
     else:
         for k in wanted:
