@@ -13,6 +13,7 @@ candidates against it.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any
@@ -29,29 +30,52 @@ from stream.events import EventBatch
 from stream.snapshots import DeltaState, FullState, SnapshotChain
 
 EMBEDDING_TABLES = ("user_emb", "item_emb", "cat_emb", "text_emb", "user_bias", "item_bias")
-COUNTER_TABLES = ("user", "item")
 
 
 # -- trainer side ------------------------------------------------------------------------------
 
 
 class CounterTracker:
-    """Rows of the online counters that changed since the previous snapshot (by diff)."""
+    """Rows of the feature builder's state (online counters, affinity tables) that
+    changed since the previous snapshot, found by diffing against a copy: the
+    builder updates them with scatter-adds, so a row-level diff is exact and cheap."""
 
     def __init__(self, trainer: OnlineTrainer):
         self._trainer = trainer
-        self._last = {k: getattr(trainer.features.counters, k).copy() for k in COUNTER_TABLES}
+        arrays, _ = trainer.features.export_state()
+        self._last = {k: _as_rows(v).copy() for k, v in arrays.items()}
 
     def take_delta(self) -> MemoryDelta:
-        c = self._trainer.features.counters
-        d = MemoryDelta()
-        for k in COUNTER_TABLES:
-            cur = getattr(c, k)
-            rows = np.flatnonzero((cur != self._last[k]).any(axis=1))
-            self._last[k][rows] = cur[rows]
-            d.tables[k] = (rows, torch.from_numpy(cur[rows].copy()))
-        d.tables["total"] = (np.zeros(1, dtype=np.int64), torch.from_numpy(c.total.copy()[None]))
+        arrays, meta = self._trainer.features.export_state()
+        d = MemoryDelta(ids={"meta": [json.dumps(meta, sort_keys=True)]})
+        for k, v in arrays.items():
+            cur = _as_rows(v)
+            last = self._last.get(k)
+            if last is None or last.shape != cur.shape:
+                rows = np.arange(len(cur))
+                self._last[k] = cur.copy()
+            else:
+                rows = np.flatnonzero((cur != last).reshape(len(cur), -1).any(axis=1))
+                last[rows] = cur[rows]
+            d.tables[k] = (rows, torch.from_numpy(np.ascontiguousarray(cur[rows])))
         return d
+
+
+def _as_rows(a: np.ndarray) -> np.ndarray:
+    """A 1-D state array is one row; tables keep their rows."""
+    return a.reshape(1, -1) if a.ndim == 1 else a
+
+
+def apply_feature_delta(features, delta: MemoryDelta) -> None:
+    arrays, _ = features.export_state()  # the live arrays themselves
+    for k, (rows, vals) in delta.tables.items():
+        target = _as_rows(arrays[k])  # a view: writes land in the live array
+        target[rows] = vals.numpy()
+    if delta.ids.get("meta"):
+        meta = json.loads(delta.ids["meta"][0])
+        features.cat_slots = dict(meta["cat_slots"])
+        features.num_slots = dict(meta["num_slots"])
+        features.dropped_features = set(meta["dropped"])
 
 
 def snapshot_meta(trainer: OnlineTrainer) -> dict[str, Any]:
@@ -181,11 +205,7 @@ class ServedModel:
         if "history" in mems:
             t.history.apply_delta(mems["history"])
         if "features" in mems:
-            c = t.features.counters
-            for k in COUNTER_TABLES:
-                rows, vals = mems["features"].tables[k]
-                getattr(c, k)[rows] = vals.numpy()
-            c.total = mems["features"].tables["total"][1].numpy()[0].copy()
+            apply_feature_delta(t.features, mems["features"])
         if t.bank is not None and "bank" in mems:
             t.bank.apply_delta(mems["bank"])
         for name in ("lmn", "pkm"):
