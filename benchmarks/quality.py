@@ -28,9 +28,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.metrics import auc_exact, logloss_from_logits  # noqa: E402
-from stream.config import load_config  # noqa: E402
-from stream.evaluate import iter_event_batches, run_eval  # noqa: E402
+from models.metrics import auc_exact, logloss_from_logits
+from stream.config import load_config
+from stream.evaluate import iter_event_batches, run_eval
 
 ABLATIONS: list[tuple[str, list[str]]] = [
     ("default (bank + LMN + PKM)", []),
@@ -204,11 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: {cmd}  ",
         f"Recording: {rec} (event-time order), events per row: see table; test-then-train, like = rating >= 4.  ",
         f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}; torch threads = trainer.threads.  ",
-        "AUC is exact (ties 1/2), same function for every row; events/s is wall-clock of the whole loop "
-        "(decode + features + forward + backward + memory updates) and depends on machine load.",
+        ("AUC is exact (ties 1/2), same function for every row; events/s is wall-clock of the whole loop "
+         "(decode + features + forward + backward + memory updates) and depends on machine load."),
         "",
-        "| row | --set | events | AUC like | AUC last 20% | logloss like | RMSE rating | events/s "
-        "| bank coverage | PKM slot usage (KL) | LMN slot usage |",
+        ("| row | --set | events | AUC like | AUC last 20% | logloss like | RMSE rating | events/s "
+         "| bank coverage | PKM slot usage (KL) | LMN slot usage |"),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, sets, r in rows:

@@ -87,7 +87,7 @@ class ModelConfig(_Strict):
     history: HistoryConfig = Field(default_factory=lambda: HistoryConfig(max_users=100_000))
 
     @model_validator(mode="after")
-    def _check_shapes(self) -> "ModelConfig":
+    def _check_shapes(self) -> ModelConfig:
         if self.d_model % self.num_tokens:
             raise ValueError(
                 f"d_model={self.d_model} must be divisible by num_tokens={self.num_tokens} "

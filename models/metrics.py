@@ -173,7 +173,7 @@ class StreamingMetrics:
         if not self.keep_log:
             raise RuntimeError("auc_last needs keep_log=True")
         s, y = self.score_log()
-        start = int(math.floor(len(s) * (1.0 - fraction)))
+        start = math.floor(len(s) * (1.0 - fraction))
         return auc_exact(s[start:], y[start:])
 
     def score_log(self) -> tuple[np.ndarray, np.ndarray]:

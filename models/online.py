@@ -36,7 +36,13 @@ from memory_bank.base import MemoryDelta
 from memory_bank.history import UserHistoryStore
 from memory_bank.sparse_optim import SparseRowAdam
 from models.config import ModelConfig, TrainerConfig
-from models.features import BatchLike, FeatureArrays, FeatureBuilder, causal_batch_history, feedback_signal
+from models.features import (
+    BatchLike,
+    FeatureArrays,
+    FeatureBuilder,
+    causal_batch_history,
+    feedback_signal,
+)
 from models.metrics import StreamingMetrics
 from models.ranker import CandidateInputs, Ranker, UserInputs
 
@@ -161,7 +167,7 @@ class OnlineTrainer:
         if fc.in_batch_features:  # + the same user's earlier events of this batch
             hist_items, hist_signal, hist_mask_np = causal_batch_history(
                 hist_items, hist_signal, hist_mask_np, batch.user_id, batch.item_id, signal)
-        tt = lambda a, dt=torch.int64: torch.from_numpy(np.ascontiguousarray(a)).to(dev, dt)  # noqa: E731
+        tt = lambda a, dt=torch.int64: torch.from_numpy(np.ascontiguousarray(a)).to(dev, dt)
         hist_bank = target_vec = None
         if self.bank is not None:
             hist_bank, _ = self.bank.read(hist_items, hist_mask_np)  # (B, L, Db), misses = learned vector
@@ -365,7 +371,7 @@ class OnlineTrainer:
         (d / "trainer.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
 
     @classmethod
-    def from_dir(cls, directory: str | Path) -> "OnlineTrainer":
+    def from_dir(cls, directory: str | Path) -> OnlineTrainer:
         """A trainer built from the config saved in `directory`, with its state loaded."""
         meta = json.loads((Path(directory) / "trainer.json").read_text())
         t = cls(ModelConfig.model_validate(meta["model_config"]), TrainerConfig.model_validate(meta["trainer_config"]))

@@ -25,13 +25,17 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from torch import nn
 
 from models.config import ModelConfig
 from models.features import NUM_COUNTER_FEATURES
 from models.rankmixer import RankMixerBlock, RMSNorm
-from models.sequence import NUM_COS_FEATURES, HistoryCrossAttention, cosine_features, normalize_history
+from models.sequence import (
+    NUM_COS_FEATURES,
+    HistoryCrossAttention,
+    cosine_features,
+    normalize_history,
+)
 
 
 @dataclass
@@ -73,7 +77,7 @@ class UserState:
     lmn_read: torch.Tensor | None  # (B, dv) for the memory loss
     lmn_target: torch.Tensor | None  # (B, dv) history summary the read must reconstruct
 
-    def expand(self, n: int) -> "UserState":
+    def expand(self, n: int) -> UserState:
         """One user (B = 1) -> n identical rows, to score n candidates (views, no copies)."""
         out = {}
         for f in fields(self):
@@ -173,7 +177,6 @@ class Ranker(nn.Module):
 
     def encode_user(self, u: UserInputs) -> UserState:
         b = u.user_idx.shape[0]
-        E = self.cfg.emb_dim
         user = self.user_emb(u.user_idx)  # (B, E)
         cats = self.cat_emb(u.cat_idx).reshape(b, -1)  # (B, C*E)
         scen = self.cat_emb(u.scenario_idx)  # (B, E)

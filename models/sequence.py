@@ -16,8 +16,8 @@ how close the candidate is to what the user saw and how they rated it.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 NUM_COS_FEATURES = 7
 

@@ -18,10 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from models.config import ModelConfig, TrainerConfig
 from stream.admin import AdminConfig
 from stream.checkpoints import CheckpointConfig
+from stream.errors import MemstreamError
 from stream.ingest import KafkaConfig
 from stream.publisher import SnapshotConfig
 from stream.serving import ServingConfig
-from stream.errors import MemstreamError
 
 
 class ConfigError(MemstreamError, ValueError):

@@ -14,8 +14,9 @@ import json
 import math
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 # Only the standard library at import time: `memstream` imports this module to
 # register the subcommand's arguments, and must not pay for torch to do so.
@@ -122,7 +123,13 @@ def run_eval(
     batches = iter_event_batches(recording, cfg.trainer.batch_size, max_events, limits, rejects)
     t0 = time.perf_counter()
     if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         cols = [TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                 TextColumn("{task.fields[info]}")]

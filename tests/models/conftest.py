@@ -12,9 +12,11 @@ from stream.config import MemstreamConfig, load_config
 @pytest.fixture(scope="session")
 def ml1m_20k(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ml1m = pytest.importorskip("stream.data.ml1m")
+    from stream.data.common import DataError
+
     try:
         ml1m.ml1m_dir()
-    except Exception as e:  # the data wheel is not installed on this machine
+    except DataError as e:  # the data wheel is not installed on this machine
         pytest.skip(f"ML-1M not available: {e}")
     return ml1m.build_ml1m_recording(tmp_path_factory.mktemp("ml1m") / "ml1m_20k.parquet", limit=20_000)
 
