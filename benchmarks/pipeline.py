@@ -108,12 +108,18 @@ def main() -> None:
             # 2 + 3. paced at half capacity: freshness, and serving latency during swaps
             rate = max(50.0, 0.5 * rep["throughput_eps"])
             n_paced = int(rate * args.fresh_seconds)
+            from stream.kafka_io import ensure_topic
+            from stream.recording import recording_info
+
+            ensure_topic(broker.bootstrap, "bench-paced", recording_info(rec).partitions)
             job2 = StreamingJob(_job_cfg(args.overrides, broker.bootstrap, "bench-paced", tmp / "w2",
                                          n_paced, port))
             out: dict = {}
             th = threading.Thread(target=lambda: out.update(report=job2.run()), daemon=True)
             th.start()
             while not getattr(job2, "topo", None) or not job2.topo.serving_url:
+                if not th.is_alive():
+                    raise SystemExit("the paced job failed to start (see its log above)")
                 time.sleep(0.5)
             feeder = threading.Thread(
                 target=replay, args=(rec, broker.bootstrap, "bench-paced"),
