@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 PYPROJECT_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
 STAMP := $(VENV)/.stamp-$(PYPROJECT_HASH)
 CONFIG ?= configs/default.yaml
-RUN_ARGS ?= --duration 540
+RUN_ARGS ?= --duration 420
 PYTEST_ARGS ?=
 
 .PHONY: venv run test lint clean

@@ -605,6 +605,17 @@ class _LiveDisplay:
 
     def update(self, s: dict[str, Any], topo: Topology) -> None:
         if self._live is None:
+            # No live panel (--no-live, `ray job submit`): a log line every ~10 s instead.
+            if self._last is None or s["t"] - self._last[0] >= 10:
+                rate = None
+                if self._last is not None:
+                    rate = (s["events_applied"] - self._last[1]) / (s["t"] - self._last[0])
+                self._last = (s["t"], s["events_applied"])
+                f, m = s["freshness"], s["metrics"]
+                log.info("%d events trained, %s ev/s, lag %s, AUC %s, snapshot v%s, freshness p50/p99 %s/%s s",
+                         s["events_applied"], "-" if rate is None else f"{rate:,.0f}", s.get("lag"),
+                         _fmt(m.get("auc.like")), s.get("snapshot_version"),
+                         _fmt(f.get("p50_s"), 2), _fmt(f.get("p99_s"), 2))
             return
         from rich.table import Table
 
