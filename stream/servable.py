@@ -275,7 +275,7 @@ class ServedModel:
         """Bank rows of the candidates; unseen items with text are encoded now (cold start)."""
         t = self.trainer
         bank = t.bank
-        rows = np.fromiter((bank.rows.get(x, -1) for x in batch.item_id.tolist()), np.int64, len(batch))
+        rows = bank.rows_of(batch.item_id)  # read-only: serving does not reorder the bank's LRU
         rows_t = torch.from_numpy(rows).to(bank.bank.device)
         vec = torch.where((rows_t >= 0).unsqueeze(1), bank.bank.index_select(0, rows_t.clamp(min=0)), bank.missing)
         cold = [i for i in np.flatnonzero(rows < 0).tolist() if batch.item_text[i]]
