@@ -171,7 +171,7 @@ def run_chaos(plan: ChaosPlan, cache: Path, *, broker=None, keep_dir: Path | Non
 
     from infra.broker import LocalBroker
     from stream.checkpoints import CheckpointManager
-    from stream.job import StreamingJob
+    from stream.job import StreamingJob, init_local_ray
     from stream.recording import recording_info, replay
 
     recording = _recording(plan.events, cache)
@@ -182,8 +182,8 @@ def run_chaos(plan: ChaosPlan, cache: Path, *, broker=None, keep_dir: Path | Non
         broker = LocalBroker(state_dir=work / "broker").start()
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(num_cpus=4, include_dashboard=False, namespace="memstream-chaos",
-                 logging_level="WARNING", log_to_driver=False)
+        init_local_ray(num_cpus=4, namespace="memstream-chaos", logging_level="WARNING",
+                       log_to_driver=False)
     prefix = f"chaos-{plan.seed}-{int(time.time())}"
     try:
         # 1. undisturbed reference, produced at the same pace as the chaos run: the

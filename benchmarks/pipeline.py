@@ -76,7 +76,7 @@ def main() -> None:
     from stream.config import load_config
     from stream.data.ml1m import build_ml1m_recording
     from stream.evaluate import run_eval
-    from stream.job import StreamingJob
+    from stream.job import StreamingJob, init_local_ray
     from stream.recording import replay
 
     tmp = Path(tempfile.mkdtemp(prefix="memstream-pipeline-"))
@@ -92,7 +92,7 @@ def main() -> None:
 
     port = free_port()
     with LocalBroker(state_dir=tmp / "broker") as broker:
-        ray.init(num_cpus=4, include_dashboard=False, namespace="memstream-bench", log_to_driver=False)
+        init_local_ray(num_cpus=4, namespace="memstream-bench", log_to_driver=False)
         try:
             # 1b. streaming job over the same events, topic filled first
             replay(rec, broker.bootstrap, "bench-max", "max", retime=True)
@@ -104,10 +104,14 @@ def main() -> None:
             rows["streaming / eval throughput"] = f"{ratio:.2f}"
             rows["streaming AUC like"] = f"{rep['auc.like']:.4f}"
             rows["|AUC streaming - eval|"] = f"{abs(rep['auc.like'] - ev['auc.like']):.4f}"
+            busy = rep.get("trainer_busy") or {}
+            for k, v in busy.items():
+                rows[f"trainer time in {k[:-2]} (s, streaming run)"] = f"{v:.1f}"
+            rows["eval wall time (s, decode + train)"] = f"{ev['duration_s']:.1f}"
 
             # 2 + 3. paced at half capacity: freshness, and serving latency during swaps
             rate = max(50.0, 0.5 * rep["throughput_eps"])
-            n_paced = int(rate * args.fresh_seconds)
+            n_paced = min(int(rate * args.fresh_seconds), args.events)  # the feeder sends `events` at most
             from stream.kafka_io import ensure_topic
             from stream.recording import recording_info
 
@@ -129,13 +133,14 @@ def main() -> None:
             req = _rank_request(rec, 100)
             while client.post("/rank", json=req).status_code != 200:
                 time.sleep(0.5)
-            lat, failed, versions = [], 0, set()
+            lat, failed, versions, failures = [], 0, set(), {}
             for _ in range(args.requests):
                 t0 = time.perf_counter()
                 r = client.post("/rank", json=req)
                 lat.append((time.perf_counter() - t0) * 1000)
                 if r.status_code != 200:
                     failed += 1
+                    failures.setdefault(r.status_code, r.text[:300])
                 else:
                     versions.add(r.json()["version"])
                 time.sleep(0.02)
@@ -144,9 +149,16 @@ def main() -> None:
             rows["paced rate (events/s, half capacity)"] = f"{rate:,.0f}"
             rows["freshness p50 (s)"] = f"{rep2['freshness_p50_s']:.2f}"
             rows["freshness p99 (s)"] = f"{rep2['freshness_p99_s']:.2f}"
+            rows["event -> version written p50 / p99 (s)"] = (
+                f"{rep2.get('written_p50_s') or float('nan'):.2f} / {rep2.get('written_p99_s') or float('nan'):.2f}")
+            rows["trainer time in train / wall (paced run)"] = (
+                f"{(rep2.get('trainer_busy') or {}).get('train_s', float('nan')):.1f} / "
+                f"{rep2.get('trainer_uptime_s') or float('nan'):.1f} s")
             rows["serving /rank 100 candidates p50 (ms)"] = f"{_pct(lat, 50):.1f}"
             rows["serving /rank 100 candidates p99 (ms)"] = f"{_pct(lat, 99):.1f}"
             rows["rank requests failed / sent"] = f"{failed} / {len(lat)}"
+            for code, body in failures.items():
+                rows[f"first failure, HTTP {code}"] = body.replace("|", "/").replace("\n", " ")
             rows["model versions seen by the requests"] = f"{len(versions)}"
 
             # 4. UG-Sep: user side once vs per candidate, in process on the last snapshot

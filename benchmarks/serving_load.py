@@ -97,7 +97,7 @@ def run(quiet_s: float, swap_s: float, clients: int, rate: float, events: int, s
 
     from infra.broker import LocalBroker
     from stream.config import load_config
-    from stream.job import StreamingJob
+    from stream.job import StreamingJob, init_local_ray
     from stream.kafka_io import ensure_topic
     from stream.recording import recording_info, replay
 
@@ -117,8 +117,8 @@ def run(quiet_s: float, swap_s: float, clients: int, rate: float, events: int, s
     write_recording(tail, table.slice(prefix_rows, tail_rows), info.partitions)
 
     with LocalBroker(state_dir=work / "broker") as broker:
-        ray.init(num_cpus=4, include_dashboard=False, namespace="memstream-load",
-                 logging_level="WARNING", log_to_driver=False)
+        init_local_ray(num_cpus=4, namespace="memstream-load", logging_level="WARNING",
+                       log_to_driver=False)
         try:
             topic = "serving-load"
             ensure_topic(broker.bootstrap, topic, info.partitions)

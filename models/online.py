@@ -47,6 +47,9 @@ from models.metrics import StreamingMetrics
 from models.ranker import CandidateInputs, Ranker, UserInputs
 
 STATE_VERSION = 1
+# The doc encoder's hashed word table, by its name in dense_state; trained row-sparse, so
+# snapshots ship its touched rows like the id tables (8 MB whole at the default sizes).
+WORD_TABLE = "encoder.tok.weight"
 
 
 class TrainerStateError(ValueError):
@@ -108,6 +111,8 @@ class OnlineTrainer:
         self.max_offset: dict[int, int] = {}  # kafka partition -> max offset trained on
         self._dense_names = self._dense_state_names()
         self._touched = {n: np.zeros(p.shape[0], dtype=bool) for n, p in self._id_tables().items()}
+        if self._word_table() is not None:  # the doc encoder's hashed word rows, same tracking
+            self._touched[WORD_TABLE] = np.zeros(self._word_table().shape[0], dtype=bool)
 
     # ---- setup helpers ---------------------------------------------------------------------
 
@@ -267,34 +272,49 @@ class OnlineTrainer:
         return {"user_emb": m.user_emb.weight, "item_emb": m.item_emb.weight, "cat_emb": m.cat_emb.weight,
                 "text_emb": m.text_emb.weight, "user_bias": m.user_bias.weight, "item_bias": m.item_bias.weight}
 
+    def _word_table(self) -> torch.nn.Parameter | None:
+        """The doc encoder's hashed word table when it is trained row-sparse, else None."""
+        sparse = self.encoder.sparse_parameters() if self.encoder is not None else []
+        return sparse[0] if sparse else None
+
     def _collect_touched(self) -> None:
         """Move the optimizer's per-step row lists into one bool mask per id table.
 
         The optimizer keeps a tensor of rows per step until someone takes them; over a
         long stream without snapshots that list grows without bound, a mask does not.
-        Memory values (LMN/PKM) track their own rows (gradient hooks); the encoder's
-        word table ships whole with the dense state.
+        Memory values (LMN/PKM) track their own rows (gradient hooks).
         """
-        for name, p in self._id_tables().items():
+        tracked = dict(self._id_tables())
+        if self._word_table() is not None:
+            tracked[WORD_TABLE] = self._word_table()
+        for name, p in tracked.items():
             rows = self.opt_sparse.take_touched(p)
             if len(rows):
                 self._touched[name][rows] = True
         for group in self.opt_sparse.param_groups[1:]:
             for p in group["params"]:
-                self.opt_sparse.take_touched(p)
+                if not any(p is t for t in tracked.values()):
+                    self.opt_sparse.take_touched(p)
 
     def take_deltas(self) -> dict[str, MemoryDelta]:
         """Rows changed since the previous call, per memory (clears the tracking).
 
         "embeddings": the model's id tables (rows updated by the sparse optimizer);
+        "encoder_words": the doc encoder's word-table rows (when trained row-sparse);
         "bank", "lmn", "pkm", "history": each memory's own delta.
         """
-        emb = MemoryDelta()
-        for name, p in self._id_tables().items():
+
+        def touched_rows(name: str, p: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
             rows = np.flatnonzero(self._touched[name])
             self._touched[name][:] = False
-            emb.tables[name] = (rows, p.detach()[torch.from_numpy(rows).to(p.device)].cpu())
+            return rows, p.detach()[torch.from_numpy(rows).to(p.device)].cpu()
+
+        emb = MemoryDelta()
+        for name, p in self._id_tables().items():
+            emb.tables[name] = touched_rows(name, p)
         out = {"embeddings": emb, "history": self.history.take_delta()}
+        if self._word_table() is not None:
+            out["encoder_words"] = MemoryDelta(tables={WORD_TABLE: touched_rows(WORD_TABLE, self._word_table())})
         if self.bank is not None:
             out["bank"] = self.bank.take_delta()
         for name, mem in (("lmn", self.model.lmn), ("pkm", self.model.pkm)):
@@ -302,15 +322,18 @@ class OnlineTrainer:
                 out[name] = mem.take_delta()
         return out
 
-    def dense_state(self) -> dict[str, torch.Tensor]:
-        """Dense weights (full, for snapshots): every model tensor except the sparse tables."""
+    def dense_state(self, word_table: bool = True) -> dict[str, torch.Tensor]:
+        """Dense weights (full, for snapshots): every model tensor except the sparse tables;
+        `word_table=False` leaves out the encoder's row-sparse word table (deltas ship its
+        touched rows instead, see take_deltas)."""
         params = dict(self.model.named_parameters())
         out = {n: params[n].detach().cpu().clone() for n in self._dense_names}
         for n, b in self.model.named_buffers():
             out[n] = b.detach().cpu().clone()
         if self.encoder is not None:
             for n, p in self.encoder.state_dict().items():
-                out[f"encoder.{n}"] = p.detach().cpu().clone()
+                if word_table or f"encoder.{n}" != WORD_TABLE or self._word_table() is None:
+                    out[f"encoder.{n}"] = p.detach().cpu().clone()
         return out
 
     def stats(self) -> dict[str, Any]:
@@ -401,7 +424,10 @@ class OnlineTrainer:
             if name in numpy_comps:
                 ts = {k: v.numpy() for k, v in ts.items()}
             comp.import_state(ts, meta[name])
-        self._touched = {k: v.numpy().astype(bool) for k, v in take("touched.").items()}
+        touched = {k: v.numpy().astype(bool) for k, v in take("touched.").items()}
+        for k, mask in self._touched.items():  # a table the saved state did not track: all rows
+            touched.setdefault(k, np.ones_like(mask))
+        self._touched = touched
         torch.set_rng_state(tensors["torch_rng"])
         self.rng.bit_generator.state = meta["rng"]
         self.steps = meta["steps"]

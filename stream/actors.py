@@ -121,6 +121,7 @@ class TrainerActor:
             first_version=(latest or 0) + 1,
         )
         self._stop = threading.Event()
+        self._publishing: dict = {}  # publish ref -> version, until settled
 
     # -- the loop ------------------------------------------------------------------------------
     @ray.method(concurrency_group="train")
@@ -152,11 +153,11 @@ class TrainerActor:
                     svc.apply_unit(unit)
                 inflight[readers[i].next_batch.remote(pull, 0.5, epochs[i])] = i
             now = time.monotonic()
-            publish_done = publish_ref is None or ray.wait([publish_ref], timeout=0)[0]
+            publish_done = publish_ref is None or self._publish_settled(publish_ref)
             if (
                 now - last_snap >= cfg.snapshots.interval_s
                 and publish_done
-                and self._applied() > published_at
+                and (self._applied() > published_at or svc.republish)
             ):
                 publish_ref = self._publish()
                 published_at, last_snap = self._applied(), now
@@ -165,9 +166,12 @@ class TrainerActor:
                 last_ckpt = now
         # Final: the last snapshot and a checkpoint covering everything applied.
         if publish_ref is not None:
-            ray.get(publish_ref)
-        if self._applied() > published_at:
-            ray.get(self._publish())
+            ray.wait([publish_ref])
+            self._publish_settled(publish_ref)
+        if self._applied() > published_at or svc.republish:
+            final = self._publish()
+            ray.wait([final])
+            self._publish_settled(final)
         self._checkpoint(readers, wait_commit=True)
         return svc.progress()
 
@@ -189,7 +193,22 @@ class TrainerActor:
 
     def _publish(self):
         p = self.svc.snapshot_payload()
-        return self.publisher.publish.remote(p.version, p.parent, p.state, p.meta, p.event_ts_ms)
+        ref = self.publisher.publish.remote(p.version, p.parent, p.state, p.meta, p.event_ts_ms)
+        self._publishing[ref] = p.version
+        return ref
+
+    def _publish_settled(self, ref) -> bool:
+        """True once the publish `ref` finished; a failed one makes the next snapshot full."""
+        if ref not in self._publishing:
+            return True
+        if not ray.wait([ref], timeout=0)[0]:
+            return False
+        version = self._publishing.pop(ref)
+        try:
+            ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - publisher crashed or the store refused the write
+            self.svc.publish_failed(version, e)
+        return True
 
     def _checkpoint(self, readers, wait_commit: bool = False) -> None:
         offsets = self.svc.checkpoint()

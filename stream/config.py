@@ -34,6 +34,11 @@ class JobConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     ray_address: str | None = None  # None: start a local Ray; "auto": join the running cluster
+    # Niceness of the Ray workers of a local Ray this job starts (Ray's default is 15:
+    # then every ordinary process on the machine, the broker included, preempts the
+    # trainer; on a shared node that halves its throughput). A cluster sets it on its
+    # raylets (RAY_worker_niceness, infra/k8s).
+    worker_niceness: int = Field(0, ge=0, le=19)
     namespace: str = "memstream"
     work_dir: str = "runs/default"  # checkpoints, default snapshot store, report, plots
     max_events: int | None = Field(None, gt=0)  # stop after this many messages are applied

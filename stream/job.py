@@ -34,6 +34,19 @@ class JobError(MemstreamError):
     pass
 
 
+def init_local_ray(worker_niceness: int = 0, **kwargs: Any) -> None:
+    """Start a local Ray (or join `address=`) with the workers at `worker_niceness`.
+
+    The one place memstream starts Ray: the job, the benchmarks and the tests all come
+    through here so the trainer actor runs at the same priority as an eval process."""
+    import ray
+
+    kwargs.setdefault("include_dashboard", False)
+    if kwargs.get("address") is None:
+        kwargs["_system_config"] = {"worker_niceness": worker_niceness}
+    ray.init(**kwargs)
+
+
 @dataclass
 class Topology:
     bootstrap: str
@@ -275,8 +288,9 @@ class StreamingJob:
             self._start_replay(bootstrap, recording)
 
         if not ray.is_initialized():
-            ray.init(address=cfg.job.ray_address, namespace=cfg.job.namespace,
-                     include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
+            init_local_ray(cfg.job.worker_niceness, address=cfg.job.ray_address,
+                           namespace=cfg.job.namespace, log_to_driver=True,
+                           logging_level=logging.WARNING)
             self._started_ray = cfg.job.ray_address is None
         gpus = ray.cluster_resources().get("GPU", 0.0)
         device, num_gpus = resolve_device(cfg, gpus)
@@ -480,6 +494,9 @@ class StreamingJob:
             "dlq_categories": final["rejects_applied"],
             "duplicates_dropped": final["duplicates_dropped"],
             "throughput_eps": final.get("throughput_eps"),
+            "trainer_busy": final.get("busy"),
+            "trainer_uptime_s": final.get("uptime_s"),
+            "publish_failures": final.get("publish_failures"),
             "auc.like": m.get("auc.like"),
             "auc_last20.like": final.get("auc_last20.like"),
             "logloss.like": m.get("logloss.like"),
@@ -487,6 +504,9 @@ class StreamingJob:
             "freshness_p50_s": fresh.get("p50_s"),
             "freshness_p99_s": fresh.get("p99_s"),
             "freshness_samples": fresh.get("count"),
+            # event -> its version in the store (the trainer's part of freshness)
+            "written_p50_s": fresh.get("written_p50_s"),
+            "written_p99_s": fresh.get("written_p99_s"),
             "snapshots_published": ray.get(topo.publisher.stats.remote())["published"],
             "snapshot_version": last_version,
             "serving_version": max((r.get("version") or 0 for r in serving), default=None),

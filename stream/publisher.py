@@ -39,9 +39,20 @@ class FreshnessLedger:
         self._count = 0
         self._max = max_samples
         self.first_activation: dict[int, float] = {}
+        # The first leg alone (event -> its version written to the store): separates a
+        # trainer that lags the topic from replicas that are slow to swap.
+        self._published: list[np.ndarray] = []
+        self._published_count = 0
 
     def add_version(self, version: int, event_ts_ms: np.ndarray) -> None:
         self._pending[version] = np.asarray(event_ts_ms, dtype=np.int64)
+
+    def written(self, version: int, at_s: float) -> None:
+        ts = self._pending.get(version)
+        if ts is not None and self._published_count < self._max:
+            ts = ts[ts > 0]
+            self._published.append(at_s - ts / 1000.0)
+            self._published_count += len(ts)
 
     def activated(self, version: int, at_s: float) -> None:
         live = [v for v in self._pending if v <= version]
@@ -54,15 +65,20 @@ class FreshnessLedger:
                 self._count += len(ts)
 
     def summary(self) -> dict[str, Any]:
-        if not self._samples:
-            return {"count": 0, "p50_s": None, "p99_s": None}
-        s = np.concatenate(self._samples)
-        return {
-            "count": int(len(s)),
-            "p50_s": float(np.percentile(s, 50)),
-            "p99_s": float(np.percentile(s, 99)),
-            "max_s": float(s.max()),
-        }
+        out: dict[str, Any] = {"count": 0, "p50_s": None, "p99_s": None}
+        if self._samples:
+            s = np.concatenate(self._samples)
+            out = {
+                "count": int(len(s)),
+                "p50_s": float(np.percentile(s, 50)),
+                "p99_s": float(np.percentile(s, 99)),
+                "max_s": float(s.max()),
+            }
+        if self._published:
+            w = np.concatenate(self._published)
+            out["written_p50_s"] = float(np.percentile(w, 50))
+            out["written_p99_s"] = float(np.percentile(w, 99))
+        return out
 
     def samples(self) -> np.ndarray:
         return np.concatenate(self._samples) if self._samples else np.empty(0)
@@ -100,6 +116,7 @@ class SnapshotPublisher:
             manifest = self.store.publish_delta(version, parent, state, meta)
         with self._lock:
             self.published += 1
+            self.ledger.written(version, time.time())
         return {"version": version, "kind": manifest["kind"], "write_s": time.time() - t0}
 
     def report_serving(self, replica_id: str, event: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from memory_bank.base import MemoryDelta
 from models.config import ModelConfig, TrainerConfig
-from models.online import OnlineTrainer
+from models.online import WORD_TABLE, OnlineTrainer
 from models.ranker import CandidateInputs, UserInputs
 from stream.events import EventBatch
 from stream.snapshots import DeltaState, FullState, SnapshotChain
@@ -87,11 +87,13 @@ def snapshot_meta(trainer: OnlineTrainer) -> dict[str, Any]:
     }
 
 
-def serving_dense_state(trainer: OnlineTrainer) -> dict[str, torch.Tensor]:
+def serving_dense_state(trainer: OnlineTrainer, word_table: bool = True) -> dict[str, torch.Tensor]:
     """Dense tensors serving reads: the model's persistent state (not usage statistics
-    such as hit counters or query reservoirs) and the doc encoder (cold-start items)."""
+    such as hit counters or query reservoirs) and the doc encoder (cold-start items);
+    deltas leave out the encoder's word table (its touched rows travel as a memory)."""
     persistent = trainer.model.state_dict().keys()
-    out = {k: v for k, v in trainer.dense_state().items() if k in persistent or k.startswith("encoder.")}
+    dense = trainer.dense_state(word_table=word_table)
+    out = {k: v for k, v in dense.items() if k in persistent or k.startswith("encoder.")}
     if trainer.bank is not None:  # the learned vector unknown items read; trained every step
         out["bank.missing"] = trainer.bank.missing.detach().cpu().clone()
     return out
@@ -121,7 +123,16 @@ def full_snapshot(trainer: OnlineTrainer) -> FullState:
 def delta_snapshot(trainer: OnlineTrainer, counters: CounterTracker) -> DeltaState:
     memories = trainer.take_deltas()
     memories["features"] = counters.take_delta()
-    return DeltaState(serving_dense_state(trainer), memories)
+    dense = serving_dense_state(trainer, word_table=False)
+    for name in ("lmn", "pkm"):
+        # A memory's delta carries its small dense tensors (query net, keys) whole so it
+        # stands alone; here the dense state already has them: ship them once.
+        if name in memories:
+            tables = memories[name].tables
+            shipped = [k[len(name) + 1:] for k in dense if k.startswith(name + ".")]  # e.g. memory.base_keys
+            for table in [t for t in tables if any(k == t or k.endswith("." + t) for k in shipped)]:
+                del tables[table]
+    return DeltaState(dense, memories)
 
 
 # -- serving side ------------------------------------------------------------------------------
@@ -180,27 +191,33 @@ class ServedModel:
             if mem is not None:
                 mem.import_state(*full.memories[name])
 
-    def _load_dense(self, dense: dict[str, torch.Tensor]) -> None:
+    def _load_dense(self, dense: dict[str, torch.Tensor], delta: bool = False) -> None:
         t = self.trainer
         model_sd = {k: v for k, v in dense.items() if not k.startswith(("encoder.", "bank."))}
         missing, unexpected = t.model.load_state_dict(model_sd, strict=False)
         if unexpected:
             raise ValueError(f"snapshot has tensors this model does not: {unexpected[:5]}")
         if t.encoder is not None:
-            t.encoder.load_state_dict(
-                {k[len("encoder."):]: v for k, v in dense.items() if k.startswith("encoder.")}
-            )
+            enc = {k[len("encoder."):]: v for k, v in dense.items() if k.startswith("encoder.")}
+            missing, unexpected = t.encoder.load_state_dict(enc, strict=False)
+            allowed = {WORD_TABLE[len("encoder."):]} if delta else set()
+            if unexpected or set(missing) - allowed:
+                raise ValueError(f"snapshot's doc encoder does not fit: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")
         if t.bank is not None and "bank.missing" in dense:
             with torch.no_grad():
                 t.bank.missing.copy_(dense["bank.missing"])
 
     def apply_delta(self, delta: DeltaState, version: int) -> None:
         t, m = self.trainer, self.trainer.model
-        self._load_dense(delta.dense)
+        self._load_dense(delta.dense, delta=True)
         mems = delta.memories
         with torch.no_grad():
             for name, (rows, vals) in mems.get("embeddings", MemoryDelta()).tables.items():
                 w = getattr(m, name).weight
+                w.index_copy_(0, torch.from_numpy(rows).to(w.device), vals.to(w))
+            for name, (rows, vals) in mems.get("encoder_words", MemoryDelta()).tables.items():
+                w = t.encoder.get_parameter(name[len("encoder."):])
                 w.index_copy_(0, torch.from_numpy(rows).to(w.device), vals.to(w))
         if "history" in mems:
             t.history.apply_delta(mems["history"])

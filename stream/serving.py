@@ -68,6 +68,8 @@ class ServingDrainTimeout(Exception):
 class SnapshotFollower:
     # How long a swap waits for requests still running on the standby copy.
     drain_timeout_s = 30.0
+    # Deltas a replica applies to catch up before it reloads the chain instead.
+    max_catch_up = 50
 
     def __init__(self, store: SnapshotStore, build: Callable[[SnapshotChain], Servable]):
         self.store = store
@@ -163,27 +165,40 @@ class SnapshotFollower:
         self.activations.append((target, time.time()))
         return True
 
+    def _deltas_since(self, live_version: int, target: int) -> list[int] | None:
+        """The delta versions leading from `live_version` to `target` (oldest first), or
+        None when a full snapshot lies between them (then the chain is loaded afresh)."""
+        path: list[int] = []
+        v: int | None = target
+        while v != live_version:
+            if v is None or v < live_version or len(path) >= self.max_catch_up:
+                return None
+            m = self.store.manifest(v)
+            if m["kind"] != "delta":
+                return None
+            path.append(v)
+            v = m.get("parent")
+        return path[::-1]
+
     def _move_to(self, target: int) -> None:
         live = self._live
-        manifest = self.store.manifest(target)
-        incremental = (
-            live is not None
-            and self._standby is not None
-            and manifest["kind"] == "delta"
-            and manifest.get("parent") == live.version
+        steps = (
+            self._deltas_since(live.version, target)
+            if live is not None and self._standby is not None and target > live.version
+            else None
         )
-        if incremental:
-            # Verify and decode only the new delta; bring the standby up to it.
-            delta = self.store.load_delta(target)
+        if steps:
+            # Verify and decode only the new deltas (a replica that fell a few versions
+            # behind catches up by deltas, not by reloading the whole chain).
+            deltas = [(v, self.store.load_delta(v)) for v in steps]
             standby = self._standby
             # The standby was live until the last swap: requests that took it then
             # may still be running on it. Mutating it under them is the race.
             self._drain(standby)
-            for v, d in self._standby_missing:
+            for v, d in self._standby_missing + deltas:
                 standby.apply_delta(d, v)
-            standby.apply_delta(delta, target)
             self._swap(standby, live)
-            self._standby_missing = [(target, delta)]
+            self._standby_missing = deltas
             return
         chain = self.store.load_chain(target)
         fresh = self._build(chain)

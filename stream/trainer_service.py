@@ -81,11 +81,16 @@ class TrainerService:
         self.next_version = max(1, first_version)
         self.last_published: int | None = None
         self.counters: CounterTracker | None = None
+        self.publish_failures = 0
+        self.republish = False  # the last publish failed: publish again even without new events
         self._pending_ts: list[np.ndarray] = []
         # Throughput of this incarnation: events trained between its first and last unit.
         self._first_unit_t: float | None = None
         self._last_unit_t: float | None = None
         self._trained_here = 0
+        # Where this incarnation's time went (seconds): training steps, building snapshot
+        # payloads, writing checkpoints; the rest of its wall time is waiting for data.
+        self.busy = {"train_s": 0.0, "snapshot_s": 0.0, "checkpoint_s": 0.0}
 
     # -- training ------------------------------------------------------------------------------
     def apply_unit(self, unit: dict[str, Any]) -> int:
@@ -116,6 +121,7 @@ class TrainerService:
                     self._note_applied(p, off)
             for p, nxt in unit["next_offsets"].items():
                 self.next_offsets[int(p)] = max(self.next_offsets.get(int(p), 0), int(nxt))
+            self.busy["train_s"] += time.monotonic() - t0
             if trained:
                 if self._first_unit_t is None:
                     self._first_unit_t = t0
@@ -138,6 +144,7 @@ class TrainerService:
     # -- checkpoints ---------------------------------------------------------------------------
     def checkpoint(self) -> dict[int, int]:
         """Write a durable checkpoint; returns the offsets it covers (commit them after)."""
+        t0 = time.monotonic()
         with self.lock:
             offsets = dict(self.next_offsets)
             meta = {
@@ -149,11 +156,13 @@ class TrainerService:
                 "snapshot_version": self.last_published or 0,
             }
             self.checkpoints.save(lambda d: self.trainer.save(d / "state"), meta)
+            self.busy["checkpoint_s"] += time.monotonic() - t0
         return offsets
 
     # -- snapshots -----------------------------------------------------------------------------
     def snapshot_payload(self) -> SnapshotPayload:
         """The next version's content; full every `full_every` versions and after a start."""
+        t0 = time.monotonic()
         with self.lock:
             version = self.next_version
             full = (
@@ -173,8 +182,20 @@ class TrainerService:
             ts = np.concatenate(self._pending_ts) if self._pending_ts else np.empty(0, np.int64)
             self._pending_ts = []
             self.next_version = version + 1
+            self.republish = False
+            self.busy["snapshot_s"] += time.monotonic() - t0
             self.last_published = version
         return SnapshotPayload(version=version, parent=parent, state=state, meta=meta, event_ts_ms=ts)
+
+    def publish_failed(self, version: int, error: BaseException) -> None:
+        """The publisher did not store `version`: the next snapshot is a full one, since a
+        delta on top of a version that never landed could never be loaded by serving."""
+        with self.lock:
+            log.warning("snapshot version %d was not published (%s); the next one is full",
+                        version, error)
+            self.counters = None
+            self.publish_failures += 1
+            self.republish = True
 
     # -- queries -------------------------------------------------------------------------------
     def progress(self) -> dict[str, Any]:
@@ -188,8 +209,11 @@ class TrainerService:
                 "next_offsets": dict(self.next_offsets),
                 "lineage": {p: list(v) for p, v in self.lineage.items()},
                 "snapshot_version": self.last_published,
+                "publish_failures": self.publish_failures,
                 "restored_from": self.restored_from,
                 "throughput_eps": self.throughput_eps(),
+                "busy": {k: round(v, 3) for k, v in self.busy.items()},
+                "uptime_s": round(time.time() - self.started_at, 3),
                 "metrics": _metrics_brief(summary),
             }
 

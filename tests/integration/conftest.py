@@ -25,8 +25,9 @@ def _free_port() -> int:
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, namespace="memstream-tests",
-             logging_level="WARNING", log_to_driver=False)
+    from stream.job import init_local_ray
+
+    init_local_ray(num_cpus=4, namespace="memstream-tests", logging_level="WARNING", log_to_driver=False)
     yield
     try:
         from ray import serve

@@ -73,8 +73,14 @@ def test_refusal_visible_rollback_and_unpin(ray_cluster, broker, ml1m_20k, tmp_p
         _wait(lambda: ray.get(topo.trainer.progress.remote(), timeout=10)["events_applied"] >= EVENTS,
               240, "all events applied", out)
         store = SnapshotStore(topo.store_uri)
-        good = _wait(lambda: (v := store.latest_version()) and v >= 2
-                     and serving.post("/rank", json=RANK).json()["version"] == v and v, 120, "serving latest")
+        try:
+            good = _wait(lambda: (v := store.latest_version()) and v >= 2
+                         and serving.post("/rank", json=RANK).json()["version"] == v and v, 120, "serving latest")
+        except AssertionError as e:  # say where serving stands, so a failure can be diagnosed
+            state = {"store_versions": store.versions(), "latest": store.latest_version(),
+                     "serving": admin.get("/v1/serving", headers=AUTH).json(),
+                     "replica": serving.get("/version").json()}
+            raise AssertionError(f"{e}: {json.dumps(state, default=str)[:4000]}") from None
         time.sleep(1.5)  # nothing new to publish: the store stays at `good`
         assert store.latest_version() == good
 

@@ -92,7 +92,10 @@ def test_deltas_and_dense_state(ml1m_20k):
     for b in _batches(ml1m_20k, 256):
         t.step(b)
     d = t.take_deltas()
-    assert set(d) == {"embeddings", "history", "bank", "lmn", "pkm"}
+    assert set(d) == {"embeddings", "encoder_words", "history", "bank", "lmn", "pkm"}
+    words, word_vals = d["encoder_words"].tables["encoder.tok.weight"]
+    assert 0 < len(words) < t.encoder.tok.weight.shape[0]  # only the words of the texts seen
+    assert torch.equal(word_vals, t.encoder.tok.weight.detach()[torch.from_numpy(words)])
     rows, vals = d["embeddings"].tables["item_emb"]
     assert len(rows) > 0 and torch.equal(vals, t.model.item_emb.weight.detach()[torch.from_numpy(rows)])
     assert d["pkm"].tables["values"][0].size > 0
@@ -101,6 +104,7 @@ def test_deltas_and_dense_state(ml1m_20k):
     assert again["embeddings"].tables["item_emb"][0].size == 0
     dense = t.dense_state()
     assert "head.weight" in dense and "item_emb.weight" not in dense
+    assert "encoder.tok.weight" in dense and "encoder.tok.weight" not in t.dense_state(word_table=False)
 
 
 def test_learns_ml1m_prefix(ml1m_20k):

@@ -107,3 +107,34 @@ def test_follower_refuses_corrupt_version_and_keeps_serving(tmp_path, batches):
     assert follower.poll() and follower.version == 4
     fresh = ServedModel(store.load_chain(4))
     np.testing.assert_array_equal(follower.live.rank(req)["scores"]["like"], fresh.rank(req)["scores"]["like"])
+
+
+def test_follower_behind_by_several_deltas_catches_up_without_reloading(tmp_path, batches):
+    from stream.serving import SnapshotFollower
+
+    trainer = OnlineTrainer(_small_cfg(), TrainerConfig(seed=5))
+    store = SnapshotStore(str(tmp_path / "snaps"))
+    trainer.step(batches[0])
+    store.publish_full(1, full_snapshot(trainer), snapshot_meta(trainer))
+    counters = CounterTracker(trainer)
+    builds = []
+    follower = SnapshotFollower(store, build=lambda chain: builds.append(chain.version) or ServedModel(chain))
+    assert follower.poll() and builds == [1, 1]  # live + standby
+    version = 1
+    for lag in (3, 1, 4):  # the replica misses `lag - 1` versions between polls
+        for _ in range(lag):
+            trainer.step(batches[version])
+            version += 1
+            store.publish_delta(version, version - 1, delta_snapshot(trainer, counters), snapshot_meta(trainer))
+        assert follower.poll() and follower.version == version
+    assert builds == [1, 1]  # every catch-up went by deltas
+    fresh = ServedModel(store.load_chain(version))
+    for req in _requests(batches[version]):
+        np.testing.assert_array_equal(follower.live.rank(req)["scores"]["like"], fresh.rank(req)["scores"]["like"])
+    # and the standby (the previous live copy) lands on the same state at the next swap
+    trainer.step(batches[version])
+    store.publish_delta(version + 1, version, delta_snapshot(trainer, counters), snapshot_meta(trainer))
+    assert follower.poll() and builds == [1, 1]
+    fresh = ServedModel(store.load_chain(version + 1))
+    for req in _requests(batches[version]):
+        np.testing.assert_array_equal(follower.live.rank(req)["scores"]["like"], fresh.rank(req)["scores"]["like"])

@@ -1,0 +1,53 @@
+"""TrainerService snapshot lineage: a publish that never landed is not chained onto."""
+
+import numpy as np
+import pytest
+
+from models.config import ModelConfig, TrainerConfig
+from models.online import OnlineTrainer
+from stream.checkpoints import CheckpointManager
+from stream.data.synthetic import build_synthetic_recording
+from stream.evaluate import iter_event_batches
+from stream.snapshots import FullState
+from stream.trainer_service import TrainerService
+
+
+@pytest.fixture(scope="module")
+def units(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rec") / "syn.parquet"
+    build_synthetic_recording(path, events=600, users=40, items=200, seed=5)
+    out = []
+    for b in iter_event_batches(path, batch_size=100):
+        nxt = {int(p): int(b.kafka_offset[b.kafka_partition == p].max()) + 1
+               for p in np.unique(b.kafka_partition)}
+        out.append({"events": b.to_arrow(), "rejects": [], "next_offsets": nxt})
+    return out
+
+
+def _service(tmp_path) -> TrainerService:
+    cfg = ModelConfig.model_validate({
+        "bank": {"capacity": 400}, "lmn": {"n_sub_keys": 8}, "pkm": {"n_sub_keys": 8, "k": 4},
+        "features": {"user_buckets": 1024, "item_buckets": 1024, "cat_buckets": 512, "text_buckets": 512},
+    })
+    return TrainerService(OnlineTrainer(cfg, TrainerConfig(seed=0)), CheckpointManager(tmp_path / "ck"),
+                          batch_size=64, full_every=10, first_version=1)
+
+
+def test_failed_publish_makes_the_next_snapshot_full(tmp_path, units):
+    svc = _service(tmp_path)
+    svc.apply_unit(units[0])
+    first = svc.snapshot_payload()
+    assert isinstance(first.state, FullState) and first.parent is None
+    svc.apply_unit(units[1])
+    second = svc.snapshot_payload()
+    assert second.parent == first.version and not isinstance(second.state, FullState)
+    assert not svc.republish
+
+    svc.publish_failed(second.version, RuntimeError("store unreachable"))
+    assert svc.republish and svc.progress()["publish_failures"] == 1
+    third = svc.snapshot_payload()  # no new events needed: the failed content is re-sent whole
+    assert isinstance(third.state, FullState) and third.parent is None
+    assert third.version == second.version + 1 and not svc.republish
+    svc.apply_unit(units[2])
+    fourth = svc.snapshot_payload()
+    assert fourth.parent == third.version and not isinstance(fourth.state, FullState)
