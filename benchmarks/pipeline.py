@@ -2,9 +2,11 @@
 
 1. `memstream eval` throughput vs the streaming job's on the same recording and
    config (the topic replayed at full speed first, so the trainer never waits).
-2. Freshness p50/p99 with events paced at half the trainer's measured capacity.
-3. Serving p50/p99 latency of /rank with 100 candidates, while snapshots are
-   published and hot-swapped (failed requests counted).
+2. Freshness p50/p99 with events paced at half the trainer's measured capacity
+   (and the first leg alone: event -> its version written to the store).
+3. The same pace again under a stream of /rank requests with 100 candidates:
+   latency p50/p99 while snapshots are published and hot-swapped (failed
+   requests counted, by status), and freshness under that load.
 4. User-side reuse (UG-Sep): one rank request of 100 candidates with the user
    side computed once vs once per candidate.
 
@@ -60,6 +62,47 @@ def _rank_request(recording: Path, n: int) -> dict:
             "candidates": cands}
 
 
+def _paced_run(args, bootstrap: str, topic: str, work: Path, port: int, rec: Path, rate: float,
+               n_events: int, req: dict, requests: int) -> dict:
+    """A job over a topic fed at `rate` events/s; `requests` /rank calls during it."""
+    import httpx
+
+    from stream.job import StreamingJob
+    from stream.kafka_io import ensure_topic
+    from stream.recording import recording_info, replay
+
+    ensure_topic(bootstrap, topic, recording_info(rec).partitions)
+    job = StreamingJob(_job_cfg(args.overrides, bootstrap, topic, work, n_events, port))
+    out: dict = {}
+    th = threading.Thread(target=lambda: out.update(report=job.run()), daemon=True)
+    th.start()
+    while not getattr(job, "topo", None) or not job.topo.serving_url:
+        if not th.is_alive():
+            raise SystemExit("the paced job failed to start (see its log above)")
+        time.sleep(0.5)
+    feeder = threading.Thread(target=replay, args=(rec, bootstrap, topic),
+                              kwargs={"speed": "max", "rate": rate, "retime": True}, daemon=True)
+    feeder.start()
+    lat: list[float] = []
+    failures: dict[int, list[str]] = {}
+    versions: set[int] = set()
+    if requests:
+        client = httpx.Client(base_url=job.topo.serving_url, timeout=30)
+        while client.post("/rank", json=req).status_code != 200:
+            time.sleep(0.5)
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            r = client.post("/rank", json=req)
+            lat.append((time.perf_counter() - t0) * 1000)
+            if r.status_code != 200:
+                failures.setdefault(r.status_code, []).append(r.text[:300])
+            else:
+                versions.add(r.json()["version"])
+            time.sleep(0.02)
+    th.join()
+    return {**out["report"], "latency_ms": lat, "failures": failures, "versions": versions}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=40_000, help="events for the throughput runs")
@@ -69,7 +112,6 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline_cpu.md"))
     args = ap.parse_args()
 
-    import httpx
     import ray
 
     from infra.broker import LocalBroker, free_port
@@ -109,63 +151,37 @@ def main() -> None:
                 rows[f"trainer time in {k[:-2]} (s, streaming run)"] = f"{v:.1f}"
             rows["eval wall time (s, decode + train)"] = f"{ev['duration_s']:.1f}"
 
-            # 2 + 3. paced at half capacity: freshness, and serving latency during swaps
+            # 2. paced at half capacity, no request load: freshness
+            # 3. the same pace under a stream of /rank requests: latency during swaps
             rate = max(50.0, 0.5 * rep["throughput_eps"])
             n_paced = min(int(rate * args.fresh_seconds), args.events)  # the feeder sends `events` at most
-            from stream.kafka_io import ensure_topic
-            from stream.recording import recording_info
-
-            ensure_topic(broker.bootstrap, "bench-paced", recording_info(rec).partitions)
-            job2 = StreamingJob(_job_cfg(args.overrides, broker.bootstrap, "bench-paced", tmp / "w2",
-                                         n_paced, port))
-            out: dict = {}
-            th = threading.Thread(target=lambda: out.update(report=job2.run()), daemon=True)
-            th.start()
-            while not getattr(job2, "topo", None) or not job2.topo.serving_url:
-                if not th.is_alive():
-                    raise SystemExit("the paced job failed to start (see its log above)")
-                time.sleep(0.5)
-            feeder = threading.Thread(
-                target=replay, args=(rec, broker.bootstrap, "bench-paced"),
-                kwargs={"speed": "max", "rate": rate, "retime": True}, daemon=True)
-            feeder.start()
-            client = httpx.Client(base_url=job2.topo.serving_url, timeout=30)
             req = _rank_request(rec, 100)
-            while client.post("/rank", json=req).status_code != 200:
-                time.sleep(0.5)
-            lat, failed, versions, failures = [], 0, set(), {}
-            for _ in range(args.requests):
-                t0 = time.perf_counter()
-                r = client.post("/rank", json=req)
-                lat.append((time.perf_counter() - t0) * 1000)
-                if r.status_code != 200:
-                    failed += 1
-                    failures.setdefault(r.status_code, r.text[:300])
-                else:
-                    versions.add(r.json()["version"])
-                time.sleep(0.02)
-            th.join()
-            rep2 = out["report"]
             rows["paced rate (events/s, half capacity)"] = f"{rate:,.0f}"
-            rows["freshness p50 (s)"] = f"{rep2['freshness_p50_s']:.2f}"
-            rows["freshness p99 (s)"] = f"{rep2['freshness_p99_s']:.2f}"
+            quiet = _paced_run(args, broker.bootstrap, "bench-paced", tmp / "w2", port, rec, rate, n_paced,
+                               req, requests=0)
+            rows["freshness p50 / p99 (s)"] = f"{quiet['freshness_p50_s']:.2f} / {quiet['freshness_p99_s']:.2f}"
             rows["event -> version written p50 / p99 (s)"] = (
-                f"{rep2.get('written_p50_s') or float('nan'):.2f} / {rep2.get('written_p99_s') or float('nan'):.2f}")
-            rows["trainer time in train / wall (paced run)"] = (
-                f"{(rep2.get('trainer_busy') or {}).get('train_s', float('nan')):.1f} / "
-                f"{rep2.get('trainer_uptime_s') or float('nan'):.1f} s")
+                f"{quiet.get('written_p50_s') or float('nan'):.2f} / {quiet.get('written_p99_s') or float('nan'):.2f}")
+            rows["trainer busy training / wall (paced run, s)"] = (
+                f"{(quiet.get('trainer_busy') or {}).get('train_s', float('nan')):.1f} / "
+                f"{quiet.get('trainer_uptime_s') or float('nan'):.1f}")
+            loaded = _paced_run(args, broker.bootstrap, "bench-paced-load", tmp / "w3", port, rec, rate,
+                                n_paced, req, requests=args.requests)
+            lat, failures = loaded["latency_ms"], loaded["failures"]
+            rows["under /rank load: freshness p50 / p99 (s)"] = (
+                f"{loaded['freshness_p50_s']:.2f} / {loaded['freshness_p99_s']:.2f}")
             rows["serving /rank 100 candidates p50 (ms)"] = f"{_pct(lat, 50):.1f}"
             rows["serving /rank 100 candidates p99 (ms)"] = f"{_pct(lat, 99):.1f}"
-            rows["rank requests failed / sent"] = f"{failed} / {len(lat)}"
-            for code, body in failures.items():
-                rows[f"first failure, HTTP {code}"] = body.replace("|", "/").replace("\n", " ")
-            rows["model versions seen by the requests"] = f"{len(versions)}"
+            rows["rank requests failed / sent"] = f"{sum(len(v) for v in failures.values())} / {len(lat)}"
+            for code, bodies in failures.items():
+                rows[f"first failure, HTTP {code}"] = bodies[0].replace("|", "/").replace("\n", " ")
+            rows["model versions seen by the requests"] = f"{len(loaded['versions'])}"
 
             # 4. UG-Sep: user side once vs per candidate, in process on the last snapshot
             from stream.servable import RankRequest, ServedModel
             from stream.snapshots import SnapshotStore
 
-            served = ServedModel(SnapshotStore(str(tmp / "w2" / "snapshots")).load_chain())
+            served = ServedModel(SnapshotStore(str(tmp / "w3" / "snapshots")).load_chain())
             rq = RankRequest.model_validate(req)
 
             def timed(reuse: bool) -> float:
