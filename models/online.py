@@ -78,7 +78,11 @@ class OnlineTrainer:
         if tcfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(tcfg.seed)
-        self.device = torch.device(tcfg.device)
+        # "auto": the GPU when this process has one (the streaming job resolves it per
+        # actor; `memstream eval` and tests resolve it here).
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if tcfg.device == "auto" else tcfg.device
+        )
         self.features = FeatureBuilder(model_cfg.features)
         self.history = UserHistoryStore(model_cfg.history)
         self.bank = None
@@ -87,7 +91,7 @@ class OnlineTrainer:
         if model_cfg.use_bank:
             from memory_bank.lemur import DocEncoder, ItemMemoryBank
 
-            on_device = {"device": tcfg.device}
+            on_device = {"device": str(self.device)}
             self.bank = ItemMemoryBank(model_cfg.bank.model_copy(update=on_device))
             self.encoder = DocEncoder(model_cfg.encoder.model_copy(update=on_device))
             bank_dim = model_cfg.bank.dim
