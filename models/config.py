@@ -115,7 +115,7 @@ class TrainerConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(10.0, gt=0)
     seed: int = 0
-    device: str = "cpu"
+    device: str = Field("cpu", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")  # auto: cuda when there is one
     threads: int = Field(1, ge=1)  # torch intra-op threads; fixed for determinism
     deterministic: bool = True
     metrics_window: int = Field(10_000, gt=0)  # W of the windowed metrics

@@ -44,3 +44,17 @@ def test_partial_nested_override_keeps_the_models_defaults():
     cfg = load_config(None, ["model.pkm.k=8"])
     assert cfg.model.pkm.k == 8
     assert cfg.model.pkm.heads == base.model.pkm.heads  # not PKMConfig's own class default
+
+
+def test_trainer_device_auto_resolves_and_bad_devices_are_refused():
+    import pydantic
+    import torch
+
+    from models.config import ModelConfig, TrainerConfig
+    from models.online import OnlineTrainer
+
+    small = ModelConfig.model_validate({"use_bank": False, "use_lmn": False, "use_pkm": False})
+    t = OnlineTrainer(small, TrainerConfig(device="auto"))
+    assert t.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(pydantic.ValidationError, match="device"):
+        TrainerConfig(device="gpu0")
