@@ -139,6 +139,10 @@ class TrainerActor:
             if max_events is not None and self._applied() >= max_events:
                 break
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.2)
+            if ready and len(inflight) > 1:  # and whatever the other readers have by now
+                rest = [r for r in inflight if r not in ready]
+                ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+            units = []
             for ref in ready:
                 i = inflight.pop(ref)
                 try:
@@ -150,8 +154,10 @@ class TrainerActor:
                     epochs[i] = self._seek(readers[i])
                     unit = None
                 if unit is not None:
-                    svc.apply_unit(unit)
+                    units.append(unit)
                 inflight[readers[i].next_batch.remote(pull, 0.5, epochs[i])] = i
+            if units:
+                svc.apply_units(units)
             now = time.monotonic()
             publish_done = publish_ref is None or self._publish_settled(publish_ref)
             if (

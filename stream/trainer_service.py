@@ -95,9 +95,22 @@ class TrainerService:
     # -- training ------------------------------------------------------------------------------
     def apply_unit(self, unit: dict[str, Any]) -> int:
         """Train on one reader result (see PartitionReader.next_batch); returns events trained."""
+        return self.apply_units([unit])
+
+    def apply_units(self, units: list[dict[str, Any]]) -> int:
+        """Train on the results several readers returned together, merged into one stream
+        in Kafka-timestamp order (stable): the partitions interleave as they were produced
+        and small units from many readers make full micro-batches. Returns events trained."""
         t0 = time.monotonic()
-        table: pa.Table = unit["events"]
-        batch = EventBatch.from_arrow(table) if table.num_rows else EventBatch.empty()
+        parts = [EventBatch.from_arrow(u["events"]) for u in units if u["events"].num_rows]
+        batch = EventBatch.concat(parts)
+        if len(parts) > 1:
+            batch = batch.take(np.argsort(batch.kafka_ts_ms, kind="stable"))
+        rejects = [r for u in units for r in u["rejects"]]
+        next_offsets: dict[int, int] = {}
+        for u in units:
+            for p, o in u["next_offsets"].items():
+                next_offsets[int(p)] = max(next_offsets.get(int(p), 0), int(o))
         trained = 0
         with self.lock:
             if len(batch):
@@ -115,12 +128,12 @@ class TrainerService:
                 self._pending_ts.append(batch.kafka_ts_ms.copy())
                 for p, off in zip(batch.kafka_partition.tolist(), batch.kafka_offset.tolist()):
                     self._note_applied(p, off)
-            for p, off, category in unit["rejects"]:
+            for p, off, category in rejects:
                 if off >= self.next_offsets.get(p, -1):
                     self.rejects_applied[category] = self.rejects_applied.get(category, 0) + 1
                     self._note_applied(p, off)
-            for p, nxt in unit["next_offsets"].items():
-                self.next_offsets[int(p)] = max(self.next_offsets.get(int(p), 0), int(nxt))
+            for p, nxt in next_offsets.items():
+                self.next_offsets[p] = max(self.next_offsets.get(p, 0), nxt)
             self.busy["train_s"] += time.monotonic() - t0
             if trained:
                 if self._first_unit_t is None:

@@ -51,3 +51,25 @@ def test_failed_publish_makes_the_next_snapshot_full(tmp_path, units):
     svc.apply_unit(units[2])
     fourth = svc.snapshot_payload()
     assert fourth.parent == third.version and not isinstance(fourth.state, FullState)
+
+
+def test_units_from_several_readers_train_as_one_stream_in_timestamp_order(tmp_path, units):
+    """Two readers' results applied together equal the same events applied in produce order."""
+    from stream.events import EventBatch
+
+    merged = EventBatch.concat([EventBatch.from_arrow(u["events"]) for u in units[:2]])
+    by_reader = []
+    for parity in (0, 1):  # reader A has the even partitions, reader B the odd ones
+        pick = np.flatnonzero(merged.kafka_partition % 2 == parity)
+        part = merged.take(pick)
+        by_reader.append({"events": part.to_arrow(), "rejects": [],
+                          "next_offsets": {int(p): int(part.kafka_offset[part.kafka_partition == p].max()) + 1
+                                           for p in np.unique(part.kafka_partition)}})
+    assert all(u["events"].num_rows for u in by_reader)
+    a, b = _service(tmp_path / "a"), _service(tmp_path / "b")
+    assert a.apply_units(by_reader) == len(merged)
+    in_order = {"events": merged.take(np.argsort(merged.kafka_ts_ms, kind="stable")).to_arrow(), "rejects": [],
+                "next_offsets": {p: o for u in by_reader for p, o in u["next_offsets"].items()}}
+    b.apply_unit(in_order)
+    assert a.next_offsets == b.next_offsets and a.lineage == b.lineage
+    assert a.trainer.metrics.summary()["auc.like"] == b.trainer.metrics.summary()["auc.like"]
