@@ -31,13 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _job_cfg(base: list[str], bootstrap: str, topic: str, work: Path, events: int, port: int):
+def _job_cfg(base: list[str], bootstrap: str, topic: str, work: Path, events: int | None, port: int):
     from stream.config import load_config
 
-    return load_config(ROOT / "configs" / "default.yaml", base + [
+    return load_config(ROOT / "configs" / "default.yaml", [
         f'kafka.bootstrap="{bootstrap}"', f"kafka.topic={topic}", f"job.work_dir={work}",
-        f"job.max_events={events}", "job.live_display=false", "admin.port=0",
-        f"serving.http_port={port}", "snapshots.interval_s=1.0", "checkpoints.interval_s=30",
+        "job.live_display=false", "admin.port=0", f"serving.http_port={port}",
+        "snapshots.interval_s=1.0", "checkpoints.interval_s=30",
+        *([f"job.max_events={events}"] if events else []), *base,
     ])
 
 
@@ -71,8 +72,12 @@ def _paced_run(args, bootstrap: str, topic: str, work: Path, port: int, rec: Pat
     from stream.kafka_io import ensure_topic
     from stream.recording import recording_info, replay
 
+    import ray
+
     ensure_topic(bootstrap, topic, recording_info(rec).partitions)
-    job = StreamingJob(_job_cfg(args.overrides, bootstrap, topic, work, n_events, port))
+    # No max_events: the job is stopped once every event is applied AND the requests are
+    # done, so no request races the teardown (a deleted route answers 404).
+    job = StreamingJob(_job_cfg(args.overrides, bootstrap, topic, work, None, port))
     out: dict = {}
     th = threading.Thread(target=lambda: out.update(report=job.run()), daemon=True)
     th.start()
@@ -99,6 +104,9 @@ def _paced_run(args, bootstrap: str, topic: str, work: Path, port: int, rec: Pat
             else:
                 versions.add(r.json()["version"])
             time.sleep(0.02)
+    while ray.get(job.topo.trainer.progress.remote(), timeout=30)["events_applied"] < n_events:
+        time.sleep(0.2)
+    job.request_stop()
     th.join()
     return {**out["report"], "latency_ms": lat, "failures": failures, "versions": versions}
 

@@ -21,6 +21,7 @@ run that is saved and loaded continues bit-for-bit like one that was not.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass
@@ -363,8 +364,18 @@ class OnlineTrainer:
         return comps
 
     def save(self, directory: str | Path) -> None:
+        self.write_state(directory, *self.capture_state())
+
+    @staticmethod
+    def write_state(directory: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Write what `capture_state` returned (safe off the training thread: it is a copy)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(d / "trainer.safetensors"))
+        (d / "trainer.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+
+    def capture_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """A copy of the whole training state (tensors, JSON meta) for `write_state`."""
         tensors: dict[str, torch.Tensor] = {}
 
         def put(prefix: str, ts: dict[str, Any]) -> None:
@@ -394,8 +405,7 @@ class OnlineTrainer:
             events_applied=self.events_applied,
             max_offset={str(k): v for k, v in self.max_offset.items()},
         )
-        save_file(tensors, str(d / "trainer.safetensors"))
-        (d / "trainer.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        return tensors, copy.deepcopy(meta)
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> OnlineTrainer:

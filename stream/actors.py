@@ -122,6 +122,8 @@ class TrainerActor:
         )
         self._stop = threading.Event()
         self._publishing: dict = {}  # publish ref -> version, until settled
+        self._ckpt_writer: threading.Thread | None = None
+        self._ckpt_failures = 0
 
     # -- the loop ------------------------------------------------------------------------------
     @ray.method(concurrency_group="train")
@@ -167,8 +169,7 @@ class TrainerActor:
             ):
                 publish_ref = self._publish()
                 published_at, last_snap = self._applied(), now
-            if now - last_ckpt >= cfg.checkpoints.interval_s:
-                self._checkpoint(readers)
+            if now - last_ckpt >= cfg.checkpoints.interval_s and self._checkpoint(readers):
                 last_ckpt = now
         # Final: the last snapshot and a checkpoint covering everything applied.
         if publish_ref is not None:
@@ -178,7 +179,7 @@ class TrainerActor:
             final = self._publish()
             ray.wait([final])
             self._publish_settled(final)
-        self._checkpoint(readers, wait_commit=True)
+        self._checkpoint(readers, final=True)
         return svc.progress()
 
     def _applied(self) -> int:
@@ -216,15 +217,38 @@ class TrainerActor:
             self.svc.publish_failed(version, e)
         return True
 
-    def _checkpoint(self, readers, wait_commit: bool = False) -> None:
-        offsets = self.svc.checkpoint()
-        # Only now, with the checkpoint durable, may the group offsets move.
-        refs = [r.commit.remote(offsets) for r in readers]
-        if wait_commit:
+    def _checkpoint(self, readers, final: bool = False) -> bool:
+        """Capture a checkpoint here; write it and then commit its offsets on a writer
+        thread (the final one inline). False if the previous one is still being written."""
+        writer = self._ckpt_writer
+        if writer is not None and writer.is_alive():
+            if not final:
+                return False
+            writer.join()
+        pending = self.svc.capture_checkpoint()
+
+        def write_then_commit() -> None:
             try:
-                ray.get(refs, timeout=30)
-            except Exception as e:  # monitoring only; the checkpoint holds the truth
-                log.warning("committing group offsets failed: %s", e)
+                self.svc.write_checkpoint(pending)
+            except Exception as e:  # noqa: BLE001 - the next one retries; offsets stay uncommitted
+                self._ckpt_failures += 1
+                log.error("checkpoint write failed (%s); offsets not committed, next one retries", e)
+                return
+            # Only now, with the checkpoint durable, may the group offsets move.
+            refs = [r.commit.remote(pending.offsets) for r in readers]
+            if final:
+                try:
+                    ray.get(refs, timeout=30)
+                except Exception as e:  # noqa: BLE001 - monitoring only; the checkpoint holds the truth
+                    log.warning("committing group offsets failed: %s", e)
+
+        if final:
+            write_then_commit()
+        else:
+            self._ckpt_writer = threading.Thread(target=write_then_commit, name="checkpoint-writer",
+                                                 daemon=True)
+            self._ckpt_writer.start()
+        return True
 
     # -- control and queries -------------------------------------------------------------------
     @ray.method(concurrency_group="query")

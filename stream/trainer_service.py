@@ -43,6 +43,15 @@ class SnapshotPayload:
     event_ts_ms: np.ndarray
 
 
+@dataclass
+class PendingCheckpoint:
+    """A checkpoint captured but not yet written: its offsets are not durable yet."""
+
+    offsets: dict[int, int]
+    meta: dict[str, Any]
+    state: tuple[dict[str, Any], dict[str, Any]]  # OnlineTrainer.capture_state()
+
+
 class TrainerService:
     def __init__(
         self,
@@ -89,8 +98,9 @@ class TrainerService:
         self._last_unit_t: float | None = None
         self._trained_here = 0
         # Where this incarnation's time went (seconds): training steps, building snapshot
-        # payloads, writing checkpoints; the rest of its wall time is waiting for data.
-        self.busy = {"train_s": 0.0, "snapshot_s": 0.0, "checkpoint_s": 0.0}
+        # payloads, capturing checkpoints (on the training thread) and writing them (off
+        # it); the training thread's other wall time is waiting for data.
+        self.busy = {"train_s": 0.0, "snapshot_s": 0.0, "checkpoint_s": 0.0, "checkpoint_write_s": 0.0}
 
     # -- training ------------------------------------------------------------------------------
     def apply_unit(self, unit: dict[str, Any]) -> int:
@@ -155,8 +165,9 @@ class TrainerService:
         return self._trained_here / span if span > 0 else None
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def checkpoint(self) -> dict[int, int]:
-        """Write a durable checkpoint; returns the offsets it covers (commit them after)."""
+    def capture_checkpoint(self) -> PendingCheckpoint:
+        """A consistent copy of the state and the offsets it covers, taken under the lock
+        (the training thread pays only for the copy; `write_checkpoint` can run elsewhere)."""
         t0 = time.monotonic()
         with self.lock:
             offsets = dict(self.next_offsets)
@@ -164,13 +175,25 @@ class TrainerService:
                 "offsets": {str(p): o for p, o in offsets.items()},
                 "events_applied": self.trainer.events_applied,
                 "rejects_applied": dict(self.rejects_applied),
-                "lineage": {str(p): v for p, v in self.lineage.items()},
+                "lineage": {str(p): list(v) for p, v in self.lineage.items()},
                 "train_step": self.trainer.steps,
                 "snapshot_version": self.last_published or 0,
             }
-            self.checkpoints.save(lambda d: self.trainer.save(d / "state"), meta)
+            state = self.trainer.capture_state()
             self.busy["checkpoint_s"] += time.monotonic() - t0
-        return offsets
+        return PendingCheckpoint(offsets, meta, state)
+
+    def write_checkpoint(self, pending: PendingCheckpoint) -> None:
+        """Make a captured checkpoint durable (temp dir, fsync, manifest, rename)."""
+        t0 = time.monotonic()
+        self.checkpoints.save(lambda d: OnlineTrainer.write_state(d / "state", *pending.state), pending.meta)
+        self.busy["checkpoint_write_s"] += time.monotonic() - t0
+
+    def checkpoint(self) -> dict[int, int]:
+        """Write a durable checkpoint; returns the offsets it covers (commit them after)."""
+        pending = self.capture_checkpoint()
+        self.write_checkpoint(pending)
+        return pending.offsets
 
     # -- snapshots -----------------------------------------------------------------------------
     def snapshot_payload(self) -> SnapshotPayload:
