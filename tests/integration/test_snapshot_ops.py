@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 import time
 
 import httpx
@@ -51,13 +50,15 @@ def test_refusal_visible_rollback_and_unpin(ray_cluster, broker, ml1m_20k, tmp_p
 
     from stream.recording import write_recording
 
-    head = tmp_path / "head.parquet"
-    write_recording(head, pq.read_table(ml1m_20k).slice(0, EVENTS), 4)
-    # Paced (~5 s of traffic) so the trainer publishes several versions to roll back between.
+    # Two halves, the second sent only once a version covering the first is out, so the
+    # store holds at least two versions to roll back between however slow the start is
+    # (a job that starts after all events are in the topic trains them in one pull).
+    table = pq.read_table(ml1m_20k).slice(0, EVENTS)
+    halves = [tmp_path / "first.parquet", tmp_path / "second.parquet"]
+    write_recording(halves[0], table.slice(0, EVENTS // 2), 4)
+    write_recording(halves[1], table.slice(EVENTS // 2), 4)
     ensure_topic(broker, "snapshot-ops", 4)
-    producer = threading.Thread(target=replay, args=(head, broker, "snapshot-ops"),
-                                kwargs={"rate": 400, "retime": True}, daemon=True)
-    producer.start()
+    replay(halves[0], broker, "snapshot-ops", rate=400, retime=True)
     cfg = load_config(ROOT / "configs" / "default.yaml", [
         f'kafka.bootstrap="{broker}"', "kafka.topic=snapshot-ops", f"job.work_dir={tmp_path / 'work'}",
         "job.live_display=false", "snapshots.interval_s=0.5", "snapshots.full_every=3",
@@ -70,9 +71,12 @@ def test_refusal_visible_rollback_and_unpin(ray_cluster, broker, ml1m_20k, tmp_p
         topo = _wait(lambda: getattr(job, "topo", None) and job.topo.admin_url and job.topo, 120, "topology", out)
         admin = httpx.Client(base_url=topo.admin_url, timeout=30)
         serving = httpx.Client(base_url=topo.serving_url, timeout=30)
+        store = SnapshotStore(topo.store_uri)
+        _wait(lambda: ray.get(topo.trainer.progress.remote(), timeout=10)["events_applied"] >= EVENTS // 2
+              and store.latest_version(), 240, "first half applied and published", out)
+        replay(halves[1], broker, "snapshot-ops", rate=400, retime=True)
         _wait(lambda: ray.get(topo.trainer.progress.remote(), timeout=10)["events_applied"] >= EVENTS,
               240, "all events applied", out)
-        store = SnapshotStore(topo.store_uri)
         try:
             good = _wait(lambda: (v := store.latest_version()) and v >= 2
                          and serving.post("/rank", json=RANK).json()["version"] == v and v, 120, "serving latest")
