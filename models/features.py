@@ -182,6 +182,9 @@ class OnlineCounters:
         self.user = np.zeros((user_buckets, 4), dtype=np.float64)
         self.item = np.zeros((item_buckets, 4), dtype=np.float64)
         self.total = np.zeros(4, dtype=np.float64)
+        # Rows updated since the last take (snapshot deltas ship only those).
+        self.touched_user = np.zeros(user_buckets, dtype=bool)
+        self.touched_item = np.zeros(item_buckets, dtype=bool)
 
     def _rates(self, rows: np.ndarray, total: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """rows (B, 4), total (B, 4) global counts -> log count, smoothed like rate and mean rating."""
@@ -226,6 +229,8 @@ class OnlineCounters:
         np.add.at(self.user, user_idx, upd)
         np.add.at(self.item, item_idx, upd)
         self.total += upd.sum(0)
+        self.touched_user[user_idx] = True
+        self.touched_item[item_idx] = True
 
 
 def feedback_signal(like: np.ndarray, rating: np.ndarray, center: float, scale: float) -> np.ndarray:
@@ -248,6 +253,7 @@ class UserWordAffinity:
     def __init__(self, buckets: int, prior: float) -> None:
         self.prior = prior
         self.table = np.zeros((buckets, 2), dtype=np.float64)  # feedback sum, count
+        self.touched = np.zeros(buckets, dtype=bool)  # rows updated since the last take
 
     def _keys(self, user_idx: np.ndarray, text_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B,), (B, Lt) -> keys (B, Lt), valid (B, Lt): each distinct word of a row once."""
@@ -271,6 +277,7 @@ class UserWordAffinity:
         keys, valid = self._keys(user_idx, text_idx)
         inc = np.stack([np.broadcast_to(signal[:, None], keys.shape)[valid], np.ones(int(valid.sum()))], axis=1)
         np.add.at(self.table, keys[valid], inc)
+        self.touched[keys[valid]] = True
 
 
 @dataclass
@@ -366,11 +373,23 @@ class FeatureBuilder:
         meta = {"cat_slots": self.cat_slots, "num_slots": self.num_slots, "dropped": sorted(self.dropped_features)}
         return arrays, meta
 
+    def take_touched(self) -> dict[str, np.ndarray]:
+        """Rows of each export_state array updated since the previous call (then cleared)."""
+        c, a = self.counters, self.affinity
+        out = {"counters.user": np.flatnonzero(c.touched_user), "counters.item": np.flatnonzero(c.touched_item),
+               "counters.total": np.zeros(1, dtype=np.int64), "affinity": np.flatnonzero(a.touched)}
+        for mask in (c.touched_user, c.touched_item, a.touched):
+            mask[:] = False
+        return out
+
     def import_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
         self.counters.user = arrays["counters.user"].copy()
         self.counters.item = arrays["counters.item"].copy()
         self.counters.total = arrays["counters.total"].copy()
         self.affinity.table = arrays["affinity"].copy()
+        self.counters.touched_user = np.zeros(len(self.counters.user), dtype=bool)
+        self.counters.touched_item = np.zeros(len(self.counters.item), dtype=bool)
+        self.affinity.touched = np.zeros(len(self.affinity.table), dtype=bool)
         self.cat_slots = dict(meta["cat_slots"])
         self.num_slots = dict(meta["num_slots"])
         self.dropped_features = set(meta["dropped"])

@@ -36,27 +36,21 @@ EMBEDDING_TABLES = ("user_emb", "item_emb", "cat_emb", "text_emb", "user_bias", 
 
 
 class CounterTracker:
-    """Rows of the feature builder's state (online counters, affinity tables) that
-    changed since the previous snapshot, found by diffing against a copy: the
-    builder updates them with scatter-adds, so a row-level diff is exact and cheap."""
+    """Rows of the feature builder's state (online counters, affinity tables) changed
+    since the previous snapshot: the builder marks the rows its updates touch; the
+    tracker starts from a clean slate at a full snapshot."""
 
     def __init__(self, trainer: OnlineTrainer):
         self._trainer = trainer
-        arrays, _ = trainer.features.export_state()
-        self._last = {k: _as_rows(v).copy() for k, v in arrays.items()}
+        trainer.features.take_touched()  # the full snapshot has everything up to now
 
     def take_delta(self) -> MemoryDelta:
         arrays, meta = self._trainer.features.export_state()
+        touched = self._trainer.features.take_touched()
         d = MemoryDelta(ids={"meta": [json.dumps(meta, sort_keys=True)]})
         for k, v in arrays.items():
             cur = _as_rows(v)
-            last = self._last.get(k)
-            if last is None or last.shape != cur.shape:
-                rows = np.arange(len(cur))
-                self._last[k] = cur.copy()
-            else:
-                rows = np.flatnonzero((cur != last).reshape(len(cur), -1).any(axis=1))
-                last[rows] = cur[rows]
+            rows = touched[k]
             d.tables[k] = (rows, torch.from_numpy(np.ascontiguousarray(cur[rows])))
         return d
 
