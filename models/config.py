@@ -116,6 +116,9 @@ class TrainerConfig(_Strict):
     grad_clip: float = Field(10.0, gt=0)
     seed: int = 0
     device: str = Field("cpu", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")  # auto: cuda when there is one
+    # Every N steps, PKM/LMN sub-keys no query selected since the last time are moved onto
+    # k-means centroids of recent queries (faiss); 0 = never.
+    reinit_dead_keys_every: int = Field(0, ge=0)
     threads: int = Field(1, ge=1)  # torch intra-op threads; fixed for determinism
     deterministic: bool = True
     metrics_window: int = Field(10_000, gt=0)  # W of the windowed metrics

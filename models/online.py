@@ -260,6 +260,7 @@ class OnlineTrainer:
         self.features.learn(feats, like, rating)
         self.events_applied += n
         self._track_offsets(batch)
+        self._housekeeping(float(batch.ts_ms.max()) / 1000.0)
         return StepResult(n, float(loss.detach()), like_logit, rating_pred, encoded, time.perf_counter() - t0)
 
     def _track_offsets(self, batch: BatchLike) -> None:
@@ -269,6 +270,17 @@ class OnlineTrainer:
         for p in np.unique(parts[ok]).tolist():
             top = int(offs[ok & (parts == p)].max())
             self.max_offset[int(p)] = max(top, self.max_offset.get(int(p), -1))
+
+    def _housekeeping(self, stream_now_s: float) -> None:
+        """Bank TTL on the stream's clock (replays evict as the live run did) and, every
+        `reinit_dead_keys_every` steps, dead product sub-keys moved onto recent queries."""
+        if self.bank is not None and self.bank.cfg.ttl_s is not None:
+            self.bank.evict_expired(stream_now_s)
+        every = self.tcfg.reinit_dead_keys_every
+        if every and self.steps % every == 0:
+            for mem in (self.model.pkm, self.model.lmn):
+                if mem is not None:
+                    mem.reinit_dead_keys(seed=self.tcfg.seed + self.steps)
 
     # ---- serving / snapshots -----------------------------------------------------------------
 

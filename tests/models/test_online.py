@@ -139,3 +139,24 @@ def test_user_side_computed_once_scores_like_the_batched_forward(ml1m_20k):
         sep = m.score_candidates(state.expand(8), CandidateInputs(**cand))
     torch.testing.assert_close(sep.like_logit, full.like_logit)
     torch.testing.assert_close(sep.rating, full.rating)
+
+
+def test_housekeeping_reinits_dead_keys_and_evicts_by_ttl_deterministically(ml1m_20k):
+    """reinit_dead_keys_every moves dead PKM/LMN sub-keys (same result for the same seed);
+    bank.ttl_s evicts rows by the stream's clock, with tombstones."""
+    cfg = tiny_config(**{"trainer.reinit_dead_keys_every": "4", "model.bank.ttl_s": "3600",
+                         "model.pkm.n_sub_keys": "64", "model.lmn.n_sub_keys": "64"})
+    batches = _batches(ml1m_20k, 1600)
+    runs = []
+    for _ in range(2):
+        t = OnlineTrainer(cfg.model, cfg.trainer)
+        for b in batches:
+            t.step(b)
+        runs.append(t)
+    a, b = runs
+    assert a.model.pkm.stats()["reinit_sub_keys_total"] > 0
+    assert a.model.lmn.memory.stats()["reinit_sub_keys_total"] > 0
+    assert torch.equal(a.model.pkm.keys(), b.model.pkm.keys())
+    assert a.metrics.summary()["auc.like"] == b.metrics.summary()["auc.like"]
+    # ML-1M's first hours: rows written more than an hour of stream time ago are gone
+    assert a.bank.evictions["ttl"] > 0 and a.bank.take_delta().tombstones
