@@ -164,6 +164,14 @@ class ServedModel:
         self.trainer.model.eval()
         self.version = -1
         self._lock = threading.Lock()  # features.build mutates hash caches
+        self.load_chain(chain)
+
+    def fits(self, chain: SnapshotChain) -> bool:
+        """Whether `chain` was written by a model of this one's config (load_chain in place)."""
+        return ModelConfig.model_validate(chain.manifest["model_config"]) == self.trainer.cfg
+
+    def load_chain(self, chain: SnapshotChain) -> None:
+        """Become `chain`'s version in place: its full snapshot, then its deltas."""
         self._load_full(chain.full)
         for v, d in zip(chain.versions[1:], chain.deltas):
             self.apply_delta(d, v)

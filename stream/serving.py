@@ -57,6 +57,8 @@ class Servable(Protocol):
     version: int
 
     def apply_delta(self, delta: DeltaState, version: int) -> None: ...
+    def load_chain(self, chain: SnapshotChain) -> None: ...
+    def fits(self, chain: SnapshotChain) -> bool: ...
     def rank(self, request: dict[str, Any]) -> dict[str, Any]: ...
 
 
@@ -76,7 +78,8 @@ class SnapshotFollower:
         self._build = build  # chain -> fresh Servable
         self._live: Servable | None = None
         self._standby: Servable | None = None
-        self._standby_missing: list[tuple[int, DeltaState]] = []
+        # What the standby lacks of the live version: deltas, or a whole chain to load.
+        self._standby_missing: list[tuple[int, DeltaState | SnapshotChain]] = []
         self._lock = threading.Lock()  # one swap at a time
         self.pinned: int | None = None  # set by reconfigure; overrides the PINNED file
         self.refusals: list[dict[str, Any]] = []
@@ -195,16 +198,39 @@ class SnapshotFollower:
             # The standby was live until the last swap: requests that took it then
             # may still be running on it. Mutating it under them is the race.
             self._drain(standby)
-            for v, d in self._standby_missing + deltas:
-                standby.apply_delta(d, v)
+            self._bring_up(standby, self._standby_missing + deltas)
             self._swap(standby, live)
             self._standby_missing = deltas
             return
         chain = self.store.load_chain(target)
+        standby = self._standby
+        if live is not None and standby is not None and standby.fits(chain):
+            # A new full version: load it into the standby copy in place (no second model
+            # to build); the old live copy loads it when it is the standby again.
+            self._drain(standby)
+            self._bring_up(standby, [(target, chain)])
+            self._swap(standby, live)
+            self._standby_missing = [(target, chain)]
+            return
         fresh = self._build(chain)
         standby = self._build(chain)
         self._swap(fresh, standby)
         self._standby_missing = []
+
+    def _bring_up(self, model: Servable, updates: list[tuple[int, DeltaState | SnapshotChain]]) -> None:
+        """Apply `updates` to the standby `model`. If one fails half-way the copy is in an
+        unknown state: drop it, so the next version builds two fresh copies."""
+        try:
+            for v, u in updates:
+                if isinstance(u, SnapshotChain):
+                    model.load_chain(u)
+                else:
+                    model.apply_delta(u, v)
+        except Exception:
+            with self._inflight_cv:
+                self._standby = None
+            self._standby_missing = []
+            raise
 
 
 class ServingReporter:

@@ -138,3 +138,20 @@ def test_follower_behind_by_several_deltas_catches_up_without_reloading(tmp_path
     fresh = ServedModel(store.load_chain(version + 1))
     for req in _requests(batches[version]):
         np.testing.assert_array_equal(follower.live.rank(req)["scores"]["like"], fresh.rank(req)["scores"]["like"])
+
+    # A new full version is loaded into the standby in place (no model built), and the
+    # other copy takes it at the next swap, before the delta that follows it.
+    version += 1
+    for v, full in ((version + 1, True), (version + 2, False), (version + 3, False)):
+        trainer.step(batches[v % len(batches)])
+        if full:
+            store.publish_full(v, full_snapshot(trainer), snapshot_meta(trainer))
+            counters = CounterTracker(trainer)
+        else:
+            store.publish_delta(v, v - 1, delta_snapshot(trainer, counters), snapshot_meta(trainer))
+        assert follower.poll() and follower.version == v
+        fresh = ServedModel(store.load_chain(v))
+        for req in _requests(batches[v % len(batches)]):
+            np.testing.assert_array_equal(follower.live.rank(req)["scores"]["like"],
+                                          fresh.rank(req)["scores"]["like"])
+    assert builds == [1, 1]

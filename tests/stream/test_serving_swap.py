@@ -97,3 +97,23 @@ def test_serving_before_first_version_is_none():
     f = SnapshotFollower(_Store(), build=_SlowModel)
     with f.serving() as m:
         assert m is None
+
+
+def test_a_standby_that_fails_half_way_is_rebuilt_not_reused():
+    class Flaky(_SlowModel):
+        def apply_delta(self, delta, version):
+            if version == 3:
+                self.version = "torn"  # half applied
+                raise ValueError("cannot apply")
+            super().apply_delta(delta, version)
+
+    store, built = _Store(), []
+    f = SnapshotFollower(store, build=lambda chain: built.append(chain) or Flaky(chain))
+    assert f.poll() and len(built) == 2
+    store.latest = 2
+    assert f.poll() and f.version == 2
+    store.latest = 3
+    assert not f.poll() and f.version == 2 and f.refusals[-1]["version"] == 3  # refused, 2 serves
+    store.latest = 4
+    assert f.poll() and f.version == 4  # chain loaded into two fresh copies, not the torn one
+    assert len(built) == 4 and f._standby.version == 4
