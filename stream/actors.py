@@ -141,9 +141,11 @@ class TrainerActor:
             if max_events is not None and self._applied() >= max_events:
                 break
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.2)
-            if ready and len(inflight) > 1:  # and whatever the other readers have by now
+            if ready and len(inflight) > 1:
+                # And what the other readers have within a moment: training one reader's
+                # result alone would run its partitions ahead of the others' in event time.
                 rest = [r for r in inflight if r not in ready]
-                ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+                ready += ray.wait(rest, num_returns=len(rest), timeout=0.05)[0]
             units = []
             for ref in ready:
                 i = inflight.pop(ref)
