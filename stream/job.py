@@ -196,6 +196,7 @@ class StreamingJob:
         self._stop = threading.Event()
         self._broker = None
         self._replay_thread: threading.Thread | None = None
+        self._replay_stop = threading.Event()
         self._replay_error: BaseException | None = None
         self.replay_done = threading.Event()
         self.samples: list[dict[str, Any]] = []  # progress over time (report, plots)
@@ -243,7 +244,7 @@ class StreamingJob:
         def run() -> None:
             try:
                 replay(recording, bootstrap, self.cfg.kafka.topic, speed, rate=job.replay_rate,
-                       retime=True, **self.cfg.kafka.client_options)
+                       retime=True, stop=self._replay_stop, **self.cfg.kafka.client_options)
             except BaseException as e:  # surfaced by the supervision loop
                 self._replay_error = e
             finally:
@@ -568,6 +569,11 @@ class StreamingJob:
                 pass
             ray.shutdown()
         if self._broker is not None:
+            # The embedded replay first: a producer left sending into a stopped broker
+            # only retries and complains at exit.
+            self._replay_stop.set()
+            if self._replay_thread is not None:
+                self._replay_thread.join(timeout=30)
             self._broker.stop()
 
     # ---- plots -------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -288,6 +289,7 @@ def replay(
     partitions: int | None = None,
     progress: bool = False,
     retime: bool = False,
+    stop: threading.Event | None = None,
     **client_options: Any,
 ) -> ReplayStats:
     """Produce the recording's rows into `topic` (created if missing); see the module doc.
@@ -299,8 +301,11 @@ def replay(
     `retime`: stamp each message with the time it is sent instead of its recorded
     timestamp (pacing still follows the recorded ones). A live job measures
     freshness from the Kafka timestamp; the event's own `ts_ms` is in the value.
+
+    `stop`: set it to end the replay early (between sends); what was sent is flushed.
     """
     info = recording_info(path)
+    stop = stop or threading.Event()
     pacer = _Pacer.of(speed, rate)
     count, created = ensure_topic(bootstrap, topic, partitions or info.partitions, **client_options)
     kept_partitions = count == info.partitions
@@ -326,12 +331,11 @@ def replay(
                 headers = _headers_of(batch.column("headers"))
                 due = pacer.due(stamps, sent)
                 send_stamps = [None] * len(keys) if retime else stamps.tolist()
-                _send_rows(producer, topic, keys, values, send_stamps, targets, headers,
-                           due, started, failures)
-                if failures:
-                    break
-                sent += len(keys)
+                sent += _send_rows(producer, topic, keys, values, send_stamps, targets, headers,
+                                   due, started, failures, stop)
                 bar(sent)
+                if failures or stop.is_set():
+                    break
             producer.flush()
     finally:
         producer.close()
@@ -347,8 +351,9 @@ def replay(
     )
 
 
-def _send_rows(producer, topic, keys, values, stamps, targets, headers, due, started, failures):
-    """The hot loop of replay: one send per row, no flush, pacing only when asked."""
+def _send_rows(producer, topic, keys, values, stamps, targets, headers, due, started, failures, stop) -> int:
+    """The hot loop of replay: one send per row, no flush, pacing only when asked.
+    Returns the rows sent (fewer than given when `stop` is set while pacing)."""
     send = producer.send
     on_error = failures.append
     no_headers = headers is None
@@ -356,16 +361,18 @@ def _send_rows(producer, topic, keys, values, stamps, targets, headers, due, sta
         for i, value in enumerate(values):
             send(topic, value=value, key=keys[i], partition=targets[i], timestamp_ms=stamps[i],
                  headers=None if no_headers else headers[i]).add_errback(on_error)
-        return
+        return len(values)
     now = time.perf_counter() - started
     for i, value in enumerate(values):
         if due[i] > now:
             now = time.perf_counter() - started
             if due[i] > now:
-                time.sleep(due[i] - now)
+                if stop.wait(due[i] - now):
+                    return i
                 now = due[i]
         send(topic, value=value, key=keys[i], partition=targets[i], timestamp_ms=stamps[i],
              headers=None if no_headers else headers[i]).add_errback(on_error)
+    return len(values)
 
 
 def _check_producible(batch: pa.RecordBatch, path: str | Path) -> None:

@@ -197,3 +197,18 @@ def test_cli_replay_and_record(broker, tmp_path):
     out = run("replay", str(path), "--state-dir", str(tmp_path / "no-broker"))
     assert out.returncode == 2 and "memstream broker start" in out.stderr
     assert time.monotonic() - started < 30
+
+
+def test_paced_replay_stops_early_when_asked_and_delivers_what_it_sent(broker, tmp_path):
+    import threading
+
+    src = tmp_path / "src.parquet"
+    build_synthetic_recording(src, events=2000, users=50, items=100, seed=4)
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    t0 = time.monotonic()
+    stats = replay(src, broker, "stopped-early", rate=400, stop=stop)  # 5 s if not stopped
+    assert time.monotonic() - t0 < 3 and 0 < stats.rows < 2000
+    back = tmp_path / "back.parquet"
+    record(broker, "stopped-early", back)
+    assert recording_info(back).rows == stats.rows
