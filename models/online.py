@@ -166,7 +166,6 @@ class OnlineTrainer:
 
     def _inputs(self, batch: BatchLike) -> tuple[UserInputs, CandidateInputs, FeatureArrays, np.ndarray]:
         """Features, histories and bank vectors as of before this batch (+ its earlier events)."""
-        dev = self.device
         fc = self.cfg.features
         like = self._labels(batch, fc.like_task)  # (B,) NaN = missing
         rating = self._labels(batch, fc.rating_task)
@@ -177,22 +176,34 @@ class OnlineTrainer:
         if fc.in_batch_features:  # + the same user's earlier events of this batch
             hist_items, hist_signal, hist_mask_np = causal_batch_history(
                 hist_items, hist_signal, hist_mask_np, batch.user_id, batch.item_id, signal)
-        tt = lambda a, dt=torch.int64: torch.from_numpy(np.ascontiguousarray(a)).to(dev, dt)
-        hist_bank = target_vec = None
+        target_vec = None if self.bank is None else self._target_rows(batch.item_id)  # (B, Db) cached rows
+        u, c = self.model_inputs(feats, hist_items, hist_signal, hist_mask_np, target_vec)
+        return u, c, feats, signal
+
+    def model_inputs(
+        self, feats: FeatureArrays, hist_items: np.ndarray, hist_signal: np.ndarray, hist_mask: np.ndarray,
+        target_vec: torch.Tensor | None, user_rows: slice = slice(None),
+    ) -> tuple[UserInputs, CandidateInputs]:
+        """Tensors for the model from built features: the user side from `user_rows` of
+        `feats` and the histories given (serving passes one user's row for N candidates),
+        the candidate side from every row. History items read their bank vectors here."""
+        dev = self.device
+        tt = lambda a, dt=torch.int64: torch.from_numpy(np.ascontiguousarray(a)).to(dev, dt)  # noqa: E731
+        hist_bank = None
         if self.bank is not None:
-            hist_bank, _ = self.bank.read(hist_items, hist_mask_np)  # (B, L, Db), misses = learned vector
-            target_vec = self._target_rows(batch.item_id)  # (B, Db) cached rows of the targets
+            hist_bank, _ = self.bank.read(hist_items, hist_mask)  # (U, L, Db), misses = learned vector
         u = UserInputs(
-            user_idx=tt(feats.user_idx), cat_idx=tt(feats.cat_idx), num=tt(feats.num, torch.float32),
-            scenario_idx=tt(feats.scenario_idx), hist_item_idx=tt(self.features.items.many(hist_items)),
-            hist_signal=tt(hist_signal, torch.float32), hist_mask=tt(hist_mask_np, torch.bool),
+            user_idx=tt(feats.user_idx[user_rows]), cat_idx=tt(feats.cat_idx[user_rows]),
+            num=tt(feats.num[user_rows], torch.float32), scenario_idx=tt(feats.scenario_idx[user_rows]),
+            hist_item_idx=tt(self.features.items.many(hist_items)),
+            hist_signal=tt(hist_signal, torch.float32), hist_mask=tt(hist_mask, torch.bool),
             hist_bank=hist_bank,
         )
         c = CandidateInputs(
             item_idx=tt(feats.item_idx), text_idx=tt(feats.text_idx),
             counters=tt(feats.counters, torch.float32), target_vec=target_vec,
         )
-        return u, c, feats, signal
+        return u, c
 
     def step(self, batch: BatchLike) -> StepResult:
         t0 = time.perf_counter()

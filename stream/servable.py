@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from memory_bank.base import MemoryDelta
 from models.config import ModelConfig, TrainerConfig
 from models.online import WORD_TABLE, OnlineTrainer
-from models.ranker import CandidateInputs, UserInputs
+from models.ranker import CandidateInputs
 from stream.events import EventBatch
 from stream.snapshots import DeltaState, FullState, SnapshotChain
 
@@ -249,28 +249,13 @@ class ServedModel:
     @torch.no_grad()
     def rank(self, req: RankRequest, reuse_user_side: bool = True) -> dict[str, Any]:
         t = self.trainer
-        dev = t.device
         batch = self._as_batch(req)
         n = len(batch)
         with self._lock:
             feats = t.features.build(batch)
             hist = t.history.get(batch.user_id[:1])  # (1, L): the user side once
-        tt = lambda a, dt=torch.int64: torch.from_numpy(np.ascontiguousarray(a)).to(dev, dt)  # noqa: E731
-        hist_bank = target_vec = None
-        if t.bank is not None:
-            hist_bank, _ = t.bank.read(hist.item_ids, hist.mask)  # (1, L, Db)
-            target_vec = self._candidate_vectors(batch)  # (N, Db)
-        u = UserInputs(
-            user_idx=tt(feats.user_idx[:1]), cat_idx=tt(feats.cat_idx[:1]),
-            num=tt(feats.num[:1], torch.float32), scenario_idx=tt(feats.scenario_idx[:1]),
-            hist_item_idx=tt(t.features.items.many(hist.item_ids)),
-            hist_signal=tt(hist.signal, torch.float32), hist_mask=tt(hist.mask, torch.bool),
-            hist_bank=hist_bank,
-        )
-        c = CandidateInputs(
-            item_idx=tt(feats.item_idx), text_idx=tt(feats.text_idx),
-            counters=tt(feats.counters, torch.float32), target_vec=target_vec,
-        )
+        target_vec = None if t.bank is None else self._candidate_vectors(batch)  # (N, Db)
+        u, c = t.model_inputs(feats, hist.item_ids, hist.signal, hist.mask, target_vec, user_rows=slice(0, 1))
         m = t.model
         if reuse_user_side:
             scores = m.score_candidates(m.encode_user(u).expand(n), c)
