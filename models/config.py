@@ -121,7 +121,7 @@ class TrainerConfig(_Strict):
     batch_size: int = Field(512, gt=0)
     lr_dense: float = Field(2e-3, gt=0)
     lr_wide: float = Field(2e-2, gt=0)  # the counters -> logits linear part: learns fast
-    lr_sparse: float = Field(5e-2, gt=0)  # id embeddings: sparse rows learn faster than dense
+    lr_sparse: float = Field(2.5e-2, gt=0)  # id embeddings: sparse rows learn faster than dense
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(10.0, gt=0)
     seed: int = 0
