@@ -71,6 +71,16 @@ class ModelConfig(_Strict):
     use_lmn: bool = True  # LMN user memory
     use_pkm: bool = True  # MSN product-key memory through a memory gate
     sample_rate: float = Field(0.2, ge=0.0, le=1.0)  # fraction of targets the doc encoder runs on
+    # Zero-init the weights that read each memory (LMN read -> user token, bank vectors ->
+    # content token / history keys+values / queries / cosine stats): every memory starts
+    # with no contribution and the model grows its use only where the loss asks for it.
+    memory_zero_init: bool = True
+    # Short-term feedback: a recency feature per history item (the attention had no notion of
+    # order) and the mean feedback of the last 5 events + the last one in the stats token.
+    recent_feedback: bool = True
+    # Bank vectors enter the linear layers RMS-normalised (unit norm * sqrt(dim)): rows written
+    # by an encoder at different stages of training differ in scale, not only in direction.
+    bank_input_norm: bool = True
     lmn_loss_weight: float = Field(0.1, ge=0)
     rating_loss_weight: float = Field(0.5, ge=0)
     features: FeatureConfig = Field(default_factory=FeatureConfig)
@@ -111,7 +121,7 @@ class TrainerConfig(_Strict):
     batch_size: int = Field(512, gt=0)
     lr_dense: float = Field(2e-3, gt=0)
     lr_wide: float = Field(2e-2, gt=0)  # the counters -> logits linear part: learns fast
-    lr_sparse: float = Field(5e-2, gt=0)  # id embeddings: sparse rows learn faster than dense
+    lr_sparse: float = Field(2.5e-2, gt=0)  # id embeddings: sparse rows learn faster than dense
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(10.0, gt=0)
     seed: int = 0

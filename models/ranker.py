@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
@@ -32,9 +33,11 @@ from models.features import NUM_COUNTER_FEATURES
 from models.rankmixer import RankMixerBlock, RMSNorm
 from models.sequence import (
     NUM_COS_FEATURES,
+    NUM_RECENT_FEATURES,
     HistoryCrossAttention,
     cosine_features,
     normalize_history,
+    recent_feedback,
 )
 
 
@@ -131,12 +134,16 @@ class Ranker(nn.Module):
         self.tok_user = nn.Linear(E + lmn_dv, D)
         self.tok_user_ctx = nn.Linear(E * (C + 1) + 2 * N, D)
         # History items: id embedding (learned) + bank vector and feedback features (given).
-        self.history = HistoryCrossAttention(E, Db + 3, D, cfg.attn_dim, cfg.attn_heads)
+        # Recent feedback: a recency feature per history item (keys/values) and the mean
+        # feedback of the last RECENT events + the last one (stats token).
+        self._recency = cfg.recent_feedback
+        n_sig = 4 if self._recency else 3
+        self.history = HistoryCrossAttention(E, Db + n_sig, D, cfg.attn_dim, cfg.attn_heads)
 
         # 3. Candidate side.
         self.tok_item = nn.Linear(E + NUM_COUNTER_FEATURES, D)
         self.tok_content = nn.Linear(E + Db, D)
-        n_cos = NUM_COS_FEATURES * (2 if Db else 1)
+        n_cos = NUM_COS_FEATURES * (2 if Db else 1) + (NUM_RECENT_FEATURES if self._recency else 0)
         self.tok_hist_stats = nn.Linear(n_cos, D)
         self.task_token = nn.Parameter(torch.randn(D) * 0.02)
         self.tok_task = nn.Linear(E, D)
@@ -157,6 +164,21 @@ class Ranker(nn.Module):
         self.dot_scale = nn.Parameter(torch.ones(2))  # (like, rating) weights of <user, item>
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        if cfg.memory_zero_init:
+            self._zero_memory_inputs()
+
+    @torch.no_grad()
+    def _zero_memory_inputs(self) -> None:
+        """Zero the weight columns that read a memory: a fresh memory is noise (random LMN
+        values, an untrained doc encoder), so each branch starts contributing nothing."""
+        E, Db = self.cfg.emb_dim, self.bank_dim
+        if self.lmn is not None:
+            self.tok_user.weight[:, E:].zero_()  # [user emb | LMN read]
+        if Db:
+            self.tok_content.weight[:, E:].zero_()  # [text | bank vector]
+            self.query_proj.weight[:, -Db:].zero_()  # [..., bank vector]
+            self.tok_hist_stats.weight[:, NUM_COS_FEATURES:2 * NUM_COS_FEATURES].zero_()  # [id cos | bank cos | ..]
+            self.history.kv_given.weight[:, :Db].zero_()  # [bank vectors | feedback]
 
     # ---- parameter groups for the optimizers ----------------------------------------------
 
@@ -196,15 +218,24 @@ class Ranker(nn.Module):
         else:
             user_tok = self.tok_user(user)
         ctx_tok = self.tok_user_ctx(torch.cat([cats, scen, u.num], dim=1))
-        sig_feats = torch.stack([sig, sig.abs(), m], dim=-1)  # (B, L, 3)
-        given = sig_feats if u.hist_bank is None else torch.cat([u.hist_bank, sig_feats], dim=-1)
+        if self._recency:  # histories are most recent last: exp(-steps back / 8)
+            L = sig.shape[1]
+            rec = torch.exp(-(L - 1 - torch.arange(L, dtype=sig.dtype, device=sig.device)) / 8.0) * m
+            sig_feats = torch.stack([sig, sig.abs(), m, rec], dim=-1)  # (B, L, 4)
+        else:
+            sig_feats = torch.stack([sig, sig.abs(), m], dim=-1)  # (B, L, 3)
+        hb_unit = None if u.hist_bank is None else normalize_history(u.hist_bank)
+        hb = u.hist_bank
+        if hb is not None and self.cfg.bank_input_norm:
+            hb = hb_unit * math.sqrt(hb.shape[-1])
+        given = sig_feats if u.hist_bank is None else torch.cat([hb, sig_feats], dim=-1)
         k, v, kv_mask = self.history.history_kv(hist_emb, given, u.hist_mask)
         return UserState(
             tokens=torch.stack([user_tok, ctx_tok], dim=1),
             query_ctx=user,
             k=k, v=v, kv_mask=kv_mask,
             hist_unit=normalize_history(hist_emb),
-            hist_bank_unit=None if u.hist_bank is None else normalize_history(u.hist_bank),
+            hist_bank_unit=hb_unit,
             hist_signal=sig, hist_mask=u.hist_mask,
             scen_emb=scen, user_emb=user, bias=self.user_bias(u.user_idx),
             lmn_read=lmn_read, lmn_target=lmn_target,
@@ -218,16 +249,21 @@ class Ranker(nn.Module):
         item = self.item_emb(c.item_idx)  # (B, E)
         text = self.text_emb(c.text_idx)  # (B, E) mean of word embeddings
         item_tok = self.tok_item(torch.cat([item, c.counters], dim=1))
-        content = [text] if c.target_vec is None else [text, c.target_vec]
+        tv = c.target_vec
+        if tv is not None and self.cfg.bank_input_norm:
+            tv = F.normalize(tv, dim=-1) * math.sqrt(tv.shape[-1])
+        content = [text] if c.target_vec is None else [text, tv]
         content_tok = self.tok_content(torch.cat(content, dim=1))
         cos = [cosine_features(item, us.hist_unit, us.hist_signal, us.hist_mask)]  # (B, 7)
         if c.target_vec is not None and us.hist_bank_unit is not None:
             cos.append(cosine_features(c.target_vec, us.hist_bank_unit, us.hist_signal, us.hist_mask))
+        if self._recency:
+            cos.append(recent_feedback(us.hist_signal, us.hist_mask))  # (B, 2)
         stats_tok = self.tok_hist_stats(torch.cat(cos, dim=1))
         task_tok = self.task_token + self.tok_task(us.scen_emb)  # (B, D)
         # History queries from non-sequence features (target-aware; the history never
         # sees the candidate, so k/v above are reusable across candidates).
-        qin = [us.query_ctx, item, text, c.counters] + ([] if c.target_vec is None else [c.target_vec])
+        qin = [us.query_ctx, item, text, c.counters] + ([] if c.target_vec is None else [tv])
         q = self.query_proj(torch.cat(qin, dim=1)).view(b, cfg.num_queries, cfg.d_model)  # (B, Q, D)
         hist_toks = self.history.attend(q, us.k, us.v, us.kv_mask)  # (B, Q, D)
         x = torch.cat(

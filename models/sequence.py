@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 NUM_COS_FEATURES = 7
+NUM_RECENT_FEATURES = 2
+RECENT = 5  # events in the short-term feedback mean
 
 
 class HistoryCrossAttention(nn.Module):
@@ -96,3 +98,11 @@ def cosine_features(
     near_sig = signal.gather(1, cos.masked_fill(~mask, -2.0).argmax(1, keepdim=True)).squeeze(1)
     mean_sig = (signal * m).sum(1) / n
     return torch.stack([mean_cos, max_cos, cos_sig, wsig, near_sig, mean_sig, torch.log1p(cnt)], dim=1)
+
+
+def recent_feedback(signal: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The user's short-term feedback: signal (B, L), mask (B, L), most recent last ->
+    (B, 2): mean signal of the last RECENT events, signal of the last one (0 without history).
+    Users drift within a rating session; the 50-event means above hide it."""
+    sig, m = signal[:, -RECENT:], mask[:, -RECENT:].to(signal.dtype)
+    return torch.stack([(sig * m).sum(1) / m.sum(1).clamp_min(1.0), signal[:, -1] * mask[:, -1]], dim=1)
