@@ -63,16 +63,28 @@ def _rank_request(recording: Path, n: int) -> dict:
             "candidates": cands}
 
 
+def _snapshot_sizes(root: Path) -> dict[str, str]:
+    """Mean bytes per full / delta version in a store (what each publish writes)."""
+    from stream.snapshots import SnapshotStore
+
+    store = SnapshotStore(str(root))
+    sizes: dict[str, list[int]] = {"full": [], "delta": []}
+    for v in store.versions():
+        m = store.manifest(v)
+        sizes[m["kind"]].append(sum(f["size"] for f in m["files"].values()))
+    return {f"snapshot {kind} size, mean of {len(b)} (MB)": f"{np.mean(b) / 1e6:.1f}"
+            for kind, b in sizes.items() if b}
+
+
 def _paced_run(args, bootstrap: str, topic: str, work: Path, port: int, rec: Path, rate: float,
                n_events: int, req: dict, requests: int) -> dict:
     """A job over a topic fed at `rate` events/s; `requests` /rank calls during it."""
     import httpx
+    import ray
 
     from stream.job import StreamingJob
     from stream.kafka_io import ensure_topic
     from stream.recording import recording_info, replay
-
-    import ray
 
     ensure_topic(bootstrap, topic, recording_info(rec).partitions)
     # No max_events: the job is stopped once every event is applied AND the requests are
@@ -158,6 +170,7 @@ def main() -> None:
             for k, v in busy.items():
                 rows[f"trainer time in {k[:-2]} (s, streaming run)"] = f"{v:.1f}"
             rows["eval wall time (s, decode + train)"] = f"{ev['duration_s']:.1f}"
+            rows.update(_snapshot_sizes(tmp / "w1" / "snapshots"))
 
             # 2. paced at half capacity, no request load: freshness
             # 3. the same pace under a stream of /rank requests: latency during swaps
