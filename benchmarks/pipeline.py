@@ -181,6 +181,9 @@ def main() -> None:
             quiet = _paced_run(args, broker.bootstrap, "bench-paced", tmp / "w2", port, rec, rate, n_paced,
                                req, requests=0)
             rows["freshness p50 / p99 (s)"] = f"{quiet['freshness_p50_s']:.2f} / {quiet['freshness_p99_s']:.2f}"
+            rows["freshness after serving went live, p50 / p99 (s)"] = (
+                f"{quiet.get('freshness_steady_p50_s') or float('nan'):.2f} / "
+                f"{quiet.get('freshness_steady_p99_s') or float('nan'):.2f}")
             rows["event -> version written p50 / p99 (s)"] = (
                 f"{quiet.get('written_p50_s') or float('nan'):.2f} / {quiet.get('written_p99_s') or float('nan'):.2f}")
             rows["trainer busy training / wall (paced run, s)"] = (

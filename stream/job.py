@@ -505,6 +505,9 @@ class StreamingJob:
             "freshness_p50_s": fresh.get("p50_s"),
             "freshness_p99_s": fresh.get("p99_s"),
             "freshness_samples": fresh.get("count"),
+            # events produced after serving went live (the start-up transient left out)
+            "freshness_steady_p50_s": fresh.get("steady_p50_s"),
+            "freshness_steady_p99_s": fresh.get("steady_p99_s"),
             # event -> its version in the store (the trainer's part of freshness)
             "written_p50_s": fresh.get("written_p50_s"),
             "written_p99_s": fresh.get("written_p99_s"),

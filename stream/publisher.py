@@ -39,6 +39,8 @@ class FreshnessLedger:
         self._count = 0
         self._max = max_samples
         self.first_activation: dict[int, float] = {}
+        self._first_live_s: float | None = None
+        self._steady: list[np.ndarray] = []
         # The first leg alone (event -> its version written to the store): separates a
         # trainer that lags the topic from replicas that are slow to swap.
         self._published: list[np.ndarray] = []
@@ -63,6 +65,13 @@ class FreshnessLedger:
             if len(ts) and self._count < self._max:
                 self._samples.append(at_s - ts / 1000.0)
                 self._count += len(ts)
+                if self._first_live_s is None:
+                    self._first_live_s = at_s
+                # Steady state: events produced once serving was live. The ones before it
+                # waited for the job's start-up (replicas loading their first version).
+                steady = ts / 1000.0 >= self._first_live_s
+                if steady.any():
+                    self._steady.append(at_s - ts[steady] / 1000.0)
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"count": 0, "p50_s": None, "p99_s": None}
@@ -74,6 +83,11 @@ class FreshnessLedger:
                 "p99_s": float(np.percentile(s, 99)),
                 "max_s": float(s.max()),
             }
+        if self._steady:
+            st = np.concatenate(self._steady)
+            out["steady_count"] = int(len(st))
+            out["steady_p50_s"] = float(np.percentile(st, 50))
+            out["steady_p99_s"] = float(np.percentile(st, 99))
         if self._published:
             w = np.concatenate(self._published)
             out["written_p50_s"] = float(np.percentile(w, 50))
