@@ -123,7 +123,6 @@ class TrainerActor:
         self._stop = threading.Event()
         self._publishing: dict = {}  # publish ref -> version, until settled
         self._ckpt_writer: threading.Thread | None = None
-        self._ckpt_failures = 0
 
     # -- the loop ------------------------------------------------------------------------------
     @ray.method(concurrency_group="train")
@@ -175,12 +174,9 @@ class TrainerActor:
                 last_ckpt = now
         # Final: the last snapshot and a checkpoint covering everything applied.
         if publish_ref is not None:
-            ray.wait([publish_ref])
-            self._publish_settled(publish_ref)
+            self._publish_settled(publish_ref, wait=True)
         if self._applied() > published_at or svc.republish:
-            final = self._publish()
-            ray.wait([final])
-            self._publish_settled(final)
+            self._publish_settled(self._publish(), wait=True)
         self._checkpoint(readers, final=True)
         return svc.progress()
 
@@ -206,11 +202,12 @@ class TrainerActor:
         self._publishing[ref] = p.version
         return ref
 
-    def _publish_settled(self, ref) -> bool:
-        """True once the publish `ref` finished; a failed one makes the next snapshot full."""
+    def _publish_settled(self, ref, wait: bool = False) -> bool:
+        """True once the publish `ref` finished (`wait`: block until it has); a failed
+        one makes the next snapshot full."""
         if ref not in self._publishing:
             return True
-        if not ray.wait([ref], timeout=0)[0]:
+        if not ray.wait([ref], timeout=None if wait else 0)[0]:
             return False
         version = self._publishing.pop(ref)
         try:
@@ -233,7 +230,6 @@ class TrainerActor:
             try:
                 self.svc.write_checkpoint(pending)
             except Exception as e:  # noqa: BLE001 - the next one retries; offsets stay uncommitted
-                self._ckpt_failures += 1
                 log.error("checkpoint write failed (%s); offsets not committed, next one retries", e)
                 return
             # Only now, with the checkpoint durable, may the group offsets move.

@@ -75,23 +75,14 @@ class FreshnessLedger:
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"count": 0, "p50_s": None, "p99_s": None}
-        if self._samples:
-            s = np.concatenate(self._samples)
-            out = {
-                "count": int(len(s)),
-                "p50_s": float(np.percentile(s, 50)),
-                "p99_s": float(np.percentile(s, 99)),
-                "max_s": float(s.max()),
-            }
-        if self._steady:
-            st = np.concatenate(self._steady)
-            out["steady_count"] = int(len(st))
-            out["steady_p50_s"] = float(np.percentile(st, 50))
-            out["steady_p99_s"] = float(np.percentile(st, 99))
-        if self._published:
-            w = np.concatenate(self._published)
-            out["written_p50_s"] = float(np.percentile(w, 50))
-            out["written_p99_s"] = float(np.percentile(w, 99))
+        for prefix, chunks in (("", self._samples), ("steady_", self._steady), ("written_", self._published)):
+            if chunks:
+                s = np.concatenate(chunks)
+                out[f"{prefix}count"] = int(len(s))
+                out[f"{prefix}p50_s"] = float(np.percentile(s, 50))
+                out[f"{prefix}p99_s"] = float(np.percentile(s, 99))
+                if not prefix:
+                    out["max_s"] = float(s.max())
         return out
 
     def samples(self) -> np.ndarray:

@@ -91,6 +91,7 @@ class TrainerService:
         self.last_published: int | None = None
         self.counters: CounterTracker | None = None
         self.publish_failures = 0
+        self.checkpoint_failures = 0
         self.republish = False  # the last publish failed: publish again even without new events
         self._pending_ts: list[np.ndarray] = []
         # Throughput of this incarnation: events trained between its first and last unit.
@@ -186,7 +187,11 @@ class TrainerService:
     def write_checkpoint(self, pending: PendingCheckpoint) -> None:
         """Make a captured checkpoint durable (temp dir, fsync, manifest, rename)."""
         t0 = time.monotonic()
-        self.checkpoints.save(lambda d: OnlineTrainer.write_state(d / "state", *pending.state), pending.meta)
+        try:
+            self.checkpoints.save(lambda d: OnlineTrainer.write_state(d / "state", *pending.state), pending.meta)
+        except Exception:
+            self.checkpoint_failures += 1
+            raise
         self.busy["checkpoint_write_s"] += time.monotonic() - t0
 
     def checkpoint(self) -> dict[int, int]:
@@ -246,6 +251,7 @@ class TrainerService:
                 "lineage": {p: list(v) for p, v in self.lineage.items()},
                 "snapshot_version": self.last_published,
                 "publish_failures": self.publish_failures,
+                "checkpoint_failures": self.checkpoint_failures,
                 "restored_from": self.restored_from,
                 "throughput_eps": self.throughput_eps(),
                 "busy": {k: round(v, 3) for k, v in self.busy.items()},

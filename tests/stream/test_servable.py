@@ -38,17 +38,32 @@ def _requests(batch, n=3):
     return out
 
 
+def _publish_full(trainer, store, version, batch) -> CounterTracker:
+    """Train on `batch`, publish a full `version`; delta tracking restarts there."""
+    trainer.step(batch)
+    store.publish_full(version, full_snapshot(trainer), snapshot_meta(trainer))
+    return CounterTracker(trainer)
+
+
+def _publish_delta(trainer, store, counters, version, batch) -> None:
+    """Train on `batch`, publish `version` as a delta on `version - 1`."""
+    trainer.step(batch)
+    store.publish_delta(version, version - 1, delta_snapshot(trainer, counters), snapshot_meta(trainer))
+
+
+def _assert_same_like(model, other, requests) -> None:
+    for req in requests:
+        np.testing.assert_array_equal(model.rank(req)["scores"]["like"], other.rank(req)["scores"]["like"])
+
+
 def test_full_plus_deltas_equals_fresh_full(tmp_path, batches):
     trainer = OnlineTrainer(_small_cfg(), TrainerConfig(seed=1))
     store = SnapshotStore(str(tmp_path / "snaps"))
-    trainer.step(batches[0])
-    store.publish_full(1, full_snapshot(trainer), snapshot_meta(trainer))
-    counters = CounterTracker(trainer)
+    counters = _publish_full(trainer, store, 1, batches[0])
     version = 1
     for b in batches[1:]:
-        trainer.step(b)
         version += 1
-        store.publish_delta(version, version - 1, delta_snapshot(trainer, counters), snapshot_meta(trainer))
+        _publish_delta(trainer, store, counters, version, b)
     chained = ServedModel(store.load_chain())
     assert chained.version == version
     store.publish_full(version + 1, full_snapshot(trainer), snapshot_meta(trainer))
@@ -114,44 +129,32 @@ def test_follower_behind_by_several_deltas_catches_up_without_reloading(tmp_path
 
     trainer = OnlineTrainer(_small_cfg(), TrainerConfig(seed=5))
     store = SnapshotStore(str(tmp_path / "snaps"))
-    trainer.step(batches[0])
-    store.publish_full(1, full_snapshot(trainer), snapshot_meta(trainer))
-    counters = CounterTracker(trainer)
+    counters = _publish_full(trainer, store, 1, batches[0])
     builds = []
     follower = SnapshotFollower(store, build=lambda chain: builds.append(chain.version) or ServedModel(chain))
     assert follower.poll() and builds == [1, 1]  # live + standby
     version = 1
     for lag in (3, 1, 4):  # the replica misses `lag - 1` versions between polls
         for _ in range(lag):
-            trainer.step(batches[version])
             version += 1
-            store.publish_delta(version, version - 1, delta_snapshot(trainer, counters), snapshot_meta(trainer))
+            _publish_delta(trainer, store, counters, version, batches[version - 1])
         assert follower.poll() and follower.version == version
     assert builds == [1, 1]  # every catch-up went by deltas
-    fresh = ServedModel(store.load_chain(version))
-    for req in _requests(batches[version]):
-        np.testing.assert_array_equal(follower.live.rank(req)["scores"]["like"], fresh.rank(req)["scores"]["like"])
+    _assert_same_like(follower.live, ServedModel(store.load_chain(version)), _requests(batches[version]))
     # and the standby (the previous live copy) lands on the same state at the next swap
-    trainer.step(batches[version])
-    store.publish_delta(version + 1, version, delta_snapshot(trainer, counters), snapshot_meta(trainer))
+    _publish_delta(trainer, store, counters, version + 1, batches[version])
     assert follower.poll() and builds == [1, 1]
-    fresh = ServedModel(store.load_chain(version + 1))
-    for req in _requests(batches[version]):
-        np.testing.assert_array_equal(follower.live.rank(req)["scores"]["like"], fresh.rank(req)["scores"]["like"])
+    _assert_same_like(follower.live, ServedModel(store.load_chain(version + 1)), _requests(batches[version]))
 
     # A new full version is loaded into the standby in place (no model built), and the
     # other copy takes it at the next swap, before the delta that follows it.
     version += 1
     for v, full in ((version + 1, True), (version + 2, False), (version + 3, False)):
-        trainer.step(batches[v % len(batches)])
+        batch = batches[v % len(batches)]
         if full:
-            store.publish_full(v, full_snapshot(trainer), snapshot_meta(trainer))
-            counters = CounterTracker(trainer)
+            counters = _publish_full(trainer, store, v, batch)
         else:
-            store.publish_delta(v, v - 1, delta_snapshot(trainer, counters), snapshot_meta(trainer))
+            _publish_delta(trainer, store, counters, v, batch)
         assert follower.poll() and follower.version == v
-        fresh = ServedModel(store.load_chain(v))
-        for req in _requests(batches[v % len(batches)]):
-            np.testing.assert_array_equal(follower.live.rank(req)["scores"]["like"],
-                                          fresh.rank(req)["scores"]["like"])
+        _assert_same_like(follower.live, ServedModel(store.load_chain(v)), _requests(batch))
     assert builds == [1, 1]
