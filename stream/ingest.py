@@ -269,7 +269,7 @@ class PartitionReader:
                 "seek it to the trainer's offsets before asking for batches"
             )
         with self._cv:
-            stale = lambda: epoch is not None and epoch != self._epoch  # noqa: E731
+            stale = lambda: epoch is not None and epoch != self._epoch
             while not self._buffer and not self._stop and not stale():
                 left = deadline - time.monotonic()
                 if left <= 0:

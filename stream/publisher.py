@@ -78,7 +78,7 @@ class FreshnessLedger:
         for prefix, chunks in (("", self._samples), ("steady_", self._steady), ("written_", self._published)):
             if chunks:
                 s = np.concatenate(chunks)
-                out[f"{prefix}count"] = int(len(s))
+                out[f"{prefix}count"] = len(s)
                 out[f"{prefix}p50_s"] = float(np.percentile(s, 50))
                 out[f"{prefix}p99_s"] = float(np.percentile(s, 99))
                 if not prefix:

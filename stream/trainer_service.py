@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from models.online import OnlineTrainer
 from stream.checkpoints import CheckpointManager

@@ -2,13 +2,19 @@
 
 import numpy as np
 import pytest
-import torch
 
 from models.config import ModelConfig, TrainerConfig
 from models.online import OnlineTrainer
 from stream.data.synthetic import build_synthetic_recording
 from stream.evaluate import iter_event_batches
-from stream.servable import CounterTracker, RankRequest, ServedModel, delta_snapshot, full_snapshot, snapshot_meta
+from stream.servable import (
+    CounterTracker,
+    RankRequest,
+    ServedModel,
+    delta_snapshot,
+    full_snapshot,
+    snapshot_meta,
+)
 from stream.snapshots import SnapshotStore
 
 
