@@ -186,6 +186,9 @@ def main() -> None:
                 f"{quiet.get('freshness_steady_p99_s') or float('nan'):.2f}")
             rows["event -> version written p50 / p99 (s)"] = (
                 f"{quiet.get('written_p50_s') or float('nan'):.2f} / {quiet.get('written_p99_s') or float('nan'):.2f}")
+            for leg, v in (quiet.get("freshness_legs") or {}).items():
+                rows[f"freshness leg '{leg}' p50 / p99 / slowest-1% mean (s)"] = (
+                    f"{v['p50_s']:.2f} / {v['p99_s']:.2f} / {v['tail_mean_s']:.2f}")
             rows["trainer busy training / wall (paced run, s)"] = (
                 f"{(quiet.get('trainer_busy') or {}).get('train_s', float('nan')):.1f} / "
                 f"{quiet.get('trainer_uptime_s') or float('nan'):.1f}")

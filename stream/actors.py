@@ -68,8 +68,8 @@ class PublisherActor:
 
         self.pub = SnapshotPublisher(uri, keep_versions)
 
-    def publish(self, version, parent, state, meta, event_ts_ms) -> dict[str, Any]:
-        return self.pub.publish(version, parent, state, meta, event_ts_ms)
+    def publish(self, version, parent, state, meta, event_ts_ms, event_trained_s=None) -> dict[str, Any]:
+        return self.pub.publish(version, parent, state, meta, event_ts_ms, event_trained_s)
 
     def latest_version(self) -> int | None:
         return self.pub.latest_version()
@@ -198,7 +198,8 @@ class TrainerActor:
 
     def _publish(self):
         p = self.svc.snapshot_payload()
-        ref = self.publisher.publish.remote(p.version, p.parent, p.state, p.meta, p.event_ts_ms)
+        ref = self.publisher.publish.remote(p.version, p.parent, p.state, p.meta, p.event_ts_ms,
+                                            p.event_trained_s)
         self._publishing[ref] = p.version
         return ref
 

@@ -511,6 +511,9 @@ class StreamingJob:
             # event -> its version in the store (the trainer's part of freshness)
             "written_p50_s": fresh.get("written_p50_s"),
             "written_p99_s": fresh.get("written_p99_s"),
+            # where each event's freshness went (train / tick / write / swap): p50, p99,
+            # and the mean over the slowest 1% of events
+            "freshness_legs": fresh.get("legs"),
             "snapshots_published": ray.get(topo.publisher.stats.remote())["published"],
             "snapshot_version": last_version,
             "serving_version": max((r.get("version") or 0 for r in serving), default=None),

@@ -31,11 +31,23 @@ class SnapshotConfig(BaseModel):
 
 
 class FreshnessLedger:
-    """Pending versions' event timestamps until a replica activates them."""
+    """Pending versions' event timestamps until a replica activates them.
+
+    Besides the end-to-end figure, the freshness of each steady-state event is split
+    into legs, so a slow tail can be pinned on its cause: `train` (Kafka -> its unit trained: fetch,
+    reader queue, training), `tick` (trained -> the snapshot that includes it was cut:
+    the snapshot interval, or a publish still in flight), `write` (cut -> written to
+    the store) and `swap` (written -> first activation by a replica).
+    """
+
+    LEGS = ("train", "tick", "write", "swap")
 
     def __init__(self, max_samples: int = 2_000_000):
-        self._pending: dict[int, np.ndarray] = {}  # version -> kafka ts (ms) of its new events
+        # version -> (kafka ts (s), trained at (s) or None, cut at (s) or None)
+        self._pending: dict[int, tuple[np.ndarray, np.ndarray | None, float | None]] = {}
+        self._written_at: dict[int, float] = {}
         self._samples: list[np.ndarray] = []
+        self._legs: list[np.ndarray] = []  # (n, 4) per activated version, when known
         self._count = 0
         self._max = max_samples
         self.first_activation: dict[int, float] = {}
@@ -46,32 +58,50 @@ class FreshnessLedger:
         self._published: list[np.ndarray] = []
         self._published_count = 0
 
-    def add_version(self, version: int, event_ts_ms: np.ndarray) -> None:
-        self._pending[version] = np.asarray(event_ts_ms, dtype=np.int64)
+    def add_version(
+        self,
+        version: int,
+        event_ts_ms: np.ndarray,
+        trained_at_s: np.ndarray | None = None,
+        cut_at_s: float | None = None,
+    ) -> None:
+        ts = np.asarray(event_ts_ms, dtype=np.int64)
+        keep = ts > 0  # 0 = no Kafka timestamp
+        trained = None if trained_at_s is None else np.asarray(trained_at_s, np.float64)[keep]
+        self._pending[version] = (ts[keep] / 1000.0, trained, cut_at_s)
 
     def written(self, version: int, at_s: float) -> None:
-        ts = self._pending.get(version)
-        if ts is not None and self._published_count < self._max:
-            ts = ts[ts > 0]
-            self._published.append(at_s - ts / 1000.0)
-            self._published_count += len(ts)
+        pending = self._pending.get(version)
+        if pending is None:
+            return
+        self._written_at[version] = at_s
+        if self._published_count < self._max:
+            self._published.append(at_s - pending[0])
+            self._published_count += len(pending[0])
 
     def activated(self, version: int, at_s: float) -> None:
         live = [v for v in self._pending if v <= version]
         for v in sorted(live):
-            ts = self._pending.pop(v)
-            ts = ts[ts > 0]
+            ts, trained, cut = self._pending.pop(v)
+            written = self._written_at.pop(v, None)
             self.first_activation.setdefault(v, at_s)
-            if len(ts) and self._count < self._max:
-                self._samples.append(at_s - ts / 1000.0)
-                self._count += len(ts)
-                if self._first_live_s is None:
-                    self._first_live_s = at_s
-                # Steady state: events produced once serving was live. The ones before it
-                # waited for the job's start-up (replicas loading their first version).
-                steady = ts / 1000.0 >= self._first_live_s
-                if steady.any():
-                    self._steady.append(at_s - ts[steady] / 1000.0)
+            if not len(ts) or self._count >= self._max:
+                continue
+            self._samples.append(at_s - ts)
+            self._count += len(ts)
+            if self._first_live_s is None:
+                self._first_live_s = at_s
+            # Steady state: events produced once serving was live. The ones before it
+            # waited for the job's start-up (replicas loading their first version).
+            steady = ts >= self._first_live_s
+            if not steady.any():
+                continue
+            self._steady.append(at_s - ts[steady])
+            if trained is not None and cut is not None and written is not None:
+                ts, trained = ts[steady], trained[steady]
+                self._legs.append(np.stack(
+                    [trained - ts, cut - trained, np.full_like(ts, written - cut),
+                     np.full_like(ts, at_s - written)], axis=1))  # (n, 4)
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"count": 0, "p50_s": None, "p99_s": None}
@@ -83,6 +113,16 @@ class FreshnessLedger:
                 out[f"{prefix}p99_s"] = float(np.percentile(s, 99))
                 if not prefix:
                     out["max_s"] = float(s.max())
+        if self._legs:
+            legs = np.concatenate(self._legs)  # (n, 4)
+            total = legs.sum(axis=1)
+            tail = legs[total >= np.percentile(total, 99)]
+            out["legs"] = {
+                name: {"p50_s": float(np.percentile(legs[:, i], 50)),
+                       "p99_s": float(np.percentile(legs[:, i], 99)),
+                       "tail_mean_s": float(tail[:, i].mean())}  # mean over the slowest 1%
+                for i, name in enumerate(self.LEGS)
+            }
         return out
 
     def samples(self) -> np.ndarray:
@@ -110,10 +150,11 @@ class SnapshotPublisher:
         state: FullState | DeltaState,
         meta: dict[str, Any],
         event_ts_ms: np.ndarray,
+        event_trained_s: np.ndarray | None = None,
     ) -> dict[str, Any]:
         t0 = time.time()
         with self._lock:
-            self.ledger.add_version(version, event_ts_ms)
+            self.ledger.add_version(version, event_ts_ms, event_trained_s, meta.get("cut_at"))
         if isinstance(state, FullState):
             manifest = self.store.publish_full(version, state, meta)
         else:

@@ -38,8 +38,9 @@ class SnapshotPayload:
     version: int
     parent: int | None
     state: FullState | DeltaState
-    meta: dict[str, Any]
-    event_ts_ms: np.ndarray
+    meta: dict[str, Any]  # meta["cut_at"]: wall time the payload was taken
+    event_ts_ms: np.ndarray  # Kafka timestamps of the events new in this version
+    event_trained_s: np.ndarray  # wall time each of them finished training (freshness legs)
 
 
 @dataclass
@@ -93,6 +94,7 @@ class TrainerService:
         self.checkpoint_failures = 0
         self.republish = False  # the last publish failed: publish again even without new events
         self._pending_ts: list[np.ndarray] = []
+        self._pending_trained: list[np.ndarray] = []
         # Throughput of this incarnation: events trained between its first and last unit.
         self._first_unit_t: float | None = None
         self._last_unit_t: float | None = None
@@ -136,6 +138,7 @@ class TrainerService:
                     self.trainer.step(mb)
                     trained += len(mb)
                 self._pending_ts.append(batch.kafka_ts_ms.copy())
+                self._pending_trained.append(np.full(len(batch), time.time()))
                 for p, off in zip(batch.kafka_partition.tolist(), batch.kafka_offset.tolist()):
                     self._note_applied(p, off)
             for p, off, category in rejects:
@@ -219,13 +222,16 @@ class TrainerService:
                 parent = self.last_published
             meta = snapshot_meta(self.trainer)
             meta["metrics"] = _metrics_brief(self.trainer.metrics.summary())
+            meta["cut_at"] = time.time()
             ts = np.concatenate(self._pending_ts) if self._pending_ts else np.empty(0, np.int64)
-            self._pending_ts = []
+            trained = np.concatenate(self._pending_trained) if self._pending_trained else np.empty(0)
+            self._pending_ts, self._pending_trained = [], []
             self.next_version = version + 1
             self.republish = False
             self.busy["snapshot_s"] += time.monotonic() - t0
             self.last_published = version
-        return SnapshotPayload(version=version, parent=parent, state=state, meta=meta, event_ts_ms=ts)
+        return SnapshotPayload(version=version, parent=parent, state=state, meta=meta, event_ts_ms=ts,
+                               event_trained_s=trained)
 
     def publish_failed(self, version: int, error: BaseException) -> None:
         """The publisher did not store `version`: the next snapshot is a full one, since a
