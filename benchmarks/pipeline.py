@@ -64,14 +64,16 @@ def _rank_request(recording: Path, n: int) -> dict:
 
 
 def _snapshot_sizes(root: Path) -> dict[str, str]:
-    """Mean bytes per full / delta version in a store (what each publish writes)."""
+    """Mean bytes per full / delta version / base in a store (what each publish writes)."""
     from stream.snapshots import SnapshotStore
 
     store = SnapshotStore(str(root))
-    sizes: dict[str, list[int]] = {"full": [], "delta": []}
+    sizes: dict[str, list[int]] = {"full": [], "delta": [], "base": []}
     for v in store.versions():
         m = store.manifest(v)
         sizes[m["kind"]].append(sum(f["size"] for f in m["files"].values()))
+        if store.has_base(v):  # a full copy beside a delta, for replicas that start later
+            sizes["base"].append(sum(f["size"] for f in store.base_manifest(v)["files"].values()))
     return {f"snapshot {kind} size, mean of {len(b)} (MB)": f"{np.mean(b) / 1e6:.1f}"
             for kind, b in sizes.items() if b}
 

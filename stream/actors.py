@@ -71,6 +71,9 @@ class PublisherActor:
     def publish(self, version, parent, state, meta, event_ts_ms, event_trained_s=None) -> dict[str, Any]:
         return self.pub.publish(version, parent, state, meta, event_ts_ms, event_trained_s)
 
+    def publish_base(self, version, state, meta) -> dict[str, Any]:
+        return self.pub.publish_base(version, state, meta)
+
     def latest_version(self) -> int | None:
         return self.pub.latest_version()
 
@@ -93,7 +96,8 @@ class PublisherActor:
         return self.pub.pin(version)
 
     def stats(self) -> dict[str, Any]:
-        return {"published": self.pub.published}
+        return {"published": self.pub.published, "bases_written": self.pub.bases_written,
+                "base_failures": self.pub.base_failures}
 
 
 @ray.remote(
@@ -122,6 +126,7 @@ class TrainerActor:
         )
         self._stop = threading.Event()
         self._publishing: dict = {}  # publish ref -> version, until settled
+        self._base_writer: threading.Thread | None = None
         self._ckpt_writer: threading.Thread | None = None
 
     # -- the loop ------------------------------------------------------------------------------
@@ -178,6 +183,8 @@ class TrainerActor:
         if self._applied() > published_at or svc.republish:
             self._publish_settled(self._publish(), wait=True)
         self._checkpoint(readers, final=True)
+        if self._base_writer is not None:
+            self._base_writer.join(timeout=120)
         return svc.progress()
 
     def _applied(self) -> int:
@@ -201,7 +208,26 @@ class TrainerActor:
         ref = self.publisher.publish.remote(p.version, p.parent, p.state, p.meta, p.event_ts_ms,
                                             p.event_trained_s)
         self._publishing[ref] = p.version
+        if p.base is not None:
+            self._write_base(p.version, p.base, p.meta)
         return ref
+
+    def _write_base(self, version: int, base, meta: dict[str, Any]) -> None:
+        """Hand a base (full copy) to the publisher from a thread: shipping ~100 MB to the
+        object store would otherwise stall training. Skipped if the last one is still
+        on its way (the next base comes K versions later; chains just stay longer)."""
+        if self._base_writer is not None and self._base_writer.is_alive():
+            log.warning("base for version %d skipped: the previous base is still being written", version)
+            return
+
+        def ship() -> None:
+            try:
+                ray.get(self.publisher.publish_base.remote(version, base, meta))
+            except Exception as e:  # noqa: BLE001 - serving is unaffected; the chain is intact
+                log.warning("base for version %d was not written: %s", version, e)
+
+        self._base_writer = threading.Thread(target=ship, name="base-writer", daemon=True)
+        self._base_writer.start()
 
     def _publish_settled(self, ref, wait: bool = False) -> bool:
         """True once the publish `ref` finished (`wait`: block until it has); a failed

@@ -483,6 +483,7 @@ class StreamingJob:
         last_version = final.get("snapshot_version")
         serving = self._wait_serving(topo, last_version)
         fresh = ray.get(topo.publisher.freshness.remote(), timeout=10)
+        pub_stats = ray.get(topo.publisher.stats.remote(), timeout=10)
         self.freshness_samples = ray.get(topo.publisher.freshness_samples.remote(), timeout=30)
         stats = final.get("stats", {})
         dlq = sum(final["rejects_applied"].values())
@@ -514,7 +515,8 @@ class StreamingJob:
             # where each event's freshness went (train / tick / write / swap): p50, p99,
             # and the mean over the slowest 1% of events
             "freshness_legs": fresh.get("legs"),
-            "snapshots_published": ray.get(topo.publisher.stats.remote())["published"],
+            "snapshots_published": pub_stats["published"],
+            "snapshot_bases_written": pub_stats["bases_written"],
             "snapshot_version": last_version,
             "serving_version": max((r.get("version") or 0 for r in serving), default=None),
             "serving": serving,

@@ -26,7 +26,9 @@ class SnapshotConfig(BaseModel):
     # Empty = <work_dir>/snapshots. Any pyarrow filesystem URI (s3://, gs://, hdfs://).
     uri: str = ""
     interval_s: float = Field(1.0, gt=0)
-    full_every: int = Field(20, ge=1)  # a full snapshot every K versions, deltas between
+    # A base (full copy, written beside the delta) every K versions: replicas that start
+    # load the newest base + the deltas after it; live ones only ever read deltas.
+    full_every: int = Field(20, ge=1)
     keep_versions: int = Field(50, ge=1)
 
 
@@ -137,6 +139,8 @@ class SnapshotPublisher:
         self.ledger = FreshnessLedger()
         self.replicas: dict[str, dict[str, Any]] = {}
         self.published = 0
+        self.bases_written = 0
+        self.base_failures = 0
         self.failures = 0
         self._lock = threading.Lock()
 
@@ -164,6 +168,20 @@ class SnapshotPublisher:
             self.published += 1
             self.ledger.written(version, time.time())
         return {"version": version, "kind": manifest["kind"], "write_s": time.time() - t0}
+
+    def publish_base(self, version: int, state: FullState, meta: dict[str, Any]) -> dict[str, Any]:
+        """Write the full copy of an already published delta version (off the serving path:
+        the version is live before this starts)."""
+        t0 = time.time()
+        try:
+            self.store.publish_base(version, state, meta)
+        except Exception:
+            with self._lock:
+                self.base_failures += 1
+            raise
+        with self._lock:
+            self.bases_written += 1
+        return {"version": version, "kind": "base", "write_s": time.time() - t0}
 
     def report_serving(self, replica_id: str, event: dict[str, Any]) -> None:
         with self._lock:
@@ -205,6 +223,7 @@ class SnapshotPublisher:
                 "train_step": m.get("train_step"),
                 "events_applied": m.get("events_applied"),
                 "bytes": sum(f["size"] for f in m["files"].values()),
+                "base": m["kind"] == "delta" and self.store.has_base(v),
                 "latest": v == latest,
                 "pinned": v == pinned,
             })

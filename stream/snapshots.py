@@ -8,10 +8,15 @@ Layout under the store root (DESIGN section 7):
     v000001/mem.<name>.safetensors + mem.<name>.json     (full: each memory's export_state)
     v000001/delta.<name>.<table>.parquet                 (delta: changed rows)
     v000001/tombstones.<name>.parquet                    (delta: evicted ids)
+    v000020/base/manifest.json + the files of a full    (a base: see below)
     LATEST                      the newest published version, replaced atomically
 
 A delta version names its parent; loading version v walks parents back to the
-newest full snapshot and applies the deltas in order. Every file is checked
+newest full snapshot or base and applies the deltas in order. A base is a full
+copy of a delta version, written beside it after the version went live: only a
+replica that starts (or rolls back) reads it, so live replicas follow by deltas
+alone and never stall on a large load, while chains stay short for newcomers
+and retention can drop everything before the newest base. Every file is checked
 against the sha256 and size in its manifest before it is used; nothing is ever
 unpickled (safetensors, Parquet and JSON only).
 """
@@ -22,6 +27,7 @@ import hashlib
 import io
 import json
 import posixpath
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -40,6 +46,7 @@ from memory_bank.base import MemoryDelta
 FORMAT_VERSION = 1
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
+BASE = "base"  # v<version>/base/: a full copy of a delta version
 
 
 class SnapshotError(Exception):
@@ -75,6 +82,7 @@ class SnapshotChain:
     full: FullState
     deltas: list[DeltaState] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
+    from_base: bool = False  # the first of `versions` was loaded from its base copy
 
 
 def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -165,6 +173,10 @@ class SnapshotStore:
         self.uri = uri
         self.fs, self.root = open_filesystem(uri)
         self.keep_versions = keep_versions
+        # Bases are written beside newer deltas (another thread of the publisher):
+        # retention must not delete a version while its base is being written.
+        self._lock = threading.Lock()
+        self._writing_bases: set[int] = set()
 
     # paths
     def _p(self, *parts: str) -> str:
@@ -219,11 +231,37 @@ class SnapshotStore:
     def publish_full(
         self, version: int, state: FullState, meta: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        files: dict[str, bytes] = {"dense.safetensors": st_save(_contig(state.dense))}
-        for name, (tensors, mmeta) in state.memories.items():
-            files[f"mem.{name}.safetensors"] = st_save(_contig(tensors))
-            files[f"mem.{name}.json"] = json.dumps(mmeta, sort_keys=True).encode()
-        return self._publish(version, None, "full", files, meta or {})
+        return self._publish(version, None, "full", _full_files(state), meta or {})
+
+    def publish_base(
+        self, version: int, state: FullState, meta: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Write a full copy of the existing delta `version` beside it (`state` must be
+        that version's content). LATEST does not move: serving already runs it."""
+        if self.manifest(version)["kind"] != "delta":
+            raise SnapshotError(f"version {version} is full already; a base is for a delta version")
+        if self.has_base(version):
+            raise SnapshotError(f"version {version} already has a base under {self.uri}")
+        with self._lock:
+            self._writing_bases.add(version)
+        try:
+            return self._write_version_dir(self._p(_vdir(version), BASE), version, None, BASE,
+                                           _full_files(state), meta or {})
+        finally:
+            with self._lock:
+                self._writing_bases.discard(version)
+
+    def has_base(self, version: int) -> bool:
+        return self.fs.get_file_info(self._p(_vdir(version), BASE, MANIFEST)).type == pafs.FileType.File
+
+    def base_manifest(self, version: int) -> dict[str, Any]:
+        try:
+            m = json.loads(self._read(self._p(_vdir(version), BASE, MANIFEST)))
+        except json.JSONDecodeError as e:
+            raise SnapshotCorrupt(f"version {version}: base manifest is not valid JSON: {e}") from e
+        if m.get("format_version") != FORMAT_VERSION or m.get("version") != version or m.get("kind") != BASE:
+            raise SnapshotCorrupt(f"version {version}: base manifest has wrong version/format fields")
+        return m
 
     def publish_delta(
         self, version: int, parent: int, state: DeltaState, meta: dict[str, Any] | None = None
@@ -243,7 +281,14 @@ class SnapshotStore:
     ) -> dict[str, Any]:
         if version in self.versions():
             raise SnapshotError(f"version {version} already exists under {self.uri}")
-        vdir = self._p(_vdir(version))
+        manifest = self._write_version_dir(self._p(_vdir(version)), version, parent, kind, files, meta)
+        self._set_latest(version)
+        self._apply_retention()
+        return manifest
+
+    def _write_version_dir(
+        self, vdir: str, version: int, parent: int | None, kind: str, files: dict[str, bytes], meta: dict
+    ) -> dict[str, Any]:
         self.fs.create_dir(vdir, recursive=True)
         for name, data in files.items():
             self._write(posixpath.join(vdir, name), data)
@@ -256,10 +301,8 @@ class SnapshotStore:
             "files": {n: {"sha256": _sha256(d), "size": len(d)} for n, d in files.items()},
             **meta,
         }
-        # The manifest makes the version visible; LATEST (below) makes it current.
+        # The manifest makes the version (or base) visible; LATEST makes a version current.
         self._write(posixpath.join(vdir, MANIFEST), json.dumps(manifest, indent=1).encode())
-        self._set_latest(version)
-        self._apply_retention()
         return manifest
 
     def _set_latest(self, version: int) -> None:
@@ -277,14 +320,19 @@ class SnapshotStore:
         if len(versions) <= self.keep_versions:
             return
         keep = set(versions[-self.keep_versions :])
-        # Keep every version the retained ones need to load (their chain to a full).
+        # Keep every version the retained ones need to load (their chain to a full or a
+        # base), and any whose base is being written now.
         for v in list(keep):
-            keep.update(self._chain_versions(v))
-        for v in versions:
-            if v not in keep:
-                self.fs.delete_dir(self._p(_vdir(v)))
+            keep.update(self._chain_versions(v)[0])
+        with self._lock:
+            keep.update(self._writing_bases)
+            for v in versions:
+                if v not in keep:
+                    self.fs.delete_dir(self._p(_vdir(v)))
 
-    def _chain_versions(self, version: int) -> list[int]:
+    def _chain_versions(self, version: int) -> tuple[list[int], bool]:
+        """The versions serving loads for `version`, oldest first, and whether the first
+        is read from its base (else it is a full version)."""
         chain = []
         v: int | None = version
         seen = set()
@@ -295,17 +343,18 @@ class SnapshotStore:
             m = self.manifest(v)
             chain.append(v)
             if m["kind"] == "full":
-                break
+                return chain[::-1], False
+            if self.has_base(v):
+                return chain[::-1], True
             v = m.get("parent")
-            if v is None:
-                raise SnapshotCorrupt(f"delta version {chain[-1]} has no parent")
-        return chain[::-1]
+        raise SnapshotCorrupt(f"delta version {chain[-1]} has no parent")
 
     # loading
-    def _verified_files(self, version: int, manifest: dict[str, Any]) -> dict[str, bytes]:
+    def _verified_files(self, version: int, manifest: dict[str, Any], base: bool = False) -> dict[str, bytes]:
+        vdir = self._p(_vdir(version), BASE) if base else self._p(_vdir(version))
         out = {}
         for name, info in manifest["files"].items():
-            data = self._read(self._p(_vdir(version), name))
+            data = self._read(posixpath.join(vdir, name))
             if len(data) != info["size"]:
                 raise SnapshotCorrupt(
                     f"version {version}: {name} is {len(data)} bytes, manifest says {info['size']}"
@@ -317,8 +366,10 @@ class SnapshotStore:
 
     def verify(self, version: int) -> None:
         """Raise SnapshotCorrupt unless every file of the chain of `version` is intact."""
-        for v in self._chain_versions(version):
-            self._verified_files(v, self.manifest(v))
+        chain, from_base = self._chain_versions(version)
+        for i, v in enumerate(chain):
+            base = from_base and i == 0
+            self._verified_files(v, self.base_manifest(v) if base else self.manifest(v), base)
 
     def load_delta(self, version: int) -> DeltaState:
         """Verify and decode one delta version (a replica already on its parent)."""
@@ -356,14 +407,15 @@ class SnapshotStore:
             version = self.latest_version()
             if version is None:
                 raise SnapshotNotFound(f"no LATEST under {self.uri}")
-        chain_versions = self._chain_versions(version)
+        chain_versions, from_base = self._chain_versions(version)
         full: FullState | None = None
         deltas: list[DeltaState] = []
-        for v in chain_versions:
-            m = self.manifest(v)
-            files = self._verified_files(v, m)
+        for i, v in enumerate(chain_versions):
+            base = from_base and i == 0
+            m = self.base_manifest(v) if base else self.manifest(v)
+            files = self._verified_files(v, m, base)
             try:
-                if m["kind"] == "full":
+                if m["kind"] in ("full", BASE):
                     full = _decode_full(files)
                 else:
                     deltas.append(_decode_delta(files))
@@ -372,7 +424,15 @@ class SnapshotStore:
             except Exception as e:  # a file that hashes right but does not decode
                 raise SnapshotCorrupt(f"version {v}: cannot decode: {type(e).__name__}: {e}") from e
         assert full is not None
-        return SnapshotChain(version, self.manifest(version), full, deltas, chain_versions)
+        return SnapshotChain(version, self.manifest(version), full, deltas, chain_versions, from_base)
+
+
+def _full_files(state: FullState) -> dict[str, bytes]:
+    files: dict[str, bytes] = {"dense.safetensors": st_save(_contig(state.dense))}
+    for name, (tensors, mmeta) in state.memories.items():
+        files[f"mem.{name}.safetensors"] = st_save(_contig(tensors))
+        files[f"mem.{name}.json"] = json.dumps(mmeta, sort_keys=True).encode()
+    return files
 
 
 def _contig(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -41,6 +41,7 @@ class SnapshotPayload:
     meta: dict[str, Any]  # meta["cut_at"]: wall time the payload was taken
     event_ts_ms: np.ndarray  # Kafka timestamps of the events new in this version
     event_trained_s: np.ndarray  # wall time each of them finished training (freshness legs)
+    base: FullState | None = None  # every `full_every` versions: a full copy of this delta
 
 
 @dataclass
@@ -204,22 +205,21 @@ class TrainerService:
 
     # -- snapshots -----------------------------------------------------------------------------
     def snapshot_payload(self) -> SnapshotPayload:
-        """The next version's content; full every `full_every` versions and after a start."""
+        """The next version's content: full after a start (or a failed publish), else a
+        delta; every `full_every` versions the delta also carries a full copy (a base)."""
         t0 = time.monotonic()
         with self.lock:
             version = self.next_version
-            full = (
-                self.last_published is None
-                or self.counters is None
-                or (version - 1) % self.full_every == 0
-            )
-            if full:
+            base: FullState | None = None
+            if self.last_published is None or self.counters is None:
                 state: FullState | DeltaState = full_snapshot(self.trainer)
                 self.counters = CounterTracker(self.trainer)
                 parent = None
             else:
                 state = delta_snapshot(self.trainer, self.counters)
                 parent = self.last_published
+                if (version - 1) % self.full_every == 0:
+                    base = full_snapshot(self.trainer)
             meta = snapshot_meta(self.trainer)
             meta["metrics"] = _metrics_brief(self.trainer.metrics.summary())
             meta["cut_at"] = time.time()
@@ -231,7 +231,7 @@ class TrainerService:
             self.busy["snapshot_s"] += time.monotonic() - t0
             self.last_published = version
         return SnapshotPayload(version=version, parent=parent, state=state, meta=meta, event_ts_ms=ts,
-                               event_trained_s=trained)
+                               event_trained_s=trained, base=base)
 
     def publish_failed(self, version: int, error: BaseException) -> None:
         """The publisher did not store `version`: the next snapshot is a full one, since a

@@ -164,3 +164,30 @@ def test_follower_behind_by_several_deltas_catches_up_without_reloading(tmp_path
         assert follower.poll() and follower.version == v
         _assert_same_like(follower.live, ServedModel(store.load_chain(v)), _requests(batch))
     assert builds == [1, 1]
+
+
+def test_a_replica_starting_from_a_base_serves_what_the_chain_serves(tmp_path, batches):
+    """A base written beside delta v (its full copy) loads to the same model as the chain
+    up to v, and a replica starting later reads the base + newer deltas only."""
+    trainer = OnlineTrainer(_small_cfg(), TrainerConfig(seed=1))
+    store = SnapshotStore(str(tmp_path / "snaps"))
+    counters = _publish_full(trainer, store, 1, batches[0])
+    for version in (2, 3):
+        _publish_delta(trainer, store, counters, version, batches[version - 1])
+    store.publish_base(3, full_snapshot(trainer), snapshot_meta(trainer))
+    _publish_delta(trainer, store, counters, 4, batches[3])
+
+    from_base = store.load_chain(4)
+    assert from_base.versions == [3, 4] and from_base.from_base
+    assert store.latest_version() == 4  # a base never moves LATEST
+    _assert_same_like(ServedModel(from_base), _served_through_chain(store, 4), _requests(batches[3]))
+
+
+def _served_through_chain(store, version):
+    """The model of `version` loaded by walking every delta back to the full (bases hidden)."""
+    from unittest import mock
+
+    with mock.patch.object(SnapshotStore, "has_base", return_value=False):
+        chain = store.load_chain(version)
+    assert chain.versions[0] == 1 and not chain.from_base
+    return ServedModel(chain)

@@ -10,6 +10,7 @@ from stream.snapshots import (
     DeltaState,
     FullState,
     SnapshotCorrupt,
+    SnapshotError,
     SnapshotNotFound,
     SnapshotStore,
     delta_table_from_parquet,
@@ -100,6 +101,39 @@ def test_retention_keeps_chain_to_full(tmp_path):
     store.publish_delta(7, 6, _delta([0], torch.zeros(1, 4)))
     assert store.versions() == [6, 7]
     assert store.load_chain().versions == [6, 7]
+
+
+def test_base_shortens_chains_and_lets_retention_drop_what_precedes_it(tmp_path):
+    store = SnapshotStore(str(tmp_path), keep_versions=2)
+    store.publish_full(1, _full())
+    for v in range(2, 5):
+        store.publish_delta(v, v - 1, _delta([0], torch.full((1, 4), float(v))))
+    with pytest.raises(SnapshotError, match="full already"):
+        store.publish_base(1, _full())
+    store.publish_base(3, _full(3))
+    with pytest.raises(SnapshotError, match="already has a base"):
+        store.publish_base(3, _full(3))
+    assert store.latest_version() == 4
+    chain = store.load_chain()
+    assert chain.versions == [3, 4] and chain.from_base
+    assert torch.equal(chain.full.dense["w"], _full(3).dense["w"])
+    store.publish_delta(5, 4, _delta([0], torch.zeros(1, 4)))
+    # 4 and 5 are kept, 3 for its base; 1 and 2 are needed by nothing now
+    assert store.versions() == [3, 4, 5]
+    store.verify(5)
+
+
+def test_damaged_base_is_refused(tmp_path):
+    store = SnapshotStore(str(tmp_path))
+    store.publish_full(1, _full())
+    store.publish_delta(2, 1, _delta([0], torch.zeros(1, 4)))
+    store.publish_base(2, _full(2))
+    path = tmp_path / "v000002" / "base" / "dense.safetensors"
+    path.write_bytes(path.read_bytes()[:-3] + b"xyz")
+    with pytest.raises(SnapshotCorrupt, match="sha256"):
+        store.load_chain(2)
+    with pytest.raises(SnapshotCorrupt):
+        store.verify(2)
 
 
 def test_rollback_sets_latest(tmp_path):

@@ -53,6 +53,19 @@ def test_failed_publish_makes_the_next_snapshot_full(tmp_path, units):
     assert fourth.parent == third.version and not isinstance(fourth.state, FullState)
 
 
+def test_every_kth_delta_carries_a_base(tmp_path, units):
+    svc = _service(tmp_path)
+    svc.full_every = 2
+    kinds = []
+    for u in units[:4]:
+        svc.apply_unit(u)
+        p = svc.snapshot_payload()
+        kinds.append((p.version, type(p.state).__name__, p.base is not None))
+    # v1 is full (a start); v3 is a delta whose full copy rides along, as is v5's later
+    assert kinds == [(1, "FullState", False), (2, "DeltaState", False), (3, "DeltaState", True),
+                     (4, "DeltaState", False)]
+
+
 def test_units_from_several_readers_train_as_one_stream_in_timestamp_order(tmp_path, units):
     """Two readers' results applied together equal the same events applied in produce order."""
     from stream.events import EventBatch
