@@ -140,7 +140,11 @@ class TrainerActor:
         inflight = {r.next_batch.remote(pull, 0.5, epochs[i]): i for i, r in enumerate(readers)}
         last_ckpt = last_snap = time.monotonic()
         published_at = self._applied()
-        publish_ref = None
+        # The state we start from (fresh or restored) goes out at once: replicas load
+        # the large first version while the first events train, so what follows are
+        # small deltas. Waiting for events first put the whole start-up into their
+        # freshness.
+        publish_ref = self._publish() if svc.last_published is None else None
         while not self._stop.is_set():
             if max_events is not None and self._applied() >= max_events:
                 break

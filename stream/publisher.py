@@ -77,7 +77,7 @@ class FreshnessLedger:
         if pending is None:
             return
         self._written_at[version] = at_s
-        if self._published_count < self._max:
+        if len(pending[0]) and self._published_count < self._max:
             self._published.append(at_s - pending[0])
             self._published_count += len(pending[0])
 
@@ -87,12 +87,12 @@ class FreshnessLedger:
             ts, trained, cut = self._pending.pop(v)
             written = self._written_at.pop(v, None)
             self.first_activation.setdefault(v, at_s)
+            if self._first_live_s is None:  # serving is live from here (even on a version
+                self._first_live_s = at_s   # with no events yet: the state a job starts from)
             if not len(ts) or self._count >= self._max:
                 continue
             self._samples.append(at_s - ts)
             self._count += len(ts)
-            if self._first_live_s is None:
-                self._first_live_s = at_s
             # Steady state: events produced once serving was live. The ones before it
             # waited for the job's start-up (replicas loading their first version).
             steady = ts >= self._first_live_s
@@ -108,8 +108,8 @@ class FreshnessLedger:
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"count": 0, "p50_s": None, "p99_s": None}
         for prefix, chunks in (("", self._samples), ("steady_", self._steady), ("written_", self._published)):
-            if chunks:
-                s = np.concatenate(chunks)
+            s = np.concatenate(chunks) if chunks else np.empty(0)
+            if len(s):
                 out[f"{prefix}count"] = len(s)
                 out[f"{prefix}p50_s"] = float(np.percentile(s, 50))
                 out[f"{prefix}p99_s"] = float(np.percentile(s, 99))

@@ -37,3 +37,18 @@ def test_legs_split_each_steady_event_freshness_into_its_causes():
     tail = {k: v["tail_mean_s"] for k, v in legs.items()}
     assert np.allclose([tail["train"], tail["tick"], tail["write"], tail["swap"]], [0.2, 0.8, 0.3, 0.1])
     assert np.isclose(sum(tail.values()), s["max_s"])
+
+
+def test_a_first_version_without_events_makes_serving_live():
+    """A job publishes the state it starts from before any event: serving is live from
+    that activation on, and the empty version adds no samples (and breaks no percentile)."""
+    ledger = FreshnessLedger()
+    ledger.add_version(1, np.array([], dtype=np.int64), np.array([]), 0.5)
+    ledger.written(1, 0.8)
+    ledger.activated(1, 1.0)
+    assert ledger.summary()["count"] == 0
+    ledger.add_version(2, np.array([1_500]), np.array([1.6]), 2.0)
+    ledger.written(2, 2.1)
+    ledger.activated(2, 2.2)
+    s = ledger.summary()
+    assert s["count"] == 1 and s["steady_count"] == 1 and np.isclose(s["steady_p50_s"], 0.7)
