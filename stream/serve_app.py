@@ -38,6 +38,11 @@ RANK_BODY = {
 @serve.ingress(api)
 class RankingDeployment:
     def __init__(self, store_uri: str, cfg: dict, publisher_name: str, namespace: str) -> None:
+        # The first model build in a process imports torch's compiler stack (through
+        # torch.use_deterministic_algorithms: 2.2 of its 2.4 s on a CPU core). Pay it here,
+        # before the replica counts as started, not while its first version waits to go live.
+        import torch._inductor  # noqa: F401
+
         self.cfg = ServingConfig.model_validate(cfg)
         self.replica_id = replica_identity()
         self.follower = SnapshotFollower(SnapshotStore(store_uri), build=ServedModel)
