@@ -199,6 +199,9 @@ def main() -> None:
             lat, failures = loaded["latency_ms"], loaded["failures"]
             rows["under /rank load: freshness p50 / p99 (s)"] = (
                 f"{loaded['freshness_p50_s']:.2f} / {loaded['freshness_p99_s']:.2f}")
+            rows["under /rank load: after serving went live, p50 / p99 (s)"] = (
+                f"{loaded.get('freshness_steady_p50_s') or float('nan'):.2f} / "
+                f"{loaded.get('freshness_steady_p99_s') or float('nan'):.2f}")
             rows["serving /rank 100 candidates p50 (ms)"] = f"{_pct(lat, 50):.1f}"
             rows["serving /rank 100 candidates p99 (ms)"] = f"{_pct(lat, 99):.1f}"
             rows["rank requests failed / sent"] = f"{sum(len(v) for v in failures.values())} / {len(lat)}"
