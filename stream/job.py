@@ -517,6 +517,7 @@ class StreamingJob:
             "freshness_legs": fresh.get("legs"),
             "snapshots_published": pub_stats["published"],
             "snapshot_bases_written": pub_stats["bases_written"],
+            "snapshot_base_failures": pub_stats["base_failures"],
             "snapshot_version": last_version,
             "serving_version": max((r.get("version") or 0 for r in serving), default=None),
             "serving": serving,
