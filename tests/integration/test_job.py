@@ -13,6 +13,7 @@ import pytest
 import ray
 
 from stream.job import StreamingJob
+from stream.snapshots import SnapshotStore
 
 from .conftest import EVENTS
 
@@ -94,6 +95,11 @@ def test_end_to_end_report_serving_admin(ray_cluster, job_config):
     assert report["events_consumed"] == report["events_trained"] + report["events_dlq"] == EVENTS
     assert report["snapshots_published"] >= 2
     assert report["serving_version"] == report["snapshot_version"]
+    # Every 5th version carried a base (full_every=5): a replica starting now loads the
+    # newest base and the deltas after it, not the chain back to version 1.
+    assert report["snapshot_bases_written"] >= 1 and report["snapshot_base_failures"] == 0
+    chain = SnapshotStore(os.path.join(cfg.job.work_dir, "snapshots")).load_chain()
+    assert chain.from_base and chain.versions[0] > 1 and chain.versions[-1] == report["snapshot_version"]
     assert report["auc.like"] > 0.6
     assert report["freshness_p50_s"] is not None and report["freshness_p99_s"] >= report["freshness_p50_s"]
     assert report["throughput_eps"] > 0
