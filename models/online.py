@@ -107,8 +107,10 @@ class OnlineTrainer:
         wide = {id(p) for p in self.model.wide.parameters()}
         groups = [{"params": [p for p in dense if id(p) not in wide]},
                   {"params": list(self.model.wide.parameters()), "lr": tcfg.lr_wide}]
-        self.opt_dense = torch.optim.AdamW(groups, lr=tcfg.lr_dense, weight_decay=tcfg.weight_decay, foreach=True)
-        self.opt_sparse = SparseRowAdam(self._sparse_groups(), lr=tcfg.lr_sparse)
+        self.opt_dense = torch.optim.AdamW(groups, lr=tcfg.lr_dense, betas=(0.9, tcfg.adam_beta2),
+                                           weight_decay=tcfg.weight_decay, foreach=True)
+        self.opt_sparse = SparseRowAdam(self._sparse_groups(), lr=tcfg.lr_sparse,
+                                        betas=(0.9, tcfg.sparse_beta2))
         self.metrics = StreamingMetrics(tcfg.metrics_window, tcfg.keep_score_log)
         self.rng = np.random.Generator(np.random.PCG64(tcfg.seed))
         self.steps = 0

@@ -285,8 +285,6 @@ class StreamingJob:
 
                 self.max_events = recording_info(recording).rows
         partitions = self._partitions(bootstrap, recording)
-        if recording is not None:
-            self._start_replay(bootstrap, recording)
 
         if not ray.is_initialized():
             init_local_ray(cfg.job.worker_niceness, address=cfg.job.ray_address,
@@ -322,6 +320,10 @@ class StreamingJob:
             topo.serving_url = self._start_serving(topo)
         if cfg.admin.enabled:
             self._start_admin(topo)
+        if recording is not None:
+            # Once the job is up, as a topic a running job follows: a paced replay started
+            # earlier would queue the whole start-up (Ray, Serve) into its events' freshness.
+            self._start_replay(bootstrap, recording)
         return topo
 
     def _start_serving(self, topo: Topology) -> str:
