@@ -723,6 +723,9 @@ def run_main(args) -> int:
     cfg = load_config(args.config, overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # per-connection INFO lines drown the job's
+    # kafka-python 3's own event-loop timing ("Task ran for 0.25s ... blocking the event
+    # loop"): the client's internals on a busy CPU, nothing a user of the job can act on.
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
     report = StreamingJob(cfg, args.report).run()
     keys = ("events_consumed", "events_trained", "events_dlq", "throughput_eps", "auc.like",
             "freshness_p50_s", "freshness_p99_s", "snapshots_published", "serving_version", "duration_s")
