@@ -140,10 +140,9 @@ class TrainerActor:
         inflight = {r.next_batch.remote(pull, 0.5, epochs[i]): i for i, r in enumerate(readers)}
         last_ckpt = last_snap = time.monotonic()
         published_at = self._applied()
-        # The state we start from (fresh or restored) goes out at once: replicas load
-        # the large first version while the first events train, so what follows are
-        # small deltas. Waiting for events first put the whole start-up into their
-        # freshness.
+        # The state we start from (fresh or restored) goes out at once (unless
+        # publish_start_state did it): replicas load the large first version while the
+        # first events train, so what follows are small deltas.
         publish_ref = self._publish() if svc.last_published is None else None
         while not self._stop.is_set():
             if max_events is not None and self._applied() >= max_events:
@@ -190,6 +189,15 @@ class TrainerActor:
         if self._base_writer is not None:
             self._base_writer.join(timeout=120)
         return svc.progress()
+
+    @ray.method(concurrency_group="train")
+    def publish_start_state(self) -> int | None:
+        """Publish the state this trainer starts from (fresh or restored) and wait until it
+        is stored, so serving replicas find a version the moment they start; waiting for
+        the first events would put the whole start-up into their freshness."""
+        if self.svc.last_published is None:
+            self._publish_settled(self._publish(), wait=True)
+        return self.svc.last_published
 
     def _applied(self) -> int:
         return self.svc.trainer.events_applied + sum(self.svc.rejects_applied.values())

@@ -317,6 +317,7 @@ class StreamingJob:
         topo.readers = [IngestActor.remote(kafka_raw, bootstrap, ps) for ps in topo.reader_partitions]
         ray.get(topo.trainer.progress.remote())  # constructed (checkpoint restored)
         if cfg.serving.enabled:
+            ray.get(topo.trainer.publish_start_state.remote(), timeout=300)
             topo.serving_url = self._start_serving(topo)
         if cfg.admin.enabled:
             self._start_admin(topo)

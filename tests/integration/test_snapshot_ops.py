@@ -78,7 +78,9 @@ def test_refusal_visible_rollback_and_unpin(ray_cluster, broker, ml1m_20k, tmp_p
         _wait(lambda: ray.get(topo.trainer.progress.remote(), timeout=10)["events_applied"] >= EVENTS,
               240, "all events applied", out)
         try:
+            # the version that includes every event (events applied is not yet published)
             good = _wait(lambda: (v := store.latest_version()) and v >= 2
+                         and store.manifest(v)["events_applied"] >= EVENTS
                          and serving.post("/rank", json=RANK).json()["version"] == v and v, 120, "serving latest")
         except AssertionError as e:  # say where serving stands, so a failure can be diagnosed
             state = {"store_versions": store.versions(), "latest": store.latest_version(),
