@@ -26,6 +26,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from stream.ingest import ReaderNotSought
+from stream.snapshots import state_to_wire
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,14 @@ class PublisherActor:
         self.pub = SnapshotPublisher(uri, keep_versions)
 
     def publish(self, version, parent, state, meta, event_ts_ms, event_trained_s=None) -> dict[str, Any]:
-        return self.pub.publish(version, parent, state, meta, event_ts_ms, event_trained_s)
+        from stream.snapshots import state_from_wire
+
+        return self.pub.publish(version, parent, state_from_wire(state), meta, event_ts_ms, event_trained_s)
 
     def publish_base(self, version, state, meta) -> dict[str, Any]:
-        return self.pub.publish_base(version, state, meta)
+        from stream.snapshots import state_from_wire
+
+        return self.pub.publish_base(version, state_from_wire(state), meta)
 
     def latest_version(self) -> int | None:
         return self.pub.latest_version()
@@ -217,8 +222,8 @@ class TrainerActor:
 
     def _publish(self):
         p = self.svc.snapshot_payload()
-        ref = self.publisher.publish.remote(p.version, p.parent, p.state, p.meta, p.event_ts_ms,
-                                            p.event_trained_s)
+        ref = self.publisher.publish.remote(p.version, p.parent, state_to_wire(p.state), p.meta,
+                                            p.event_ts_ms, p.event_trained_s)
         self._publishing[ref] = p.version
         if p.base is not None:
             self._write_base(p.version, p.base, p.meta)
@@ -234,7 +239,7 @@ class TrainerActor:
 
         def ship() -> None:
             try:
-                ray.get(self.publisher.publish_base.remote(version, base, meta))
+                ray.get(self.publisher.publish_base.remote(version, state_to_wire(base), meta))
             except Exception as e:  # noqa: BLE001 - serving is unaffected; the chain is intact
                 log.warning("base for version %d was not written: %s", version, e)
 

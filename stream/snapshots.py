@@ -30,6 +30,7 @@ import posixpath
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +84,60 @@ class SnapshotChain:
     deltas: list[DeltaState] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
     from_base: bool = False  # the first of `versions` was loaded from its base copy
+
+
+# -- states across processes (Ray) ----------------------------------------------
+
+
+def state_to_wire(state: FullState | DeltaState) -> FullState | DeltaState:
+    """The same state with numpy arrays in place of its CPU tensors, for Ray calls.
+
+    Ray pickles a torch tensor through its storage with the GIL held (0.30 s for a 111 MB
+    full state, stalling the trainer's training thread meanwhile); numpy arrays travel as
+    out-of-band buffers (0.017 s). Tensors numpy cannot hold (bfloat16) stay tensors.
+    """
+    if isinstance(state, FullState):
+        return FullState(_np_dict(state.dense),
+                         {m: (_np_dict(ts), meta) for m, (ts, meta) in state.memories.items()})
+    memories = {
+        m: MemoryDelta({t: (rows, _to_np(v)) for t, (rows, v) in d.tables.items()}, d.ids, d.tombstones)
+        for m, d in state.memories.items()
+    }
+    return DeltaState(_np_dict(state.dense), memories)
+
+
+def state_from_wire(state: FullState | DeltaState) -> FullState | DeltaState:
+    """Inverse of `state_to_wire` (zero-copy: the arrays are read, never written)."""
+    if isinstance(state, FullState):
+        return FullState(_torch_dict(state.dense),
+                         {m: (_torch_dict(ts), meta) for m, (ts, meta) in state.memories.items()})
+    memories = {
+        m: MemoryDelta({t: (rows, _to_torch(v)) for t, (rows, v) in d.tables.items()}, d.ids, d.tombstones)
+        for m, d in state.memories.items()
+    }
+    return DeltaState(_torch_dict(state.dense), memories)
+
+
+def _to_np(t: Any) -> Any:
+    if isinstance(t, torch.Tensor) and t.dtype != torch.bfloat16:
+        return t.detach().cpu().numpy()
+    return t
+
+
+def _to_torch(a: Any) -> Any:
+    if isinstance(a, np.ndarray):
+        with warnings.catch_warnings():  # Ray's buffers are read-only; nothing writes them
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(a)
+    return a
+
+
+def _np_dict(ts: dict[str, Any]) -> dict[str, Any]:
+    return {k: _to_np(v) for k, v in ts.items()}
+
+
+def _torch_dict(ts: dict[str, Any]) -> dict[str, Any]:
+    return {k: _to_torch(v) for k, v in ts.items()}
 
 
 def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:

@@ -144,3 +144,26 @@ def test_rollback_sets_latest(tmp_path):
     assert store.latest_version() == 1
     with pytest.raises(SnapshotNotFound):
         store.set_latest(9)
+
+
+def test_states_cross_processes_as_numpy_and_come_back_equal():
+    from stream.snapshots import state_from_wire, state_to_wire
+
+    full = _full()
+    full.memories["pkm"][0]["bf"] = torch.ones(2, dtype=torch.bfloat16)  # numpy has no bf16
+    wire = state_to_wire(full)
+    assert isinstance(wire.dense["w"], np.ndarray) and isinstance(wire.memories["pkm"][0]["bf"], torch.Tensor)
+    back = state_from_wire(wire)
+    for k, v in full.dense.items():
+        assert torch.equal(back.dense[k], v)
+    assert torch.equal(back.memories["pkm"][0]["values"], full.memories["pkm"][0]["values"])
+    assert back.memories["pkm"][1] == {"n": 10}
+
+    delta = _delta([1, 3], torch.full((2, 4), 7.0), ["gone"])
+    wire = state_to_wire(delta)
+    assert isinstance(wire.memories["pkm"].tables["values"][1], np.ndarray)
+    back = state_from_wire(wire)
+    rows, vals = back.memories["pkm"].tables["values"]
+    assert rows.tolist() == [1, 3] and torch.equal(vals, torch.full((2, 4), 7.0))
+    assert back.memories["pkm"].tombstones == ["gone"] and back.memories["pkm"].ids == {"users": ["u1", "u3"]}
+    assert torch.equal(back.dense["w"], delta.dense["w"])
