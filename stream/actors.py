@@ -226,12 +226,13 @@ class TrainerActor:
                                             p.event_ts_ms, p.event_trained_s)
         self._publishing[ref] = p.version
         if p.base is not None:
-            self._write_base(p.version, p.base, p.meta)
+            self._write_base(p.version, p.base, p.meta, after=ref)
         return ref
 
-    def _write_base(self, version: int, base, meta: dict[str, Any]) -> None:
-        """Hand a base (full copy) to the publisher from a thread: shipping ~100 MB to the
-        object store would otherwise stall training. Skipped if the last one is still
+    def _write_base(self, version: int, base, meta: dict[str, Any], after) -> None:
+        """Hand a base (full copy) to the publisher from a thread once the delta `after`
+        (the version itself) is stored: shipping ~100 MB would otherwise stall training,
+        and a base can only sit beside a written version. Skipped if the last one is still
         on its way (the next base comes K versions later; chains just stay longer)."""
         if self._base_writer is not None and self._base_writer.is_alive():
             log.warning("base for version %d skipped: the previous base is still being written", version)
@@ -239,6 +240,7 @@ class TrainerActor:
 
         def ship() -> None:
             try:
+                ray.get(after)  # the publisher runs calls concurrently: the delta must be first
                 ray.get(self.publisher.publish_base.remote(version, state_to_wire(base), meta))
             except Exception as e:  # noqa: BLE001 - serving is unaffected; the chain is intact
                 log.warning("base for version %d was not written: %s", version, e)
