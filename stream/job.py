@@ -317,8 +317,13 @@ class StreamingJob:
         topo.readers = [IngestActor.remote(kafka_raw, bootstrap, ps) for ps in topo.reader_partitions]
         ray.get(topo.trainer.progress.remote())  # constructed (checkpoint restored)
         if cfg.serving.enabled:
-            ray.get(topo.trainer.publish_start_state.remote(), timeout=300)
+            start_version = ray.get(topo.trainer.publish_start_state.remote(), timeout=300)
             topo.serving_url = self._start_serving(topo)
+            # Serving has started once its replicas answer with that version: a feed that
+            # began earlier would have its first events wait on replicas still loading.
+            state = self._wait_serving(topo, start_version, 120.0, cfg.serving.replicas)
+            if sum((r.get("version") or 0) >= start_version for r in state) < cfg.serving.replicas:
+                log.warning("serving replicas not live on version %s after 120 s; going on", start_version)
         if cfg.admin.enabled:
             self._start_admin(topo)
         if recording is not None:
@@ -534,7 +539,9 @@ class StreamingJob:
             "config": _redacted(self.cfg.model_dump(mode="json")),
         }
 
-    def _wait_serving(self, topo: Topology, version: int | None, timeout_s: float = 20.0):
+    def _wait_serving(self, topo: Topology, version: int | None, timeout_s: float = 20.0, replicas: int = 1):
+        """Replica states once at least `replicas` of them run `version` or newer (or at the
+        deadline, as they are)."""
         import ray
 
         deadline = time.time() + timeout_s
@@ -543,7 +550,8 @@ class StreamingJob:
             state = ray.get(topo.publisher.serving_state.remote(), timeout=10)
             if version is None or not self.cfg.serving.enabled:
                 return state
-            if state and all((r.get("version") or 0) >= version for r in state):
+            live = [r for r in state if (r.get("version") or 0) >= version]
+            if len(live) >= replicas and len(live) == len(state):
                 return state
             if time.time() > deadline:
                 return state
