@@ -16,8 +16,10 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -144,6 +146,7 @@ def main() -> None:
     from stream.recording import replay
 
     tmp = Path(tempfile.mkdtemp(prefix="memstream-pipeline-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # ~2 GB of topics, snapshots, checkpoints
     rec = tmp / "ml1m.parquet"
     build_ml1m_recording(rec, limit=args.events)
     rows: dict[str, str] = {}

@@ -19,8 +19,10 @@ phase, versions seen, and writes the table into benchmarks/results/reliability.m
 from __future__ import annotations
 
 import argparse
+import atexit
 import random
 import shlex
+import shutil
 import sys
 import tempfile
 import threading
@@ -102,6 +104,7 @@ def run(quiet_s: float, swap_s: float, clients: int, rate: float, events: int, s
     from stream.recording import recording_info, replay
 
     work = Path(tempfile.mkdtemp(prefix="serving-load-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # ~2 GB of topics and snapshots
     recording = _recording(events, ROOT / ".memstream" / "data")
     info = recording_info(recording)
     prefix_rows = min(5000, info.rows // 4)
