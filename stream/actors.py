@@ -26,7 +26,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from stream.ingest import ReaderNotSought
-from stream.snapshots import state_to_wire
+from stream.snapshots import state_from_wire, state_to_wire
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +70,9 @@ class PublisherActor:
         self.pub = SnapshotPublisher(uri, keep_versions)
 
     def publish(self, version, parent, state, meta, event_ts_ms, event_trained_s=None) -> dict[str, Any]:
-        from stream.snapshots import state_from_wire
-
         return self.pub.publish(version, parent, state_from_wire(state), meta, event_ts_ms, event_trained_s)
 
     def publish_base(self, version, state, meta) -> dict[str, Any]:
-        from stream.snapshots import state_from_wire
-
         return self.pub.publish_base(version, state_from_wire(state), meta)
 
     def latest_version(self) -> int | None:

@@ -31,6 +31,7 @@ import threading
 import time
 import uuid
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,26 +97,24 @@ def state_to_wire(state: FullState | DeltaState) -> FullState | DeltaState:
     full state, stalling the trainer's training thread meanwhile); numpy arrays travel as
     out-of-band buffers (0.017 s). Tensors numpy cannot hold (bfloat16) stay tensors.
     """
-    if isinstance(state, FullState):
-        return FullState(_np_dict(state.dense),
-                         {m: (_np_dict(ts), meta) for m, (ts, meta) in state.memories.items()})
-    memories = {
-        m: MemoryDelta({t: (rows, _to_np(v)) for t, (rows, v) in d.tables.items()}, d.ids, d.tombstones)
-        for m, d in state.memories.items()
-    }
-    return DeltaState(_np_dict(state.dense), memories)
+    return _map_tensors(state, _to_np)
 
 
 def state_from_wire(state: FullState | DeltaState) -> FullState | DeltaState:
     """Inverse of `state_to_wire` (zero-copy: the arrays are read, never written)."""
+    return _map_tensors(state, _to_torch)
+
+
+def _map_tensors(state: FullState | DeltaState, fn: Callable[[Any], Any]) -> FullState | DeltaState:
+    """`state` with `fn` applied to every tensor-valued field (row indices and ids as they are)."""
+    each = lambda ts: {k: fn(v) for k, v in ts.items()}
     if isinstance(state, FullState):
-        return FullState(_torch_dict(state.dense),
-                         {m: (_torch_dict(ts), meta) for m, (ts, meta) in state.memories.items()})
+        return FullState(each(state.dense), {m: (each(ts), meta) for m, (ts, meta) in state.memories.items()})
     memories = {
-        m: MemoryDelta({t: (rows, _to_torch(v)) for t, (rows, v) in d.tables.items()}, d.ids, d.tombstones)
+        m: MemoryDelta({t: (rows, fn(v)) for t, (rows, v) in d.tables.items()}, d.ids, d.tombstones)
         for m, d in state.memories.items()
     }
-    return DeltaState(_torch_dict(state.dense), memories)
+    return DeltaState(each(state.dense), memories)
 
 
 def _to_np(t: Any) -> Any:
@@ -130,14 +129,6 @@ def _to_torch(a: Any) -> Any:
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(a)
     return a
-
-
-def _np_dict(ts: dict[str, Any]) -> dict[str, Any]:
-    return {k: _to_np(v) for k, v in ts.items()}
-
-
-def _torch_dict(ts: dict[str, Any]) -> dict[str, Any]:
-    return {k: _to_torch(v) for k, v in ts.items()}
 
 
 def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -424,10 +415,16 @@ class SnapshotStore:
 
     def verify(self, version: int) -> None:
         """Raise SnapshotCorrupt unless every file of the chain of `version` is intact."""
-        chain, from_base = self._chain_versions(version)
-        for i, v in enumerate(chain):
+        for _ in self._verified_chain(self._chain_versions(version)):
+            pass
+
+    def _verified_chain(self, chain: tuple[list[int], bool]) -> Iterator[tuple[int, dict[str, Any], dict[str, bytes]]]:
+        """(version, manifest, verified files) along a chain, the first from its base if so."""
+        versions, from_base = chain
+        for i, v in enumerate(versions):
             base = from_base and i == 0
-            self._verified_files(v, self.base_manifest(v) if base else self.manifest(v), base)
+            m = self.base_manifest(v) if base else self.manifest(v)
+            yield v, m, self._verified_files(v, m, base)
 
     def load_delta(self, version: int) -> DeltaState:
         """Verify and decode one delta version (a replica already on its parent)."""
@@ -465,13 +462,10 @@ class SnapshotStore:
             version = self.latest_version()
             if version is None:
                 raise SnapshotNotFound(f"no LATEST under {self.uri}")
-        chain_versions, from_base = self._chain_versions(version)
+        chain_versions, from_base = chain = self._chain_versions(version)
         full: FullState | None = None
         deltas: list[DeltaState] = []
-        for i, v in enumerate(chain_versions):
-            base = from_base and i == 0
-            m = self.base_manifest(v) if base else self.manifest(v)
-            files = self._verified_files(v, m, base)
+        for v, m, files in self._verified_chain(chain):
             try:
                 if m["kind"] in ("full", BASE):
                     full = _decode_full(files)
