@@ -194,11 +194,18 @@ class ItemMemoryBank(nn.Module):
         Returns vectors (B, L, dim) on the bank's device (bank rows are stop-gradient; misses
         read `missing`, which gets gradient; padding is zeros) and hit (B, L) bool.
         """
+        rows = self.lookup_history(item_ids, mask)  # (B, L)
+        vectors = self.vectors_of_rows(rows.reshape(-1), np.asarray(mask, dtype=bool).reshape(-1))  # (B*L, dim)
+        return vectors.view(*rows.shape, -1), torch.from_numpy(rows >= 0).to(self.bank.device)
+
+    def lookup_history(self, item_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """History ids (B, L) object, mask (B, L) -> their rows (B, L) int64, -1 at misses and
+        padding. This is the history lookup the bank's coverage and LRU recency count."""
         B, L = item_ids.shape
         mask = np.asarray(mask, dtype=bool)
         found = self.rows_of(item_ids[mask])  # (n,) rows of the ids at real positions
-        row = np.full(B * L, -1, dtype=np.int64)
-        row.reshape(B, L)[mask] = found  # (B, L) -> -1 at padding and misses
+        row = np.full((B, L), -1, dtype=np.int64)
+        row[mask] = found  # -1 at padding and misses
         hit_rows = found[found >= 0]
         self.clock += 1
         np.add.at(self.hits, hit_rows, 1)
@@ -207,17 +214,21 @@ class ItemMemoryBank(nn.Module):
         self.lookups_total += len(found)
         self.hits_total += n_hit
         self.coverage_recent.append((n_hit, len(found)))
+        return row
 
+    def vectors_of_rows(self, rows: np.ndarray, real: np.ndarray) -> torch.Tensor:
+        """rows (n,) int64 from `lookup_history`, real (n,) bool (False = padding) -> (n, dim):
+        bank rows (stop-gradient), `missing` (with gradient) at misses, zeros at padding."""
         dev = self.bank.device
-        row_t = torch.from_numpy(row).to(dev)  # (B*L,)
-        vectors = self.bank.index_select(0, row_t.clamp(min=0))  # (B*L, dim), no grad
+        row_t = torch.from_numpy(rows).to(dev)  # (n,)
+        vectors = self.bank.index_select(0, row_t.clamp(min=0))  # (n, dim), no grad
         # Padding -> zeros, misses -> `missing` (in place: the graph holds only the miss rows).
-        vectors.index_fill_(0, torch.from_numpy(np.flatnonzero(~mask.reshape(-1))).to(dev), 0.0)
-        miss_at = np.flatnonzero(mask.reshape(-1) & (row < 0))  # (n_miss,)
+        vectors.index_fill_(0, torch.from_numpy(np.flatnonzero(~real)).to(dev), 0.0)
+        miss_at = np.flatnonzero(real & (rows < 0))  # (n_miss,)
         if len(miss_at):
             miss_t = torch.from_numpy(miss_at).to(dev)
             vectors = vectors.index_put((miss_t,), self.missing.expand(len(miss_at), -1))
-        return vectors.view(B, L, -1), (row_t >= 0).view(B, L)
+        return vectors
 
     def read_targets(self, item_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached rows of batch targets: item_ids (M,) -> (vectors (M, dim), hit (M,) bool).

@@ -47,10 +47,21 @@ class UserInputs:
     cat_idx: torch.Tensor  # (B, C) int64
     num: torch.Tensor  # (B, 2N) float32
     scenario_idx: torch.Tensor  # (B,) int64
-    hist_item_idx: torch.Tensor  # (B, L) int64
+    # The history as positions (B, L) pointing into a table of the batch's DISTINCT history
+    # items (U): what an item is gets computed once per item, not once per position.
+    hist_inverse: torch.Tensor  # (B, L) int64 row of the item table (any row where padded)
     hist_signal: torch.Tensor  # (B, L) float32, centred feedback, 0 where padded
     hist_mask: torch.Tensor  # (B, L) bool
-    hist_bank: torch.Tensor | None  # (B, L, Db) bank rows (stop-gradient; misses = learned vector)
+    hist_item_idx: torch.Tensor  # (U,) int64 id-embedding row of each distinct item
+    hist_bank: torch.Tensor | None  # (U, Db) bank rows (stop-gradient; misses = learned vector)
+
+    # Fields indexed by the batch's users (the item table is shared by all of them).
+    PER_USER = ("user_idx", "cat_idx", "num", "scenario_idx", "hist_inverse", "hist_signal", "hist_mask")
+
+    def select_users(self, fn) -> UserInputs:
+        """A copy with fn applied to every per-user field (slicing, expanding), item table shared."""
+        return UserInputs(**{f.name: fn(getattr(self, f.name)) if f.name in self.PER_USER else getattr(self, f.name)
+                             for f in fields(self)})
 
 
 @dataclass
@@ -138,7 +149,7 @@ class Ranker(nn.Module):
         # feedback of the last RECENT events + the last one (stats token).
         self._recency = cfg.recent_feedback
         n_sig = 4 if self._recency else 3
-        self.history = HistoryCrossAttention(E, Db + n_sig, D, cfg.attn_dim, cfg.attn_heads)
+        self.history = HistoryCrossAttention(E, Db, n_sig, D, cfg.attn_dim, cfg.attn_heads)
 
         # 3. Candidate side.
         self.tok_item = nn.Linear(E + NUM_COUNTER_FEATURES, D)
@@ -178,7 +189,7 @@ class Ranker(nn.Module):
             self.tok_content.weight[:, E:].zero_()  # [text | bank vector]
             self.query_proj.weight[:, -Db:].zero_()  # [..., bank vector]
             self.tok_hist_stats.weight[:, NUM_COS_FEATURES:2 * NUM_COS_FEATURES].zero_()  # [id cos | bank cos | ..]
-            self.history.kv_given.weight[:, :Db].zero_()  # [bank vectors | feedback]
+            self.history.kv_bank.weight.zero_()
 
     # ---- parameter groups for the optimizers ----------------------------------------------
 
@@ -203,14 +214,15 @@ class Ranker(nn.Module):
         cats = self.cat_emb(u.cat_idx).reshape(b, -1)  # (B, C*E)
         scen = self.cat_emb(u.scenario_idx)  # (B, E)
         lmn_read = lmn_target = None
-        hist_emb = self.item_emb(u.hist_item_idx)  # (B, L, E)
+        inv = u.hist_inverse  # (B, L) -> rows of the distinct history items
+        item_emb = self.item_emb(u.hist_item_idx)  # (U, E)
         sig = u.hist_signal  # (B, L)
         m = u.hist_mask.to(sig.dtype)
         if self.lmn is not None:
             lmn_read = self.lmn(self.lmn_query(torch.cat([user, cats, scen], dim=1)))  # (B, dv)
             # Summary of the recent history: mean item embedding and feedback-weighted mean.
             n = m.sum(1, keepdim=True).clamp_min(1.0)
-            he = hist_emb.detach()
+            he = item_emb.detach()[inv]  # (B, L, E)
             summary = torch.cat([(he * m.unsqueeze(-1)).sum(1) / n,
                                  (he * (sig * m).unsqueeze(-1)).sum(1) / n], dim=1)  # (B, 2E)
             lmn_target = summary @ self.lmn_target_proj  # (B, dv)
@@ -224,18 +236,20 @@ class Ranker(nn.Module):
             sig_feats = torch.stack([sig, sig.abs(), m, rec], dim=-1)  # (B, L, 4)
         else:
             sig_feats = torch.stack([sig, sig.abs(), m], dim=-1)  # (B, L, 3)
-        hb_unit = None if u.hist_bank is None else normalize_history(u.hist_bank)
-        hb = u.hist_bank
-        if hb is not None and self.cfg.bank_input_norm:
-            hb = hb_unit * math.sqrt(hb.shape[-1])
-        given = sig_feats if u.hist_bank is None else torch.cat([hb, sig_feats], dim=-1)
-        k, v, kv_mask = self.history.history_kv(hist_emb, given, u.hist_mask)
+        bank = bank_unit = None
+        if u.hist_bank is not None:
+            bank = bank_unit = normalize_history(u.hist_bank)  # (U, Db)
+            if self.cfg.bank_input_norm:
+                bank = bank_unit * math.sqrt(bank.shape[-1])
+            else:
+                bank = u.hist_bank
+        k, v, kv_mask = self.history.history_kv(item_emb, bank, inv, sig_feats, u.hist_mask)
         return UserState(
             tokens=torch.stack([user_tok, ctx_tok], dim=1),
             query_ctx=user,
             k=k, v=v, kv_mask=kv_mask,
-            hist_unit=normalize_history(hist_emb),
-            hist_bank_unit=hb_unit,
+            hist_unit=normalize_history(item_emb)[inv],  # (B, L, E)
+            hist_bank_unit=None if bank_unit is None else bank_unit[inv],  # (B, L, Db)
             hist_signal=sig, hist_mask=u.hist_mask,
             scen_emb=scen, user_emb=user, bias=self.user_bias(u.user_idx),
             lmn_read=lmn_read, lmn_target=lmn_target,

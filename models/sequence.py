@@ -27,33 +27,43 @@ RECENT = 5  # events in the short-term feedback mean
 class HistoryCrossAttention(nn.Module):
     """Q query tokens (B, Q, D) attend the history (B, L, items) with a learned null slot.
 
-    Attention runs at width A (attn_dim) < D: the (B*L, item_dim) -> 2A key/value
-    projection is the largest matmul of the model (B*L = 12,800 rows at B=256,
-    L=50), so its width is what the history costs. The null slot (always visible)
-    makes an empty history well-defined and lets a query attend "nothing relevant".
+    Attention runs at width A (attn_dim) < D. A history item's key/value is the sum of a
+    projection of what the item is (id embedding, bank vector: the same in every history it
+    appears in) and of what this user did with it (feedback, recency). The item part is
+    projected once per DISTINCT item of the batch and gathered into the (B, L) positions:
+    512 users x 50 positions hold ~3k distinct ML-1M items, so the (B*L, item_dim) -> 2A
+    matmul, the largest of the model, shrinks ~10x. The null slot (always visible) makes
+    an empty history well-defined and lets a query attend "nothing relevant".
     """
 
-    def __init__(self, learned_dim: int, given_dim: int, d_model: int, attn_dim: int, num_heads: int) -> None:
+    def __init__(
+        self, learned_dim: int, bank_dim: int, signal_dim: int, d_model: int, attn_dim: int, num_heads: int
+    ) -> None:
         super().__init__()
         self.h = num_heads
         self.a = attn_dim
         self.dh = attn_dim // num_heads
         self.q = nn.Linear(d_model, attn_dim)
-        # Two projections summed: the learned part (id embeddings) needs an input
-        # gradient, the given part (bank vectors: stop-gradient, feedback) does not,
-        # and a single Linear over their concatenation would compute one for all of it.
+        # Separate projections summed: the learned part (id embeddings) needs an input
+        # gradient, the bank vectors (stop-gradient) do not, and the feedback is per position.
         self.kv_learned = nn.Linear(learned_dim, 2 * attn_dim)
-        self.kv_given = nn.Linear(given_dim, 2 * attn_dim, bias=False)
+        self.kv_bank = nn.Linear(bank_dim, 2 * attn_dim, bias=False) if bank_dim else None
+        self.kv_signal = nn.Linear(signal_dim, 2 * attn_dim, bias=False)
         self.null_kv = nn.Parameter(torch.zeros(1, 1, 2 * attn_dim))
         self.out = nn.Linear(attn_dim, d_model)
 
     def history_kv(
-        self, learned: torch.Tensor, given: torch.Tensor, mask: torch.Tensor
+        self, learned: torch.Tensor, bank: torch.Tensor | None, inverse: torch.Tensor,
+        signal: torch.Tensor, mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """learned (B, L, El) with grad, given (B, L, Eg) without, mask (B, L)
+        """Per distinct item: learned (U, El) with grad, bank (U, Eb) or None (no grad);
+        per position: inverse (B, L) -> row of U, signal (B, L, S), mask (B, L)
         -> k, v (B, H, L+1, dh), mask (B, L+1). User side only."""
-        b = learned.shape[0]
-        items = self.kv_learned(learned) + self.kv_given(given.detach())  # (B, L, 2A)
+        b = inverse.shape[0]
+        item_kv = self.kv_learned(learned)  # (U, 2A)
+        if self.kv_bank is not None and bank is not None:
+            item_kv = item_kv + self.kv_bank(bank.detach())
+        items = item_kv[inverse] + self.kv_signal(signal)  # (B, L, 2A)
         kv = torch.cat([self.null_kv.expand(b, 1, -1), items], dim=1)  # (B, L+1, 2A)
         k, v = kv.chunk(2, dim=-1)  # (B, L+1, A) each
         k = k.reshape(b, -1, self.h, self.dh).transpose(1, 2)  # (B, H, L+1, dh)
@@ -70,9 +80,9 @@ class HistoryCrossAttention(nn.Module):
 
 
 def normalize_history(hist: torch.Tensor) -> torch.Tensor:
-    """(B, L, E) -> unit rows, detached: the cosine features treat the history as given
+    """(..., E) -> unit rows, detached: the cosine features treat the history as given
     (it gets its gradient through the attention), which halves their backward cost.
-    User side: computed once per user."""
+    User side: computed once per user (and once per distinct history item)."""
     return F.normalize(hist.detach(), dim=-1)
 
 

@@ -120,25 +120,50 @@ def test_learns_ml1m_prefix(ml1m_20k):
     assert took < 60, took
 
 
-def test_user_side_computed_once_scores_like_the_batched_forward(ml1m_20k):
-    """UG-Sep: encode_user on one user, expand to N candidates == forward on N repeated rows."""
+def _inputs_after_training(path, n_events):
+    """A tiny trainer after all but the last batch of the prefix, its model in eval mode,
+    and the model inputs of that last batch."""
     cfg = tiny_config()
     t = OnlineTrainer(cfg.model, cfg.trainer)
-    batches = _batches(ml1m_20k, 640)
+    batches = _batches(path, n_events)
     for b in batches[:-1]:
         t.step(b)
-    m = t.model.eval()
     u, c = t.inputs(batches[-1])
-    one = {k: (None if v is None else v[:1].expand(8, *v.shape[1:])) for k, v in vars(u).items()}
+    return t.model.eval(), u, c
+
+
+def test_user_side_computed_once_scores_like_the_batched_forward(ml1m_20k):
+    """UG-Sep: encode_user on one user, expand to N candidates == forward on N repeated rows."""
+    m, u, c = _inputs_after_training(ml1m_20k, 640)
+    one = u.select_users(lambda v: v[:1].expand(8, *v.shape[1:]))
     cand = {k: (None if v is None else v[:8]) for k, v in vars(c).items()}
-    from models.ranker import CandidateInputs, UserInputs
+    from models.ranker import CandidateInputs
 
     with torch.no_grad():
-        full, _ = m(UserInputs(**one), CandidateInputs(**cand))
-        state = m.encode_user(UserInputs(**{k: None if v is None else v[:1] for k, v in one.items()}))
+        full, _ = m(one, CandidateInputs(**cand))
+        state = m.encode_user(one.select_users(lambda v: v[:1]))
         sep = m.score_candidates(state.expand(8), CandidateInputs(**cand))
     torch.testing.assert_close(sep.like_logit, full.like_logit)
     torch.testing.assert_close(sep.rating, full.rating)
+
+
+def test_history_items_computed_once_per_distinct_item_equal_per_position(ml1m_20k):
+    """The history's item table holds each distinct (embedding row, bank row) once; the same
+    inputs laid out one table row per position give the same keys, values and scores."""
+    m, u, c = _inputs_after_training(ml1m_20k, 1280)
+    B, L = u.hist_inverse.shape
+    assert u.hist_item_idx.shape[0] < B * L  # histories share items
+    flat = u.hist_inverse.reshape(-1)
+    per_pos = dict(vars(u))
+    per_pos.update(hist_inverse=torch.arange(B * L).view(B, L), hist_item_idx=u.hist_item_idx[flat],
+                   hist_bank=None if u.hist_bank is None else u.hist_bank[flat])
+    from models.ranker import UserInputs
+
+    with torch.no_grad():
+        a, b = m.encode_user(u), m.encode_user(UserInputs(**per_pos))
+        torch.testing.assert_close(a.k, b.k)
+        torch.testing.assert_close(a.v, b.v)
+        torch.testing.assert_close(m.score_candidates(a, c).like_logit, m.score_candidates(b, c).like_logit)
 
 
 def test_housekeeping_reinits_dead_keys_and_evicts_by_ttl_deterministically(ml1m_20k):
