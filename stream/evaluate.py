@@ -69,6 +69,47 @@ def iter_event_batches(
         yield EventBatch.concat(pending)
 
 
+def prefetch(batches: Iterator[EventBatch], depth: int = 4) -> Iterator[EventBatch]:
+    """The same batches, read and decoded by a background thread `depth` batches ahead.
+
+    Decoding (JSON validation of every event) is ~20 us per event, ~7% of a CPU training
+    step, and the trainer's torch ops release the GIL: a second thread overlaps the two,
+    as the streaming job's ingest actors do. An error in the reader is raised here.
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for b in batches:
+                while not stop.is_set():
+                    try:
+                        q.put(b, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it (else it waits forever)
+            q.put(e)
+
+    reader = threading.Thread(target=read, name="eval-prefetch", daemon=True)
+    reader.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        reader.join(timeout=5)
+
+
 def _num(x: Any) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
@@ -120,7 +161,7 @@ def run_eval(
     total = recording_info(recording).rows
     total = min(total, max_events) if max_events is not None else total
     rejects: Counter = Counter()
-    batches = iter_event_batches(recording, cfg.trainer.batch_size, max_events, limits, rejects)
+    batches = prefetch(iter_event_batches(recording, cfg.trainer.batch_size, max_events, limits, rejects))
     t0 = time.perf_counter()
     if progress:
         from rich.progress import (
