@@ -289,6 +289,12 @@ class OnlineTrainer:
             idx = torch.from_numpy(np.flatnonzero(has_rating)).to(dev)
             y = torch.from_numpy(rating[has_rating]).to(dev, torch.float32)
             loss = loss + self.cfg.rating_loss_weight * F.mse_loss(scores.rating[idx], y)
+        if has_rating.any() and scores.threshold_logits is not None:
+            idx = torch.from_numpy(np.flatnonzero(has_rating)).to(dev)
+            thr = torch.tensor(self.cfg.rating_thresholds, device=dev)  # (K,)
+            y = (torch.from_numpy(rating[has_rating]).to(dev, torch.float32)[:, None] >= thr).float()  # (R, K)
+            loss = loss + self.cfg.rating_threshold_weight * F.binary_cross_entropy_with_logits(
+                scores.threshold_logits[idx], y, reduction="sum") / len(idx)
         lmn_loss = self.model.lmn_loss(us)
         if lmn_loss is not None and self.cfg.lmn_loss_weight > 0:
             loss = loss + self.cfg.lmn_loss_weight * lmn_loss

@@ -34,10 +34,13 @@ from models.rankmixer import RankMixerBlock, RMSNorm
 from models.sequence import (
     NUM_COS_FEATURES,
     NUM_RECENT_FEATURES,
+    NUM_RIDGE_FEATURES,
     HistoryCrossAttention,
     cosine_features,
     normalize_history,
     recent_feedback,
+    ridge_features,
+    ridge_user_read,
 )
 
 
@@ -90,6 +93,8 @@ class UserState:
     bias: torch.Tensor  # (B, 2) user bias for (like, rating)
     lmn_read: torch.Tensor | None  # (B, dv) for the memory loss
     lmn_target: torch.Tensor | None  # (B, dv) history summary the read must reconstruct
+    ridge_xty: torch.Tensor | None  # (B, E) the user's ridge read: X^T y over the history items
+    ridge_chol: torch.Tensor | None  # (B, E, E) and the Cholesky factor of X^T X + lam I
 
     def expand(self, n: int) -> UserState:
         """One user (B = 1) -> n identical rows, to score n candidates (views, no copies)."""
@@ -104,6 +109,7 @@ class UserState:
 class Scores:
     like_logit: torch.Tensor  # (B,)
     rating: torch.Tensor  # (B,) predicted rating (in label units)
+    threshold_logits: torch.Tensor | None = None  # (B, len(cfg.rating_thresholds)): P(rating >= t)
 
 
 class Ranker(nn.Module):
@@ -154,7 +160,8 @@ class Ranker(nn.Module):
         # 3. Candidate side.
         self.tok_item = nn.Linear(E + NUM_COUNTER_FEATURES, D)
         self.tok_content = nn.Linear(E + Db, D)
-        n_cos = NUM_COS_FEATURES * (2 if Db else 1) + (NUM_RECENT_FEATURES if self._recency else 0)
+        n_ridge = NUM_RIDGE_FEATURES if cfg.history_ridge else 0
+        n_cos = NUM_COS_FEATURES * (2 if Db else 1) + (NUM_RECENT_FEATURES if self._recency else 0) + n_ridge
         self.tok_hist_stats = nn.Linear(n_cos, D)
         self.task_token = nn.Parameter(torch.randn(D) * 0.02)
         self.tok_task = nn.Linear(E, D)
@@ -167,11 +174,14 @@ class Ranker(nn.Module):
             self.pkm = ProductKeyMemory(cfg.pkm.model_copy(update={"in_dim": T * D}))
             self.pkm_gate = MemoryGate(T, D, cfg.pkm.value_dim)
         self.norm_out = RMSNorm(D)
-        self.head = nn.Linear(T * D, 2)  # (like logit, rating offset)
+        n_thr = len(cfg.rating_thresholds)
+        self.head = nn.Linear(T * D, 2 + n_thr)  # (like logit, rating offset, threshold corrections)
         # Wide part: the online counters straight to the logits. A handful of weights
         # learn in a few batches, which carries the cold start of the stream while the
         # deep part's embeddings are still noise.
-        self.wide = nn.Linear(NUM_COUNTER_FEATURES, 2)
+        # The ridge read's prediction is a feature of the same kind (a number per event that
+        # is already on the label's scale), so it goes the same direct way.
+        self.wide = nn.Linear(NUM_COUNTER_FEATURES + n_ridge, 2 + n_thr)
         self.dot_scale = nn.Parameter(torch.ones(2))  # (like, rating) weights of <user, item>
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
@@ -244,15 +254,22 @@ class Ranker(nn.Module):
             else:
                 bank = u.hist_bank
         k, v, kv_mask = self.history.history_kv(item_emb, bank, inv, sig_feats, u.hist_mask)
+        ridge_xty = ridge_chol = None
+        if self.cfg.history_ridge:
+            item_unit = F.normalize(item_emb, dim=-1)  # (U, E), with grad: the ridge read's item space
+            hist_unit = item_unit.detach()[inv]  # (B, L, E) the same as normalize_history, computed once
+            ridge_xty, ridge_chol = ridge_user_read(item_unit[inv], sig, u.hist_mask, self.cfg.ridge_lambda)
+        else:
+            hist_unit = normalize_history(item_emb)[inv]  # (B, L, E)
         return UserState(
             tokens=torch.stack([user_tok, ctx_tok], dim=1),
             query_ctx=user,
             k=k, v=v, kv_mask=kv_mask,
-            hist_unit=normalize_history(item_emb)[inv],  # (B, L, E)
+            hist_unit=hist_unit,
             hist_bank_unit=None if bank_unit is None else bank_unit[inv],  # (B, L, Db)
             hist_signal=sig, hist_mask=u.hist_mask,
             scen_emb=scen, user_emb=user, bias=self.user_bias(u.user_idx),
-            lmn_read=lmn_read, lmn_target=lmn_target,
+            lmn_read=lmn_read, lmn_target=lmn_target, ridge_xty=ridge_xty, ridge_chol=ridge_chol,
         )
 
     # ---- 3. candidate side ---------------------------------------------------------------
@@ -273,6 +290,11 @@ class Ranker(nn.Module):
             cos.append(cosine_features(c.target_vec, us.hist_bank_unit, us.hist_signal, us.hist_mask))
         if self._recency:
             cos.append(recent_feedback(us.hist_signal, us.hist_mask))  # (B, 2)
+        wide_in = c.counters
+        if us.ridge_xty is not None:
+            ridge = ridge_features(F.normalize(item, dim=-1), us.ridge_xty, us.ridge_chol)  # (B, 2)
+            cos.append(ridge)
+            wide_in = torch.cat([c.counters, ridge], dim=1)
         stats_tok = self.tok_hist_stats(torch.cat(cos, dim=1))
         task_tok = self.task_token + self.tok_task(us.scen_emb)  # (B, D)
         # History queries from non-sequence features (target-aware; the history never
@@ -289,14 +311,16 @@ class Ranker(nn.Module):
                 x = self.pkm_gate(x, self.pkm(x.reshape(b, -1)))  # MSN: memory read gates the tokens
         if self.pkm is not None and not self.blocks:
             x = self.pkm_gate(x, self.pkm(x.reshape(b, -1)))
-        out = self.head(self.norm_out(x).reshape(b, -1))  # (B, 2)
-        out = out + self.wide(c.counters) + us.bias + self.item_bias(c.item_idx)
+        out = self.head(self.norm_out(x).reshape(b, -1)) + self.wide(wide_in)  # (B, 2 + n_thr)
+        out, thr = out[:, :2], out[:, 2:]
+        out = out + us.bias + self.item_bias(c.item_idx)
         if cfg.dot_interaction:
             # Matrix factorisation term <user, item> per head: the user x item interaction
             # as a direct path; through the mixer alone it is learned much more slowly.
             out = out + self.dot_scale * (us.user_emb * item).sum(-1, keepdim=True)
         fc = cfg.features
-        return Scores(like_logit=out[:, 0], rating=fc.rating_center + fc.rating_scale * out[:, 1])
+        return Scores(like_logit=out[:, 0], rating=fc.rating_center + fc.rating_scale * out[:, 1],
+                      threshold_logits=out[:, :1] + thr if thr.shape[1] else None)
 
     def forward(self, u: UserInputs, c: CandidateInputs) -> tuple[Scores, UserState]:
         us = self.encode_user(u)

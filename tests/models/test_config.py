@@ -37,6 +37,10 @@ def test_shape_rules_are_checked():
         load_config(None, ["model.num_queries=3"])
     with pytest.raises(ConfigError, match="expected key.path=value"):
         load_config(None, ["model.use_pkm"])
+    with pytest.raises(ConfigError, match="rating_thresholds"):
+        load_config(None, ["model.rating_thresholds=[3.0, 3.0]"])
+    with pytest.raises(ConfigError, match="ridge_lambda"):
+        load_config(None, ["model.ridge_lambda=0"])
 
 
 def test_partial_nested_override_keeps_the_models_defaults():

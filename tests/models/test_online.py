@@ -185,3 +185,20 @@ def test_housekeeping_reinits_dead_keys_and_evicts_by_ttl_deterministically(ml1m
     assert a.metrics.summary()["auc.like"] == b.metrics.summary()["auc.like"]
     # ML-1M's first hours: rows written more than an hour of stream time ago are gone
     assert a.bank.evictions["ttl"] > 0 and a.bank.take_delta().tombstones
+
+
+def test_rating_threshold_heads_learn_the_cumulative_order(ml1m_20k):
+    """P(rating >= 3) > P(rating >= 4) (= like) > P(rating >= 5) on average after a short
+    prefix: the per-threshold corrections learn the order of the cumulative probabilities."""
+    cfg = tiny_config(**{"model.rating_thresholds": "[3.0, 5.0]"})
+    t = OnlineTrainer(cfg.model, cfg.trainer)
+    batches = _batches(ml1m_20k, 6400)
+    for b in batches[:-1]:
+        t.step(b)
+    u, c = t.inputs(batches[-1])
+    with torch.no_grad():
+        s, _ = t.model.eval()(u, c)
+    assert s.threshold_logits.shape == (len(batches[-1]), 2)
+    p3, p5 = torch.sigmoid(s.threshold_logits).mean(0).tolist()
+    p4 = torch.sigmoid(s.like_logit).mean().item()
+    assert p3 > p4 > p5, (p3, p4, p5)
