@@ -38,7 +38,9 @@ ABLATIONS: list[tuple[str, list[str]]] = [
     ("no LMN", ["model.use_lmn=false"]),
     ("no PKM", ["model.use_pkm=false"]),
     ("no memories (all three off)", ["model.use_bank=false", "model.use_lmn=false", "model.use_pkm=false"]),
-    ("default, batch 256 (quality vs speed)", ["trainer.batch_size=256"]),
+    ("no history ridge read", ["model.history_ridge=false"]),
+    ("no ordinal rating heads", ["model.rating_thresholds=[]"]),
+    ("default, history length 100 (quality vs speed)", ["model.history.length=100"]),
 ]
 
 _GENRES = re.compile(r"Genres:\s*(.*?)\.?\s*$")
