@@ -95,7 +95,7 @@ class ChaosResult:
 
 
 def _recording(events: int, cache: Path) -> Path:
-    from stream.data.ml1m import build_ml1m_recording
+    from stream.data.movielens import build_ml1m_recording
 
     path = cache / f"ml1m_{events}.parquet"
     if not path.exists():

@@ -140,7 +140,7 @@ def main() -> None:
 
     from infra.broker import LocalBroker, free_port
     from stream.config import load_config
-    from stream.data.ml1m import build_ml1m_recording
+    from stream.data.movielens import build_ml1m_recording
     from stream.evaluate import run_eval
     from stream.job import StreamingJob, init_local_ray
     from stream.recording import replay

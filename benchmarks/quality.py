@@ -1,4 +1,4 @@
-"""Prequential quality on the ML-1M stream: the model, its memory ablations, River's LR.
+"""Prequential quality on a MovieLens stream: the model, its ablations, River's LR.
 
 Every row sees the identical stream: the recording's rows in file (event-time)
 order, decoded by stream.events.decode_batch, test-then-train. The model rows
@@ -10,6 +10,8 @@ learn_one per event. AUC is computed by the same exact function for all rows
 
     .venv/bin/python benchmarks/quality.py                   # full stream -> results/quality_ml1m.md
     .venv/bin/python benchmarks/quality.py --max-events 100000 --out /tmp/q.md
+    .venv/bin/python benchmarks/quality.py --recording runs/ml100k.parquet \
+        --out benchmarks/results/quality_ml100k.md     # the second real stream (ML-100K)
 """
 
 from __future__ import annotations
@@ -155,7 +157,8 @@ def fmt(x, digits=4) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--recording", default="runs/ml1m.parquet", help="built if missing (ML-1M)")
+    ap.add_argument("--recording", default="runs/ml1m.parquet",
+                    help="built if missing: ML-100K when its name contains ml100k, else ML-1M")
     ap.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
     ap.add_argument("--max-events", type=int, default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality_ml1m.md"))
@@ -169,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
 
     rec = Path(args.recording)
     if not rec.exists():
-        from stream.data.ml1m import build_ml1m_recording
+        from stream.data.movielens import build_movielens_recording
 
-        build_ml1m_recording(rec)
+        build_movielens_recording("ml-100k" if "ml100k" in rec.name else "ml-1m", rec)
     only = None if args.only is None else set(args.only.split(","))
     wanted = [k for k in range(len(ABLATIONS)) if only is None or str(k) in only]
     with_river = only is None or "r" in only
@@ -201,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cmd = "`.venv/bin/python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`"
     lines = [
-        "# Prequential quality on the ML-1M stream",
+        f"# Prequential quality on the {rec.stem} stream",
         "",
         f"Command: {cmd}  ",
         f"Recording: {rec} (event-time order), events per row: see table; test-then-train, like = rating >= 4.  ",

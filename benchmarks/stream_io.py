@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import pyarrow.parquet as pq  # noqa: E402
 
 from infra.broker import LocalBroker  # noqa: E402
-from stream.data.ml1m import build_ml1m_recording  # noqa: E402
+from stream.data.movielens import build_ml1m_recording  # noqa: E402
 from stream.events import decode_batch  # noqa: E402
 from stream.kafka_io import HAS_FAST_CRC  # noqa: E402
 from stream.recording import record, replay  # noqa: E402

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rec = Path(args.recording)
     if not rec.exists():
-        from stream.data.ml1m import build_ml1m_recording
+        from stream.data.movielens import build_ml1m_recording
 
         build_ml1m_recording(rec)
     wanted = sorted({0} | ({int(k) for k in args.only.split(",")} if args.only else set(range(len(VARIANTS)))))

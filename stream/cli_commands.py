@@ -132,11 +132,11 @@ def _read_client_config(path: str) -> dict[str, Any]:
 # -- data ---------------------------------------------------------------------
 
 
-def data_ml1m(args: argparse.Namespace) -> int:
-    from stream.data.ml1m import build_ml1m_recording
+def data_movielens(args: argparse.Namespace) -> int:
+    from stream.data.movielens import build_movielens_recording
 
-    return _build("ML-1M", lambda: build_ml1m_recording(
-        args.out, limit=args.limit, partitions=args.partitions, topic=args.topic))
+    return _build(args.dataset.replace("ml-", "ML-").upper(), lambda: build_movielens_recording(
+        args.dataset, args.out, limit=args.limit, partitions=args.partitions, topic=args.topic))
 
 
 def data_synthetic(args: argparse.Namespace) -> int:

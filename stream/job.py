@@ -228,7 +228,7 @@ class StreamingJob:
     def _ensure_recording(self) -> Path:
         path = Path(self.cfg.job.recording)
         if not path.exists():
-            from stream.data.ml1m import build_ml1m_recording
+            from stream.data.movielens import build_ml1m_recording
 
             log.info("building the ML-1M recording at %s", path)
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from stream.data.ml1m import ML1M_ROWS, build_ml1m_recording
+from stream.data.movielens import (
+    ML1M_ROWS,
+    ML100K_ROWS,
+    DataError,
+    build_ml1m_recording,
+    build_ml100k_recording,
+    build_movielens_recording,
+)
 from stream.data.synthetic import TOPIC_WORDS, build_synthetic_recording
 from stream.events import decode_batch
 from stream.kafka_io import key_partition
@@ -74,6 +81,26 @@ def test_ml1m_prefix_is_deterministic_and_valid(ml1m_full, tmp_path):
     assert (batch.user_id == np.array([k.decode() for k in prefix.column("key").to_pylist()])).all()
 
 
+def test_ml100k_recording_is_a_second_movielens_stream(tmp_path):
+    path = build_ml100k_recording(tmp_path / "k.parquet")
+    table = pq.read_table(path)
+    assert table.num_rows == ML100K_ROWS
+    assert (np.diff(table.column("timestamp_ms").to_numpy()) >= 0).all()
+    assert_kafka_layout(table, 4)
+    result = decode_batch(table.column("value").to_pylist())
+    assert result.rejects == []
+    batch = result.batch
+    assert batch.event_id[0].startswith("ml100k-") and len(set(batch.event_id)) == ML100K_ROWS
+    assert ((batch.labels["rating"] >= 4) == (batch.labels["like"] == 1.0)).all()
+    assert set(batch.user_cat) == {"age", "gender", "occupation", "zip3"}
+    assert len(set(batch.user_id)) == 943 and len(set(batch.item_id)) == 1664
+    assert all("Genres: " in t and not t.endswith("Genres: .") for t in batch.item_text)
+    assert build_ml100k_recording(tmp_path / "k2.parquet", limit=5000).read_bytes() == \
+        build_ml100k_recording(tmp_path / "k3.parquet", limit=5000).read_bytes()
+    with pytest.raises(DataError, match="unknown MovieLens dataset"):
+        build_movielens_recording("ml-20m", tmp_path / "x.parquet")
+
+
 def test_synthetic_is_deterministic_for_a_seed(tmp_path):
     a = build_synthetic_recording(tmp_path / "a.parquet", 3000, 100, 200, seed=11)
     b = build_synthetic_recording(tmp_path / "b.parquet", 3000, 100, 200, seed=11)
@@ -131,3 +158,5 @@ def test_cli_data_commands(tmp_path):
     assert out.returncode == 0 and "wrote 500 synthetic events" in out.stdout, out.stderr
     out = run("ml-1m", "--out", str(tmp_path / "m.parquet"), "--limit", "1000")
     assert out.returncode == 0 and "wrote 1,000 ML-1M events" in out.stdout, out.stderr
+    out = run("ml-100k", "--out", str(tmp_path / "k.parquet"), "--limit", "1000")
+    assert out.returncode == 0 and "wrote 1,000 ML-100K events" in out.stdout, out.stderr

@@ -1,1 +1,1 @@
-"""Recordings built from datasets: MovieLens-1M (ml1m.py) and a seeded synthetic stream (synthetic.py)."""
+"""Recordings built from datasets: MovieLens-1M and -100K (movielens.py) and a seeded synthetic stream (synthetic.py)."""

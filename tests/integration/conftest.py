@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from stream.config import MemstreamConfig, load_config
-from stream.data.ml1m import build_ml1m_recording
+from stream.data.movielens import build_ml1m_recording
 from stream.recording import replay
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ from stream.config import MemstreamConfig, load_config
 
 @pytest.fixture(scope="session")
 def ml1m_20k(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    ml1m = pytest.importorskip("stream.data.ml1m")
+    ml1m = pytest.importorskip("stream.data.movielens")
     from stream.data.common import DataError
 
     try:
