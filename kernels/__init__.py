@@ -39,7 +39,7 @@ from types import ModuleType
 
 import torch
 
-from kernels.reference import bank_update_ref, pkm_topk_ref, sparse_gather_ref, topk_ref
+from kernels.reference import bank_update_ref, pkm_select_ref, pkm_topk_ref, sparse_gather_ref, topk_ref
 
 __all__ = ["backend_for", "bank_update", "pkm_topk", "sparse_gather", "topk"]
 
@@ -140,10 +140,18 @@ def sparse_gather(
     return sparse_gather_ref(values, idx, weights, sparse_grad)
 
 
-def pkm_topk(q1, q2, keys1, keys2, k: int):
-    """Product-key top-k per head; see `pkm_topk_ref`."""
+def pkm_topk(q1, q2, keys1, keys2, k: int, scores=None):
+    """Product-key top-k per head; see `pkm_topk_ref`.
+
+    scores: optional (s1, s2), the (B, H, n) sub-key scores of q1, q2 that the caller
+    computed anyway (for the gradient of the chosen scores). The torch path selects from
+    them instead of scoring again; the fused Triton kernel scores in registers and
+    ignores them.
+    """
     if backend_for(q1) == "triton":
         return _triton_impl("pkm_topk", q1).pkm_topk_triton(q1, q2, keys1, keys2, k)
+    if scores is not None:
+        return pkm_select_ref(scores[0], scores[1], k)
     return pkm_topk_ref(q1, q2, keys1, keys2, k)
 
 

@@ -35,10 +35,15 @@ def pkm_topk_ref(
     the n*n slots, sorted by score descending. Selection only: callers that need
     gradients recompute the scores of the chosen slots differentiably.
     """
-    n = keys1.shape[1]
-    kk = min(k, n)
     s1 = torch.einsum("bhd,hnd->bhn", q1, keys1)  # (B, H, n)
     s2 = torch.einsum("bhd,hnd->bhn", q2, keys2)  # (B, H, n)
+    return pkm_select_ref(s1, s2, k)
+
+
+def pkm_select_ref(s1: torch.Tensor, s2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selection half of `pkm_topk_ref`, from sub-key scores s1, s2 (B, H, n) each."""
+    n = s1.shape[-1]
+    kk = min(k, n)
     t1, i1 = s1.topk(kk, dim=-1)  # (B, H, kk)
     t2, i2 = s2.topk(kk, dim=-1)  # (B, H, kk)
     pair = t1.unsqueeze(-1) + t2.unsqueeze(-2)  # (B, H, kk, kk)

@@ -151,18 +151,18 @@ class ProductKeyMemory(nn.Module):
     def select(self, q: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q (B, H, key_dim), keys (H, 2, n, half) -> (scores (B, H, k) differentiable, slots (B, H, k)).
 
-        The kernel selects (no grad); the chosen scores are then recomputed differentiably as
+        The kernel selects (no grad); the chosen scores are then read differentiably as
         s1[i1] + s2[i2] from the (B, H, n) sub-key scores, which is cheaper than gathering
         (B, H, k, half) key rows and keeps the gradient of the keys dense and small.
         """
         n, half = self.cfg.n_sub_keys, self.cfg.key_dim // 2
         q1, q2 = q[..., :half], q[..., half:]  # (B, H, half) each
         keys1, keys2 = keys[:, 0], keys[:, 1]  # (H, n, half) each
-        with torch.no_grad():
-            _, slots = kernels.pkm_topk(q1.contiguous(), q2.contiguous(), keys1.contiguous(),
-                                        keys2.contiguous(), self.cfg.k)  # (B, H, k)
         s1 = torch.einsum("bhd,hnd->bhn", q1, keys1)  # (B, H, n)
         s2 = torch.einsum("bhd,hnd->bhn", q2, keys2)  # (B, H, n)
+        with torch.no_grad():  # the CPU path selects from s1, s2 (not scored twice)
+            _, slots = kernels.pkm_topk(q1, q2, keys1, keys2, self.cfg.k,
+                                        scores=(s1.detach(), s2.detach()))  # (B, H, k)
         scores = s1.gather(-1, slots // n) + s2.gather(-1, slots % n)  # (B, H, k)
         return scores, slots
 

@@ -66,3 +66,20 @@ def test_rest_of_suite_keeps_torch_path():
                          check=True).stdout.split("\n")
     assert out[0] == "torch"
     assert "sparse_gather" not in out[1]  # the Triton modules are not even imported
+
+
+def test_pkm_topk_selects_from_given_sub_key_scores_on_the_torch_path(monkeypatch):
+    """The PKM layer computes the sub-key scores for its gradient anyway and hands them to
+    the dispatch: the torch path selects from them, with the same result as scoring itself."""
+    monkeypatch.setenv("MEMSTREAM_KERNELS", "torch")
+    g = torch.Generator().manual_seed(0)
+    q1, q2 = torch.randn(2, 37, 3, 8, generator=g)
+    keys1, keys2 = torch.randn(2, 3, 20, 8, generator=g)
+    s1 = torch.einsum("bhd,hnd->bhn", q1, keys1)
+    s2 = torch.einsum("bhd,hnd->bhn", q2, keys2)
+    want = kernels.pkm_topk(q1, q2, keys1, keys2, 6)
+    got = kernels.pkm_topk(q1, q2, keys1, keys2, 6, scores=(s1, s2))
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    assert torch.equal(got[1], want[1])
+    # the scores are what decides: other scores, other slots
+    assert not torch.equal(kernels.pkm_topk(q1, q2, keys1, keys2, 6, scores=(-s1, s2))[1], want[1])
