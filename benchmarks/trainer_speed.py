@@ -9,8 +9,8 @@ this process) and each variant's ratio to the default of the same round.
 The first `--warmup` batches of each run are not timed (allocator, caches).
 A torch profile of the default config's steps follows the table.
 
-    .venv/bin/python benchmarks/trainer_speed.py [--events 60000] [--rounds 2] \
-        [--out benchmarks/results/trainer_speed_cpu.md]
+    .venv/bin/python benchmarks/trainer_speed.py [--events 60000] \
+        [--rounds 3] [--out benchmarks/results/trainer_speed_cpu.md]
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recording", default="runs/ml1m.parquet", help="built if missing (ML-1M)")
     ap.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
     ap.add_argument("--events", type=int, default=60_000, help="prefix of the stream each variant trains on")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=10, help="untimed batches at the start of each run")
     ap.add_argument("--profile-steps", type=int, default=20, help="default-config steps profiled (0: none)")
     ap.add_argument("--only", default=None, help="comma-separated variant numbers (0 = default, always run)")
@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
          f"{args.warmup} batches untimed; {args.rounds} interleaved rounds, medians. Decoding the prefix "
          f"(not in the timings): {args.events / decode_s:,.0f} ev/s."),
         "",
-        "| variant | --set | events/s (wall) | events/s per CPU s | ms per batch | wall vs default |",
-        "|---|---|---:|---:|---:|---:|",
+        "| variant | --set | events/s (wall) | rounds' range | events/s per CPU s | ms per batch | wall vs default |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     base = [n / w for w, _, n in runs[0]]
     for k in wanted:
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = statistics.median(e / b for e, b in zip(eps, base))
         lines.append(
             f"| {VARIANTS[k][0]} | {' '.join(VARIANTS[k][1]) or '-'} | {statistics.median(eps):,.0f} | "
-            f"{statistics.median(cps):,.0f} | {1000 * bs / statistics.median(eps):.1f} | {ratio:.2f} |"
+            f"{min(eps):,.0f}-{max(eps):,.0f} | {statistics.median(cps):,.0f} | {1000 * bs / statistics.median(eps):.1f} | {ratio:.2f} |"
         )
     if args.profile_steps:
         lines += ["", f"Torch profile, default config, {args.profile_steps} steps after {args.warmup} warm-up:",
