@@ -127,6 +127,7 @@ class OnlineTrainer:
             self.encoder = DocEncoder(model_cfg.encoder.model_copy(update=on_device))
             bank_dim = model_cfg.bank.dim
         self.model = Ranker(model_cfg, bank_dim).to(self.device)
+        self._rating_thresholds = torch.tensor(model_cfg.rating_thresholds, device=self.device)  # (K,)
         # Dense AdamW: the backbone, the encoder, the bank's learned "missing" vector.
         dense = self.model.dense_parameters()
         if self.bank is not None:
@@ -285,16 +286,15 @@ class OnlineTrainer:
             y = torch.from_numpy(like[has_like]).to(dev, torch.float32)
             loss = loss + F.binary_cross_entropy_with_logits(scores.like_logit[idx], y)
         has_rating = ~np.isnan(rating)
-        if has_rating.any() and self.cfg.rating_loss_weight > 0:
+        if has_rating.any():
             idx = torch.from_numpy(np.flatnonzero(has_rating)).to(dev)
-            y = torch.from_numpy(rating[has_rating]).to(dev, torch.float32)
-            loss = loss + self.cfg.rating_loss_weight * F.mse_loss(scores.rating[idx], y)
-        if has_rating.any() and scores.threshold_logits is not None:
-            idx = torch.from_numpy(np.flatnonzero(has_rating)).to(dev)
-            thr = torch.tensor(self.cfg.rating_thresholds, device=dev)  # (K,)
-            y = (torch.from_numpy(rating[has_rating]).to(dev, torch.float32)[:, None] >= thr).float()  # (R, K)
-            loss = loss + self.cfg.rating_threshold_weight * F.binary_cross_entropy_with_logits(
-                scores.threshold_logits[idx], y, reduction="sum") / len(idx)
+            y = torch.from_numpy(rating[has_rating]).to(dev, torch.float32)  # (R,)
+            if self.cfg.rating_loss_weight > 0:
+                loss = loss + self.cfg.rating_loss_weight * F.mse_loss(scores.rating[idx], y)
+            if scores.threshold_logits is not None:
+                above = (y[:, None] >= self._rating_thresholds).float()  # (R, K)
+                loss = loss + self.cfg.rating_threshold_weight * F.binary_cross_entropy_with_logits(
+                    scores.threshold_logits[idx], above, reduction="sum") / len(idx)
         lmn_loss = self.model.lmn_loss(us)
         if lmn_loss is not None and self.cfg.lmn_loss_weight > 0:
             loss = loss + self.cfg.lmn_loss_weight * lmn_loss

@@ -135,7 +135,7 @@ def _read_client_config(path: str) -> dict[str, Any]:
 def data_movielens(args: argparse.Namespace) -> int:
     from stream.data.movielens import build_movielens_recording
 
-    return _build(args.dataset.replace("ml-", "ML-").upper(), lambda: build_movielens_recording(
+    return _build(args.dataset.upper(), lambda: build_movielens_recording(
         args.dataset, args.out, limit=args.limit, partitions=args.partitions, topic=args.topic))
 
 

