@@ -16,7 +16,7 @@ can be SIGSTOPped), real local Ray, the real model, an ML-1M prefix.
      StreamingJob on the same config: restores the checkpoint, continues).
 3. The final lineage is read from the newest checkpoint of the chaos work dir:
    per partition, how many offsets were applied and their sum and sum of squares
-   (stream/trainer_service.py). Count == produced and both sums equal to those of
+   (stream/train/service.py). Count == produced and both sums equal to those of
    0..n-1 means every produced event applied exactly once. The model's own count
    of scored events (metrics n.like) must equal produced too.
 
@@ -95,7 +95,7 @@ class ChaosResult:
 
 
 def _recording(events: int, cache: Path) -> Path:
-    from stream.data.movielens import build_ml1m_recording
+    from stream.recordings.data.movielens import build_ml1m_recording
 
     path = cache / f"ml1m_{events}.parquet"
     if not path.exists():
@@ -175,9 +175,9 @@ def run_chaos(plan: ChaosPlan, cache: Path, *, broker=None, keep_dir: Path | Non
     import ray
 
     from infra.broker import LocalBroker
-    from stream.checkpoints import CheckpointManager
-    from stream.job import StreamingJob, init_local_ray
-    from stream.recording import recording_info, replay
+    from stream.job.driver import StreamingJob, init_local_ray
+    from stream.recordings.recording import recording_info, replay
+    from stream.train.checkpoints import CheckpointManager
 
     recording = _recording(plan.events, cache)
     info = recording_info(recording)
@@ -196,7 +196,7 @@ def run_chaos(plan: ChaosPlan, cache: Path, *, broker=None, keep_dir: Path | Non
         # 1. undisturbed reference, produced at the same pace as the chaos run: the
         # pace sets the units' sizes, hence the micro-batches and the prequential AUC
         # (a max-speed reference differed by ~0.01 AUC before any fault).
-        from stream.kafka_io import ensure_topic
+        from stream.ingest.kafka_io import ensure_topic
 
         t0 = time.time()
         ensure_topic(broker.bootstrap, f"{prefix}-base", info.partitions)
@@ -322,8 +322,8 @@ def _partition_rows(recording: Path) -> dict[int, int]:
 def _scored(work_dir: Path) -> int:
     """Events the final model scored (metrics n.like), from the newest checkpoint's state."""
     from models.online import OnlineTrainer
-    from stream.checkpoints import CheckpointManager
     from stream.config import load_config
+    from stream.train.checkpoints import CheckpointManager
 
     cfg = load_config(ROOT / "configs" / "default.yaml", [])
     trainer = OnlineTrainer(cfg.model, cfg.trainer)

@@ -67,7 +67,7 @@ def _rank_request(recording: Path, n: int) -> dict:
 
 def _snapshot_sizes(root: Path) -> dict[str, str]:
     """Mean bytes per full / delta version / base in a store (what each publish writes)."""
-    from stream.snapshots import SnapshotStore
+    from stream.snapshots.store import SnapshotStore
 
     store = SnapshotStore(str(root))
     sizes: dict[str, list[int]] = {"full": [], "delta": [], "base": []}
@@ -86,9 +86,9 @@ def _paced_run(args, bootstrap: str, topic: str, work: Path, port: int, rec: Pat
     import httpx
     import ray
 
-    from stream.job import StreamingJob
-    from stream.kafka_io import ensure_topic
-    from stream.recording import recording_info, replay
+    from stream.ingest.kafka_io import ensure_topic
+    from stream.job.driver import StreamingJob
+    from stream.recordings.recording import recording_info, replay
 
     ensure_topic(bootstrap, topic, recording_info(rec).partitions)
     # No max_events: the job is stopped once every event is applied AND the requests are
@@ -140,10 +140,10 @@ def main() -> None:
 
     from infra.broker import LocalBroker, free_port
     from stream.config import load_config
-    from stream.data.movielens import build_ml1m_recording
-    from stream.evaluate import run_eval
-    from stream.job import StreamingJob, init_local_ray
-    from stream.recording import replay
+    from stream.job.driver import StreamingJob, init_local_ray
+    from stream.recordings.data.movielens import build_ml1m_recording
+    from stream.recordings.recording import replay
+    from stream.train.evaluate import run_eval
 
     tmp = Path(tempfile.mkdtemp(prefix="memstream-pipeline-"))
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # ~2 GB of topics, snapshots, checkpoints
@@ -213,8 +213,8 @@ def main() -> None:
             rows["model versions seen by the requests"] = f"{len(loaded['versions'])}"
 
             # 4. UG-Sep: user side once vs per candidate, in process on the last snapshot
-            from stream.servable import RankRequest, ServedModel
-            from stream.snapshots import SnapshotStore
+            from stream.serving.model import RankRequest, ServedModel
+            from stream.snapshots.store import SnapshotStore
 
             served = ServedModel(SnapshotStore(str(tmp / "w3" / "snapshots")).load_chain())
             rq = RankRequest.model_validate(req)

@@ -1,8 +1,8 @@
 """Prequential quality on a MovieLens stream: the model, its ablations, River's LR.
 
 Every row sees the identical stream: the recording's rows in file (event-time)
-order, decoded by stream.events.decode_batch, test-then-train. The model rows
-run `memstream eval` in-process (stream.evaluate.run_eval) with `--set`
+order, decoded by stream.ingest.events.decode_batch, test-then-train. The model rows
+run `memstream eval` in-process (stream.train.evaluate.run_eval) with `--set`
 overrides; the peer is River's LogisticRegression (default optimizer SGD(0.01))
 on one-hot user id, item id, user features and genres, predict_proba_one then
 learn_one per event. AUC is computed by the same exact function for all rows
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from models.metrics import auc_exact, logloss_from_logits
 from stream.config import load_config
-from stream.evaluate import iter_event_batches, run_eval
+from stream.train.evaluate import iter_event_batches, run_eval
 
 ABLATIONS: list[tuple[str, list[str]]] = [
     ("default (bank + LMN + PKM)", []),
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rec = Path(args.recording)
     if not rec.exists():
-        from stream.data.movielens import build_movielens_recording
+        from stream.recordings.data.movielens import build_movielens_recording
 
         build_movielens_recording("ml-100k" if "ml100k" in rec.name else "ml-1m", rec)
     only = None if args.only is None else set(args.only.split(","))

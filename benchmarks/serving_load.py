@@ -99,9 +99,9 @@ def run(quiet_s: float, swap_s: float, clients: int, rate: float, events: int, s
 
     from infra.broker import LocalBroker
     from stream.config import load_config
-    from stream.job import StreamingJob, init_local_ray
-    from stream.kafka_io import ensure_topic
-    from stream.recording import recording_info, replay
+    from stream.ingest.kafka_io import ensure_topic
+    from stream.job.driver import StreamingJob, init_local_ray
+    from stream.recordings.recording import recording_info, replay
 
     work = Path(tempfile.mkdtemp(prefix="serving-load-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)  # ~2 GB of topics and snapshots
@@ -111,7 +111,7 @@ def run(quiet_s: float, swap_s: float, clients: int, rate: float, events: int, s
     # The two halves as recordings of their own: prefix at max speed, rest paced.
     import pyarrow.parquet as pq
 
-    from stream.recording import write_recording
+    from stream.recordings.recording import write_recording
 
     table = pq.read_table(recording)
     head, tail = work / "head.parquet", work / "tail.parquet"

@@ -2,13 +2,13 @@
 
 Builds the ML-1M recording, starts a local Tansu broker, replays the recording
 into it with --speed max, records the topic back, and decodes values with
-stream.events.decode_batch; prints one table (markdown) and optionally writes it.
+stream.ingest.events.decode_batch; prints one table (markdown) and optionally writes it.
 
     .venv/bin/python benchmarks/stream_io.py                    # full ML-1M (1,000,209 events)
     .venv/bin/python benchmarks/stream_io.py --limit 200000 --out /tmp/io.md
 
 Numbers depend on the machine and its load (the reference runs share 2 cores);
-the replay rate depends on the `crc32c` C extension (see stream/kafka_io.py).
+the replay rate depends on the `crc32c` C extension (see stream/ingest/kafka_io.py).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ sys.path.insert(0, str(ROOT))
 import pyarrow.parquet as pq  # noqa: E402
 
 from infra.broker import LocalBroker  # noqa: E402
-from stream.data.movielens import build_ml1m_recording  # noqa: E402
-from stream.events import decode_batch  # noqa: E402
-from stream.kafka_io import HAS_FAST_CRC  # noqa: E402
-from stream.recording import record, replay  # noqa: E402
+from stream.ingest.events import decode_batch  # noqa: E402
+from stream.ingest.kafka_io import HAS_FAST_CRC  # noqa: E402
+from stream.recordings.data.movielens import build_ml1m_recording  # noqa: E402
+from stream.recordings.recording import record, replay  # noqa: E402
 
 
 def main() -> None:

@@ -75,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from stream.config import load_config
-    from stream.evaluate import iter_event_batches
+    from stream.train.evaluate import iter_event_batches
 
     rec = Path(args.recording)
     if not rec.exists():
-        from stream.data.movielens import build_ml1m_recording
+        from stream.recordings.data.movielens import build_ml1m_recording
 
         build_ml1m_recording(rec)
     wanted = sorted({0} | ({int(k) for k in args.only.split(",")} if args.only else set(range(len(VARIANTS)))))

@@ -14,7 +14,7 @@ checked against it with kafka-python (tests/test_broker.py keeps it checked):
 - ListOffsets(latest), i.e. `end_offsets()`, is off: it answers the base offset
   of the partition's last record batch + 1, not the last offset + 1, so it is
   short by (records in the last batch - 1). The high watermark in fetch
-  responses (`consumer.highwater(tp)`) is right; stream/recording.py uses it.
+  responses (`consumer.highwater(tp)`) is right; stream/recordings/recording.py uses it.
 
 The broker runs as a child process that writes its output to a log file under
 a state dir, beside a pid file and `broker.json` (bootstrap, port, pid) that
@@ -42,7 +42,7 @@ from typing import Self
 
 from stream.errors import MemstreamError
 
-# stream/cli.py reads the same variable (without importing this module).
+# stream/cli/main.py reads the same variable (without importing this module).
 STATE_DIR_ENV = "MEMSTREAM_BROKER_DIR"
 DEFAULT_STATE_DIR = Path(os.environ.get(STATE_DIR_ENV, ".memstream/broker"))
 STATE_FILE = "broker.json"

@@ -92,16 +92,16 @@ class ProductKeyMemory(nn.Module):
             self.register_parameter("key_mix", None)
         self.values = nn.Parameter(torch.randn(N, cfg.value_dim) * cfg.value_dim**-0.5)
         # Usage: slot hits (cumulative, current window, last full window) and sub-key hits
-        # since the last reinit; a ring of recent normalised queries per head; value rows
-        # changed since take_delta. Non-persistent: they follow .to(device) but stay out of
-        # the model's state_dict (weights only); export_state saves them.
+        # since the last reinit; a ring of recent normalised queries per head.
+        # Non-persistent: they follow .to(device) but stay out of the model's state_dict
+        # (weights only); export_state saves them. The value rows changed since the last
+        # delta are tracked by the model state's DeltaTracker (table "values").
         tracking = {
             "hits_total": torch.zeros(N, dtype=torch.int64),
             "hits_window": torch.zeros(N, dtype=torch.int64),
             "hits_last_window": torch.zeros(N, dtype=torch.int64),
             "subkey_hits": torch.zeros(H, 2, n, dtype=torch.int64),
             "recent_queries": torch.zeros(H, cfg.query_reservoir, cfg.key_dim),
-            "touched": torch.zeros(N, dtype=torch.bool),
         }
         for name, t in tracking.items():
             self.register_buffer(name, t, persistent=False)
@@ -111,7 +111,6 @@ class ProductKeyMemory(nn.Module):
         self.reservoir_filled = 0
         self.reservoir_next = 0
         self.reinit_total = 0
-        self.values.register_hook(self._mark_touched)
         self.to(dev)
 
     def dense_parameters(self) -> list[nn.Parameter]:
@@ -120,10 +119,6 @@ class ProductKeyMemory(nn.Module):
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         return [self.values]
-
-    def _mark_touched(self, grad: torch.Tensor) -> None:
-        rows = grad._indices()[0] if grad.is_sparse else grad.ne(0).any(1).nonzero().squeeze(1)
-        self.touched[rows] = True
 
     # -- forward -------------------------------------------------------------------------------
 
@@ -321,32 +316,19 @@ class ProductKeyMemory(nn.Module):
             setattr(self, name, int(value))
 
     def take_delta(self) -> MemoryDelta:
-        """tables["values"]: value rows updated since the previous call (from their gradients);
-        every other parameter/buffer a serving copy reads (query net, norm, keys) as a full
-        table (rows = arange) since they change every step and are small."""
-        rows = self.touched.nonzero().squeeze(1)
-        self.touched.zero_()
-        delta = MemoryDelta()
-        delta.tables["values"] = (rows.cpu().numpy(), self.values.detach().index_select(0, rows).cpu())
-        for name, t in self.state_dict().items():  # weights only: tracking buffers are not in it
-            if name == "values":
-                continue
-            t = t.detach().cpu()
-            delta.tables[name] = (np.arange(t.shape[0] if t.dim() else 1, dtype=np.int64), t.clone())
-        return delta
+        """Nothing of its own: the changed value rows are tracked where every trainable
+        table's are (memory_bank.delta_tracker, table "values"), and the small dense
+        tensors (query net, norm, keys) change every step and travel in the dense state."""
+        return MemoryDelta()
 
     @torch.no_grad()
     def apply_delta(self, delta: MemoryDelta) -> None:
-        """Serving copy: write the changed value rows and replace the dense tables."""
-        own = self.state_dict()
+        """Serving copy: write the changed value rows."""
         for name, (rows, vals) in delta.tables.items():
-            if name not in own:
-                raise PKMStateError(f"{name}: not a tensor of this layer")
-            if name == "values":
-                r = torch.from_numpy(rows).to(self.values.device)
-                self.values.index_copy_(0, r, vals.to(self.values))
-            else:
-                own[name].copy_(vals)
+            if name != "values":
+                raise PKMStateError(f"{name}: a delta of this layer carries value rows only")
+            r = torch.from_numpy(rows).to(self.values.device)
+            self.values.index_copy_(0, r, vals.to(self.values))
 
 
 class MemoryGate(nn.Module):

@@ -26,7 +26,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,7 +53,7 @@ class SparseRowAdam(torch.optim.Optimizer):
     or `SparseRowAdam.from_config(params, SparseOptimConfig(...))`.
 
     Per parameter p (N, *): state moments (N, 2, *) (exp_avg, exp_avg_sq), row_step (N,) int64.
-    `touched_rows(p)` / `take_touched(p)`: the rows updated since the previous take.
+    Which rows changed (for snapshot deltas) is the DeltaTracker's record, not this one's.
     """
 
     def __init__(
@@ -68,7 +67,6 @@ class SparseRowAdam(torch.optim.Optimizer):
         cfg = SparseOptimConfig(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay)
         defaults = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
         super().__init__(params, defaults)
-        self._touched: dict[int, list[torch.Tensor]] = {}
         for p in self._params():
             self._init_state(p)
 
@@ -147,23 +145,7 @@ class SparseRowAdam(torch.optim.Optimizer):
                     new.mul_(1 - lr * wd)
                 new.addcdiv_(m * step_size, denom)
                 p.index_copy_(0, rows, new)
-                self._touched.setdefault(id(p), []).append(rows)
         return loss
-
-    # -- touched rows (for deltas) -----------------------------------------------------------
-
-    def touched_rows(self, p: torch.nn.Parameter) -> np.ndarray:
-        """Sorted unique rows of `p` updated since the previous `take_touched(p)` (int64)."""
-        parts = self._touched.get(id(p), [])
-        if not parts:
-            return np.zeros(0, dtype=np.int64)
-        return torch.unique(torch.cat(parts)).cpu().numpy()
-
-    def take_touched(self, p: torch.nn.Parameter) -> np.ndarray:
-        """Like touched_rows, and clears the record for `p`."""
-        rows = self.touched_rows(p)
-        self._touched.pop(id(p), None)
-        return rows
 
     # -- save / load without pickle ----------------------------------------------------------
 
@@ -209,4 +191,3 @@ class SparseRowAdam(torch.optim.Optimizer):
                         f"{key}: saved {tuple(src.shape)} {src.dtype}, have {tuple(dst.shape)} {dst.dtype}"
                     )
                 dst.copy_(src)
-        self._touched.clear()

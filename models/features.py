@@ -14,18 +14,21 @@ memoised in a bounded dict because ids repeat constantly in a stream.
 
 from __future__ import annotations
 
+import json
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+import torch
 
+from memory_bank.base import MemoryDelta
 from models.config import FeatureConfig
 
 
 class BatchLike(Protocol):
-    """The attributes of stream.events.EventBatch that the model reads."""
+    """The attributes of stream.ingest.events.EventBatch that the model reads."""
 
     event_id: np.ndarray
     ts_ms: np.ndarray
@@ -36,8 +39,6 @@ class BatchLike(Protocol):
     labels: dict[str, np.ndarray]
     user_cat: dict[str, np.ndarray]
     user_num: dict[str, np.ndarray]
-    kafka_partition: np.ndarray
-    kafka_offset: np.ndarray
 
     def __len__(self) -> int: ...
 
@@ -372,15 +373,28 @@ class FeatureBuilder:
             signal = feedback_signal(like, rating, cfg.rating_center, cfg.rating_scale)
             self.affinity.update(feats.user_idx, feats.text_idx, signal)
 
-    def export_state(self) -> tuple[dict[str, np.ndarray], dict]:
-        c = self.counters
-        arrays = {"counters.user": c.user, "counters.item": c.item, "counters.total": c.total,
-                  "affinity": self.affinity.table}
-        meta = {"cat_slots": self.cat_slots, "num_slots": self.num_slots, "dropped": sorted(self.dropped_features)}
-        return arrays, meta
+    # ---- state (memory_bank.base.Stateful) ----------------------------------------------
 
-    def take_touched(self) -> dict[str, np.ndarray]:
-        """Rows of each export_state array updated since the previous call (then cleared)."""
+    def _arrays(self) -> dict[str, np.ndarray]:
+        """The live state arrays, by their names in export_state."""
+        c = self.counters
+        return {"counters.user": c.user, "counters.item": c.item, "counters.total": c.total,
+                "affinity": self.affinity.table}
+
+    def _meta(self) -> dict[str, Any]:
+        return {"cat_slots": self.cat_slots, "num_slots": self.num_slots, "dropped": sorted(self.dropped_features)}
+
+    def stats(self) -> dict[str, Any]:
+        return {"cat_slots": dict(self.cat_slots), "num_slots": dict(self.num_slots),
+                "dropped_features": len(self.dropped_features),
+                "events_counted": int(self.counters.total[0])}
+
+    def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Copies of the counters and the affinity table, and the slot layout."""
+        return {k: torch.from_numpy(v.copy()) for k, v in self._arrays().items()}, self._meta()
+
+    def _take_touched(self) -> dict[str, np.ndarray]:
+        """Rows of each state array updated since the previous call (then cleared)."""
         c, a = self.counters, self.affinity
         out = {"counters.user": np.flatnonzero(c.touched_user), "counters.item": np.flatnonzero(c.touched_item),
                "counters.total": np.zeros(1, dtype=np.int64), "affinity": np.flatnonzero(a.touched)}
@@ -388,14 +402,39 @@ class FeatureBuilder:
             mask[:] = False
         return out
 
-    def import_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
-        self.counters.user = arrays["counters.user"].copy()
-        self.counters.item = arrays["counters.item"].copy()
-        self.counters.total = arrays["counters.total"].copy()
-        self.affinity.table = arrays["affinity"].copy()
-        self.counters.touched_user = np.zeros(len(self.counters.user), dtype=bool)
-        self.counters.touched_item = np.zeros(len(self.counters.item), dtype=bool)
-        self.affinity.touched = np.zeros(len(self.affinity.table), dtype=bool)
+    def take_delta(self) -> MemoryDelta:
+        """The counter and affinity rows updated since the previous call (a 1-D array is one
+        row), and the slot layout as JSON in ids["meta"]."""
+        d = MemoryDelta(ids={"meta": [json.dumps(self._meta(), sort_keys=True)]})
+        arrays = self._arrays()
+        for k, rows in self._take_touched().items():
+            d.tables[k] = (rows, torch.from_numpy(np.ascontiguousarray(_as_rows(arrays[k])[rows])))
+        return d
+
+    def apply_delta(self, delta: MemoryDelta) -> None:
+        arrays = self._arrays()
+        for k, (rows, vals) in delta.tables.items():
+            _as_rows(arrays[k])[rows] = vals.numpy()  # a view: writes land in the live array
+        if delta.ids.get("meta"):
+            self._set_meta(json.loads(delta.ids["meta"][0]))
+
+    def _set_meta(self, meta: dict[str, Any]) -> None:
         self.cat_slots = dict(meta["cat_slots"])
         self.num_slots = dict(meta["num_slots"])
         self.dropped_features = set(meta["dropped"])
+
+    def import_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        arr = {k: np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v).copy() for k, v in tensors.items()}
+        self.counters.user = arr["counters.user"]
+        self.counters.item = arr["counters.item"]
+        self.counters.total = arr["counters.total"]
+        self.affinity.table = arr["affinity"]
+        self.counters.touched_user = np.zeros(len(self.counters.user), dtype=bool)
+        self.counters.touched_item = np.zeros(len(self.counters.item), dtype=bool)
+        self.affinity.touched = np.zeros(len(self.affinity.table), dtype=bool)
+        self._set_meta(meta)
+
+
+def _as_rows(a: np.ndarray) -> np.ndarray:
+    """A 1-D state array is one row; tables keep their rows (a view either way)."""
+    return a.reshape(1, -1) if a.ndim == 1 else a

@@ -122,17 +122,21 @@ class Ranker(nn.Module):
         Db = bank_dim if cfg.use_bank else 0
         self.bank_dim = Db
 
-        # 1. Sparse tables (gradients are sparse COO rows -> SparseRowAdam).
-        self.user_emb = nn.Embedding(fc.user_buckets, E, sparse=True)
-        self.item_emb = nn.Embedding(fc.item_buckets, E, sparse=True)
-        self.cat_emb = nn.Embedding(fc.cat_buckets, E, sparse=True)
-        self.text_emb = nn.EmbeddingBag(fc.text_buckets, E, mode="mean", sparse=True, padding_idx=0)
-        self.user_bias = nn.Embedding(fc.user_buckets, 2, sparse=True)
-        self.item_bias = nn.Embedding(fc.item_buckets, 2, sparse=True)
-        for emb in (self.user_emb, self.item_emb, self.cat_emb, self.text_emb):
-            nn.init.normal_(emb.weight, std=0.05)
-        nn.init.zeros_(self.user_bias.weight)
-        nn.init.zeros_(self.item_bias.weight)
+        # 1. Id tables, keyed by name (every list of tables derives from this dict); their
+        # gradients are sparse COO rows -> SparseRowAdam, their touched rows -> DeltaTracker.
+        self.tables = nn.ModuleDict({
+            "user_emb": nn.Embedding(fc.user_buckets, E, sparse=True),
+            "item_emb": nn.Embedding(fc.item_buckets, E, sparse=True),
+            "cat_emb": nn.Embedding(fc.cat_buckets, E, sparse=True),
+            "text_emb": nn.EmbeddingBag(fc.text_buckets, E, mode="mean", sparse=True, padding_idx=0),
+            "user_bias": nn.Embedding(fc.user_buckets, 2, sparse=True),
+            "item_bias": nn.Embedding(fc.item_buckets, 2, sparse=True),
+        })
+        t = self.tables
+        for name in ("user_emb", "item_emb", "cat_emb", "text_emb"):
+            nn.init.normal_(t[name].weight, std=0.05)
+        nn.init.zeros_(t["user_bias"].weight)
+        nn.init.zeros_(t["item_bias"].weight)
 
         # 2. User side.
         self.lmn = None
@@ -203,10 +207,13 @@ class Ranker(nn.Module):
 
     # ---- parameter groups for the optimizers ----------------------------------------------
 
+    def id_tables(self) -> dict[str, nn.Parameter]:
+        """The id tables' weights by table name (the order of `self.tables`)."""
+        return {name: emb.weight for name, emb in self.tables.items()}
+
     def sparse_parameters(self) -> list[nn.Parameter]:
         """Parameters whose gradients are sparse rows (SparseRowAdam)."""
-        params = [self.user_emb.weight, self.item_emb.weight, self.cat_emb.weight,
-                  self.text_emb.weight, self.user_bias.weight, self.item_bias.weight]
+        params = list(self.id_tables().values())
         for mem in (self.lmn, self.pkm):
             if mem is not None:
                 params += list(mem.sparse_parameters())
@@ -220,12 +227,12 @@ class Ranker(nn.Module):
 
     def encode_user(self, u: UserInputs) -> UserState:
         b = u.user_idx.shape[0]
-        user = self.user_emb(u.user_idx)  # (B, E)
-        cats = self.cat_emb(u.cat_idx).reshape(b, -1)  # (B, C*E)
-        scen = self.cat_emb(u.scenario_idx)  # (B, E)
+        user = self.tables["user_emb"](u.user_idx)  # (B, E)
+        cats = self.tables["cat_emb"](u.cat_idx).reshape(b, -1)  # (B, C*E)
+        scen = self.tables["cat_emb"](u.scenario_idx)  # (B, E)
         lmn_read = lmn_target = None
         inv = u.hist_inverse  # (B, L) -> rows of the distinct history items
-        item_emb = self.item_emb(u.hist_item_idx)  # (U, E)
+        item_emb = self.tables["item_emb"](u.hist_item_idx)  # (U, E)
         sig = u.hist_signal  # (B, L)
         m = u.hist_mask.to(sig.dtype)
         if self.lmn is not None:
@@ -268,7 +275,7 @@ class Ranker(nn.Module):
             hist_unit=hist_unit,
             hist_bank_unit=None if bank_unit is None else bank_unit[inv],  # (B, L, Db)
             hist_signal=sig, hist_mask=u.hist_mask,
-            scen_emb=scen, user_emb=user, bias=self.user_bias(u.user_idx),
+            scen_emb=scen, user_emb=user, bias=self.tables["user_bias"](u.user_idx),
             lmn_read=lmn_read, lmn_target=lmn_target, ridge_xty=ridge_xty, ridge_chol=ridge_chol,
         )
 
@@ -277,8 +284,8 @@ class Ranker(nn.Module):
     def score_candidates(self, us: UserState, c: CandidateInputs) -> Scores:
         b = c.item_idx.shape[0]
         cfg = self.cfg
-        item = self.item_emb(c.item_idx)  # (B, E)
-        text = self.text_emb(c.text_idx)  # (B, E) mean of word embeddings
+        item = self.tables["item_emb"](c.item_idx)  # (B, E)
+        text = self.tables["text_emb"](c.text_idx)  # (B, E) mean of word embeddings
         item_tok = self.tok_item(torch.cat([item, c.counters], dim=1))
         tv = c.target_vec
         if tv is not None and self.cfg.bank_input_norm:
@@ -313,7 +320,7 @@ class Ranker(nn.Module):
             x = self.pkm_gate(x, self.pkm(x.reshape(b, -1)))
         out = self.head(self.norm_out(x).reshape(b, -1)) + self.wide(wide_in)  # (B, 2 + n_thr)
         out, thr = out[:, :2], out[:, 2:]
-        out = out + us.bias + self.item_bias(c.item_idx)
+        out = out + us.bias + self.tables["item_bias"](c.item_idx)
         if cfg.dot_interaction:
             # Matrix factorisation term <user, item> per head: the user x item interaction
             # as a direct path; through the mixer alone it is learned much more slowly.

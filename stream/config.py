@@ -16,12 +16,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.config import ModelConfig, TrainerConfig
-from stream.admin import AdminConfig
-from stream.checkpoints import CheckpointConfig
+from stream.admin.app import AdminConfig
 from stream.errors import MemstreamError
-from stream.ingest import KafkaConfig
-from stream.publisher import SnapshotConfig
-from stream.serving import ServingConfig
+from stream.ingest.reader import KafkaConfig
+from stream.serving.follower import ServingConfig
+from stream.snapshots.publisher import SnapshotConfig
+from stream.train.checkpoints import CheckpointConfig
 
 
 class ConfigError(MemstreamError, ValueError):

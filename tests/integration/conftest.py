@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from stream.config import MemstreamConfig, load_config
-from stream.data.movielens import build_ml1m_recording
-from stream.recording import replay
+from stream.recordings.data.movielens import build_ml1m_recording
+from stream.recordings.recording import replay
 
 ROOT = Path(__file__).resolve().parents[2]
 EVENTS = 20_000
@@ -25,7 +25,7 @@ def _free_port() -> int:
 def ray_cluster():
     import ray
 
-    from stream.job import init_local_ray
+    from stream.job.driver import init_local_ray
 
     init_local_ray(num_cpus=4, namespace="memstream-tests", logging_level="WARNING", log_to_driver=False)
     yield

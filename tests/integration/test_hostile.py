@@ -10,9 +10,9 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from stream.config import load_config
-from stream.data.hostile import hostile_mix, produce
-from stream.dlq import CATEGORY_HEADER, REASON_HEADER, SOURCE_HEADER, TRUNCATED_HEADER
-from stream.job import StreamingJob
+from stream.ingest.dlq import CATEGORY_HEADER, REASON_HEADER, SOURCE_HEADER, TRUNCATED_HEADER
+from stream.job.driver import StreamingJob
+from stream.recordings.data.hostile import hostile_mix, produce
 
 from .conftest import ROOT
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from stream.ingest import KafkaConfig, PartitionReader, ReaderNotSought
+from stream.ingest.reader import KafkaConfig, PartitionReader, ReaderNotSought
 
 pytestmark = [pytest.mark.integration]
 

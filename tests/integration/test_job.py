@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import ray
 
-from stream.job import StreamingJob
-from stream.snapshots import SnapshotStore
+from stream.job.driver import StreamingJob
+from stream.snapshots.store import SnapshotStore
 
 from .conftest import EVENTS
 

@@ -13,10 +13,10 @@ import pytest
 import ray
 
 from stream.config import load_config
-from stream.job import StreamingJob
-from stream.kafka_io import ensure_topic
-from stream.recording import replay
-from stream.snapshots import SnapshotStore
+from stream.ingest.kafka_io import ensure_topic
+from stream.job.driver import StreamingJob
+from stream.recordings.recording import replay
+from stream.snapshots.store import SnapshotStore
 
 from .conftest import ROOT
 from .test_job import _finish, _start, _wait
@@ -48,7 +48,7 @@ def _fake_corrupt_version(store: SnapshotStore, root, good: int) -> int:
 def test_refusal_visible_rollback_and_unpin(ray_cluster, broker, ml1m_20k, tmp_path, serving_port):
     import pyarrow.parquet as pq
 
-    from stream.recording import write_recording
+    from stream.recordings.recording import write_recording
 
     # Two halves, the second sent only once a version covering the first is out, so the
     # store holds at least two versions to roll back between however slow the start is

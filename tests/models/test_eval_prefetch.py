@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from stream.evaluate import iter_event_batches, prefetch
+from stream.train.evaluate import iter_event_batches, prefetch
 
 
 def test_prefetch_yields_the_same_batches_in_order(ml1m_20k):

@@ -6,7 +6,7 @@ The end-to-end test (tests/integration) queries the same app over the real job.
 import pytest
 from fastapi.testclient import TestClient
 
-from stream.admin import AdminConfig, AdminConfigError, NotFound, create_app, resolve_token
+from stream.admin.app import AdminConfig, AdminConfigError, NotFound, create_app, resolve_token
 
 TOKEN = "t" * 32
 

@@ -1,6 +1,6 @@
 import pytest
 
-from stream.checkpoints import CheckpointManager
+from stream.train.checkpoints import CheckpointManager
 
 
 def _writer(payload: bytes):

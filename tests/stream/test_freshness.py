@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from stream.publisher import FreshnessLedger
+from stream.snapshots.publisher import FreshnessLedger
 
 
 def test_steady_state_leaves_out_events_produced_before_serving_was_live():

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from stream.data.hostile import DUPLICATE, KINDS, HostileError, hostile_mix
-from stream.events import REJECT_CATEGORIES, EventLimits, decode_one
-from stream.ingest import RecentIds
+from stream.ingest.events import REJECT_CATEGORIES, EventLimits, decode_one
+from stream.ingest.reader import RecentIds
+from stream.recordings.data.hostile import DUPLICATE, KINDS, HostileError, hostile_mix
 
 NOW = int(time.time() * 1000)
 
@@ -85,7 +85,7 @@ def test_small_and_unusual_valid_batches_train(extra):
     optional fields must train too, alone in a batch."""
     from models.online import OnlineTrainer
     from stream.config import load_config
-    from stream.events import decode_batch
+    from stream.ingest.events import decode_batch
 
     cfg = load_config("configs/default.yaml", [])
     trainer = OnlineTrainer(cfg.model, cfg.trainer)

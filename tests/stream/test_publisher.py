@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from memory_bank.base import MemoryDelta
-from stream.publisher import SnapshotPublisher
-from stream.snapshots import DeltaState, FullState, SnapshotError
+from stream.snapshots.publisher import SnapshotPublisher
+from stream.snapshots.store import DeltaState, FullState, SnapshotError
 
 
 def _full():

@@ -5,17 +5,10 @@ import pytest
 
 from models.config import ModelConfig, TrainerConfig
 from models.online import OnlineTrainer
-from stream.data.synthetic import build_synthetic_recording
-from stream.evaluate import iter_event_batches
-from stream.servable import (
-    CounterTracker,
-    RankRequest,
-    ServedModel,
-    delta_snapshot,
-    full_snapshot,
-    snapshot_meta,
-)
-from stream.snapshots import SnapshotStore
+from stream.recordings.data.synthetic import build_synthetic_recording
+from stream.serving.model import RankRequest, ServedModel
+from stream.snapshots.store import SnapshotStore
+from stream.train.evaluate import iter_event_batches
 
 
 def _small_cfg():
@@ -44,17 +37,21 @@ def _requests(batch, n=3):
     return out
 
 
-def _publish_full(trainer, store, version, batch) -> CounterTracker:
-    """Train on `batch`, publish a full `version`; delta tracking restarts there."""
+def snapshot_meta(trainer) -> dict:
+    return {"model_config": trainer.cfg.model_dump(mode="json"), "train_step": trainer.steps}
+
+
+def _publish_full(trainer, store, version, batch) -> None:
+    """Train on `batch`, publish a full `version`; the delta chain starts there."""
     trainer.step(batch)
-    store.publish_full(version, full_snapshot(trainer), snapshot_meta(trainer))
-    return CounterTracker(trainer)
+    store.publish_full(version, trainer.state.full_snapshot(), snapshot_meta(trainer))
+    trainer.state.start_delta_chain()
 
 
-def _publish_delta(trainer, store, counters, version, batch) -> None:
+def _publish_delta(trainer, store, version, batch) -> None:
     """Train on `batch`, publish `version` as a delta on `version - 1`."""
     trainer.step(batch)
-    store.publish_delta(version, version - 1, delta_snapshot(trainer, counters), snapshot_meta(trainer))
+    store.publish_delta(version, version - 1, trainer.state.take_delta(), snapshot_meta(trainer))
 
 
 def _assert_same_like(model, other, requests) -> None:
@@ -65,14 +62,14 @@ def _assert_same_like(model, other, requests) -> None:
 def test_full_plus_deltas_equals_fresh_full(tmp_path, batches):
     trainer = OnlineTrainer(_small_cfg(), TrainerConfig(seed=1))
     store = SnapshotStore(str(tmp_path / "snaps"))
-    counters = _publish_full(trainer, store, 1, batches[0])
+    _publish_full(trainer, store, 1, batches[0])
     version = 1
     for b in batches[1:]:
         version += 1
-        _publish_delta(trainer, store, counters, version, b)
+        _publish_delta(trainer, store, version, b)
     chained = ServedModel(store.load_chain())
     assert chained.version == version
-    store.publish_full(version + 1, full_snapshot(trainer), snapshot_meta(trainer))
+    store.publish_full(version + 1, trainer.state.full_snapshot(), snapshot_meta(trainer))
     fresh = ServedModel(store.load_chain(version + 1))
     for req in _requests(batches[-1]):
         a, b = chained.rank(req), fresh.rank(req)
@@ -85,7 +82,7 @@ def test_user_side_reuse_matches_per_candidate(tmp_path, batches):
     for b in batches[:4]:
         trainer.step(b)
     store = SnapshotStore(str(tmp_path / "snaps"))
-    store.publish_full(1, full_snapshot(trainer), snapshot_meta(trainer))
+    store.publish_full(1, trainer.state.full_snapshot(), snapshot_meta(trainer))
     served = ServedModel(store.load_chain())
     for req in _requests(batches[4]):
         a = served.rank(req, reuse_user_side=True)["scores"]["like"]
@@ -95,20 +92,20 @@ def test_user_side_reuse_matches_per_candidate(tmp_path, batches):
 
 
 def test_follower_refuses_corrupt_version_and_keeps_serving(tmp_path, batches):
-    from stream.serving import SnapshotFollower
+    from stream.serving.follower import SnapshotFollower
 
     trainer = OnlineTrainer(_small_cfg(), TrainerConfig(seed=4))
     store = SnapshotStore(str(tmp_path / "snaps"))
     trainer.step(batches[0])
-    store.publish_full(1, full_snapshot(trainer), snapshot_meta(trainer))
-    counters = CounterTracker(trainer)
+    store.publish_full(1, trainer.state.full_snapshot(), snapshot_meta(trainer))
+    trainer.state.start_delta_chain()
     follower = SnapshotFollower(store, build=ServedModel)
     assert follower.poll() and follower.version == 1
     req = _requests(batches[1], n=1)[0]
     before = follower.live.rank(req)
 
     trainer.step(batches[1])
-    store.publish_delta(2, 1, delta_snapshot(trainer, counters), snapshot_meta(trainer))
+    store.publish_delta(2, 1, trainer.state.take_delta(), snapshot_meta(trainer))
     victim = next(p for p in (tmp_path / "snaps" / "v000002").iterdir() if p.name.startswith("delta."))
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -119,23 +116,23 @@ def test_follower_refuses_corrupt_version_and_keeps_serving(tmp_path, batches):
     assert follower.live.rank(req) == before  # the old version keeps answering
 
     trainer.step(batches[2])  # the next full snapshot recovers the replica
-    store.publish_full(3, full_snapshot(trainer), snapshot_meta(trainer))
+    store.publish_full(3, trainer.state.full_snapshot(), snapshot_meta(trainer))
     assert follower.poll() and follower.version == 3
     # a delta on top of it is applied incrementally (live/standby swap)
-    counters = CounterTracker(trainer)
+    trainer.state.start_delta_chain()
     trainer.step(batches[3])
-    store.publish_delta(4, 3, delta_snapshot(trainer, counters), snapshot_meta(trainer))
+    store.publish_delta(4, 3, trainer.state.take_delta(), snapshot_meta(trainer))
     assert follower.poll() and follower.version == 4
     fresh = ServedModel(store.load_chain(4))
     np.testing.assert_array_equal(follower.live.rank(req)["scores"]["like"], fresh.rank(req)["scores"]["like"])
 
 
 def test_follower_behind_by_several_deltas_catches_up_without_reloading(tmp_path, batches):
-    from stream.serving import SnapshotFollower
+    from stream.serving.follower import SnapshotFollower
 
     trainer = OnlineTrainer(_small_cfg(), TrainerConfig(seed=5))
     store = SnapshotStore(str(tmp_path / "snaps"))
-    counters = _publish_full(trainer, store, 1, batches[0])
+    _publish_full(trainer, store, 1, batches[0])
     builds = []
     follower = SnapshotFollower(store, build=lambda chain: builds.append(chain.version) or ServedModel(chain))
     assert follower.poll() and builds == [1, 1]  # live + standby
@@ -143,12 +140,12 @@ def test_follower_behind_by_several_deltas_catches_up_without_reloading(tmp_path
     for lag in (3, 1, 4):  # the replica misses `lag - 1` versions between polls
         for _ in range(lag):
             version += 1
-            _publish_delta(trainer, store, counters, version, batches[version - 1])
+            _publish_delta(trainer, store, version, batches[version - 1])
         assert follower.poll() and follower.version == version
     assert builds == [1, 1]  # every catch-up went by deltas
     _assert_same_like(follower.live, ServedModel(store.load_chain(version)), _requests(batches[version]))
     # and the standby (the previous live copy) lands on the same state at the next swap
-    _publish_delta(trainer, store, counters, version + 1, batches[version])
+    _publish_delta(trainer, store, version + 1, batches[version])
     assert follower.poll() and builds == [1, 1]
     _assert_same_like(follower.live, ServedModel(store.load_chain(version + 1)), _requests(batches[version]))
 
@@ -158,9 +155,9 @@ def test_follower_behind_by_several_deltas_catches_up_without_reloading(tmp_path
     for v, full in ((version + 1, True), (version + 2, False), (version + 3, False)):
         batch = batches[v % len(batches)]
         if full:
-            counters = _publish_full(trainer, store, v, batch)
+            _publish_full(trainer, store, v, batch)
         else:
-            _publish_delta(trainer, store, counters, v, batch)
+            _publish_delta(trainer, store, v, batch)
         assert follower.poll() and follower.version == v
         _assert_same_like(follower.live, ServedModel(store.load_chain(v)), _requests(batch))
     assert builds == [1, 1]
@@ -171,11 +168,11 @@ def test_a_replica_starting_from_a_base_serves_what_the_chain_serves(tmp_path, b
     up to v, and a replica starting later reads the base + newer deltas only."""
     trainer = OnlineTrainer(_small_cfg(), TrainerConfig(seed=1))
     store = SnapshotStore(str(tmp_path / "snaps"))
-    counters = _publish_full(trainer, store, 1, batches[0])
+    _publish_full(trainer, store, 1, batches[0])
     for version in (2, 3):
-        _publish_delta(trainer, store, counters, version, batches[version - 1])
-    store.publish_base(3, full_snapshot(trainer), snapshot_meta(trainer))
-    _publish_delta(trainer, store, counters, 4, batches[3])
+        _publish_delta(trainer, store, version, batches[version - 1])
+    store.publish_base(3, trainer.state.full_snapshot(), snapshot_meta(trainer))
+    _publish_delta(trainer, store, 4, batches[3])
 
     from_base = store.load_chain(4)
     assert from_base.versions == [3, 4] and from_base.from_base

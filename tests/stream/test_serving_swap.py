@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
-from stream.serving import ServingDrainTimeout, SnapshotFollower
-from stream.snapshots import SnapshotError
+from stream.serving.follower import ServingDrainTimeout, SnapshotFollower
+from stream.snapshots.store import SnapshotError
 
 
 class _Store:

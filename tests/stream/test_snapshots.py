@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memory_bank.base import MemoryDelta
-from stream.snapshots import (
+from stream.snapshots.store import (
     DeltaState,
     FullState,
     SnapshotCorrupt,
@@ -147,7 +147,7 @@ def test_rollback_sets_latest(tmp_path):
 
 
 def test_states_cross_processes_as_numpy_and_come_back_equal():
-    from stream.snapshots import state_from_wire, state_to_wire
+    from stream.snapshots.store import state_from_wire, state_to_wire
 
     full = _full()
     full.memories["pkm"][0]["bf"] = torch.ones(2, dtype=torch.bfloat16)  # numpy has no bf16

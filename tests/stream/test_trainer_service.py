@@ -5,11 +5,11 @@ import pytest
 
 from models.config import ModelConfig, TrainerConfig
 from models.online import OnlineTrainer
-from stream.checkpoints import CheckpointManager
-from stream.data.synthetic import build_synthetic_recording
-from stream.evaluate import iter_event_batches
-from stream.snapshots import FullState
-from stream.trainer_service import TrainerService
+from stream.recordings.data.synthetic import build_synthetic_recording
+from stream.snapshots.store import FullState
+from stream.train.checkpoints import CheckpointManager
+from stream.train.evaluate import iter_event_batches
+from stream.train.service import TrainerService
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_every_kth_delta_carries_a_base(tmp_path, units):
 
 def test_units_from_several_readers_train_as_one_stream_in_timestamp_order(tmp_path, units):
     """Two readers' results applied together equal the same events applied in produce order."""
-    from stream.events import EventBatch
+    from stream.ingest.events import EventBatch
 
     merged = EventBatch.concat([EventBatch.from_arrow(u["events"]) for u in units[:2]])
     by_reader = []

@@ -1,0 +1,361 @@
+"""Ray actors of the streaming job. Actors own state; the driver (stream/job/driver.py) owns topology.
+
+IngestActor     a PartitionReader: Kafka -> decoded columnar units (CPU)
+TrainerActor    a TrainerService: pulls units from the readers, trains, checkpoints,
+                hands snapshots to the publisher (GPU when the cluster has one)
+PublisherActor  a SnapshotPublisher: writes snapshots, keeps the serving ledger
+
+The trainer pulls: it keeps one `next_batch` request outstanding per reader and
+waits on whichever answers first (`ray.wait`), so readers fetch and decode while
+the trainer trains, and a slow trainer simply stops asking (the readers' buffers
+are bounded). All three restart after a crash (max_restarts); the trainer then
+restores its newest checkpoint and seeks the readers back to its offsets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from stream.ingest.reader import ReaderNotSought
+from stream.snapshots.store import state_from_wire, state_to_wire
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=4, num_cpus=0.25)
+class IngestActor:
+    def __init__(self, kafka_cfg: dict[str, Any], bootstrap: str, partitions: list[int]):
+        from stream.ingest.reader import KafkaConfig, PartitionReader
+
+        self.reader = PartitionReader(KafkaConfig.model_validate(kafka_cfg), bootstrap, partitions)
+
+    def seek(self, offsets: dict[int, int], epoch: str) -> str:
+        epoch = self.reader.seek(offsets, epoch)
+        self.reader.start()
+        return epoch
+
+    def next_batch(self, max_events: int, timeout_s: float, epoch: str) -> dict[str, Any] | None:
+        return self.reader.next_batch(max_events, timeout_s, epoch)
+
+    def commit(self, offsets: dict[int, int]) -> None:
+        self.reader.commit(offsets)
+
+    def end_offsets(self) -> dict[int, int]:
+        return self.reader.end_offsets()
+
+    def stats(self) -> dict[str, Any]:
+        return self.reader.stats()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=8, num_cpus=0.25)
+class PublisherActor:
+    def __init__(self, uri: str, keep_versions: int):
+        from stream.snapshots.publisher import SnapshotPublisher
+
+        self.pub = SnapshotPublisher(uri, keep_versions)
+
+    def publish(self, version, parent, state, meta, event_ts_ms, event_trained_s=None) -> dict[str, Any]:
+        return self.pub.publish(version, parent, state_from_wire(state), meta, event_ts_ms, event_trained_s)
+
+    def publish_base(self, version, state, meta) -> dict[str, Any]:
+        return self.pub.publish_base(version, state_from_wire(state), meta)
+
+    def latest_version(self) -> int | None:
+        return self.pub.latest_version()
+
+    def report_serving(self, replica_id: str, event: dict[str, Any]) -> None:
+        self.pub.report_serving(replica_id, event)
+
+    def serving_state(self) -> list[dict[str, Any]]:
+        return self.pub.serving_state()
+
+    def freshness(self) -> dict[str, Any]:
+        return self.pub.freshness()
+
+    def freshness_samples(self):
+        return self.pub.freshness_samples()
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        return self.pub.snapshots()
+
+    def pin(self, version: int | None) -> dict[str, Any]:
+        return self.pub.pin(version)
+
+    def stats(self) -> dict[str, Any]:
+        return {"published": self.pub.published, "bases_written": self.pub.bases_written,
+                "base_failures": self.pub.base_failures}
+
+
+@ray.remote(
+    max_restarts=-1,
+    max_task_retries=0,
+    concurrency_groups={"train": 1, "query": 2},
+)
+class TrainerActor:
+    def __init__(self, cfg: dict[str, Any], work_dir: str, publisher_name: str, namespace: str):
+        from models.online import OnlineTrainer
+        from stream.config import config_from_dict
+        from stream.train.checkpoints import CheckpointManager
+        from stream.train.service import TrainerService
+
+        self.cfg = config_from_dict(cfg, "job config")
+        ck = self.cfg.checkpoints
+        ckpt_dir = Path(ck.dir) if ck.dir else Path(work_dir) / "checkpoints"
+        self.publisher = ray.get_actor(publisher_name, namespace=namespace)
+        latest = ray.get(self.publisher.latest_version.remote())
+        self.svc = TrainerService(
+            OnlineTrainer(self.cfg.model, self.cfg.trainer),
+            CheckpointManager(ckpt_dir, keep=ck.keep),
+            batch_size=self.cfg.trainer.batch_size,
+            full_every=self.cfg.snapshots.full_every,
+            first_version=(latest or 0) + 1,
+        )
+        self._stop = threading.Event()
+        self._publishing: dict = {}  # publish ref -> version, until settled
+        self._base_writer: threading.Thread | None = None
+        self._ckpt_writer: threading.Thread | None = None
+
+    # -- the loop ------------------------------------------------------------------------------
+    @ray.method(concurrency_group="train")
+    def run(self, readers: list, max_events: int | None = None) -> dict[str, Any]:
+        """Train until stopped or `max_events` messages (trained + rejected) are applied."""
+        self._stop.clear()
+        svc, cfg = self.svc, self.cfg
+        epochs = [self._seek(r) for r in readers]
+        pull = max(cfg.trainer.batch_size * 4, cfg.kafka.max_poll_records)
+        inflight = {r.next_batch.remote(pull, 0.5, epochs[i]): i for i, r in enumerate(readers)}
+        last_ckpt = last_snap = time.monotonic()
+        published_at = self._applied()
+        # The state we start from (fresh or restored) goes out at once (unless
+        # publish_start_state did it): replicas load the large first version while the
+        # first events train, so what follows are small deltas.
+        publish_ref = self._publish() if svc.last_published is None else None
+        while not self._stop.is_set():
+            if max_events is not None and self._applied() >= max_events:
+                break
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.2)
+            if ready and len(inflight) > 1:
+                # And what the other readers have within a moment: training one reader's
+                # result alone would run its partitions ahead of the others' in event time.
+                rest = [r for r in inflight if r not in ready]
+                ready += ray.wait(rest, num_returns=len(rest), timeout=0.05)[0]
+            units = []
+            for ref in ready:
+                i = inflight.pop(ref)
+                try:
+                    unit = ray.get(ref)
+                except (RayActorError, ReaderNotSought):
+                    # ReaderNotSought: our request reached its restarted incarnation
+                    # (queued while it restarted) instead of failing; seek it all the same.
+                    log.warning("ingest actor %d died; seeking its restart to our offsets", i)
+                    epochs[i] = self._seek(readers[i])
+                    unit = None
+                if unit is not None:
+                    units.append(unit)
+                inflight[readers[i].next_batch.remote(pull, 0.5, epochs[i])] = i
+            if units:
+                svc.apply_units(units)
+            now = time.monotonic()
+            publish_done = publish_ref is None or self._publish_settled(publish_ref)
+            if (
+                now - last_snap >= cfg.snapshots.interval_s
+                and publish_done
+                and (self._applied() > published_at or svc.republish)
+            ):
+                publish_ref = self._publish()
+                published_at, last_snap = self._applied(), now
+            if now - last_ckpt >= cfg.checkpoints.interval_s and self._checkpoint(readers):
+                last_ckpt = now
+        # Final: the last snapshot and a checkpoint covering everything applied.
+        if publish_ref is not None:
+            self._publish_settled(publish_ref, wait=True)
+        if self._applied() > published_at or svc.republish:
+            self._publish_settled(self._publish(), wait=True)
+        self._checkpoint(readers, final=True)
+        if self._base_writer is not None:
+            self._base_writer.join(timeout=120)
+        return svc.progress()
+
+    @ray.method(concurrency_group="train")
+    def publish_start_state(self) -> int | None:
+        """Publish the state this trainer starts from (fresh or restored) and wait until it
+        is stored, so serving replicas find a version the moment they start; waiting for
+        the first events would put the whole start-up into their freshness."""
+        if self.svc.last_published is None:
+            self._publish_settled(self._publish(), wait=True)
+        return self.svc.last_published
+
+    def _applied(self) -> int:
+        return self.svc.trainer.events_applied + sum(self.svc.rejects_applied.values())
+
+    def _seek(self, reader, timeout_s: float = 120.0) -> str:
+        """Seek a reader to our offsets under a fresh epoch token (retries reuse it)."""
+        epoch = uuid.uuid4().hex
+        offsets = dict(self.svc.next_offsets)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return ray.get(reader.seek.remote(offsets, epoch), timeout=30)
+            except (RayActorError, GetTimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)  # the actor is restarting
+
+    def _publish(self):
+        p = self.svc.snapshot_payload()
+        ref = self.publisher.publish.remote(p.version, p.parent, state_to_wire(p.state), p.meta,
+                                            p.event_ts_ms, p.event_trained_s)
+        self._publishing[ref] = p.version
+        if p.base is not None:
+            self._write_base(p.version, p.base, p.meta, after=ref)
+        return ref
+
+    def _write_base(self, version: int, base, meta: dict[str, Any], after) -> None:
+        """Hand a base (full copy) to the publisher from a thread once the delta `after`
+        (the version itself) is stored: shipping ~100 MB would otherwise stall training,
+        and a base can only sit beside a written version. Skipped if the last one is still
+        on its way (the next base comes K versions later; chains just stay longer)."""
+        if self._base_writer is not None and self._base_writer.is_alive():
+            log.warning("base for version %d skipped: the previous base is still being written", version)
+            return
+
+        def ship() -> None:
+            try:
+                ray.get(after)  # the publisher runs calls concurrently: the delta must be first
+                ray.get(self.publisher.publish_base.remote(version, state_to_wire(base), meta))
+            except Exception as e:  # noqa: BLE001 - serving is unaffected; the chain is intact
+                log.warning("base for version %d was not written: %s", version, e)
+
+        self._base_writer = threading.Thread(target=ship, name="base-writer", daemon=True)
+        self._base_writer.start()
+
+    def _publish_settled(self, ref, wait: bool = False) -> bool:
+        """True once the publish `ref` finished (`wait`: block until it has); a failed
+        one makes the next snapshot full."""
+        if ref not in self._publishing:
+            return True
+        if not ray.wait([ref], timeout=None if wait else 0)[0]:
+            return False
+        version = self._publishing.pop(ref)
+        try:
+            ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - publisher crashed or the store refused the write
+            self.svc.publish_failed(version, e)
+        return True
+
+    def _checkpoint(self, readers, final: bool = False) -> bool:
+        """Capture a checkpoint here; write it and then commit its offsets on a writer
+        thread (the final one inline). False if the previous one is still being written."""
+        writer = self._ckpt_writer
+        if writer is not None and writer.is_alive():
+            if not final:
+                return False
+            writer.join()
+        pending = self.svc.capture_checkpoint()
+
+        def write_then_commit() -> None:
+            try:
+                self.svc.write_checkpoint(pending)
+            except Exception as e:  # noqa: BLE001 - the next one retries; offsets stay uncommitted
+                log.error("checkpoint write failed (%s); offsets not committed, next one retries", e)
+                return
+            # Only now, with the checkpoint durable, may the group offsets move.
+            refs = [r.commit.remote(pending.offsets) for r in readers]
+            if final:
+                try:
+                    ray.get(refs, timeout=30)
+                except Exception as e:  # noqa: BLE001 - monitoring only; the checkpoint holds the truth
+                    log.warning("committing group offsets failed: %s", e)
+
+        if final:
+            write_then_commit()
+        else:
+            self._ckpt_writer = threading.Thread(target=write_then_commit, name="checkpoint-writer",
+                                                 daemon=True)
+            self._ckpt_writer.start()
+        return True
+
+    # -- control and queries -------------------------------------------------------------------
+    @ray.method(concurrency_group="query")
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    @ray.method(concurrency_group="query")
+    def pid(self) -> int:
+        return os.getpid()
+
+    @ray.method(concurrency_group="query")
+    def progress(self) -> dict[str, Any]:
+        return self.svc.progress()
+
+    @ray.method(concurrency_group="query")
+    def stats(self) -> dict[str, Any]:
+        return self.svc.stats()
+
+    @ray.method(concurrency_group="query")
+    def final_report(self) -> dict[str, Any]:
+        """Progress plus the full metrics (AUC of the last 20%) and memory stats."""
+        with self.svc.lock:
+            t = self.svc.trainer
+            out = self.svc.progress()
+            out["stats"] = t.stats()
+            if t.metrics.keep_log:
+                v = t.metrics.auc_last(0.2)
+                out["auc_last20.like"] = v if v == v else None  # NaN -> null
+            return out
+
+    @ray.method(concurrency_group="query")
+    def bank_item(self, item_id: str):
+        with self.svc.lock:
+            bank = self.svc.trainer.bank
+            return None if bank is None else bank.lookup(item_id)
+
+    @ray.method(concurrency_group="query")
+    def bank_neighbors(self, item_id: str, k: int):
+        with self.svc.lock:
+            bank = self.svc.trainer.bank
+            if bank is None or bank.lookup(item_id) is None:
+                return None
+            return [{"item_id": i, "cosine": float(c)} for i, c in bank.neighbors(item_id, k)]
+
+    @ray.method(concurrency_group="query")
+    def memory_stats(self, name: str) -> dict[str, Any]:
+        with self.svc.lock:
+            t = self.svc.trainer
+            comp = t.state.components().get(name)
+            return {"enabled": False} if comp is None else {"enabled": True, **comp.stats()}
+
+    @ray.method(concurrency_group="query")
+    def user_history(self, user_id: str, limit: int):
+        import numpy as np
+
+        with self.svc.lock:
+            h = self.svc.trainer.history
+            if user_id not in h.slots:
+                return None
+            view = h.get(np.array([user_id], dtype=object))
+        keep = np.flatnonzero(view.mask[0])[::-1][:limit]  # most recent first
+        return {
+            "user_id": user_id,
+            "length": int(view.mask[0].sum()),
+            "items": [
+                {"item_id": view.item_ids[0, j], "ts_ms": int(view.ts_ms[0, j]),
+                 "signal": float(view.signal[0, j])}
+                for j in keep.tolist()
+            ],
+        }

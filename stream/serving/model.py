@@ -1,0 +1,131 @@
+"""A servable model version: a `RankingState` rebuilt from a snapshot chain, read-only.
+
+`ServedModel` holds the model state alone (no optimizer, no RNG, no process-wide torch
+setting): it loads a chain's full snapshot and applies its deltas
+(`RankingState.load_full` / `apply_delta`), and answers rank requests, computing the
+user side once per request (UG-Sep) and scoring all candidates against it. What a
+snapshot contains is the model state's business (models/state.py); the store's layout
+is stream/snapshots/store.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from memory_bank.base import DeltaState, FullState
+from models.config import ModelConfig
+from models.ranker import CandidateInputs
+from models.state import RankingState
+from stream.ingest.events import EventBatch
+from stream.snapshots.store import SnapshotChain
+
+
+class RankCandidate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    item_id: str = Field(..., min_length=1, max_length=256)
+    item_text: str | None = Field(None, max_length=4096)
+
+
+class RankRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: str = Field(..., min_length=1, max_length=256)
+    user_features: dict[str, str | float] = Field(default_factory=dict, max_length=64)
+    scenario: str = Field("feed", min_length=1, max_length=128)
+    query: str | None = Field(None, max_length=4096)
+    candidates: list[RankCandidate] = Field(..., min_length=1, max_length=10_000)
+
+    @field_validator("user_features")
+    @classmethod
+    def _finite(cls, v: dict[str, str | float]) -> dict[str, str | float]:
+        for k, x in v.items():
+            if not isinstance(x, str) and not np.isfinite(x):
+                raise ValueError(f"user_features.{k} must be finite")
+        return v
+
+
+class ServedModel:
+    """One model version, used read-only."""
+
+    def __init__(self, chain: SnapshotChain, device: str = "cpu"):
+        cfg = ModelConfig.model_validate(chain.manifest["model_config"])
+        self.state = RankingState(cfg, device)
+        self.state.ranker.eval()
+        self.version = -1
+        self._lock = threading.Lock()  # features.build mutates hash caches
+        self.load_chain(chain)
+
+    def fits(self, chain: SnapshotChain) -> bool:
+        """Whether `chain` was written by a model of this one's config (load_chain in place)."""
+        return ModelConfig.model_validate(chain.manifest["model_config"]) == self.state.cfg
+
+    def load_chain(self, chain: SnapshotChain) -> None:
+        """Become `chain`'s version in place: its full snapshot, then its deltas."""
+        self._load_full(chain.full)
+        for v, d in zip(chain.versions[1:], chain.deltas):
+            self.apply_delta(d, v)
+        self.version = chain.version
+
+    def _load_full(self, full: FullState) -> None:
+        self.state.load_full(full)
+
+    def apply_delta(self, delta: DeltaState, version: int) -> None:
+        self.state.apply_delta(delta)
+        self.version = version
+
+    # The request as a batch of N rows (one per candidate) sharing the user's fields.
+    def _as_batch(self, req: RankRequest) -> EventBatch:
+        n = len(req.candidates)
+        obj = lambda v: np.array([v] * n, dtype=object)
+        cat = {k: obj(v) for k, v in req.user_features.items() if isinstance(v, str)}
+        num = {k: np.full(n, float(v)) for k, v in req.user_features.items() if not isinstance(v, str)}
+        return EventBatch(
+            event_id=obj(""), ts_ms=np.full(n, int(time.time() * 1000), dtype=np.int64),
+            user_id=obj(req.user_id), item_id=np.array([c.item_id for c in req.candidates], dtype=object),
+            scenario=obj(req.scenario), item_text=np.array([c.item_text for c in req.candidates], dtype=object),
+            query=obj(req.query), user_cat=cat, user_num=num,
+        )
+
+    @torch.no_grad()
+    def rank(self, req: RankRequest, reuse_user_side: bool = True) -> dict[str, Any]:
+        st = self.state
+        batch = self._as_batch(req)
+        n = len(batch)
+        with self._lock:
+            feats = st.features.build(batch)
+            hist = st.history.get(batch.user_id[:1])  # (1, L): the user side once
+        target_vec = None if st.bank is None else self._candidate_vectors(batch)  # (N, Db)
+        u, c = st.model_inputs(feats, hist.item_ids, hist.signal, hist.mask, target_vec, user_rows=slice(0, 1))
+        m = st.ranker
+        if reuse_user_side:
+            scores = m.score_candidates(m.encode_user(u).expand(n), c)
+        else:  # the baseline the benchmark compares with: user side once per candidate
+            rows = []
+            for i in range(n):
+                ci = CandidateInputs(*(None if x is None else x[i : i + 1] for x in
+                                       (c.item_idx, c.text_idx, c.counters, c.target_vec)))
+                rows.append(m.score_candidates(m.encode_user(u), ci))
+            scores = type(rows[0])(torch.cat([r.like_logit for r in rows]), torch.cat([r.rating for r in rows]))
+        return {
+            "version": self.version,
+            "scores": {
+                "like": torch.sigmoid(scores.like_logit).cpu().tolist(),
+                "rating": scores.rating.cpu().tolist(),
+            },
+            "item_ids": [c.item_id for c in req.candidates],
+        }
+
+    def _candidate_vectors(self, batch: EventBatch) -> torch.Tensor:
+        """Bank rows of the candidates; unseen items with text are encoded now (cold start)."""
+        st = self.state
+        vec = st.target_vectors(batch.item_id)  # (N, Db), read-only: the bank's LRU stays as it is
+        cold = [i for i in np.flatnonzero(st.bank.rows_of(batch.item_id) < 0).tolist() if batch.item_text[i]]
+        if cold:
+            fresh = st.encoder([batch.item_text[i] for i in cold])
+            vec = vec.index_put((torch.tensor(cold, device=vec.device),), fresh)
+        return vec

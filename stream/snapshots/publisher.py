@@ -1,0 +1,234 @@
+"""Snapshot publishing and the serving ledger (what each replica runs, freshness).
+
+The trainer hands each snapshot's content (dense weights, memory rows, and the
+Kafka timestamps of the events the version newly includes) to the publisher,
+which writes it to the store off the training thread. Replicas report back when
+they activate or refuse a version; the first activation of version v makes
+every event included up to v "live", and its freshness is that moment minus
+the event's Kafka timestamp (DESIGN section 7).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from stream.snapshots.store import DeltaState, FullState, SnapshotStore
+
+
+class SnapshotConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Empty = <work_dir>/snapshots. Any pyarrow filesystem URI (s3://, gs://, hdfs://).
+    uri: str = ""
+    interval_s: float = Field(1.0, gt=0)
+    # A base (full copy, written beside the delta) every K versions: replicas that start
+    # load the newest base + the deltas after it; live ones only ever read deltas.
+    full_every: int = Field(20, ge=1)
+    keep_versions: int = Field(50, ge=1)
+
+
+class FreshnessLedger:
+    """Pending versions' event timestamps until a replica activates them.
+
+    Besides the end-to-end figure, the freshness of each steady-state event is split
+    into legs, so a slow tail can be pinned on its cause: `train` (Kafka -> its unit trained: fetch,
+    reader queue, training), `tick` (trained -> the snapshot that includes it was cut:
+    the snapshot interval, or a publish still in flight), `write` (cut -> written to
+    the store) and `swap` (written -> first activation by a replica).
+    """
+
+    LEGS = ("train", "tick", "write", "swap")
+
+    def __init__(self, max_samples: int = 2_000_000):
+        # version -> (kafka ts (s), trained at (s) or None, cut at (s) or None)
+        self._pending: dict[int, tuple[np.ndarray, np.ndarray | None, float | None]] = {}
+        self._written_at: dict[int, float] = {}
+        self._samples: list[np.ndarray] = []
+        self._legs: list[np.ndarray] = []  # (n, 4) per activated version, when known
+        self._count = 0
+        self._max = max_samples
+        self.first_activation: dict[int, float] = {}
+        self._first_live_s: float | None = None
+        self._steady: list[np.ndarray] = []
+        # The first leg alone (event -> its version written to the store): separates a
+        # trainer that lags the topic from replicas that are slow to swap.
+        self._published: list[np.ndarray] = []
+        self._published_count = 0
+
+    def add_version(
+        self,
+        version: int,
+        event_ts_ms: np.ndarray,
+        trained_at_s: np.ndarray | None = None,
+        cut_at_s: float | None = None,
+    ) -> None:
+        ts = np.asarray(event_ts_ms, dtype=np.int64)
+        keep = ts > 0  # 0 = no Kafka timestamp
+        trained = None if trained_at_s is None else np.asarray(trained_at_s, np.float64)[keep]
+        self._pending[version] = (ts[keep] / 1000.0, trained, cut_at_s)
+
+    def written(self, version: int, at_s: float) -> None:
+        pending = self._pending.get(version)
+        if pending is None:
+            return
+        self._written_at[version] = at_s
+        if len(pending[0]) and self._published_count < self._max:
+            self._published.append(at_s - pending[0])
+            self._published_count += len(pending[0])
+
+    def activated(self, version: int, at_s: float) -> None:
+        live = [v for v in self._pending if v <= version]
+        for v in sorted(live):
+            ts, trained, cut = self._pending.pop(v)
+            written = self._written_at.pop(v, None)
+            self.first_activation.setdefault(v, at_s)
+            if self._first_live_s is None:  # serving is live from here (even on a version
+                self._first_live_s = at_s   # with no events yet: the state a job starts from)
+            if not len(ts) or self._count >= self._max:
+                continue
+            self._samples.append(at_s - ts)
+            self._count += len(ts)
+            # Steady state: events produced once serving was live. The ones before it
+            # waited for the job's start-up (replicas loading their first version).
+            steady = ts >= self._first_live_s
+            if not steady.any():
+                continue
+            self._steady.append(at_s - ts[steady])
+            if trained is not None and cut is not None and written is not None:
+                ts, trained = ts[steady], trained[steady]
+                self._legs.append(np.stack(
+                    [trained - ts, cut - trained, np.full_like(ts, written - cut),
+                     np.full_like(ts, at_s - written)], axis=1))  # (n, 4)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"count": 0, "p50_s": None, "p99_s": None}
+        for prefix, chunks in (("", self._samples), ("steady_", self._steady), ("written_", self._published)):
+            s = np.concatenate(chunks) if chunks else np.empty(0)
+            if len(s):
+                out[f"{prefix}count"] = len(s)
+                out[f"{prefix}p50_s"] = float(np.percentile(s, 50))
+                out[f"{prefix}p99_s"] = float(np.percentile(s, 99))
+                if not prefix:
+                    out["max_s"] = float(s.max())
+        if self._legs:
+            legs = np.concatenate(self._legs)  # (n, 4)
+            total = legs.sum(axis=1)
+            tail = legs[total >= np.percentile(total, 99)]
+            out["legs"] = {
+                name: {"p50_s": float(np.percentile(legs[:, i], 50)),
+                       "p99_s": float(np.percentile(legs[:, i], 99)),
+                       "tail_mean_s": float(tail[:, i].mean())}  # mean over the slowest 1%
+                for i, name in enumerate(self.LEGS)
+            }
+        return out
+
+    def samples(self) -> np.ndarray:
+        return np.concatenate(self._samples) if self._samples else np.empty(0)
+
+
+class SnapshotPublisher:
+    """Writes snapshots; keeps the per-replica serving state and freshness."""
+
+    def __init__(self, uri: str, keep_versions: int):
+        self.store = SnapshotStore(uri, keep_versions=keep_versions)
+        self.ledger = FreshnessLedger()
+        self.replicas: dict[str, dict[str, Any]] = {}
+        self.published = 0
+        self.bases_written = 0
+        self.base_failures = 0
+        self.failures = 0
+        self._lock = threading.Lock()
+
+    def latest_version(self) -> int | None:
+        return self.store.latest_version()
+
+    def publish(
+        self,
+        version: int,
+        parent: int | None,
+        state: FullState | DeltaState,
+        meta: dict[str, Any],
+        event_ts_ms: np.ndarray,
+        event_trained_s: np.ndarray | None = None,
+    ) -> dict[str, Any]:
+        t0 = time.time()
+        with self._lock:
+            self.ledger.add_version(version, event_ts_ms, event_trained_s, meta.get("cut_at"))
+        if isinstance(state, FullState):
+            manifest = self.store.publish_full(version, state, meta)
+        else:
+            assert parent is not None
+            manifest = self.store.publish_delta(version, parent, state, meta)
+        with self._lock:
+            self.published += 1
+            self.ledger.written(version, time.time())
+        return {"version": version, "kind": manifest["kind"], "write_s": time.time() - t0}
+
+    def publish_base(self, version: int, state: FullState, meta: dict[str, Any]) -> dict[str, Any]:
+        """Write the full copy of an already published delta version (off the serving path:
+        the version is live before this starts)."""
+        t0 = time.time()
+        try:
+            self.store.publish_base(version, state, meta)
+        except Exception:
+            with self._lock:
+                self.base_failures += 1
+            raise
+        with self._lock:
+            self.bases_written += 1
+        return {"version": version, "kind": "base", "write_s": time.time() - t0}
+
+    def report_serving(self, replica_id: str, event: dict[str, Any]) -> None:
+        with self._lock:
+            r = self.replicas.setdefault(
+                replica_id, {"replica": replica_id, "version": None, "refusals": 0}
+            )
+            r["last_report"] = event.get("at", time.time())
+            if event["type"] == "activated":
+                r["version"] = event["version"]
+                r["activated_at"] = event["at"]
+                self.ledger.activated(event["version"], event["at"])
+            elif event["type"] == "refused":
+                r["refusals"] += 1
+                r["last_refusal"] = {k: event.get(k) for k in ("version", "reason", "at")}
+
+    def serving_state(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(r) for r in self.replicas.values()]
+
+    def freshness(self) -> dict[str, Any]:
+        with self._lock:
+            return self.ledger.summary()
+
+    def freshness_samples(self) -> np.ndarray:
+        with self._lock:
+            return self.ledger.samples()
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        """Newest first: version, kind, parent, created_at, train step, latest/pinned flags."""
+        latest, pinned = self.store.latest_version(), self.store.pinned_version()
+        out = []
+        for v in reversed(self.store.versions()):
+            m = self.store.manifest(v)
+            out.append({
+                "version": v,
+                "kind": m["kind"],
+                "parent": m.get("parent"),
+                "created_at": m.get("created_at"),
+                "train_step": m.get("train_step"),
+                "events_applied": m.get("events_applied"),
+                "bytes": sum(f["size"] for f in m["files"].values()),
+                "base": m["kind"] == "delta" and self.store.has_base(v),
+                "latest": v == latest,
+                "pinned": v == pinned,
+            })
+        return out
+
+    def pin(self, version: int | None) -> dict[str, Any]:
+        self.store.set_pinned(version)
+        return {"pinned": version}

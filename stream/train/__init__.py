@@ -1,0 +1,1 @@
+"""Learning from the stream without Ray: the exactly-once trainer service, its checkpoints, the Ray-free training loop the trainer actor drives, and `memstream eval` (the same trainer over a recording)."""

@@ -1,0 +1,292 @@
+"""The trainer's side of the streaming job, without Ray: exactly-once training on
+ingest units, checkpoints with offsets, and snapshot payloads.
+
+Exactly once: the service keeps, per partition, the next offset not yet applied
+(`next_offsets`). A unit from a reader is applied whole (its valid events in
+micro-batches, its rejects counted), then the offsets advance past every message
+it covered. Checkpoints store the trainer state together with those offsets; on
+start the newest complete checkpoint is restored and the readers are sought to
+its offsets, so messages after it are applied again exactly once. Rows below
+`next_offsets` (a reader re-delivering after a seek) are dropped.
+
+stream/job/actors.py wraps this in a Ray actor; tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from memory_bank.base import DeltaState, FullState
+from models.online import OnlineTrainer
+from stream.ingest.events import EventBatch
+from stream.train.checkpoints import CheckpointManager
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SnapshotPayload:
+    """What the trainer hands the publisher (tensors travel by the object store)."""
+
+    version: int
+    parent: int | None
+    state: FullState | DeltaState
+    meta: dict[str, Any]  # meta["cut_at"]: wall time the payload was taken
+    event_ts_ms: np.ndarray  # Kafka timestamps of the events new in this version
+    event_trained_s: np.ndarray  # wall time each of them finished training (freshness legs)
+    base: FullState | None = None  # every `full_every` versions: a full copy of this delta
+
+
+@dataclass
+class PendingCheckpoint:
+    """A checkpoint captured but not yet written: its offsets are not durable yet."""
+
+    offsets: dict[int, int]
+    meta: dict[str, Any]
+    state: tuple[dict[str, Any], dict[str, Any]]  # OnlineTrainer.capture_state()
+
+
+class TrainerService:
+    def __init__(
+        self,
+        trainer: OnlineTrainer,
+        checkpoints: CheckpointManager,
+        batch_size: int,
+        full_every: int,
+        first_version: int,
+    ):
+        self.trainer = trainer
+        self.checkpoints = checkpoints
+        self.batch_size = batch_size
+        self.full_every = full_every
+        self.lock = threading.RLock()  # training vs. queries (admin) vs. checkpoints
+        self.next_offsets: dict[int, int] = {}
+        self.rejects_applied: dict[str, int] = {}
+        self.duplicates_dropped = 0
+        # Applied-offset lineage per partition: [count, sum, sum of squares] of the
+        # offsets applied (trained or rejected) in this lineage, checkpointed with the
+        # state. count == end offset and the sums == those of 0..count-1 means every
+        # offset applied once (a loss plus a double application would have to cancel
+        # in both sums): how the chaos benchmark checks exactly-once.
+        self.lineage: dict[int, list[int]] = {}
+        self.restored_from: int | None = None
+        self.started_at = time.time()
+        ckpt = checkpoints.latest()
+        if ckpt is not None:
+            trainer.load(ckpt.path / "state")
+            self.next_offsets = {int(p): int(o) for p, o in ckpt.meta["offsets"].items()}
+            self.rejects_applied = dict(ckpt.meta.get("rejects_applied", {}))
+            self.lineage = {int(p): list(v) for p, v in ckpt.meta.get("lineage", {}).items()}
+            self.restored_from = ckpt.seq
+            first_version = max(first_version, int(ckpt.meta.get("snapshot_version", 0)) + 1)
+        # Snapshots: the first one after a (re)start is always full, since the row
+        # tracking of the previous incarnation is gone.
+        self.next_version = max(1, first_version)
+        self.last_published: int | None = None
+        self.chain_open = False  # a full version went out and deltas follow it
+        self.publish_failures = 0
+        self.checkpoint_failures = 0
+        self.republish = False  # the last publish failed: publish again even without new events
+        self._pending_ts: list[np.ndarray] = []
+        self._pending_trained: list[np.ndarray] = []
+        # Throughput of this incarnation: events trained between its first and last unit.
+        self._first_unit_t: float | None = None
+        self._last_unit_t: float | None = None
+        self._trained_here = 0
+        # Where this incarnation's time went (seconds): training steps, building snapshot
+        # payloads, capturing checkpoints (on the training thread) and writing them (off
+        # it); the training thread's other wall time is waiting for data.
+        self.busy = {"train_s": 0.0, "snapshot_s": 0.0, "checkpoint_s": 0.0, "checkpoint_write_s": 0.0}
+
+    # -- training ------------------------------------------------------------------------------
+    def apply_unit(self, unit: dict[str, Any]) -> int:
+        """Train on one reader result (see PartitionReader.next_batch); returns events trained."""
+        return self.apply_units([unit])
+
+    def apply_units(self, units: list[dict[str, Any]]) -> int:
+        """Train on the results several readers returned together, merged into one stream
+        in Kafka-timestamp order (stable): the partitions interleave as they were produced
+        and small units from many readers make full micro-batches. Returns events trained."""
+        t0 = time.monotonic()
+        parts = [EventBatch.from_arrow(u["events"]) for u in units if u["events"].num_rows]
+        batch = EventBatch.concat(parts)
+        if len(parts) > 1:
+            batch = batch.take(np.argsort(batch.kafka_ts_ms, kind="stable"))
+        rejects = [r for u in units for r in u["rejects"]]
+        next_offsets: dict[int, int] = {}
+        for u in units:
+            for p, o in u["next_offsets"].items():
+                next_offsets[int(p)] = max(next_offsets.get(int(p), 0), int(o))
+        trained = 0
+        with self.lock:
+            if len(batch):
+                floor = np.array(
+                    [self.next_offsets.get(int(p), -1) for p in batch.kafka_partition], dtype=np.int64
+                )
+                fresh = batch.kafka_offset >= floor
+                self.duplicates_dropped += int((~fresh).sum())
+                if not fresh.all():
+                    batch = batch.take(np.flatnonzero(fresh))
+                for start in range(0, len(batch), self.batch_size):
+                    mb = batch.take(slice(start, start + self.batch_size))
+                    self.trainer.step(mb)
+                    trained += len(mb)
+                self._pending_ts.append(batch.kafka_ts_ms.copy())
+                self._pending_trained.append(np.full(len(batch), time.time()))
+                for p, off in zip(batch.kafka_partition.tolist(), batch.kafka_offset.tolist()):
+                    self._note_applied(p, off)
+            for p, off, category in rejects:
+                if off >= self.next_offsets.get(p, -1):
+                    self.rejects_applied[category] = self.rejects_applied.get(category, 0) + 1
+                    self._note_applied(p, off)
+            for p, nxt in next_offsets.items():
+                self.next_offsets[p] = max(self.next_offsets.get(p, 0), nxt)
+            self.busy["train_s"] += time.monotonic() - t0
+            if trained:
+                if self._first_unit_t is None:
+                    self._first_unit_t = t0
+                self._last_unit_t = time.monotonic()
+                self._trained_here += trained
+        return trained
+
+    def _note_applied(self, partition: int, offset: int) -> None:
+        acc = self.lineage.setdefault(int(partition), [0, 0, 0])
+        acc[0] += 1
+        acc[1] += offset
+        acc[2] += offset * offset
+
+    def throughput_eps(self) -> float | None:
+        if self._first_unit_t is None or self._last_unit_t is None:
+            return None
+        span = self._last_unit_t - self._first_unit_t
+        return self._trained_here / span if span > 0 else None
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def capture_checkpoint(self) -> PendingCheckpoint:
+        """A consistent copy of the state and the offsets it covers, taken under the lock
+        (the training thread pays only for the copy; `write_checkpoint` can run elsewhere)."""
+        t0 = time.monotonic()
+        with self.lock:
+            offsets = dict(self.next_offsets)
+            meta = {
+                "offsets": {str(p): o for p, o in offsets.items()},
+                "events_applied": self.trainer.events_applied,
+                "rejects_applied": dict(self.rejects_applied),
+                "lineage": {str(p): list(v) for p, v in self.lineage.items()},
+                "train_step": self.trainer.steps,
+                "snapshot_version": self.last_published or 0,
+            }
+            state = self.trainer.capture_state()
+            self.busy["checkpoint_s"] += time.monotonic() - t0
+        return PendingCheckpoint(offsets, meta, state)
+
+    def write_checkpoint(self, pending: PendingCheckpoint) -> None:
+        """Make a captured checkpoint durable (temp dir, fsync, manifest, rename)."""
+        t0 = time.monotonic()
+        try:
+            self.checkpoints.save(lambda d: OnlineTrainer.write_state(d / "state", *pending.state), pending.meta)
+        except Exception:
+            self.checkpoint_failures += 1
+            raise
+        self.busy["checkpoint_write_s"] += time.monotonic() - t0
+
+    def checkpoint(self) -> dict[int, int]:
+        """Write a durable checkpoint; returns the offsets it covers (commit them after)."""
+        pending = self.capture_checkpoint()
+        self.write_checkpoint(pending)
+        return pending.offsets
+
+    # -- snapshots -----------------------------------------------------------------------------
+    def snapshot_payload(self) -> SnapshotPayload:
+        """The next version's content: full after a start (or a failed publish), else a
+        delta; every `full_every` versions the delta also carries a full copy (a base)."""
+        t0 = time.monotonic()
+        with self.lock:
+            version = self.next_version
+            base: FullState | None = None
+            model = self.trainer.state
+            if self.last_published is None or not self.chain_open:
+                state: FullState | DeltaState = model.full_snapshot()
+                model.start_delta_chain()  # the next delta is relative to this full version
+                self.chain_open = True
+                parent = None
+            else:
+                state = model.take_delta()
+                parent = self.last_published
+                if (version - 1) % self.full_every == 0:
+                    base = model.full_snapshot()
+            meta = self.snapshot_meta()
+            meta["metrics"] = _metrics_brief(self.trainer.metrics.summary())
+            meta["cut_at"] = time.time()
+            ts = np.concatenate(self._pending_ts) if self._pending_ts else np.empty(0, np.int64)
+            trained = np.concatenate(self._pending_trained) if self._pending_trained else np.empty(0)
+            self._pending_ts, self._pending_trained = [], []
+            self.next_version = version + 1
+            self.republish = False
+            self.busy["snapshot_s"] += time.monotonic() - t0
+            self.last_published = version
+        return SnapshotPayload(version=version, parent=parent, state=state, meta=meta, event_ts_ms=ts,
+                               event_trained_s=trained, base=base)
+
+    def snapshot_meta(self) -> dict[str, Any]:
+        """The manifest's account of a version: config, step, and the offsets it covers."""
+        return {
+            "model_config": self.trainer.cfg.model_dump(mode="json"),
+            "train_step": self.trainer.steps,
+            "events_applied": self.trainer.events_applied,
+            "offsets": {str(p): o for p, o in self.next_offsets.items()},
+        }
+
+    def publish_failed(self, version: int, error: BaseException) -> None:
+        """The publisher did not store `version`: the next snapshot is a full one, since a
+        delta on top of a version that never landed could never be loaded by serving."""
+        with self.lock:
+            log.warning("snapshot version %d was not published (%s); the next one is full",
+                        version, error)
+            self.chain_open = False
+            self.publish_failures += 1
+            self.republish = True
+
+    # -- queries -------------------------------------------------------------------------------
+    def progress(self) -> dict[str, Any]:
+        with self.lock:
+            summary = self.trainer.metrics.summary()
+            return {
+                "events_applied": self.trainer.events_applied,
+                "steps": self.trainer.steps,
+                "rejects_applied": dict(self.rejects_applied),
+                "duplicates_dropped": self.duplicates_dropped,
+                "next_offsets": dict(self.next_offsets),
+                "lineage": {p: list(v) for p, v in self.lineage.items()},
+                "snapshot_version": self.last_published,
+                "publish_failures": self.publish_failures,
+                "checkpoint_failures": self.checkpoint_failures,
+                "restored_from": self.restored_from,
+                "throughput_eps": self.throughput_eps(),
+                "busy": {k: round(v, 3) for k, v in self.busy.items()},
+                "uptime_s": round(time.time() - self.started_at, 3),
+                "metrics": _metrics_brief(summary),
+            }
+
+    def stats(self) -> dict[str, Any]:
+        with self.lock:
+            return self.trainer.stats()
+
+
+def _metrics_brief(summary: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe numbers only (the summary may carry arrays)."""
+    out: dict[str, Any] = {}
+    for k, v in summary.items():
+        if isinstance(v, float):
+            out[k] = v if np.isfinite(v) else None  # JSON has no NaN
+        elif isinstance(v, (int, str)) or v is None:
+            out[k] = v
+        elif isinstance(v, dict):
+            out[k] = _metrics_brief(v)
+    return out
