@@ -16,8 +16,9 @@ the autotuner are not counted, so GB/s is "useful" bandwidth):
 - gather fwd+bwd: fwd + dout B*D*e + rows re-read for dw B*K*D*e + idx + w + dw B*K*4
   + dV rows written U*D*e (U = unique rows used)
 - pkm top-k: q1, q2 2*B*H*dk*e + sub-keys 2*H*n*dk*e + scores and slots B*H*k*(e + 8)
+  (the same count for k > 128, where the Triton path is unfused: einsum scores, then the
+  private row top-k of kernels/pkm_topk/triton.py on each half and on the kk*kk pair sums)
 - bank update: rows M*8 + vectors M*D*e + bank rows written U*D*e + stamps U*8
-- row top-k: input R*L*e + values and indices R*k*(e + 8)
 Copy bandwidth: a large device-to-device tensor copy, read + write bytes over time.
 """
 
@@ -34,21 +35,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.reference import bank_update_ref, pkm_topk_ref, sparse_gather_ref
+from kernels.bank_update.reference import bank_update_ref
+from kernels.pkm_topk.reference import pkm_topk_ref
+from kernels.sparse_gather.reference import sparse_gather_ref
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 GPU_SHAPES = {
     "gather": [(16384, 128, 1_000_000, 128, "uniform"), (16384, 128, 1_000_000, 128, "zipf")],
-    "pkm": [(16384, 4, 1024, 64, 32)],
+    "pkm": [(16384, 4, 1024, 64, 32), (1024, 4, 1024, 64, 256)],  # fused; unfused (k > 128)
     "bank": [(16384, 1_000_000, 128)],
-    "topk": [(65536, 1024, 32), (64, 1 << 20, 32)],  # short rows (stream), long rows (radix)
 }
 CPU_SHAPES = {
     "gather": [(1024, 128, 100_000, 128, "uniform"), (1024, 128, 100_000, 128, "zipf")],
     "pkm": [(1024, 4, 256, 64, 32)],
     "bank": [(4096, 100_000, 128)],
-    "topk": [(4096, 1024, 32), (4, 1 << 20, 32)],
 }
 
 
@@ -182,7 +183,9 @@ def run_pkm(shape, dev, dtype, args, triton_mod, rows_out):
         hh = torch.arange(H, device=dev)[None, :, None]
         re = (q1[:, :, None, :] * k1[hh, i1]).sum(-1) + (q2[:, :, None, :] * k2[hh, i2]).sum(-1)
         torch.testing.assert_close(re.float(), s.float(), rtol=1e-3, atol=1e-3)
-        results.append(("triton fused", lambda: triton_mod.pkm_topk_triton(q1, q2, k1, k2, k), nbytes))
+        kp = 1 << (min(k, n_) - 1).bit_length()  # next_pow2(min(k, n)): the running top-KP
+        label = "triton fused" if kp <= triton_mod.FUSED_MAX_KP else "triton unfused (einsum + row top-k)"
+        results.append((label, lambda: triton_mod.pkm_topk_triton(q1, q2, k1, k2, k), nbytes))
     _time_rows(name, results, dev, args, rows_out)
 
 
@@ -205,21 +208,6 @@ def run_bank(shape, dev, dtype, args, triton_mod, rows_out):
         bank_update_ref(b2, s2, rows, vectors, 5)
         assert torch.equal(bank, b2) and torch.equal(stamps, s2)
         results.append(("triton", lambda: triton_mod.bank_update_triton(bank, stamps, rows, vectors, 3), nbytes))
-    _time_rows(name, results, dev, args, rows_out)
-
-
-def run_topk(shape, dev, dtype, args, triton_mod, rows_out):
-    R, L, k = shape
-    x = torch.randn(R, L, device=dev, generator=_gen(dev)).to(dtype)
-    e = x.element_size()
-    nbytes = R * L * e + R * k * (e + 8)
-    name = f"row top-k R={R} L={L} k={k} {dtype_name(dtype)}"
-    results = [("torch.topk", lambda: torch.topk(x, k, dim=-1), nbytes)]
-    if triton_mod is not None:
-        method = triton_mod.choose_topk(L, k)
-        v, i = triton_mod.topk_triton(x, k)
-        assert torch.equal(v, torch.topk(x, k, dim=-1).values) and torch.equal(x.gather(1, i), v)
-        results.append((f"triton ({method})", lambda: triton_mod.topk_triton(x, k), nbytes))
     _time_rows(name, results, dev, args, rows_out)
 
 
@@ -246,10 +234,10 @@ def parse_shapes(specs):
         if op == "gather":
             dist = parts[4] if len(parts) > 4 else "uniform"
             shapes.setdefault(op, []).append((*map(int, parts[:4]), dist))
-        elif op in ("pkm", "bank", "topk"):
+        elif op in ("pkm", "bank"):
             shapes.setdefault(op, []).append(tuple(map(int, parts)))
         else:
-            raise SystemExit(f"unknown op in --shapes: {spec!r} (gather=, pkm=, bank=, topk=)")
+            raise SystemExit(f"unknown op in --shapes: {spec!r} (gather=, pkm=, bank=)")
     return shapes
 
 
@@ -286,7 +274,7 @@ def write_table(path, dev_name, copy_gbs, rows, note, args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", action="append",
-                    help="gather=B,K,N,D[,uniform|zipf] | pkm=B,H,n,dk,k | bank=M,N,D | topk=R,L,k")
+                    help="gather=B,K,N,D[,uniform|zipf] | pkm=B,H,n,dk,k | bank=M,N,D")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--iters", type=int, default=None)
@@ -304,11 +292,10 @@ def main(argv=None):
         dev_name = torch.cuda.get_device_name(dev) if gpu else "cpu (Triton interpreter smoke test)"
         args.warmup = 10 if args.warmup is None else args.warmup
         args.iters = 50 if args.iters is None else args.iters
-        import kernels
+        from kernels.dispatch import triton_module
 
-        mods = {op: kernels._triton_impl(m, torch.zeros(1, device=dev))
-                for op, m in (("gather", "sparse_gather"), ("pkm", "pkm_topk"), ("bank", "bank_update"),
-                              ("topk", "pkm_topk"))}
+        mods = {op: triton_module(m, torch.zeros(1, device=dev))
+                for op, m in (("gather", "sparse_gather"), ("pkm", "pkm_topk"), ("bank", "bank_update"))}
         shapes = {**GPU_SHAPES, **parse_shapes(args.shapes)}
         note = "Triton kernels and torch references on the GPU."
         out = Path(args.out) if args.out else RESULTS / f"kernels_{dev_name.replace(' ', '_')}.md"
@@ -320,7 +307,7 @@ def main(argv=None):
         dev_name = "cpu"
         args.warmup = 2 if args.warmup is None else args.warmup
         args.iters = 7 if args.iters is None else args.iters
-        mods = {"gather": None, "pkm": None, "bank": None, "topk": None}
+        mods = {"gather": None, "pkm": None, "bank": None}
         shapes = {**CPU_SHAPES, **parse_shapes(args.shapes)}
         note = ("**No GPU on this machine: only the torch references are timed, on small "
                 "shapes** (the Triton kernels run on CPU only under the interpreter, which is a "
@@ -330,7 +317,7 @@ def main(argv=None):
     copy_gbs = copy_bandwidth(dev, args.warmup, args.iters)
     print(f"device: {dev_name}; copy bandwidth {copy_gbs:.1f} GB/s")
     rows = []
-    runners = {"gather": run_gather, "pkm": run_pkm, "bank": run_bank, "topk": run_topk}
+    runners = {"gather": run_gather, "pkm": run_pkm, "bank": run_bank}
     for op, runner in runners.items():
         for shape in shapes.get(op, []):
             print(f"{op} {shape}", flush=True)

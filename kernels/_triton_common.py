@@ -1,7 +1,7 @@
 """Plain functions that the Triton modules decorate themselves (`_cast = triton.jit(cast_rne)`).
 
 They stay undecorated here on purpose: a module decorates them when it is executed,
-so the interpreted copy of a kernel module (see kernels/__init__.py) gets interpreted
+so the interpreted copy of a kernel module (see kernels/dispatch.py) gets interpreted
 helpers and the compiled one compiled helpers.
 """
 

@@ -1,10 +1,10 @@
 """Kernel tests: the Triton kernels under TRITON_INTERPRET=1 on CPU, against the references.
 
 How the interpreter is switched on without touching the rest of the suite: nothing is
-set at import or collection time. `kernels._triton_impl` loads a separate,
-interpreted copy of each Triton module for CPU tensors (executed with
-TRITON_INTERPRET=1 whatever the process had), so it does not matter whether triton
-was imported before. The dispatch (`backend_for`) only picks Triton for CPU tensors
+set at import or collection time. `kernels.dispatch.triton_module` loads a separate,
+interpreted copy of each Triton module (`kernels/<op>/triton.py`) for CPU tensors
+(executed with TRITON_INTERPRET=1 whatever the process had), so it does not matter
+whether triton was imported before. The dispatch (`backend_for`) only picks Triton for CPU tensors
 while TRITON_INTERPRET=1 and MEMSTREAM_KERNELS=triton are set; the autouse fixture
 below sets both for each test of this folder and monkeypatch restores them after, so
 every other test of a `pytest tests/` session keeps the torch path.

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import kernels
-from kernels.reference import bank_update_ref
+from kernels.bank_update.reference import bank_update_ref
+from kernels.dispatch import triton_module
 
 
 def _case(gen, N, D, M, bank_dtype, vec_dtype, dup_rows):
@@ -48,7 +49,7 @@ def test_bank_update_empty_and_dispatch(monkeypatch):
     stamps = torch.zeros(4, dtype=torch.int64)
     out = kernels.bank_update(bank, stamps, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 3), 1)
     assert out.numel() == 0 and (stamps == 0).all()
-    mod = kernels._triton_impl("bank_update", bank)
+    mod = triton_module("bank_update", bank)
     called = []
     orig = mod.bank_update_triton
     monkeypatch.setattr(mod, "bank_update_triton", lambda *a: called.append(1) or orig(*a))

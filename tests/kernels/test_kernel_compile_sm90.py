@@ -27,8 +27,8 @@ pytestmark = pytest.mark.skipif(
 def compiled_modules():
     # the normal import (compiled kernels): TRITON_INTERPRET must be off while it runs
     old = os.environ.pop("TRITON_INTERPRET", None)
-    try:  # (importlib: `import kernels.sparse_gather as m` would give the op, see kernels/)
-        sg, pk, bu = (importlib.import_module(f"kernels.{m}")
+    try:  # (importlib: `import kernels.sparse_gather.triton as m` would fail, see kernels/)
+        sg, pk, bu = (importlib.import_module(f"kernels.{m}.triton")
                       for m in ("sparse_gather", "pkm_topk", "bank_update"))
     finally:
         if old is not None:

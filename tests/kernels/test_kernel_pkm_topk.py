@@ -1,4 +1,9 @@
-"""Row top-k (stream and radix paths) and fused product-key top-k vs brute force.
+"""Fused product-key top-k, and the row top-k of its large-k path, vs brute force.
+
+The row top-k (`_row_topk`, stream and radix paths) is private to
+kernels/pkm_topk/triton.py: pkm_topk_triton runs it when min(k, n) > 128 does not fit
+the fused kernel's registers; it is tested on its own here because the PKM cases can
+only reach it with large k.
 
 Tie rule of the Triton paths: value descending, then index ascending. torch.topk
 promises no order among ties, so against it values are compared exactly and indices
@@ -11,13 +16,14 @@ import pytest
 import torch
 
 import kernels
-from kernels.reference import pkm_topk_ref
+from kernels.dispatch import triton_module
+from kernels.pkm_topk.reference import pkm_topk_ref
 
 CPU = torch.zeros(0)
 
 
 def _impl():
-    return kernels._triton_impl("pkm_topk", CPU)
+    return triton_module("pkm_topk", CPU)
 
 
 def assert_topk_rule(x: torch.Tensor, k: int, vals: torch.Tensor, idx: torch.Tensor):
@@ -66,7 +72,7 @@ def test_topk_vs_brute_force(gen, poison, method, case, kind):
         x = torch.randn(R, L, generator=gen)
         if kind == "bf16":
             x = x.to(torch.bfloat16)
-    vals, idx = _impl().topk_triton(x, k, method)
+    vals, idx = _impl()._row_topk(x, k, method)
     assert vals.dtype == x.dtype and idx.dtype == torch.int64
     assert_topk_rule(x, k, vals, idx)
     assert_same_topk_as_torch(x, k, vals, idx)
@@ -78,23 +84,23 @@ def test_topk_special_values(gen, method):
     row = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40, -1e-40, -3.0, 2.5, -0.0,
                         float("inf"), 1e-45, -2.5])
     x = torch.stack([row, row.flip(0), -row])
-    vals, idx = _impl().topk_triton(x, 7, method)
+    vals, idx = _impl()._row_topk(x, 7, method)
     assert_same_topk_as_torch(x, 7, vals, idx)
     assert torch.equal(x.gather(1, idx), vals)
 
 
-def test_topk_dispatch_by_row_length():
+def test_topk_method_by_row_length():
     mod = _impl()
-    assert mod.choose_topk(1024, 32) == "stream"
-    assert mod.choose_topk(1 << 20, 32) == "radix"
-    assert mod.choose_topk(1000, 512) == "radix"
-    assert mod.choose_topk(1 << 20, 4096) == "torch"
+    assert mod._choose_row_topk(1024, 32) == "stream"
+    assert mod._choose_row_topk(1 << 20, 32) == "radix"
+    assert mod._choose_row_topk(1000, 512) == "radix"
+    assert mod._choose_row_topk(1 << 20, 4096) == "torch"
 
 
-def test_topk_through_dispatch(gen):
-    x = torch.randn(3, 2, 50, generator=gen)  # leading dims are flattened and restored
-    vals, idx = kernels.topk(x, 6)
-    assert vals.shape == (3, 2, 6)
+def test_topk_keeps_leading_dims(gen):
+    x = torch.randn(3, 2, 50, generator=gen)  # (B, H, n) as the PKM path calls it
+    vals, idx = _impl()._row_topk(x, 6)
+    assert vals.shape == idx.shape == (3, 2, 6)
     assert_topk_rule(x.reshape(6, 50), 6, vals.reshape(6, 6), idx.reshape(6, 6))
 
 
@@ -170,6 +176,19 @@ def test_pkm_unfused_path_for_large_k(gen, monkeypatch):
     q1, q2, k1, k2 = _pkm_inputs(gen, 3, 2, 30, 8, "ints")
     scores, slots = mod.pkm_topk_triton(q1, q2, k1, k2, 9)
     check_pkm(q1, q2, k1, k2, 9, scores, slots, exact=True)
+
+
+def test_pkm_large_k_through_dispatch_uses_the_row_topk(gen, poison, monkeypatch):
+    # k = 130 > 128 = FUSED_MAX_KP, nothing patched: the path a PKM layer with k > 128
+    # takes on CUDA (radix select for both halves and for the 130 x 130 pair sums)
+    mod = _impl()
+    calls = []
+    row_topk = mod._row_topk
+    monkeypatch.setattr(mod, "_row_topk", lambda x, k: calls.append((x.shape[-1], k)) or row_topk(x, k))
+    q1, q2, k1, k2 = _pkm_inputs(gen, 2, 1, 150, 8, "ints")
+    scores, slots = kernels.pkm_topk(q1, q2, k1, k2, 130)
+    check_pkm(q1, q2, k1, k2, 130, scores, slots, exact=True)
+    assert calls == [(150, 130), (150, 130), (130 * 130, 130)]
 
 
 def test_staircase_is_enough():

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import kernels
-from kernels.reference import sparse_gather_ref
+from kernels.dispatch import triton_module
+from kernels.sparse_gather.reference import sparse_gather_ref
 
 CPU = torch.zeros(0)
 
@@ -16,7 +17,7 @@ SHAPES = [(50, 13, 7, 12), (300, 70, 5, 33), (17, 1, 3, 1), (40, 33, 4, 40)]
 
 
 def _impl():
-    return kernels._triton_impl("sparse_gather", CPU)
+    return triton_module("sparse_gather", CPU)
 
 
 def _inputs(gen, N, D, B, K, dtype, hot=True):

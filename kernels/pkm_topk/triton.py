@@ -1,4 +1,4 @@
-"""Product-key top-k (fused) and a row top-k with a radix-select path for long rows.
+"""Product-key top-k in Triton (fused), and the row top-k its large-k path needs.
 
 Tie rule (every path here): results are sorted by value descending, and among
 equal values the smaller index comes first. Each candidate is packed into one
@@ -8,8 +8,8 @@ so a descending sort of the packed words is exactly (value desc, index asc).
 torch.topk does not promise any order among ties; tests compare values exactly
 and indices as sets where values tie. NaN inputs are not supported.
 
-1. `pkm_topk_triton(q1, q2, keys1, keys2, k)`: same contract as
-   `kernels.reference.pkm_topk_ref`. One program per (block of BLOCK_B queries, head):
+1. `pkm_topk_triton(q1, q2, keys1, keys2, k)`: same contract as `pkm_topk_ref`
+   (reference.py beside this file). One program per (block of BLOCK_B queries, head):
    - per half: scores q (BLOCK_B, dk) x keys^T (dk, BLOCK_N) chunk by chunk over the
      n sub-keys (tl.dot, fp32 "ieee" so it matches the fp32 reference), each chunk
      reduced to its top KP (bitonic top-k of the packed words, `_bitonic_topk`) and
@@ -18,9 +18,12 @@ and indices as sets where values tie. NaN inputs are not supported.
      (i + 1) * (j + 1) <= k (at least that many pairs beat or tie it). Only that
      "staircase" (119 pairs for k = 32, instead of 1024) is gathered, packed with
      its slot i1 * n + i2 and sorted; the first k are the result.
-   Used when next_pow2(k) <= 128; beyond that: torch scores + `topk_triton` per half.
-2. `topk_triton(x, k)`: top-k along the last dim, same contract as `topk_ref` plus
-   the tie rule. Dispatch by row length (`choose_topk`):
+   Used when next_pow2(min(k, n)) <= FUSED_MAX_KP = 128 (the running top-KP lives in
+   registers); beyond that `_pkm_topk_unfused`: torch scores, then `_row_topk` on each
+   half and on the kk*kk pair sums.
+2. `_row_topk(x, k)`: top-k along the last dim, torch.topk's contract plus the tie rule.
+   Private: it exists for the large-k PKM path above, not as an op of its own. By row
+   length (`_choose_row_topk`):
    - short rows (L <= 8192 and k <= 128): "stream": one program per row walks the row
      in chunks, top-KP of each chunk by the bitonic network merged into a running
      top-KP.
@@ -37,6 +40,9 @@ and indices as sets where values tie. NaN inputs are not supported.
      stop, buffers sized to the row); that is fine for many rows, not for a single
      huge row.
    - k > 2048: torch.topk.
+
+Like every kernels/<op>/triton.py, this file is executed once per backend in use:
+normally for CUDA tensors, and as an interpreted copy for CPU ones (kernels/dispatch.py).
 """
 
 from __future__ import annotations
@@ -49,15 +55,12 @@ import triton
 import triton.language as tl
 
 from kernels._triton_common import cast_rne
-from kernels.reference import pkm_topk_ref, topk_ref
+from kernels.pkm_topk.reference import pkm_topk_ref
 
-__all__ = ["choose_topk", "pkm_topk_torch", "pkm_topk_triton", "topk_torch", "topk_triton"]
+__all__ = ["pkm_topk_triton"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _cast = triton.jit(cast_rne)  # decorated here, see kernels/_triton_common.py
-
-pkm_topk_torch = pkm_topk_ref
-topk_torch = topk_ref
 
 STREAM_MAX_LEN = 8192
 STREAM_MAX_K = 128
@@ -322,21 +325,21 @@ def pkm_topk_triton(q1, q2, keys1, keys2, k: int):
 
 
 def _pkm_topk_unfused(q1, q2, keys1, keys2, k: int):
-    # large k: scores by GEMM, row top-k by topk_triton, then the k*k combine in torch
+    # large k: scores by GEMM, row top-k by _row_topk, then the kk*kk combine in torch
     n = keys1.shape[1]
     kk = min(k, n)
-    s1 = torch.einsum("bhd,hnd->bhn", q1, keys1)
-    s2 = torch.einsum("bhd,hnd->bhn", q2, keys2)
-    t1, i1 = topk_triton(s1, kk)
-    t2, i2 = topk_triton(s2, kk)
+    s1 = torch.einsum("bhd,hnd->bhn", q1, keys1)  # (B, H, n)
+    s2 = torch.einsum("bhd,hnd->bhn", q2, keys2)  # (B, H, n)
+    t1, i1 = _row_topk(s1, kk)  # (B, H, kk)
+    t2, i2 = _row_topk(s2, kk)  # (B, H, kk)
     pair = (t1.unsqueeze(-1) + t2.unsqueeze(-2)).flatten(-2)  # (B, H, kk*kk)
-    best, flat = topk_triton(pair, k)
-    slot = i1.gather(-1, flat // kk) * n + i2.gather(-1, flat % kk)
+    best, flat = _row_topk(pair, k)  # (B, H, k)
+    slot = i1.gather(-1, flat // kk) * n + i2.gather(-1, flat % kk)  # (B, H, k)
     return best, slot
 
 
 # ---------------------------------------------------------------------------------
-# row top-k: streaming path (short rows)
+# row top-k (private, for _pkm_topk_unfused): streaming path (short rows)
 # ---------------------------------------------------------------------------------
 
 
@@ -360,7 +363,7 @@ def _topk_stream_kernel(X, OUT_V, OUT_I, L, k, stride_x,
 
 
 # ---------------------------------------------------------------------------------
-# row top-k: radix select (long rows), AIR Top-K style
+# row top-k (private, for _pkm_topk_unfused): radix select (long rows), AIR Top-K style
 # ---------------------------------------------------------------------------------
 
 
@@ -462,7 +465,7 @@ def _topk_radix_kernel(
     tl.store(OUT_I + r * k + offs_k, i, mask=m_k)
 
 
-def choose_topk(L: int, k: int) -> str:
+def _choose_row_topk(L: int, k: int) -> str:
     if k <= STREAM_MAX_K and L <= STREAM_MAX_LEN:
         return "stream"
     if k <= RADIX_MAX_K:
@@ -470,15 +473,17 @@ def choose_topk(L: int, k: int) -> str:
     return "torch"
 
 
-def topk_triton(x: torch.Tensor, k: int, method: str = "auto"):
-    """x (..., L) -> (values (..., k), indices (..., k) int64), sorted descending."""
+def _row_topk(x: torch.Tensor, k: int, method: str = "auto"):
+    """x (..., L) -> (values (..., k), indices (..., k) int64), sorted descending, tie rule above.
+
+    method: "auto" (`_choose_row_topk`), "stream", "radix" or "torch" (tests, A/B)."""
     L = x.shape[-1]
     assert 0 <= k <= L, "k must be <= the row length"
     lead = x.shape[:-1]
     if method == "auto":
-        method = choose_topk(L, k)
+        method = _choose_row_topk(L, k)
     if method == "torch" or x.dtype == torch.float64:
-        return topk_ref(x, k)
+        return x.topk(k, dim=-1)
     assert L < 2**31
     x2 = x.reshape(-1, L)
     if x2.stride(-1) != 1:

@@ -1,4 +1,4 @@
-"""Sparse-Gather (MSN): a weighted embedding bag with a sparse values gradient.
+"""Sparse-Gather in Triton: forward, backward and the autograd.Function around them.
 
     out[b] = sum_j w[b, j] * V[idx[b, j]]          V (N, D), idx/w (B, K) -> out (B, D)
 
@@ -32,8 +32,11 @@ adds per address); reverse index otherwise (hot rows repeat a lot). The numbers
 are a first guess to be tuned on the GPU; `MEMSTREAM_GATHER_BWD=atomic|reverse`
 overrides it.
 
-The naive torch version of the same function is `kernels.reference.sparse_gather_ref`
-(F.embedding_bag with per_sample_weights); `sparse_gather_torch` below is it.
+The naive torch version of the same function is `sparse_gather_ref` in reference.py
+beside this file (F.embedding_bag with per_sample_weights). This file is executed twice
+in a process that uses both backends: normally for CUDA tensors and as an interpreted
+copy for CPU ones (kernels/dispatch.py); module globals such as PIECE exist once per
+copy.
 """
 
 from __future__ import annotations
@@ -45,9 +48,8 @@ import triton
 import triton.language as tl
 
 from kernels._triton_common import cast_rne
-from kernels.reference import sparse_gather_ref
 
-__all__ = ["PIECE", "choose_backward", "sparse_gather_torch", "sparse_gather_triton"]
+__all__ = ["PIECE", "SparseGather", "choose_backward", "sparse_gather_triton"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _cast = triton.jit(cast_rne)  # decorated here, see kernels/_triton_common.py
@@ -56,8 +58,6 @@ _cast = triton.jit(cast_rne)  # decorated here, see kernels/_triton_common.py
 PIECE = 256
 ATOMIC_MAX_MEAN_DUP = 4.0
 ATOMIC_MAX_DUP = 64
-
-sparse_gather_torch = sparse_gather_ref
 
 
 def _configs(block_ks, warps):

@@ -1,11 +1,11 @@
-"""Bank update: scatter fresh rows into the bank, deduplicated in the batch, stamped.
+"""Bank update in Triton: scatter fresh rows into the bank, deduplicated in the batch, stamped.
 
     bank[rows[i]] = vectors[i], stamps[rows[i]] = step      (in place, last writer wins)
 
 bank (N, D) fp32/bf16, stamps (N,) int64, rows (M,) int64 with duplicates allowed,
 vectors (M, D) in any float dtype (cast to the bank's on store). Returns the sorted
-unique rows written. Same contract as `kernels.reference.bank_update_ref` (the naive
-torch version: unique + scatter_reduce(amax) + index_copy), `bank_update_torch` here.
+unique rows written. Same contract as `bank_update_ref` in reference.py beside this file
+(the naive torch version: unique + scatter_reduce(amax) + index_copy).
 
 Dedup: one stable sort of rows; in each run of equal rows the last sorted position is
 the last writer (stable sort keeps batch order inside a run). The kernel then has
@@ -23,14 +23,11 @@ import triton
 import triton.language as tl
 
 from kernels._triton_common import cast_rne
-from kernels.reference import bank_update_ref
 
-__all__ = ["bank_update_torch", "bank_update_triton"]
+__all__ = ["bank_update_triton"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _cast = triton.jit(cast_rne)  # decorated here, see kernels/_triton_common.py
-
-bank_update_torch = bank_update_ref
 
 
 @triton.jit
