@@ -4,8 +4,9 @@ LEMUR trains the text encoder end to end with the ranker, but encoding every ite
 of every history every step is too expensive. So:
 - the encoder runs on (a sample of) the batch's target items; their fresh vectors
   overwrite the bank rows of those items (`write_rows`, last writer wins);
-- a user's history sequence is built purely by bank lookup (`read`): reads are
-  stop-gradient, unknown items read a learned `missing` vector and count as misses;
+- a user's history sequence is built purely by bank lookup (`lookup_history`, then
+  `vectors_of_rows`): reads are stop-gradient, unknown items read a learned `missing`
+  vector and count as misses;
 - the bank is bounded (capacity rows, LRU eviction) with an optional TTL; every
   eviction becomes a tombstone in the next `take_delta()` so serving drops it.
 
@@ -39,8 +40,8 @@ class BankConfig(BaseModel):
     dim: int = Field(64, ge=1, description="vector width (= doc encoder output dim)")
     capacity: int = Field(200_000, ge=1, description="rows; LRU eviction beyond")
     ttl_s: float | None = Field(None, gt=0, description="evict rows not written for ttl_s (None = never)")
-    device: str = "cpu"
-    coverage_window: int = Field(100, ge=1, description="read() calls in the windowed coverage")
+    device: str = "cpu"  # RankingState sets the trainer's device
+    coverage_window: int = Field(100, ge=1, description="history lookups in the windowed coverage")
     staleness_window: int = Field(100, ge=1, description="record_staleness() calls in the window")
     staleness_sample: int = Field(64, ge=1, description="items sampled per record_staleness() call")
     missing_init_std: float = Field(0.02, ge=0)
@@ -62,7 +63,9 @@ class ItemMemoryBank(nn.Module):
     """item id (str) -> row of a (capacity, dim) buffer of the latest encoder outputs.
 
     write_rows(item_ids (M,), vectors (M, dim), step, now_s) -> rows written
-    read(item_ids (B, L), mask (B, L)) -> (vectors (B, L, dim), hit (B, L) bool)
+    lookup_history(item_ids (B, L), mask (B, L)) -> rows (B, L) (-1 = miss / padding), then
+    vectors_of_rows(rows (n,), real (n,)) -> (n, dim): the history read the model makes
+    (`read` does both in one call); rows_of(item_ids) -> rows, read-only (the targets' read)
     evict_expired(now_s) -> evicted ids;  record_staleness(item_ids, fresh_vectors)
     lookup(item_id) -> dict | None;  neighbors(item_id, k) -> [(item_id, cosine)]
     stats / export_state / import_state / take_delta / apply_delta.
@@ -234,7 +237,8 @@ class ItemMemoryBank(nn.Module):
         """Cached rows of batch targets: item_ids (M,) -> (vectors (M, dim), hit (M,) bool).
 
         Misses read `missing` (with gradient). Refreshes LRU recency but does not count toward
-        coverage, which is defined over history lookups (DESIGN 5.1).
+        coverage, which is the hit rate of history lookups only (LEMUR's bank coverage; see
+        `lookup_history` and `stats`).
         """
         rows = self.rows_of(np.asarray(item_ids, dtype=object))  # (M,)
         self.clock += 1
@@ -475,9 +479,10 @@ class EncoderConfig(BaseModel):
     pooling: Literal["mean", "cls"] = "mean"
     dropout: float = Field(0.0, ge=0, lt=1)
     sparse_embedding: bool = Field(
-        False, description="hashed token table with sparse grad (then give it to SparseRowAdam)")
+        True, description="hashed token table with a sparse grad, trained by SparseRowAdam (a dense "
+        "table's every row would get an AdamW update every step); False = a dense table")
     token_cache_size: int = Field(200_000, ge=0, description="LRU text -> token ids entries")
-    device: str = "cpu"
+    device: str = "cpu"  # RankingState sets the trainer's device
 
     @model_validator(mode="after")
     def _heads_divide(self) -> EncoderConfig:

@@ -40,9 +40,9 @@ class LMNConfig(BaseModel):
     value_dim: int = Field(64, ge=1)
     value_lr: float = Field(1e-2, gt=0, description="lr of the values' SparseRowAdam (set by the caller)")
     query_norm: Literal["layernorm", "batchnorm", "none"] = Field(
-        "layernorm",
+        "batchnorm",
         description="batchnorm centres queries across users and spreads them over the slots "
-        "(ML-1M 20k prefix: 8.2% of slots used vs 0.65% with layernorm, same AUC); its "
+        "(layernorm queries collapse onto few slots: benchmarks/results/config_choices.md); its "
         "training reads depend on the batch, eval reads use running statistics",
     )
     memory_loss: Literal["cosine", "mse"] = "cosine"

@@ -33,10 +33,10 @@ from memory_bank.base import MemoryDelta
 class PKMConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    in_dim: int = Field(64, ge=1, description="width of the layer input x")
+    in_dim: int = Field(64, ge=1, description="width of the layer input x (the ranker sets T * D)")
     n_sub_keys: int = Field(256, ge=2, le=4096, description="n; slots N = n*n")
     heads: int = Field(4, ge=1)
-    k: int = Field(32, ge=1, description="slots read per head")
+    k: int = Field(16, ge=1, description="slots read per head (MSN's reference scale: 32)")
     key_dim: int = Field(128, ge=2, description="query/key width per head (two halves)")
     value_dim: int = Field(64, ge=1)
     query_norm: Literal["batchnorm", "layernorm", "none"] = "batchnorm"
@@ -44,7 +44,7 @@ class PKMConfig(BaseModel):
     value_lr: float = Field(1e-3, gt=0, description="lr of the values' SparseRowAdam (set by the caller)")
     usage_window: int = Field(100, ge=1, description="training forwards per slot-usage window")
     query_reservoir: int = Field(4096, ge=0, description="recent queries kept per head for dead-key reinit")
-    device: str = "cpu"
+    device: str = "cpu"  # the model moves the layer to its device
 
     @model_validator(mode="after")
     def _check(self) -> PKMConfig:

@@ -3,7 +3,11 @@
 Everything the model and the trainer need is here, validated by pydantic (unknown
 keys are errors, so a typo in a YAML file or a `--set` override fails loudly with
 the field's name). The memories own their own config models (memory_bank/*);
-they are nested here so one YAML file describes the whole model.
+they are nested here so one YAML file describes the whole model. Every class default
+is the value the default run uses (configs/default.yaml spells the same values out),
+so a memory built on its own from its config class is the one in the default model;
+only `in_dim` / `device` are set by the model at construction. Why each measured
+value was chosen: benchmarks/results/config_choices.md.
 """
 
 from __future__ import annotations
@@ -85,9 +89,7 @@ class ModelConfig(_Strict):
     bank_input_norm: bool = True
     # Per-event ridge regression of the user's feedback on their history items' unit id
     # embeddings (models/sequence.py: ridge_user_read); its prediction for the target and its
-    # variance go to the stats token and the wide part. Full ML-1M stream, with the ordinal
-    # heads below: like AUC .7979 -> .8010 (lambda 3: .8009; with the gradient also through
-    # X^T X, ~7% fewer events/s: lambda 0.3 .7976, 1 .7997, 3 .8007).
+    # variance go to the stats token and the wide part. `ridge_lambda` is the ridge penalty.
     history_ridge: bool = True
     ridge_lambda: float = Field(10.0, gt=0)
     lmn_loss_weight: float = Field(0.1, ge=0)
@@ -96,22 +98,18 @@ class ModelConfig(_Strict):
     # rating_center), as the like logit plus a learned per-threshold correction, trained with
     # BCE at `rating_threshold_weight`: more of the rating's information reaches the shared
     # representation than through the MSE alone. ML-1M's like is rating >= 4, so [2, 3, 5]
-    # completes the ladder. Full stream, with the ridge read: like AUC .7991 -> .8010
-    # (last 20% .8143 -> .8165); [3, 5] .8013 (.8159), [5] .8001, weight 0.25 .8007. [] = off.
+    # completes the ladder. [] = off.
     rating_thresholds: list[float] = Field(default_factory=lambda: [2.0, 3.0, 5.0])
     rating_threshold_weight: float = Field(0.5, ge=0)
+    # The components' own class defaults (no override here: what a component built on its
+    # own gets is what the model gets). The ranker sets pkm.in_dim to T * D; RankingState
+    # puts the bank and the encoder on the trainer's device.
     features: FeatureConfig = Field(default_factory=FeatureConfig)
-    bank: BankConfig = Field(default_factory=BankConfig)
-    # Sparse word table: the encoder's 2M-parameter embedding would otherwise cost a dense
-    # AdamW update of every row every step.
-    encoder: EncoderConfig = Field(default_factory=lambda: EncoderConfig(sparse_embedding=True))
-    # BatchNorm queries: with LayerNorm the user queries collapse onto ~1% of the slots.
-    lmn: LMNConfig = Field(default_factory=lambda: LMNConfig(query_norm="batchnorm"))
-    # 65,536 slots, 4 heads x k=16 reads per event: the CPU budget (MSN's reference
-    # k=32 costs ~25% more of the step here; GPU configs can raise it).
-    pkm: PKMConfig = Field(default_factory=lambda: PKMConfig(heads=4, k=16))
-    # 100k users x L=50 ids: the history store's object arrays stay ~40 MB.
-    history: HistoryConfig = Field(default_factory=lambda: HistoryConfig(max_users=100_000))
+    bank: BankConfig = Field(default_factory=BankConfig)  # LEMUR item memory bank
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)  # LEMUR doc encoder
+    lmn: LMNConfig = Field(default_factory=LMNConfig)  # LMN user memory
+    pkm: PKMConfig = Field(default_factory=PKMConfig)  # MSN product-key memory (Lample et al. 2019)
+    history: HistoryConfig = Field(default_factory=HistoryConfig)
 
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelConfig:
@@ -144,9 +142,8 @@ class TrainerConfig(_Strict):
     lr_sparse: float = Field(2.5e-2, gt=0)  # id embeddings: sparse rows learn faster than dense
     weight_decay: float = Field(0.0, ge=0)
     # Adam's second-moment decay, dense (AdamW) and row-sparse (id tables, memory values).
-    # One pass over ML-1M is ~2k steps and the stream drifts: 0.999 averages the squared
-    # gradients over half of it, 0.99 over the last ~100 steps (full stream, like AUC
-    # .7961 -> .7965, last 20% .8113 -> .8116; 0.95: .7965 / .8113).
+    # 0.99 averages the squared gradients over the last ~100 steps, 0.999 over ~1,000 (one
+    # pass over ML-1M at batch 512 is ~2k steps, and the stream drifts).
     adam_beta2: float = Field(0.99, ge=0, lt=1)
     sparse_beta2: float = Field(0.99, ge=0, lt=1)
     grad_clip: float = Field(10.0, gt=0)

@@ -32,10 +32,13 @@ def test_hashed_encoder_forward_backward_and_bank_write():
     torch.testing.assert_close(enc(texts[1:2]), enc(texts)[1:2], rtol=1e-5, atol=1e-5)
 
 
-def test_sparse_embedding_option_gives_a_sparse_grad():
-    enc = DocEncoder(EncoderConfig(dim=8, d_model=16, sparse_embedding=True))
+def test_word_table_is_row_sparse_by_default_or_dense_on_request():
+    enc = DocEncoder(EncoderConfig(dim=8, d_model=16))  # the default run's: SparseRowAdam trains it
     enc(["a b c"]).sum().backward()
     assert enc.sparse_parameters() == [enc.tok.weight] and enc.tok.weight.grad.is_sparse
+    dense = DocEncoder(EncoderConfig(dim=8, d_model=16, sparse_embedding=False))
+    dense(["a b c"]).sum().backward()
+    assert dense.sparse_parameters() == [] and not dense.tok.weight.grad.is_sparse
 
 
 def test_config_errors_name_the_field():

@@ -45,13 +45,17 @@ def test_memory_loss_variants_and_mask():
     assert float(cos) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_per_user_reads_do_not_depend_on_the_batch():
-    mem = _memory()
+def test_per_user_reads_do_not_depend_on_the_batch_when_serving():
+    mem = _memory()  # batchnorm queries (the default): training reads use the batch's statistics
     q = torch.randn(5, 8)
+    mem(q)  # a training forward moves the running statistics
+    mem.eval()  # what serving and evaluation read with
     torch.testing.assert_close(mem(q)[:1], mem(q[:1]))
+    ln = _memory(query_norm="layernorm")  # per-query norm: batch-independent in training too
+    torch.testing.assert_close(ln(q)[:1], ln(q[:1]))
 
 
-def test_state_and_delta_delegate(through_files, same_tensors):
+def test_state_round_trip_delegates(through_files, same_tensors):
     a = _memory()
     opt = SparseRowAdam(a.sparse_parameters(), lr=0.1)
     a.memory_loss(a(torch.randn(4, 8)), torch.randn(4, 6)).backward()
@@ -59,14 +63,47 @@ def test_state_and_delta_delegate(through_files, same_tensors):
     b = _memory(k=4)
     b.import_state(*through_files(a.export_state()))
     same_tensors(a.export_state()[0], b.export_state()[0])
-    d = a.take_delta()
-    assert 0 < len(d.tables["values"][0]) <= 16
-    b.apply_delta(d)
-    assert torch.equal(a.memory.values, b.memory.values)
+    assert a.take_delta().tables == {}  # changed value rows are RankingState's DeltaTracker's
+
+
+def test_delta_of_the_value_rows_through_the_model_state():
+    """The LMN value rows a step changes reach a serving copy in RankingState.take_delta
+    (memories["lmn"].tables["values"], marked by the DeltaTracker's gradient hook)."""
+    from models.state import RankingState
+    from stream.config import load_config
+
+    cfg = load_config(None, [
+        "model.use_bank=false", "model.use_pkm=false", "model.lmn.n_sub_keys=8", "model.lmn.k=4",
+        "model.history.max_users=8", "model.features.user_buckets=64", "model.features.item_buckets=64",
+        "model.features.cat_buckets=64", "model.features.text_buckets=64", "model.features.affinity_buckets=64",
+    ]).model
+    torch.manual_seed(0)
+    train = RankingState(cfg)
+    torch.manual_seed(1)
+    serve = RankingState(cfg)
+    serve.load_full(train.full_snapshot())
+    train.start_delta_chain()
+    lmn = train.ranker.lmn
+    opt = SparseRowAdam(lmn.sparse_parameters(), lr=0.1)
+    before = lmn.memory.values.detach().clone()
+    query = torch.randn(4, cfg.lmn.query_dim)
+    lmn.memory_loss(lmn(query), torch.randn(4, cfg.lmn.value_dim)).backward()
+    opt.step()
+    moved = (lmn.memory.values.detach() != before).any(1).nonzero().squeeze(1).tolist()
+    delta = train.take_delta()
+    rows, vals = delta.memories["lmn"].tables["values"]
+    assert 0 < len(moved) <= 4 * cfg.lmn.k and rows.tolist() == moved
+    assert torch.equal(vals, lmn.memory.values.detach()[rows])
+    serve.apply_delta(delta)
+    assert torch.equal(serve.ranker.lmn.memory.values, lmn.memory.values)
+    train.ranker.eval(), serve.ranker.eval()
+    assert torch.equal(serve.ranker.lmn(query), lmn(query))
+    assert train.take_delta().memories["lmn"].tables["values"][0].size == 0  # taken once
 
 
 def test_config_limits_name_the_field():
     with pytest.raises(ValueError, match="n_sub_keys"):
         LMNConfig(n_sub_keys=1025)
     assert LMNConfig().pkm_config().num_slots == 16_384
+    assert LMNConfig().pkm_config().query_norm == "batchnorm"  # the default run's
     assert LMNConfig(n_sub_keys=1024).pkm_config().num_slots == 1 << 20

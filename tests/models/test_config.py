@@ -43,11 +43,29 @@ def test_shape_rules_are_checked():
         load_config(None, ["model.ridge_lambda=0"])
 
 
-def test_partial_nested_override_keeps_the_models_defaults():
+def test_component_class_defaults_are_the_default_runs():
+    """A component built from its own config class is the one the default run builds
+    (every class default is what configs/default.yaml runs, no override in ModelConfig)."""
+    from memory_bank.history import HistoryConfig
+    from memory_bank.lemur import BankConfig, EncoderConfig
+    from memory_bank.lmn import LMNConfig
+    from memory_bank.pkm import PKMConfig
+    from models.config import FeatureConfig, ModelConfig, TrainerConfig
+
+    run = load_config(ROOT / "configs" / "default.yaml")
+    m = run.model
+    for cls, used in [(FeatureConfig, m.features), (BankConfig, m.bank), (EncoderConfig, m.encoder),
+                      (LMNConfig, m.lmn), (PKMConfig, m.pkm), (HistoryConfig, m.history),
+                      (ModelConfig, m), (TrainerConfig, run.trainer)]:
+        assert cls() == used, cls.__name__
+    assert m.pkm.k == 16 and m.lmn.query_norm == "batchnorm" and m.encoder.sparse_embedding
+
+
+def test_partial_nested_override_keeps_the_other_defaults():
     base = MemstreamConfig()
     cfg = load_config(None, ["model.pkm.k=8"])
-    assert cfg.model.pkm.k == 8
-    assert cfg.model.pkm.heads == base.model.pkm.heads  # not PKMConfig's own class default
+    assert cfg.model.pkm == base.model.pkm.model_copy(update={"k": 8})
+    assert cfg.model.model_copy(update={"pkm": base.model.pkm}) == base.model
 
 
 def test_trainer_device_auto_resolves_and_bad_devices_are_refused():
