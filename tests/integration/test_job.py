@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -9,6 +10,7 @@ import time
 
 import httpx
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import ray
 
@@ -59,7 +61,7 @@ def _finish(th, out, timeout=600):
     return out["report"]
 
 
-def test_end_to_end_report_serving_admin(ray_cluster, job_config):
+def test_end_to_end_report_serving_admin(ray_cluster, job_config, ml1m_20k):
     cfg = job_config()
     job = StreamingJob(cfg)
     th, out = _start(job)
@@ -80,13 +82,29 @@ def test_end_to_end_report_serving_admin(ray_cluster, job_config):
     # admin while training
     item = _wait(lambda: (r := admin.get("/v1/bank/items/Toy Story (1995)", headers=AUTH)).status_code == 200
                  and r.json(), 120, "bank row for Toy Story")
-    assert item["present"] if "present" in item else True
+    assert item["item_id"] == "Toy Story (1995)" and item["present"] is True
+    assert item["write_step"] >= 0 and item["hits"] >= 0 and len(item["values"]) == 8 and item["norm"] > 0
     nb = admin.get("/v1/bank/items/Toy Story (1995)/neighbors", params={"k": 3}, headers=AUTH)
-    assert nb.status_code == 200 and len(nb.json()["neighbors"]) == 3
+    assert nb.status_code == 200
+    neighbors = nb.json()["neighbors"]
+    assert len(neighbors) == 3 and "Toy Story (1995)" not in [n["item_id"] for n in neighbors]
+    cosines = [n["cosine"] for n in neighbors]
+    assert cosines == sorted(cosines, reverse=True) and all(-1.001 <= c <= 1.001 for c in cosines)
     assert admin.get("/v1/bank/items/no-such-item", headers=AUTH).status_code == 404
     assert admin.get("/v1/bank/items/Toy Story (1995)/neighbors", params={"k": 0}, headers=AUTH).status_code == 422
-    assert admin.get("/v1/users/1m_1/history", headers=AUTH).status_code in (200, 404)
-    assert admin.get("/v1/users/1m_1/history", params={"limit": "x"}, headers=AUTH).status_code == 422
+    # The user of the stream's first event has a history once that event is trained (the
+    # store keeps every user of this prefix): wait for it, then its answer is fixed in shape.
+    first_user = json.loads(pq.read_table(ml1m_20k, columns=["value"]).column("value")[0].as_py())["user_id"]
+    hist_path = f"/v1/users/{first_user}/history"
+    hist = _wait(lambda: (r := admin.get(hist_path, headers=AUTH)).status_code == 200 and r.json(), 120,
+                 f"history of {first_user}")
+    assert hist["user_id"] == first_user and 1 <= len(hist["items"]) == min(hist["length"], 50)
+    ts = [it["ts_ms"] for it in hist["items"]]
+    assert ts == sorted(ts, reverse=True)  # most recent first
+    one = admin.get(hist_path, params={"limit": 1}, headers=AUTH)
+    assert one.status_code == 200 and len(one.json()["items"]) == 1
+    assert admin.get("/v1/users/no-such-user/history", headers=AUTH).status_code == 404
+    assert admin.get(hist_path, params={"limit": "x"}, headers=AUTH).status_code == 422
     for path in ("/v1/pkm/stats", "/v1/lmn/stats", "/v1/snapshots", "/v1/serving", "/v1/ingest/lag", "/metrics"):
         assert admin.get(path, headers=AUTH).status_code == 200, path
     assert "memstream_events_trained_total" in admin.get("/metrics", headers=AUTH).text
@@ -123,7 +141,8 @@ def test_trainer_killed_resumes_from_checkpoint_then_job_restart(ray_cluster, jo
     assert report["offsets"] and sum(report["offsets"].values()) == EVENTS
 
     # A whole new job on the same work dir: restores, finds nothing left, applies nothing twice.
-    again = StreamingJob(job_config(**{"serving.enabled": "false"}) if False else cfg)
+    again = StreamingJob(cfg)
     report2 = again.run()
     assert report2["restored_from_checkpoint"] is not None
     assert report2["events_trained"] == report["events_trained"]
+    assert report2["events_dlq"] == report["events_dlq"] and report2["offsets"] == report["offsets"]

@@ -1,3 +1,13 @@
+"""ItemMemoryBank through the calls production makes on it.
+
+Training (models/online.py, models/state.py): `lookup_history` + `vectors_of_rows` for the
+history items, `rows_of` + the `bank` rows + `missing` for the targets
+(`RankingState.target_vectors`), `record_staleness` then `write_rows` for the encoded targets,
+`evict_expired` with a TTL. Snapshots and checkpoints: `take_delta` / `apply_delta`,
+`export_state` / `import_state`. Admin (stream/job/actors.py): `lookup`, `neighbors`, `stats`.
+Serving (stream/serving/model.py): `rows_of` for cold candidates, plus the same history read.
+"""
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +19,15 @@ from memory_bank.lemur import BankCapacityError, BankConfig, ItemMemoryBank, Unk
 
 def _obj(xs):
     return np.asarray(xs, dtype=object)
+
+
+def _history(bank, item_ids, mask):
+    """The history read of RankingState.model_inputs: rows of the (B, L) ids (counted toward
+    coverage), then their vectors. Returns (vectors (B, L, dim), hit (B, L) bool numpy)."""
+    mask = np.asarray(mask, dtype=bool)
+    rows = bank.lookup_history(item_ids, mask)  # (B, L)
+    vectors = bank.vectors_of_rows(rows.reshape(-1), mask.reshape(-1))  # (B*L, dim)
+    return vectors.view(*rows.shape, -1), rows >= 0
 
 
 def _bank(**kw):
@@ -24,19 +43,21 @@ def test_dedup_last_writer_wins():
     b = _bank()
     n = b.write_rows(_obj(["a", "b", "a", "a"]), _vec(1, 2, 3, 4), step=7, now_s=100.0)
     assert n == 2 and len(b) == 2
-    vec, hit = b.read(_obj([["a", "b"]]), np.ones((1, 2), bool))
+    vec, hit = _history(b, _obj([["a", "b"]]), np.ones((1, 2), bool))
     assert vec[0, :, 0].tolist() == [4.0, 2.0] and hit.all()
     info = b.lookup("a")
     assert info["write_step"] == 7 and info["write_time"] == 100.0 and info["row"] == 0
 
 
-def test_read_padding_misses_and_missing_gets_gradient():
+def test_history_read_padding_misses_and_missing_gets_gradient():
     b = _bank()
     b.write_rows(_obj(["a"]), _vec(5), step=1, now_s=0.0)
     ids = _obj([["a", "zz", None], ["zz", "a", "a"]])
     mask = np.array([[True, True, False], [True, True, True]])
-    vec, hit = b.read(ids, mask)
-    assert vec.shape == (2, 3, 4) and hit.dtype == torch.bool
+    rows = b.lookup_history(ids, mask)
+    assert rows.tolist() == [[0, -1, -1], [-1, 0, 0]]  # -1 at misses and padding
+    vec, hit = _history(b, ids, mask)
+    assert vec.shape == (2, 3, 4)
     assert hit.tolist() == [[True, False, False], [False, True, True]]
     assert torch.equal(vec[0, 2], torch.zeros(4))  # padding
     assert torch.equal(vec[0, 1], b.missing.detach())  # unknown -> missing
@@ -44,25 +65,54 @@ def test_read_padding_misses_and_missing_gets_gradient():
     assert torch.equal(b.missing.grad, torch.full((4,), 2.0))  # two misses, padding not counted
     assert not b.bank.requires_grad
     cov = b.stats()["coverage"]
-    assert cov["lookups"] == 5 and cov["cumulative"] == pytest.approx(3 / 5)
-    assert b.lookup("a")["hits"] == 3
+    assert cov["lookups"] == 10 and cov["cumulative"] == pytest.approx(6 / 10)  # two lookups of 5
+    assert b.lookup("a")["hits"] == 6
 
 
-def test_read_targets_does_not_count_coverage_but_keeps_items_recent():
-    b = _bank(capacity=2)
+def test_the_models_history_read_of_distinct_rows():
+    """model_inputs reads each distinct (item, bank row) once: vectors_of_rows on the unique
+    rows, padding marked not real (zeros), misses the learned `missing` vector."""
+    b = _bank()
     b.write_rows(_obj(["a", "b"]), _vec(1, 2), step=1, now_s=0.0)
-    vec, hit = b.read_targets(_obj(["a", "zz"]))
-    assert hit.tolist() == [True, False] and vec[0, 0] == 1.0 and torch.equal(vec[1], b.missing.detach())
-    assert b.stats()["coverage"]["lookups"] == 0
-    b.write_rows(_obj(["c"]), _vec(3), step=2, now_s=1.0)  # b (not a) was least recently used
-    assert set(b.rows) == {"a", "c"}
+    rows = np.array([-1, -1, 0, 1])  # padding, miss, a, b
+    real = np.array([False, True, True, True])
+    vec = b.vectors_of_rows(rows, real)
+    assert torch.equal(vec[0], torch.zeros(4)) and torch.equal(vec[1], b.missing.detach())
+    assert vec[2:, 0].tolist() == [1.0, 2.0]
+    assert b.stats()["coverage"]["lookups"] == 0  # the rows' lookup is what counts, not this
+
+
+def test_target_read_is_read_only():
+    """Targets are read through rows_of (RankingState.target_vectors; serving's cold-start
+    check): no coverage, no hits, and the LRU order is not touched."""
+    from models.state import RankingState
+    from stream.config import load_config
+
+    cfg = load_config(None, [
+        "model.use_lmn=false", "model.use_pkm=false", "model.bank.capacity=2", "model.history.max_users=8",
+        "model.features.user_buckets=64", "model.features.item_buckets=64", "model.features.cat_buckets=64",
+        "model.features.text_buckets=64", "model.features.affinity_buckets=64", "model.encoder.vocab_buckets=64",
+    ]).model
+    torch.manual_seed(0)
+    state = RankingState(cfg)
+    b = state.bank
+    b.write_rows(_obj(["a", "b"]), torch.ones(2, cfg.bank.dim), step=1, now_s=0.0)
+    _history(b, _obj([["b"]]), np.ones((1, 1), bool))  # b recent, a least recently used
+    before = b.export_state()
+    assert b.rows_of(_obj(["a", "zz", "b"])).tolist() == [0, -1, 1]
+    vec = state.target_vectors(_obj(["a", "zz"]))
+    assert torch.equal(vec[0], b.bank[0]) and torch.equal(vec[1], b.missing.detach())
+    after = b.export_state()
+    assert before[1] == after[1] and all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    b.write_rows(_obj(["c"]), torch.ones(1, cfg.bank.dim), step=2, now_s=1.0)  # reading a kept nothing
+    assert set(b.rows) == {"b", "c"}
 
 
 def test_lru_eviction_emits_tombstones_and_spares_the_batch():
     b = _bank(capacity=3)
     b.write_rows(_obj(["a", "b", "c"]), _vec(1, 2, 3), step=1, now_s=0.0)
     b.take_delta()
-    b.read(_obj([["a", "c"]]), np.ones((1, 2), bool))  # b is now least recently used
+    b.lookup_history(_obj([["a", "c"]]), np.ones((1, 2), bool))  # b is now least recently used
     b.write_rows(_obj(["d", "a"]), _vec(4, 5), step=2, now_s=1.0)
     assert set(b.rows) == {"a", "c", "d"}
     d = b.take_delta()
@@ -96,7 +146,7 @@ def test_delta_makes_a_serving_copy_equal():
     for step in range(12):
         ids = _obj([items[j] for j in rng.integers(0, 9, 3)])
         train.write_rows(ids, torch.randn(3, 4), step=step, now_s=float(step))
-        train.read(_obj([[items[j] for j in rng.integers(0, 9, 4)]]), np.ones((1, 4), bool))
+        train.lookup_history(_obj([[items[j] for j in rng.integers(0, 9, 4)]]), np.ones((1, 4), bool))
         if step % 3 == 2:
             serve.apply_delta(train.take_delta())
     serve.apply_delta(train.take_delta())
@@ -106,14 +156,15 @@ def test_delta_makes_a_serving_copy_equal():
     assert torch.equal(train.stamps[live], serve.stamps[live])
     q = _obj([items])
     m = np.ones((1, 9), bool)
-    assert torch.equal(train.read(q, m)[1], serve.read(q, m)[1])
+    (vec_t, hit_t), (vec_s, hit_s) = _history(train, q, m), _history(serve, q, m)
+    assert np.array_equal(hit_t, hit_s) and torch.equal(vec_t[0, hit_t[0]], vec_s[0, hit_s[0]])
 
 
 def test_export_import_bit_exact(through_files, same_tensors):
     b = _bank(capacity=4, ttl_s=50.0)
     b.write_rows(_obj(["a", "b", "c", "d", "e"][:4]), torch.randn(4, 4), step=1, now_s=1.0)
     b.write_rows(_obj(["e"]), torch.randn(1, 4), step=2, now_s=2.0)
-    b.read(_obj([["a", "e", "q"]]), np.ones((1, 3), bool))
+    _history(b, _obj([["a", "e", "q"]]), np.ones((1, 3), bool))
     b.record_staleness(_obj(["a"]), torch.randn(1, 4))
     tensors, meta = through_files(b.export_state())
     c = ItemMemoryBank(b.cfg)
@@ -173,7 +224,7 @@ def test_random_operations_keep_the_bank_consistent(ops):
             for item, v in zip(ids.tolist(), vecs):
                 last[item] = v
         elif op == "read":
-            vec, hit = bank.read(ids[None, :], np.ones((1, len(ids)), bool))
+            vec, hit = _history(bank, ids[None, :], np.ones((1, len(ids)), bool))
             for j, item in enumerate(ids.tolist()):
                 assert bool(hit[0, j]) == (item in bank.rows)
                 if item in bank.rows:

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from memory_bank.delta_tracker import DeltaTracker
 from memory_bank.pkm import MemoryGate, PKMConfig, PKMStateError, ProductKeyMemory
 from memory_bank.sparse_optim import SparseRowAdam
 
@@ -42,6 +43,8 @@ def test_product_key_topk_equals_brute_force_over_all_slots(k, norm, overparam):
 
 def test_gradients_values_sparse_on_used_rows_keys_and_query_dense():
     layer = _layer(k=2, n_sub_keys=8)
+    tracker = DeltaTracker()  # as RankingState registers the value table
+    tracker.track("pkm", "values", layer.values)
     x = torch.randn(3, 8)
     q = layer.queries(x)
     _, slots = layer.select(q, layer.keys())
@@ -51,7 +54,8 @@ def test_gradients_values_sparse_on_used_rows_keys_and_query_dense():
     assert set(g.coalesce().indices()[0].tolist()) == set(slots.flatten().tolist())
     assert layer.base_keys.grad.abs().sum() > 0 and layer.key_mix.grad.abs().sum() > 0
     assert layer.query.weight.grad.abs().sum() > 0
-    assert torch.equal(layer.touched.nonzero().squeeze(1), torch.unique(slots))
+    rows, vals = tracker.take("pkm")["values"]  # the rows the gradient hook marked
+    assert rows.tolist() == torch.unique(slots).tolist() and torch.equal(vals, layer.values.detach()[rows])
 
 
 def test_slot_usage_stats():
@@ -136,24 +140,41 @@ def test_save_load_bit_exact_and_training_continues_identically(through_files, s
         _layer(k=2, n_sub_keys=6).import_state(*layer_state)
 
 
+def _delta(layer, tracker):
+    """What RankingState.take_delta ships for the layer: its own delta (nothing) plus the value
+    rows the DeltaTracker marked since the last take."""
+    d = layer.take_delta()
+    assert d.tables == {} and d.tombstones == []  # the layer tracks nothing itself
+    d.tables.update(tracker.take("pkm"))
+    return d
+
+
 def test_delta_makes_a_serving_copy_equal(through_files):
     train = _layer(k=2, n_sub_keys=8)
     serve = _layer(seed=9, k=2, n_sub_keys=8)
+    tracker = DeltaTracker()
+    tracker.track("pkm", "values", train.values)
     serve.import_state(*through_files(train.export_state()))  # the full snapshot
     opts = [SparseRowAdam([train.values], lr=0.1), torch.optim.Adam(train.dense_parameters(), lr=0.01)]
-    changed = set()
+    changed, moved = set(), set()
     for step in range(5):
+        before = train.values.detach().clone()
         _train_step(train, opts, torch.randn(4, 8))
+        moved |= set((train.values.detach() != before).any(1).nonzero().squeeze(1).tolist())
         if step % 2:
-            d = train.take_delta()
+            d = _delta(train, tracker)
             changed |= set(d.tables["values"][0].tolist())
             serve.apply_delta(d)
-    serve.apply_delta(train.take_delta())
-    assert 0 < len(changed) < 64
+    d = _delta(train, tracker)
+    changed |= set(d.tables["values"][0].tolist())
+    serve.apply_delta(d)
+    assert moved <= changed and 0 < len(changed) < 64  # every moved row shipped, not the table
+    assert torch.equal(train.values, serve.values)
+    # The dense tensors (query net, norm, keys) travel in RankingState's dense state.
+    serve.load_state_dict({k: v for k, v in train.state_dict().items() if k != "values"}, strict=False)
     train.eval(), serve.eval()
     x = torch.randn(7, 8)
     assert torch.equal(train(x), serve(x))
-    assert torch.equal(train.values, serve.values)
 
 
 def test_memory_gate():

@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from memory_bank.delta_tracker import DeltaTracker
 from memory_bank.sparse_optim import SparseOptimConfig, SparseOptimStateError, SparseRowAdam
 
 
@@ -15,6 +16,8 @@ def _sparse_step(table, opt, rows):
 def test_only_selected_rows_and_their_state_change():
     torch.manual_seed(0)
     table = torch.nn.Parameter(torch.randn(20, 4))
+    tracker = DeltaTracker()  # how production learns which rows the optimizer changed
+    tracker.track("embeddings", "t", table)
     opt = SparseRowAdam([table], lr=0.1)
     _sparse_step(table, opt, [1, 2, 3])
     before = table.detach().clone()
@@ -27,8 +30,9 @@ def test_only_selected_rows_and_their_state_change():
         diff = (after[name] != st[name]).reshape(20, -1).any(1).nonzero().squeeze(1).tolist()
         assert diff == [3, 7], name
     assert after["p0.row_step"].tolist()[:8] == [0, 1, 1, 2, 0, 0, 0, 1]
-    assert opt.take_touched(table).tolist() == [1, 2, 3, 7]
-    assert opt.take_touched(table).tolist() == []
+    rows, vals = tracker.take("embeddings")["t"]  # the gradient's rows = the rows the step moved
+    assert rows.tolist() == [1, 2, 3, 7] and torch.equal(vals, table.detach()[rows])
+    assert tracker.take("embeddings")["t"][0].tolist() == []
 
 
 def test_rows_hit_every_step_follow_dense_adam():
