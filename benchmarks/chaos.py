@@ -121,8 +121,8 @@ def _run_thread(job) -> tuple[threading.Thread, dict]:
 
     def target():
         try:
-            out["report"] = job.run()
-        except BaseException as e:  # noqa: BLE001 - re-raised by the caller
+            out["report"] = job.run().to_json()
+        except BaseException as e:
             out["error"] = e
 
     th = threading.Thread(target=target, daemon=True, name="chaos-job")
@@ -163,12 +163,12 @@ def _progress(job) -> dict[str, Any] | None:
         return None
     try:
         return ray.get(topo.trainer.progress.remote(), timeout=5)
-    except Exception:  # noqa: BLE001 - restarting: try again later
+    except Exception:
         return None
 
 
-def _applied(p: dict[str, Any]) -> int:
-    return int(p["events_applied"]) + sum(p["rejects_applied"].values())
+def _applied(p) -> int:
+    return p.events_applied + p.events_dlq
 
 
 def run_chaos(plan: ChaosPlan, cache: Path, *, broker=None, keep_dir: Path | None = None) -> ChaosResult:
@@ -204,7 +204,7 @@ def run_chaos(plan: ChaosPlan, cache: Path, *, broker=None, keep_dir: Path | Non
             target=replay, args=(recording, broker.bootstrap, f"{prefix}-base"),
             kwargs={"rate": plan.rate, "retime": True}, daemon=True, name="base-replay")
         base_producer.start()
-        base = StreamingJob(_config(broker.bootstrap, f"{prefix}-base", work / "base", plan)).run()
+        base = StreamingJob(_config(broker.bootstrap, f"{prefix}-base", work / "base", plan)).run().to_json()
         base_producer.join(60)
         base_s = time.time() - t0
 
@@ -218,7 +218,7 @@ def run_chaos(plan: ChaosPlan, cache: Path, *, broker=None, keep_dir: Path | Non
             try:
                 replay(recording, broker.bootstrap, topic, rate=plan.rate, retime=True,
                        request_timeout_ms=60_000, max_block_ms=120_000)
-            except BaseException as e:  # noqa: BLE001 - reported below
+            except BaseException as e:
                 replay_err.append(e)
 
         t1 = time.time()

@@ -244,7 +244,7 @@ def parse_shapes(specs):
 def _speedups(rows):
     """speedup of each Triton row vs the torch row of the same op and direction."""
     out = []
-    for name, label, ms, gbs, nbytes in rows:
+    for name, label, ms, _gbs, _nbytes in rows:
         sp = ""
         if label.startswith("triton"):
             want = "fwd+bwd" if "fwd+bwd" in label else ("fwd" if "fwd" in label else "")

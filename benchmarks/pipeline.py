@@ -95,7 +95,7 @@ def _paced_run(args, bootstrap: str, topic: str, work: Path, port: int, rec: Pat
     # done, so no request races the teardown (a deleted route answers 404).
     job = StreamingJob(_job_cfg(args.overrides, bootstrap, topic, work, None, port))
     out: dict = {}
-    th = threading.Thread(target=lambda: out.update(report=job.run()), daemon=True)
+    th = threading.Thread(target=lambda: out.update(report=job.run().to_json()), daemon=True)
     th.start()
     while not getattr(job, "topo", None) or not job.topo.serving_url:
         if not th.is_alive():
@@ -120,7 +120,7 @@ def _paced_run(args, bootstrap: str, topic: str, work: Path, port: int, rec: Pat
             else:
                 versions.add(r.json()["version"])
             time.sleep(0.02)
-    while ray.get(job.topo.trainer.progress.remote(), timeout=30)["events_applied"] < n_events:
+    while ray.get(job.topo.trainer.progress.remote(), timeout=30).events_applied < n_events:
         time.sleep(0.2)
     job.request_stop()
     th.join()
@@ -153,7 +153,7 @@ def main() -> None:
 
     # 1a. eval
     cfg = load_config(ROOT / "configs" / "default.yaml", args.overrides)
-    ev = run_eval(cfg, rec, progress=False)
+    ev = run_eval(cfg, rec, progress=False).to_json()
     rows["eval throughput (events/s)"] = f"{ev['throughput_eps']:,.0f}"
     rows["eval AUC like"] = f"{ev['auc.like']:.4f}"
 
@@ -165,7 +165,7 @@ def main() -> None:
             replay(rec, broker.bootstrap, "bench-max", "max", retime=True)
             job = StreamingJob(_job_cfg(args.overrides, broker.bootstrap, "bench-max", tmp / "w1",
                                         args.events, port))
-            rep = job.run()
+            rep = job.run().to_json()
             rows["streaming throughput (events/s)"] = f"{rep['throughput_eps']:,.0f}"
             ratio = rep["throughput_eps"] / ev["throughput_eps"]
             rows["streaming / eval throughput"] = f"{ratio:.2f}"

@@ -104,7 +104,7 @@ def run_model_row(args, rec: Path, k: int) -> dict:
     name, sets = ABLATIONS[k]
     cfg = load_config(args.config, args.overrides + sets)
     print(f"[quality] {name} ...", file=sys.stderr, flush=True)
-    rep = run_eval(cfg, rec, args.max_events, progress=False)
+    rep = run_eval(cfg, rec, args.max_events, progress=False).to_json()
     print(f"[quality] {name}: auc {rep['auc.like']:.4f} ({rep['throughput_eps']:.0f} ev/s)", file=sys.stderr)
     return rep
 

@@ -23,13 +23,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import pyarrow.parquet as pq  # noqa: E402
+import pyarrow.parquet as pq
 
-from infra.broker import LocalBroker  # noqa: E402
-from stream.ingest.events import decode_batch  # noqa: E402
-from stream.ingest.kafka_io import HAS_FAST_CRC  # noqa: E402
-from stream.recordings.data.movielens import build_ml1m_recording  # noqa: E402
-from stream.recordings.recording import record, replay  # noqa: E402
+from infra.broker import LocalBroker
+from stream.ingest.events import decode_batch
+from stream.ingest.kafka_io import HAS_FAST_CRC
+from stream.recordings.data.movielens import build_ml1m_recording
+from stream.recordings.recording import record, replay
 
 
 def main() -> None:

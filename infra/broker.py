@@ -296,7 +296,7 @@ def _launch(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=detach,
-            preexec_fn=None if detach else _die_with_parent_hook(),  # noqa: PLW1509
+            preexec_fn=None if detach else _die_with_parent_hook(),
         )
     info = BrokerInfo(
         pid=proc.pid, host=host, port=port, state_dir=str(state_dir),
@@ -357,7 +357,7 @@ def _answers_metadata(bootstrap: str) -> bool:
             admin.list_topics()
         finally:
             admin.close()
-    except Exception:  # noqa: BLE001  any failure means "not ready yet"; the deadline bounds the retries
+    except Exception:
         return False
     return True
 

@@ -43,7 +43,7 @@ _LOCK = threading.Lock()
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
-    except Exception:  # noqa: BLE001 (any failure to import means: no triton)
+    except Exception:
         return False
     return True
 

@@ -191,16 +191,6 @@ class ItemMemoryBank(nn.Module):
 
     # -- read ----------------------------------------------------------------------------------
 
-    def read(self, item_ids: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """History lookup: item_ids (B, L) object, mask (B, L) bool (False = padding).
-
-        Returns vectors (B, L, dim) on the bank's device (bank rows are stop-gradient; misses
-        read `missing`, which gets gradient; padding is zeros) and hit (B, L) bool.
-        """
-        rows = self.lookup_history(item_ids, mask)  # (B, L)
-        vectors = self.vectors_of_rows(rows.reshape(-1), np.asarray(mask, dtype=bool).reshape(-1))  # (B*L, dim)
-        return vectors.view(*rows.shape, -1), torch.from_numpy(rows >= 0).to(self.bank.device)
-
     def lookup_history(self, item_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """History ids (B, L) object, mask (B, L) -> their rows (B, L) int64, -1 at misses and
         padding. This is the history lookup the bank's coverage and LRU recency count."""
@@ -233,24 +223,6 @@ class ItemMemoryBank(nn.Module):
             vectors = vectors.index_put((miss_t,), self.missing.expand(len(miss_at), -1))
         return vectors
 
-    def read_targets(self, item_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached rows of batch targets: item_ids (M,) -> (vectors (M, dim), hit (M,) bool).
-
-        Misses read `missing` (with gradient). Refreshes LRU recency but does not count toward
-        coverage, which is the hit rate of history lookups only (LEMUR's bank coverage; see
-        `lookup_history` and `stats`).
-        """
-        rows = self.rows_of(np.asarray(item_ids, dtype=object))  # (M,)
-        self.clock += 1
-        self.last_access[rows[rows >= 0]] = self.clock
-        rows_t = torch.from_numpy(rows).to(self.bank.device)
-        hit = rows_t >= 0  # (M,)
-        gathered = self.bank.index_select(0, rows_t.clamp(min=0))  # (M, dim)
-        return torch.where(hit[:, None], gathered, self.missing[None, :]), hit
-
-    # -- staleness -----------------------------------------------------------------------------
-
-    @torch.no_grad()
     def record_staleness(self, item_ids, fresh_vectors: torch.Tensor) -> float | None:
         """Cosine between fresh encodings (M, dim) and the cached rows, before they are overwritten.
 
@@ -321,8 +293,7 @@ class ItemMemoryBank(nn.Module):
         live = np.flatnonzero(self.row_ids != None)
         win_hits = sum(h for h, _ in self.coverage_recent)
         win_n = sum(n for _, n in self.coverage_recent)
-        age: dict[str, float | None] = {k: None for k in
-                                        ("steps_p50", "steps_p90", "steps_max", "s_p50", "s_p90", "s_max")}
+        age: dict[str, float | None] = dict.fromkeys(("steps_p50", "steps_p90", "steps_max", "s_p50", "s_p90", "s_max"))
         if len(live):
             steps = self.last_step - self.stamps[torch.from_numpy(live).to(self.stamps.device)].cpu().numpy()
             secs = now_s - self.write_time[live]

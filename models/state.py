@@ -218,7 +218,7 @@ class RankingState:
         """The bank rows of the targets (B, Db), the learned missing vector where absent.
 
         Not `bank.read`: that counts toward the bank's coverage, which is defined over
-        history lookups (DESIGN 5.1), and targets are not history. Read-only: the bank's
+        history lookups (LEMUR: `ItemMemoryBank.lookup_history`), and targets are not history. Read-only: the bank's
         LRU order is not touched.
         """
         bank = self.bank

@@ -54,9 +54,7 @@ class NotFound(Exception):
 class JobView(Protocol):
     def bank_item(self, item_id: str) -> dict[str, Any] | None: ...
     def bank_neighbors(self, item_id: str, k: int) -> list[dict[str, Any]] | None: ...
-    def bank_stats(self) -> dict[str, Any]: ...
-    def pkm_stats(self) -> dict[str, Any]: ...
-    def lmn_stats(self) -> dict[str, Any]: ...
+    def memory_stats(self, name: str) -> dict[str, Any] | None: ...
     def user_history(self, user_id: str, limit: int) -> dict[str, Any] | None: ...
     def snapshots(self) -> list[dict[str, Any]]: ...
     def rollback(self, version: int) -> dict[str, Any]: ...
@@ -186,17 +184,13 @@ def create_app(view: JobView, cfg: AdminConfig, token: str) -> FastAPI:
             raise NotFound(f"item {item_id!r} is not in the bank")
         return {"item_id": item_id, "k": k, "neighbors": found}
 
-    @app.get("/v1/bank/stats", **secured)
-    def bank_stats() -> dict[str, Any]:
-        return view.bank_stats()
-
-    @app.get("/v1/pkm/stats", **secured)
-    def pkm_stats() -> dict[str, Any]:
-        return view.pkm_stats()
-
-    @app.get("/v1/lmn/stats", **secured)
-    def lmn_stats() -> dict[str, Any]:
-        return view.lmn_stats()
+    @app.get("/v1/{component}/stats", **secured_or_404)
+    def component_stats(component: str = PathParam(..., pattern=r"^[a-z_]{1,32}$")) -> dict[str, Any]:
+        """Any component of the model state: bank, pkm, lmn, history, features, embeddings."""
+        found = view.memory_stats(component)
+        if found is None:
+            raise NotFound(f"the model has no component {component!r}")
+        return found
 
     @app.get("/v1/users/{user_id}/history", **secured_or_404)
     def user_history(

@@ -110,7 +110,7 @@ class DeadLetterWriter:
             key = key[: 64 * 1024]  # a hostile key must not make the letter unsendable
         try:
             future = self._producer.send(self.topic, value=value, key=key, headers=headers)
-        except Exception as e:  # noqa: BLE001 - send() raises some errors synchronously
+        except Exception as e:
             # (size, serialization); the caller is a poll thread that must not die.
             self._on_error(reject.category, source, e)
             return

@@ -1,6 +1,6 @@
 """The interaction event: schema, limits, and batch decoding of raw Kafka values.
 
-One JSON object per Kafka message (DESIGN section 4). `decode_batch` turns a list
+One JSON object per Kafka message (README "Events and their schema"). `decode_batch` turns a list
 of raw values into a columnar `EventBatch` plus a list of `Reject`s; it never
 raises on input, whatever the bytes, so one hostile message cannot stop a
 consumer. Rejects carry a coarse `category` (for counting and alerting) and a
@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Sequence
+from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
@@ -124,7 +125,7 @@ class EventBatch:
         return len(self.event_id)
 
     @classmethod
-    def empty(cls) -> "EventBatch":
+    def empty(cls) -> EventBatch:
         return cls.from_events([])
 
     @classmethod
@@ -134,9 +135,9 @@ class EventBatch:
         kafka_partition: Sequence[int] | None = None,
         kafka_offset: Sequence[int] | None = None,
         kafka_ts_ms: Sequence[int] | None = None,
-    ) -> "EventBatch":
+    ) -> EventBatch:
         n = len(events)
-        obj = lambda xs: np.array(xs, dtype=object) if n else np.empty(0, dtype=object)  # noqa: E731
+        obj = lambda xs: np.array(xs, dtype=object) if n else np.empty(0, dtype=object)
         label_names = sorted({k for e in events for k in e.labels})
         labels = {
             t: np.array([e.labels.get(t, math.nan) for e in events], dtype=np.float64)
@@ -159,7 +160,7 @@ class EventBatch:
                 [float(v) if (v is not None and not isinstance(v, str)) else math.nan for v in vals],
                 dtype=np.float64,
             )
-        as_arr = lambda xs, dt: None if xs is None else np.asarray(xs, dtype=dt)  # noqa: E731
+        as_arr = lambda xs, dt: None if xs is None else np.asarray(xs, dtype=dt)
         return cls(
             event_id=obj([e.event_id for e in events]),
             ts_ms=np.array([e.ts_ms for e in events], dtype=np.int64),
@@ -176,7 +177,7 @@ class EventBatch:
             kafka_ts_ms=as_arr(kafka_ts_ms, np.int64),
         )
 
-    def take(self, idx: np.ndarray) -> "EventBatch":
+    def take(self, idx: np.ndarray) -> EventBatch:
         """Rows `idx` (any integer index array or boolean mask), same columns."""
         return EventBatch(
             event_id=self.event_id[idx],
@@ -195,7 +196,7 @@ class EventBatch:
         )
 
     @classmethod
-    def concat(cls, batches: Sequence["EventBatch"]) -> "EventBatch":
+    def concat(cls, batches: Sequence[EventBatch]) -> EventBatch:
         batches = [b for b in batches if len(b)]
         if not batches:
             return cls.empty()
@@ -212,7 +213,7 @@ class EventBatch:
 
         def cat_dict(attr, fill_dtype, fill):
             names = sorted({k for b in batches for k in getattr(b, attr)})
-            return {k: cat(lambda b: getattr(b, attr).get(k), fill_dtype, fill) for k in names}
+            return {k: cat(lambda b, k=k: getattr(b, attr).get(k), fill_dtype, fill) for k in names}
 
         return cls(
             event_id=cat(lambda b: b.event_id, object, None),
@@ -253,14 +254,14 @@ class EventBatch:
         return pa.table(cols)
 
     @classmethod
-    def from_arrow(cls, table: pa.Table) -> "EventBatch":
+    def from_arrow(cls, table: pa.Table) -> EventBatch:
         def obj(name):
             return np.array(table.column(name).to_pylist(), dtype=object)
 
         def num(name, dt):
             return table.column(name).to_numpy(zero_copy_only=False).astype(dt, copy=False)
 
-        prefixed = lambda p: [c for c in table.column_names if c.startswith(p)]  # noqa: E731
+        prefixed = lambda p: [c for c in table.column_names if c.startswith(p)]
         return cls(
             event_id=obj("event_id"),
             ts_ms=num("ts_ms", np.int64),
@@ -420,7 +421,7 @@ def decode_batch(
             good.append(ev)
             pos_ok.append(i)
     ok = np.asarray(pos_ok, dtype=np.int64)
-    pick = lambda xs: None if xs is None else np.asarray(xs)[ok]  # noqa: E731
+    pick = lambda xs: None if xs is None else np.asarray(xs)[ok]
     batch = EventBatch.from_events(
         good,
         kafka_partition=pick(kafka_partition),

@@ -31,6 +31,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from stream.ingest.events import DecodeResult, EventBatch, EventLimits, Reject, decode_batch
+from stream.messages import DeadLettered, IngestUnit
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ class _Unit:
     """One poll's worth of messages: valid events, rejects, and the offsets it covers."""
 
     batch: EventBatch
-    rejects: list[tuple[int, int, str]]
+    rejects: list[DeadLettered]
     next_offsets: dict[int, int]
 
     def size(self) -> int:  # what the buffer bound counts: every message held
@@ -253,11 +254,9 @@ class PartitionReader:
         return {tp.partition: int(o) for tp, o in ends.items()}
 
     # -- data ------------------------------------------------------------------
-    def next_batch(self, max_events: int, timeout_s: float, epoch: str | None = None) -> dict[str, Any] | None:
+    def next_batch(self, max_events: int, timeout_s: float, epoch: str | None = None) -> IngestUnit | None:
         """Whole poll units (never split) totalling about `max_events`, or None after `timeout_s`.
 
-        Returns {"events": Arrow table of valid events, "rejects": [(partition, offset,
-        category)], "next_offsets": {partition: offset after the last message covered}}.
         Units are never split so a consumer that applies the whole result and then
         advances its offsets to `next_offsets` has applied every message below them
         exactly once (rejects included).
@@ -288,11 +287,11 @@ class PartitionReader:
         next_offsets: dict[int, int] = {}
         for u in units:
             next_offsets.update(u.next_offsets)
-        return {
-            "events": EventBatch.concat([u.batch for u in units]).to_arrow(),
-            "rejects": [r for u in units for r in u.rejects],
-            "next_offsets": next_offsets,
-        }
+        return IngestUnit(
+            events=EventBatch.concat([u.batch for u in units]).to_arrow(),
+            rejects=tuple(r for u in units for r in u.rejects),
+            next_offsets=next_offsets,
+        )
 
     def stats(self) -> dict[str, Any]:
         with self._cv:
@@ -414,7 +413,7 @@ class PartitionReader:
             unit_rejects = []
             for pos, rej in zip(res.rejected_positions.tolist(), res.rejects):
                 p, off = parts[pos], offsets[pos]
-                unit_rejects.append((p, off, rej.category))
+                unit_rejects.append(DeadLettered(p, off, rej.category))
                 if off >= self._dlq_next.get(p, -1):
                     self._dlq_next[p] = off + 1
                     fresh_rejects.append((pos, rej))

@@ -43,7 +43,7 @@ class IngestActor:
         self.reader.start()
         return epoch
 
-    def next_batch(self, max_events: int, timeout_s: float, epoch: str) -> dict[str, Any] | None:
+    def next_batch(self, max_events: int, timeout_s: float, epoch: str):
         return self.reader.next_batch(max_events, timeout_s, epoch)
 
     def commit(self, offsets: dict[int, int]) -> None:
@@ -78,7 +78,7 @@ class PublisherActor:
     def latest_version(self) -> int | None:
         return self.pub.latest_version()
 
-    def report_serving(self, replica_id: str, event: dict[str, Any]) -> None:
+    def report_serving(self, replica_id: str, event) -> None:
         self.pub.report_serving(replica_id, event)
 
     def serving_state(self) -> list[dict[str, Any]]:
@@ -101,129 +101,90 @@ class PublisherActor:
                 "base_failures": self.pub.base_failures}
 
 
-@ray.remote(
-    max_restarts=-1,
-    max_task_retries=0,
-    concurrency_groups={"train": 1, "query": 2},
-)
-class TrainerActor:
-    def __init__(self, cfg: dict[str, Any], work_dir: str, publisher_name: str, namespace: str):
-        from models.online import OnlineTrainer
-        from stream.config import config_from_dict
-        from stream.train.checkpoints import CheckpointManager
-        from stream.train.service import TrainerService
+class RayReaders:
+    """The ingest actors as the trainer loop's UnitSource.
 
-        self.cfg = config_from_dict(cfg, "job config")
-        ck = self.cfg.checkpoints
-        ckpt_dir = Path(ck.dir) if ck.dir else Path(work_dir) / "checkpoints"
-        self.publisher = ray.get_actor(publisher_name, namespace=namespace)
-        latest = ray.get(self.publisher.latest_version.remote())
-        self.svc = TrainerService(
-            OnlineTrainer(self.cfg.model, self.cfg.trainer),
-            CheckpointManager(ckpt_dir, keep=ck.keep),
-            batch_size=self.cfg.trainer.batch_size,
-            full_every=self.cfg.snapshots.full_every,
-            first_version=(latest or 0) + 1,
-        )
-        self._stop = threading.Event()
-        self._publishing: dict = {}  # publish ref -> version, until settled
-        self._base_writer: threading.Thread | None = None
-        self._ckpt_writer: threading.Thread | None = None
+    One `next_batch` request stays outstanding per reader; a poll waits on whichever
+    answers first, then takes what the others have within a moment (training one
+    reader's result alone would run its partitions ahead of the others' in event time).
+    Each seek carries a fresh epoch token, so answers to an older seek are never used.
+    """
 
-    # -- the loop ------------------------------------------------------------------------------
-    @ray.method(concurrency_group="train")
-    def run(self, readers: list, max_events: int | None = None) -> dict[str, Any]:
-        """Train until stopped or `max_events` messages (trained + rejected) are applied."""
-        self._stop.clear()
-        svc, cfg = self.svc, self.cfg
-        epochs = [self._seek(r) for r in readers]
-        pull = max(cfg.trainer.batch_size * 4, cfg.kafka.max_poll_records)
-        inflight = {r.next_batch.remote(pull, 0.5, epochs[i]): i for i, r in enumerate(readers)}
-        last_ckpt = last_snap = time.monotonic()
-        published_at = self._applied()
-        # The state we start from (fresh or restored) goes out at once (unless
-        # publish_start_state did it): replicas load the large first version while the
-        # first events train, so what follows are small deltas.
-        publish_ref = self._publish() if svc.last_published is None else None
-        while not self._stop.is_set():
-            if max_events is not None and self._applied() >= max_events:
-                break
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.2)
-            if ready and len(inflight) > 1:
-                # And what the other readers have within a moment: training one reader's
-                # result alone would run its partitions ahead of the others' in event time.
-                rest = [r for r in inflight if r not in ready]
-                ready += ray.wait(rest, num_returns=len(rest), timeout=0.05)[0]
-            units = []
-            for ref in ready:
-                i = inflight.pop(ref)
-                try:
-                    unit = ray.get(ref)
-                except (RayActorError, ReaderNotSought):
-                    # ReaderNotSought: our request reached its restarted incarnation
-                    # (queued while it restarted) instead of failing; seek it all the same.
-                    log.warning("ingest actor %d died; seeking its restart to our offsets", i)
-                    epochs[i] = self._seek(readers[i])
-                    unit = None
-                if unit is not None:
-                    units.append(unit)
-                inflight[readers[i].next_batch.remote(pull, 0.5, epochs[i])] = i
-            if units:
-                svc.apply_units(units)
-            now = time.monotonic()
-            publish_done = publish_ref is None or self._publish_settled(publish_ref)
-            if (
-                now - last_snap >= cfg.snapshots.interval_s
-                and publish_done
-                and (self._applied() > published_at or svc.republish)
-            ):
-                publish_ref = self._publish()
-                published_at, last_snap = self._applied(), now
-            if now - last_ckpt >= cfg.checkpoints.interval_s and self._checkpoint(readers):
-                last_ckpt = now
-        # Final: the last snapshot and a checkpoint covering everything applied.
-        if publish_ref is not None:
-            self._publish_settled(publish_ref, wait=True)
-        if self._applied() > published_at or svc.republish:
-            self._publish_settled(self._publish(), wait=True)
-        self._checkpoint(readers, final=True)
-        if self._base_writer is not None:
-            self._base_writer.join(timeout=120)
-        return svc.progress()
+    def __init__(self, readers: list, pull: int):
+        self.readers = readers
+        self.pull = pull
+        self.epochs: list[str] = []
+        self.inflight: dict = {}  # request ref -> reader index
 
-    @ray.method(concurrency_group="train")
-    def publish_start_state(self) -> int | None:
-        """Publish the state this trainer starts from (fresh or restored) and wait until it
-        is stored, so serving replicas find a version the moment they start; waiting for
-        the first events would put the whole start-up into their freshness."""
-        if self.svc.last_published is None:
-            self._publish_settled(self._publish(), wait=True)
-        return self.svc.last_published
-
-    def _applied(self) -> int:
-        return self.svc.trainer.events_applied + sum(self.svc.rejects_applied.values())
-
-    def _seek(self, reader, timeout_s: float = 120.0) -> str:
-        """Seek a reader to our offsets under a fresh epoch token (retries reuse it)."""
+    def _seek(self, i: int, offsets: dict[int, int], timeout_s: float = 120.0) -> str:
         epoch = uuid.uuid4().hex
-        offsets = dict(self.svc.next_offsets)
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                return ray.get(reader.seek.remote(offsets, epoch), timeout=30)
+                return ray.get(self.readers[i].seek.remote(dict(offsets), epoch), timeout=30)
             except (RayActorError, GetTimeoutError):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)  # the actor is restarting
 
-    def _publish(self):
-        p = self.svc.snapshot_payload()
+    def _ask(self, i: int) -> None:
+        self.inflight[self.readers[i].next_batch.remote(self.pull, 0.5, self.epochs[i])] = i
+
+    def seek_all(self, offsets: dict[int, int]) -> None:
+        self.epochs = [self._seek(i, offsets) for i in range(len(self.readers))]
+        self.inflight = {}
+        for i in range(len(self.readers)):
+            self._ask(i)
+
+    def poll(self, timeout_s: float, offsets: dict[int, int]) -> list:
+        ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=timeout_s)
+        if ready and len(self.inflight) > 1:
+            rest = [r for r in self.inflight if r not in ready]
+            ready += ray.wait(rest, num_returns=len(rest), timeout=0.05)[0]
+        units = []
+        for ref in ready:
+            i = self.inflight.pop(ref)
+            try:
+                unit = ray.get(ref)
+            except (RayActorError, ReaderNotSought):
+                # ReaderNotSought: our request reached its restarted incarnation (queued
+                # while it restarted) instead of failing; seek it all the same.
+                log.warning("ingest actor %d died; seeking its restart to our offsets", i)
+                self.epochs[i] = self._seek(i, offsets)
+                unit = None
+            if unit is not None:
+                units.append(unit)
+            self._ask(i)
+        return units
+
+    def commit(self, offsets: dict[int, int], wait: bool) -> None:
+        refs = [r.commit.remote(offsets) for r in self.readers]
+        if wait:
+            ray.get(refs, timeout=30)
+
+
+class RayPublisher:
+    """The publisher actor as the trainer loop's SnapshotSink (bases shipped from a thread)."""
+
+    def __init__(self, publisher):
+        self.publisher = publisher
+        self._base_writer: threading.Thread | None = None
+
+    def publish(self, p):
         ref = self.publisher.publish.remote(p.version, p.parent, state_to_wire(p.state), p.meta,
                                             p.event_ts_ms, p.event_trained_s)
-        self._publishing[ref] = p.version
         if p.base is not None:
             self._write_base(p.version, p.base, p.meta, after=ref)
         return ref
+
+    def settled(self, ref, wait: bool):
+        if not ray.wait([ref], timeout=None if wait else 0)[0]:
+            return False
+        try:
+            ray.get(ref)
+        except Exception as e:
+            return e
+        return True
 
     def _write_base(self, version: int, base, meta: dict[str, Any], after) -> None:
         """Hand a base (full copy) to the publisher from a thread once the delta `after`
@@ -238,69 +199,74 @@ class TrainerActor:
             try:
                 ray.get(after)  # the publisher runs calls concurrently: the delta must be first
                 ray.get(self.publisher.publish_base.remote(version, state_to_wire(base), meta))
-            except Exception as e:  # noqa: BLE001 - serving is unaffected; the chain is intact
+            except Exception as e:
                 log.warning("base for version %d was not written: %s", version, e)
 
         self._base_writer = threading.Thread(target=ship, name="base-writer", daemon=True)
         self._base_writer.start()
 
-    def _publish_settled(self, ref, wait: bool = False) -> bool:
-        """True once the publish `ref` finished (`wait`: block until it has); a failed
-        one makes the next snapshot full."""
-        if ref not in self._publishing:
-            return True
-        if not ray.wait([ref], timeout=None if wait else 0)[0]:
-            return False
-        version = self._publishing.pop(ref)
-        try:
-            ray.get(ref)
-        except Exception as e:  # noqa: BLE001 - publisher crashed or the store refused the write
-            self.svc.publish_failed(version, e)
-        return True
+    def drain(self) -> None:
+        if self._base_writer is not None:
+            self._base_writer.join(timeout=120)
 
-    def _checkpoint(self, readers, final: bool = False) -> bool:
-        """Capture a checkpoint here; write it and then commit its offsets on a writer
-        thread (the final one inline). False if the previous one is still being written."""
-        writer = self._ckpt_writer
-        if writer is not None and writer.is_alive():
-            if not final:
-                return False
-            writer.join()
-        pending = self.svc.capture_checkpoint()
 
-        def write_then_commit() -> None:
-            try:
-                self.svc.write_checkpoint(pending)
-            except Exception as e:  # noqa: BLE001 - the next one retries; offsets stay uncommitted
-                log.error("checkpoint write failed (%s); offsets not committed, next one retries", e)
-                return
-            # Only now, with the checkpoint durable, may the group offsets move.
-            refs = [r.commit.remote(pending.offsets) for r in readers]
-            if final:
-                try:
-                    ray.get(refs, timeout=30)
-                except Exception as e:  # noqa: BLE001 - monitoring only; the checkpoint holds the truth
-                    log.warning("committing group offsets failed: %s", e)
+@ray.remote(
+    max_restarts=-1,
+    max_task_retries=0,
+    concurrency_groups={"train": 1, "query": 2},
+)
+class TrainerActor:
+    """A thin shell: a TrainerService driven by a TrainerLoop over Ray handles."""
 
-        if final:
-            write_then_commit()
-        else:
-            self._ckpt_writer = threading.Thread(target=write_then_commit, name="checkpoint-writer",
-                                                 daemon=True)
-            self._ckpt_writer.start()
-        return True
+    def __init__(self, cfg: dict[str, Any], work_dir: str, publisher_name: str, namespace: str):
+        from models.online import OnlineTrainer
+        from stream.config import config_from_dict
+        from stream.train.checkpoints import CheckpointManager
+        from stream.train.loop import TrainerLoop
+        from stream.train.service import TrainerService
+
+        self.cfg = config_from_dict(cfg, "job config")
+        ck = self.cfg.checkpoints
+        ckpt_dir = Path(ck.dir) if ck.dir else Path(work_dir) / "checkpoints"
+        publisher = ray.get_actor(publisher_name, namespace=namespace)
+        latest = ray.get(publisher.latest_version.remote())
+        self.svc = TrainerService(
+            OnlineTrainer(self.cfg.model, self.cfg.trainer),
+            CheckpointManager(ckpt_dir, keep=ck.keep),
+            batch_size=self.cfg.trainer.batch_size,
+            full_every=self.cfg.snapshots.full_every,
+            first_version=(latest or 0) + 1,
+        )
+        self.loop = TrainerLoop(self.svc, source=RayReaders([], 0), sink=RayPublisher(publisher),
+                                snapshot_interval_s=self.cfg.snapshots.interval_s,
+                                checkpoint_interval_s=ck.interval_s)
+
+    @ray.method(concurrency_group="train")
+    def run(self, readers: list, max_events: int | None = None):
+        """Train until stopped or `max_events` messages (trained + rejected) are applied."""
+        cfg = self.cfg
+        self.loop.source = RayReaders(readers, pull=max(cfg.trainer.batch_size * 4, cfg.kafka.max_poll_records))
+        self.loop.stop.clear()
+        return self.loop.run(max_events)
+
+    @ray.method(concurrency_group="train")
+    def publish_start_state(self) -> int | None:
+        """Publish the state this trainer starts from (fresh or restored) and wait until it
+        is stored, so serving replicas find a version the moment they start; waiting for
+        the first events would put the whole start-up into their freshness."""
+        return self.loop.publish_start()
 
     # -- control and queries -------------------------------------------------------------------
     @ray.method(concurrency_group="query")
     def request_stop(self) -> None:
-        self._stop.set()
+        self.loop.stop.set()
 
     @ray.method(concurrency_group="query")
     def pid(self) -> int:
         return os.getpid()
 
     @ray.method(concurrency_group="query")
-    def progress(self) -> dict[str, Any]:
+    def progress(self):
         return self.svc.progress()
 
     @ray.method(concurrency_group="query")
@@ -308,16 +274,17 @@ class TrainerActor:
         return self.svc.stats()
 
     @ray.method(concurrency_group="query")
-    def final_report(self) -> dict[str, Any]:
+    def final_report(self):
         """Progress plus the full metrics (AUC of the last 20%) and memory stats."""
+        from stream.messages import TrainerFinal, finite_or_none
+
         with self.svc.lock:
             t = self.svc.trainer
-            out = self.svc.progress()
-            out["stats"] = t.stats()
-            if t.metrics.keep_log:
-                v = t.metrics.auc_last(0.2)
-                out["auc_last20.like"] = v if v == v else None  # NaN -> null
-            return out
+            return TrainerFinal(
+                progress=self.svc.progress(),
+                memories=finite_or_none(t.state.stats()),
+                auc_last20_like=finite_or_none(t.metrics.auc_last(0.2)) if t.metrics.keep_log else None,
+            )
 
     @ray.method(concurrency_group="query")
     def bank_item(self, item_id: str):
@@ -334,11 +301,15 @@ class TrainerActor:
             return [{"item_id": i, "cosine": float(c)} for i, c in bank.neighbors(item_id, k)]
 
     @ray.method(concurrency_group="query")
-    def memory_stats(self, name: str) -> dict[str, Any]:
+    def memory_stats(self, name: str) -> dict[str, Any] | None:
+        """A component's stats; {"enabled": False} for a memory the config switched off
+        (`model.use_<name>`); None for a name the model does not know."""
         with self.svc.lock:
             t = self.svc.trainer
             comp = t.state.components().get(name)
-            return {"enabled": False} if comp is None else {"enabled": True, **comp.stats()}
+            if comp is not None:
+                return {"enabled": True, **comp.stats()}
+            return {"enabled": False} if getattr(t.cfg, f"use_{name}", None) is False else None
 
     @ray.method(concurrency_group="query")
     def user_history(self, user_id: str, limit: int):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import signal
 import threading
 import time
@@ -26,6 +25,11 @@ from typing import Any
 
 from stream.config import MemstreamConfig
 from stream.errors import MemstreamError
+from stream.job.display import LiveDisplay
+from stream.job.metrics import JobMetrics
+from stream.job.report import JobSample, redacted, run_report, write_plots
+from stream.job.view import DriverJobView
+from stream.messages import RunReport
 
 log = logging.getLogger(__name__)
 
@@ -89,100 +93,6 @@ def resolve_device(cfg: MemstreamConfig, cluster_gpus: float) -> tuple[str, floa
     return dev, (1.0 if dev.startswith("cuda") else 0.0)
 
 
-# -- the admin API's view of the job --------------------------------------------------------
-
-
-class DriverJobView:
-    def __init__(self, topo: Topology, metrics: "JobMetrics"):
-        self.t = topo
-        self.metrics = metrics
-
-    def _get(self, ref, timeout: float = 15.0):
-        import ray
-
-        return ray.get(ref, timeout=timeout)
-
-    def bank_item(self, item_id):
-        return self._get(self.t.trainer.bank_item.remote(item_id))
-
-    def bank_neighbors(self, item_id, k):
-        return self._get(self.t.trainer.bank_neighbors.remote(item_id, k))
-
-    def bank_stats(self):
-        return self._get(self.t.trainer.memory_stats.remote("bank"))
-
-    def pkm_stats(self):
-        return self._get(self.t.trainer.memory_stats.remote("pkm"))
-
-    def lmn_stats(self):
-        return self._get(self.t.trainer.memory_stats.remote("lmn"))
-
-    def user_history(self, user_id, limit):
-        return self._get(self.t.trainer.user_history.remote(user_id, limit))
-
-    def snapshots(self):
-        return self._get(self.t.publisher.snapshots.remote())
-
-    def rollback(self, version):
-        from stream.admin.app import NotFound
-        from stream.snapshots.store import SnapshotError
-
-        try:
-            return self._get(self.t.publisher.pin.remote(version))
-        except Exception as e:  # ray wraps the actor's exception
-            cause = getattr(e, "cause", None) or e
-            if isinstance(cause, SnapshotError) or "Snapshot" in type(cause).__name__:
-                raise NotFound(f"version {version} cannot be served: {cause}") from None
-            raise
-
-    def unpin(self):
-        return self._get(self.t.publisher.pin.remote(None))
-
-    def serving(self):
-        return self._get(self.t.publisher.serving_state.remote())
-
-    def ingest_lag(self):
-        import ray
-
-        ends: dict[int, int] = {}
-        for r in self.t.readers:
-            ends.update(ray.get(r.end_offsets.remote(), timeout=15))
-        nxt = self._get(self.t.trainer.progress.remote())["next_offsets"]
-        per = {p: max(0, e - int(nxt.get(p, 0))) for p, e in sorted(ends.items())}
-        return {"topic": self.t.topic, "total": sum(per.values()),
-                "partitions": {str(p): {"end": ends[p], "next": int(nxt.get(p, 0)), "lag": lag}
-                               for p, lag in per.items()}}
-
-    def metrics_text(self):
-        return self.metrics.render()
-
-
-class JobMetrics:
-    """Prometheus gauges the supervision loop keeps current."""
-
-    def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Gauge
-
-        self.registry = CollectorRegistry()
-        g = lambda name, doc, labels=(): Gauge(name, doc, labels, registry=self.registry)  # noqa: E731
-        self.events_applied = g("memstream_events_trained_total", "events trained in this lineage")
-        self.events_dlq = g("memstream_events_dlq_total", "events dead-lettered in this lineage")
-        self.auc = g("memstream_auc", "prequential AUC (cumulative)", ("task",))
-        self.auc_window = g("memstream_auc_window", "prequential AUC over the metrics window", ("task",))
-        self.throughput = g("memstream_throughput_events_per_second", "trained events per second")
-        self.lag = g("memstream_ingest_lag_events", "end offset minus next offset, all partitions")
-        self.snapshot_version = g("memstream_snapshot_version", "last published snapshot version")
-        self.serving_version = g("memstream_serving_version", "version live on a replica", ("replica",))
-        self.serving_refusals = g("memstream_serving_refusals_total", "snapshot versions refused", ("replica",))
-        self.freshness = g("memstream_freshness_seconds", "event Kafka time to live in serving", ("quantile",))
-        self.trainer_restarts = g("memstream_trainer_restarts_total", "trainer actor restarts seen")
-
-    def render(self) -> bytes:
-        from prometheus_client import generate_latest
-
-        return generate_latest(self.registry)
-
-
 # -- the driver -----------------------------------------------------------------------------
 
 
@@ -199,7 +109,7 @@ class StreamingJob:
         self._replay_stop = threading.Event()
         self._replay_error: BaseException | None = None
         self.replay_done = threading.Event()
-        self.samples: list[dict[str, Any]] = []  # progress over time (report, plots)
+        self.samples: list[JobSample] = []  # progress over time (plots)
         self.trainer_restarts = 0
         self._admin = None
         self._started_ray = False
@@ -359,9 +269,7 @@ class StreamingJob:
             raise KeyboardInterrupt  # second Ctrl-C: stop waiting
         self._stop.set()
 
-    def run(self) -> dict[str, Any]:
-        import ray
-
+    def run(self) -> RunReport:
         prev = {}
         if threading.current_thread() is threading.main_thread():  # tests run jobs in threads
             prev = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -377,27 +285,26 @@ class StreamingJob:
             self._teardown(topo)
         if self.report_path:
             Path(self.report_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(self.report_path).write_text(json.dumps(report, indent=1, default=_json_default))
-            self._plots(Path(self.report_path).with_suffix(""))
+            Path(self.report_path).write_text(json.dumps(report.to_json(), indent=1))
+            write_plots(Path(self.report_path).with_suffix(""), self.samples, self.freshness_samples)
         return report
 
-    def _supervise(self, topo: Topology, t_start: float) -> dict[str, Any]:
+    def _supervise(self, topo: Topology, t_start: float) -> RunReport:
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         job = self.cfg.job
         max_events = self.max_events
         run_ref = topo.trainer.run.remote(topo.readers, max_events)
-        display = _LiveDisplay(enabled=job.live_display)
+        display = LiveDisplay(enabled=job.live_display)
         last_lag_check = 0.0
         lag = None
-        result = None
         with display:
             while True:
                 done, _ = ray.wait([run_ref], timeout=job.progress_interval_s)
                 if done:
                     try:
-                        result = ray.get(run_ref)
+                        ray.get(run_ref)
                         break
                     except (RayActorError, RayTaskError) as e:
                         if self._stop.is_set():
@@ -425,9 +332,13 @@ class StreamingJob:
                         lag = None
                     last_lag_check = now
                 fresh = ray.get(topo.publisher.freshness.remote(), timeout=10)
-                sample = {"t": now - t_start, "lag": lag, "freshness": fresh, **prog}
+                sample = JobSample(t=now - t_start, progress=prog, lag=lag, freshness=fresh)
                 self.samples.append(sample)
-                self._update_metrics(topo, sample)
+                try:
+                    serving = ray.get(topo.publisher.serving_state.remote(), timeout=5)
+                except Exception:
+                    serving = None
+                self.metrics.update(sample, serving, self.trainer_restarts)
                 display.update(sample, topo)
                 if self._replay_error is not None:
                     self._stop.set()
@@ -436,11 +347,23 @@ class StreamingJob:
                 stop |= job.stop_at_end and self.replay_done.is_set() and lag == 0
                 if stop:
                     topo.trainer.request_stop.remote()
-                    result = ray.get(run_ref)
+                    ray.get(run_ref)
                     break
         if self._replay_error is not None:
             raise JobError(f"replay into the local broker failed: {self._replay_error}")
-        return self._final_report(topo, result, t_start)
+        return self._final_report(topo, t_start)
+
+    def _final_report(self, topo: Topology, t_start: float) -> RunReport:
+        import ray
+
+        final = ray.get(topo.trainer.final_report.remote(), timeout=60)
+        last_version = final.progress.snapshot_version
+        serving = self._wait_serving(topo, last_version)
+        fresh = ray.get(topo.publisher.freshness.remote(), timeout=10)
+        pub_stats = ray.get(topo.publisher.stats.remote(), timeout=10)
+        self.freshness_samples = ray.get(topo.publisher.freshness_samples.remote(), timeout=30)
+        return run_report(final, fresh, pub_stats, serving, last_version, self.trainer_restarts,
+                          time.time() - t_start, redacted(self.cfg.model_dump(mode="json")))
 
     def _wait_trainer(self, topo: Topology, timeout_s: float = 300.0) -> None:
         import ray
@@ -453,91 +376,6 @@ class StreamingJob:
             except Exception:
                 time.sleep(1.0)
         raise JobError("the trainer actor did not come back within 5 minutes")
-
-    def _update_metrics(self, topo: Topology, s: dict[str, Any]) -> None:
-        m = self.metrics
-        m.events_applied.set(s["events_applied"])
-        m.events_dlq.set(sum(s["rejects_applied"].values()))
-        auc = s["metrics"].get("auc.like")
-        if auc is not None:
-            m.auc.labels("like").set(auc)
-        wauc = s["metrics"].get("window.auc.like")
-        if wauc is not None:
-            m.auc_window.labels("like").set(wauc)
-        if s.get("throughput_eps") is not None:
-            m.throughput.set(s["throughput_eps"])
-        if s.get("lag") is not None:
-            m.lag.set(s["lag"])
-        if s.get("snapshot_version") is not None:
-            m.snapshot_version.set(s["snapshot_version"])
-        for q in ("p50_s", "p99_s"):
-            if s["freshness"].get(q) is not None:
-                m.freshness.labels(q[:-2]).set(s["freshness"][q])
-        m.trainer_restarts.set(self.trainer_restarts)
-        try:
-            import ray
-
-            for r in ray.get(topo.publisher.serving_state.remote(), timeout=5):
-                if r.get("version") is not None:
-                    m.serving_version.labels(r["replica"]).set(r["version"])
-                m.serving_refusals.labels(r["replica"]).set(r.get("refusals", 0))
-        except Exception:
-            pass
-
-    def _final_report(self, topo: Topology, result: dict[str, Any], t_start: float) -> dict[str, Any]:
-        import ray
-
-        final = ray.get(topo.trainer.final_report.remote(), timeout=60)
-        last_version = final.get("snapshot_version")
-        serving = self._wait_serving(topo, last_version)
-        fresh = ray.get(topo.publisher.freshness.remote(), timeout=10)
-        pub_stats = ray.get(topo.publisher.stats.remote(), timeout=10)
-        self.freshness_samples = ray.get(topo.publisher.freshness_samples.remote(), timeout=30)
-        stats = final.get("stats", {})
-        dlq = sum(final["rejects_applied"].values())
-        trained = final["events_applied"]
-        m = final["metrics"]
-        return {
-            "events_consumed": trained + dlq,
-            "events_trained": trained,
-            "events_dlq": dlq,
-            "dlq_categories": final["rejects_applied"],
-            "duplicates_dropped": final["duplicates_dropped"],
-            "throughput_eps": final.get("throughput_eps"),
-            "trainer_busy": final.get("busy"),
-            "trainer_uptime_s": final.get("uptime_s"),
-            "publish_failures": final.get("publish_failures"),
-            "auc.like": m.get("auc.like"),
-            "auc_last20.like": final.get("auc_last20.like"),
-            "logloss.like": m.get("logloss.like"),
-            "rmse.rating": m.get("rmse.rating"),
-            "freshness_p50_s": fresh.get("p50_s"),
-            "freshness_p99_s": fresh.get("p99_s"),
-            "freshness_samples": fresh.get("count"),
-            # events produced after serving went live (the start-up transient left out)
-            "freshness_steady_p50_s": fresh.get("steady_p50_s"),
-            "freshness_steady_p99_s": fresh.get("steady_p99_s"),
-            # event -> its version in the store (the trainer's part of freshness)
-            "written_p50_s": fresh.get("written_p50_s"),
-            "written_p99_s": fresh.get("written_p99_s"),
-            # where each event's freshness went (train / tick / write / swap): p50, p99,
-            # and the mean over the slowest 1% of events
-            "freshness_legs": fresh.get("legs"),
-            "snapshots_published": pub_stats["published"],
-            "snapshot_bases_written": pub_stats["bases_written"],
-            "snapshot_base_failures": pub_stats["base_failures"],
-            "snapshot_version": last_version,
-            "serving_version": max((r.get("version") or 0 for r in serving), default=None),
-            "serving": serving,
-            "trainer_restarts": self.trainer_restarts,
-            "restored_from_checkpoint": final.get("restored_from"),
-            "offsets": final["next_offsets"],
-            "bank": stats.get("bank"),
-            "pkm": stats.get("pkm"),
-            "lmn": stats.get("lmn"),
-            "duration_s": time.time() - t_start,
-            "config": _redacted(self.cfg.model_dump(mode="json")),
-        }
 
     def _wait_serving(self, topo: Topology, version: int | None, timeout_s: float = 20.0, replicas: int = 1):
         """Replica states once at least `replicas` of them run `version` or newer (or at the
@@ -596,123 +434,6 @@ class StreamingJob:
                 self._replay_thread.join(timeout=30)
             self._broker.stop()
 
-    # ---- plots -------------------------------------------------------------------------------
-    def _plots(self, stem: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy as np
-
-        s = self.samples
-        if not s:
-            return
-        t = np.array([x["t"] for x in s])
-        ev = np.array([x["events_applied"] for x in s], dtype=float)
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        auc = np.array([np.nan if x["metrics"].get("auc.like") is None else x["metrics"]["auc.like"] for x in s])
-        wauc = np.array([np.nan if x["metrics"].get("window.auc.like") is None
-                         else x["metrics"]["window.auc.like"] for x in s])
-        axes[0].plot(ev, auc, label="cumulative")
-        axes[0].plot(ev, wauc, label="window", alpha=0.7)
-        axes[0].set(xlabel="events trained", ylabel="AUC (like)", title="prequential AUC")
-        axes[0].legend()
-        rate = np.diff(ev) / np.maximum(np.diff(t), 1e-9) if len(t) > 1 else np.zeros(0)
-        axes[1].plot(t[1:], rate)
-        axes[1].set(xlabel="seconds", ylabel="events/s", title="training throughput")
-        fs = self.freshness_samples
-        if len(fs):
-            axes[2].hist(fs, bins=50)
-        axes[2].set(xlabel="seconds", ylabel="events", title="freshness (Kafka time -> live in serving)")
-        fig.tight_layout()
-        fig.savefig(f"{stem}.png", dpi=90)
-        plt.close(fig)
-
-
-class _LiveDisplay:
-    """rich Live panel: events/s, lag, AUC, snapshot/serving version, freshness."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self._live = None
-        self._last: tuple[float, int] | None = None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.live import Live
-
-            self._live = Live(refresh_per_second=2, transient=False)
-            self._live.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self._live is not None:
-            self._live.__exit__(*exc)
-
-    def update(self, s: dict[str, Any], topo: Topology) -> None:
-        if self._live is None:
-            # No live panel (--no-live, `ray job submit`): a log line every ~10 s instead.
-            if self._last is None or s["t"] - self._last[0] >= 10:
-                rate = None
-                if self._last is not None:
-                    rate = (s["events_applied"] - self._last[1]) / (s["t"] - self._last[0])
-                self._last = (s["t"], s["events_applied"])
-                f, m = s["freshness"], s["metrics"]
-                log.info("%d events trained, %s ev/s, lag %s, AUC %s, snapshot v%s, freshness p50/p99 %s/%s s",
-                         s["events_applied"], "-" if rate is None else f"{rate:,.0f}", s.get("lag"),
-                         _fmt(m.get("auc.like")), s.get("snapshot_version"),
-                         _fmt(f.get("p50_s"), 2), _fmt(f.get("p99_s"), 2))
-            return
-        from rich.table import Table
-
-        rate = None
-        if self._last is not None and s["t"] > self._last[0]:
-            rate = (s["events_applied"] - self._last[1]) / (s["t"] - self._last[0])
-        self._last = (s["t"], s["events_applied"])
-        f = s["freshness"]
-        m = s["metrics"]
-        tab = Table(title=f"memstream  {topo.topic} on {topo.bootstrap}", show_header=False)
-        rows = [
-            ("elapsed", f"{s['t']:.0f} s"),
-            ("events trained", f"{s['events_applied']:,}"),
-            ("dead-lettered", f"{sum(s['rejects_applied'].values()):,}"),
-            ("events/s", "-" if rate is None else f"{rate:,.0f}"),
-            ("lag", "-" if s.get("lag") is None else f"{s['lag']:,}"),
-            ("AUC like (cum / window)", f"{_fmt(m.get('auc.like'))} / {_fmt(m.get('window.auc.like'))}"),
-            ("snapshot version", str(s.get("snapshot_version"))),
-            ("freshness p50 / p99", f"{_fmt(f.get('p50_s'), 2)} s / {_fmt(f.get('p99_s'), 2)} s"),
-            ("serving", topo.serving_url or "-"),
-            ("admin", topo.admin_url or "-"),
-        ]
-        for k, v in rows:
-            tab.add_row(k, v)
-        self._live.update(tab)
-
-
-def _redacted(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The config for reports: Kafka client options (credentials) and the admin token masked."""
-    cfg["kafka"]["client_options"] = {k: "***" for k in cfg["kafka"]["client_options"]}
-    if cfg["admin"].get("token"):
-        cfg["admin"]["token"] = "***"
-    return cfg
-
-
-def _fmt(x: Any, nd: int = 4) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
-
-
-def _json_default(o: Any) -> Any:
-    import numpy as np
-
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
 def run_main(args) -> int:
     """`memstream run` (see stream/cli/main.py for the flags)."""
     from stream.config import load_config
@@ -735,8 +456,8 @@ def run_main(args) -> int:
     # kafka-python 3's own event-loop timing ("Task ran for 0.25s ... blocking the event
     # loop"): the client's internals on a busy CPU, nothing a user of the job can act on.
     logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
-    report = StreamingJob(cfg, args.report).run()
+    report = StreamingJob(cfg, args.report).run().to_json()
     keys = ("events_consumed", "events_trained", "events_dlq", "throughput_eps", "auc.like",
             "freshness_p50_s", "freshness_p99_s", "snapshots_published", "serving_version", "duration_s")
-    print(json.dumps({k: report.get(k) for k in keys}, default=_json_default))
+    print(json.dumps({k: report.get(k) for k in keys}))
     return 0

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from stream.messages import ServingEvent
 from stream.snapshots.store import (
     DeltaState,
     SnapshotChain,
@@ -250,7 +251,7 @@ class ServingReporter:
                 return None
         return self._handle
 
-    def report(self, replica_id: str, event: dict[str, Any]) -> None:
+    def report(self, replica_id: str, event: ServingEvent) -> None:
         h = self._publisher()
         if h is not None:
             h.report_serving.remote(replica_id, event)

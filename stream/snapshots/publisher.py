@@ -5,7 +5,7 @@ Kafka timestamps of the events the version newly includes) to the publisher,
 which writes it to the store off the training thread. Replicas report back when
 they activate or refuse a version; the first activation of version v makes
 every event included up to v "live", and its freshness is that moment minus
-the event's Kafka timestamp (DESIGN section 7).
+the event's Kafka timestamp (README, "Snapshots and checkpoints").
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from stream.snapshots.store import DeltaState, FullState, SnapshotStore
+from memory_bank.base import DeltaState, FullState
+from stream.messages import ServingEvent
+from stream.snapshots.store import SnapshotStore
 
 
 class SnapshotConfig(BaseModel):
@@ -183,19 +185,19 @@ class SnapshotPublisher:
             self.bases_written += 1
         return {"version": version, "kind": "base", "write_s": time.time() - t0}
 
-    def report_serving(self, replica_id: str, event: dict[str, Any]) -> None:
+    def report_serving(self, replica_id: str, event: ServingEvent) -> None:
         with self._lock:
             r = self.replicas.setdefault(
                 replica_id, {"replica": replica_id, "version": None, "refusals": 0}
             )
-            r["last_report"] = event.get("at", time.time())
-            if event["type"] == "activated":
-                r["version"] = event["version"]
-                r["activated_at"] = event["at"]
-                self.ledger.activated(event["version"], event["at"])
-            elif event["type"] == "refused":
+            r["last_report"] = event.at
+            if event.kind == "activated":
+                r["version"] = event.version
+                r["activated_at"] = event.at
+                self.ledger.activated(event.version, event.at)
+            else:
                 r["refusals"] += 1
-                r["last_refusal"] = {k: event.get(k) for k in ("version", "reason", "at")}
+                r["last_refusal"] = {"version": event.version, "reason": event.reason, "at": event.at}
 
     def serving_state(self) -> list[dict[str, Any]]:
         with self._lock:

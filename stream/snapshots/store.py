@@ -1,6 +1,6 @@
 """Snapshot store: versioned model state for serving, on any pyarrow filesystem.
 
-Layout under the store root (DESIGN section 7):
+Layout under the store root (docs/CONTRACTS.md, README "Snapshots and checkpoints"):
 
     v000001/manifest.json      written last inside a version: a version without
                                one is half-written and invisible

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 # Only the standard library at import time: `memstream` imports this module to
 # register the subcommand's arguments, and must not pay for torch to do so.
@@ -24,6 +23,7 @@ if TYPE_CHECKING:
     from models.online import OnlineTrainer
     from stream.config import MemstreamConfig
     from stream.ingest.events import EventBatch, EventLimits
+    from stream.messages import RunReport
 
 
 def iter_event_batches(
@@ -95,7 +95,7 @@ def prefetch(batches: Iterator[EventBatch], depth: int = 4) -> Iterator[EventBat
                 if stop.is_set():
                     return
             q.put(done)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it (else it waits forever)
+        except BaseException as e:
             q.put(e)
 
     reader = threading.Thread(target=read, name="eval-prefetch", daemon=True)
@@ -110,41 +110,19 @@ def prefetch(batches: Iterator[EventBatch], depth: int = 4) -> Iterator[EventBat
         reader.join(timeout=5)
 
 
-def _num(x: Any) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
-
-
 def build_report(trainer: OnlineTrainer, cfg: MemstreamConfig, duration_s: float, rejects: Counter,
-                 next_offsets: dict[int, int]) -> dict[str, Any]:
-    st = trainer.stats()
+                 next_offsets: dict[int, int]) -> RunReport:
+    from stream.messages import RunReport, finite_or_none
+
     m = trainer.metrics
-    bank, lmn, pkm = st.get("bank"), st.get("lmn"), st.get("pkm")
-    report: dict[str, Any] = {
-        "events": trainer.events_applied,
-        "duration_s": duration_s,
-        "throughput_eps": trainer.events_applied / duration_s if duration_s > 0 else None,
-        "auc.like": _num(st["auc.like"]),
-        "logloss.like": _num(st["logloss.like"]),
-        "rmse.rating": _num(st["rmse.rating"]),
-        "auc_last20.like": _num(m.auc_last(0.2)) if m.keep_log else None,
-        "window.auc.like": _num(st["window.auc.like"]),
-        "window.logloss.like": _num(st["window.logloss.like"]),
-        "window.rmse.rating": _num(st["window.rmse.rating"]),
-        "bank.coverage": bank["coverage"]["cumulative"] if bank else None,
-        "bank.staleness_cos": bank["staleness_cos"]["cumulative"] if bank else None,
-        "pkm.slot_usage": pkm["cumulative"]["slot_usage"] if pkm else None,
-        "pkm.slot_usage_window": pkm["window"]["slot_usage"] if pkm else None,
-        "pkm.kl_uniform": pkm["cumulative"]["kl_uniform"] if pkm else None,
-        "lmn.slot_usage": lmn["cumulative"]["slot_usage"] if lmn else None,
-        "lmn.kl_uniform": lmn["cumulative"]["kl_uniform"] if lmn else None,
-        "rejects": sum(rejects.values()),
-        "rejects_by_category": dict(sorted(rejects.items())),
-        "steps": trainer.steps,
-        "offsets": {str(k): v for k, v in sorted(next_offsets.items())},
-        "stats": {"bank": bank, "lmn": lmn, "pkm": pkm, "history": st.get("history")},
-        "config": cfg.model_dump(mode="json"),
-    }
-    return report
+    return RunReport.from_metrics(
+        m.summary(), m.auc_last(0.2) if m.keep_log else None,
+        events_trained=trainer.events_applied, events_dlq=sum(rejects.values()),
+        dlq_categories=dict(sorted(rejects.items())), steps=trainer.steps, duration_s=duration_s,
+        throughput_eps=trainer.events_applied / duration_s if duration_s > 0 else None,
+        offsets=dict(sorted(next_offsets.items())), memories=finite_or_none(trainer.state.stats()),
+        config=cfg.model_dump(mode="json"), streaming=None,
+    )
 
 
 def run_eval(
@@ -153,8 +131,8 @@ def run_eval(
     max_events: int | None = None,
     progress: bool = True,
     limits: EventLimits | None = None,
-) -> dict[str, Any]:
-    """Train/evaluate one pass over the recording; returns the report dict."""
+) -> RunReport:
+    """Train/evaluate one pass over the recording; returns its report."""
     import numpy as np
 
     from models.online import OnlineTrainer
@@ -221,10 +199,10 @@ def eval_main(args: argparse.Namespace) -> int:
     from stream.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    report = run_eval(cfg, args.recording, args.max_events, progress=not args.no_progress)
+    report = run_eval(cfg, args.recording, args.max_events, progress=not args.no_progress).to_json()
     out = Path(args.report)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=float))
-    keys = ("events", "throughput_eps", "auc.like", "auc_last20.like", "logloss.like", "rmse.rating")
+    out.write_text(json.dumps(report, indent=2))
+    keys = ("events_trained", "throughput_eps", "auc.like", "auc_last20.like", "logloss.like", "rmse.rating")
     print(json.dumps({k: report[k] for k in keys}))
     return 0

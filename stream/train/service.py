@@ -25,6 +25,7 @@ import numpy as np
 from memory_bank.base import DeltaState, FullState
 from models.online import OnlineTrainer
 from stream.ingest.events import EventBatch
+from stream.messages import IngestUnit, TrainerProgress, finite_or_none
 from stream.train.checkpoints import CheckpointManager
 
 log = logging.getLogger(__name__)
@@ -105,23 +106,23 @@ class TrainerService:
         self.busy = {"train_s": 0.0, "snapshot_s": 0.0, "checkpoint_s": 0.0, "checkpoint_write_s": 0.0}
 
     # -- training ------------------------------------------------------------------------------
-    def apply_unit(self, unit: dict[str, Any]) -> int:
+    def apply_unit(self, unit: IngestUnit) -> int:
         """Train on one reader result (see PartitionReader.next_batch); returns events trained."""
         return self.apply_units([unit])
 
-    def apply_units(self, units: list[dict[str, Any]]) -> int:
+    def apply_units(self, units: list[IngestUnit]) -> int:
         """Train on the results several readers returned together, merged into one stream
         in Kafka-timestamp order (stable): the partitions interleave as they were produced
         and small units from many readers make full micro-batches. Returns events trained."""
         t0 = time.monotonic()
-        parts = [EventBatch.from_arrow(u["events"]) for u in units if u["events"].num_rows]
+        parts = [EventBatch.from_arrow(u.events) for u in units if u.events.num_rows]
         batch = EventBatch.concat(parts)
         if len(parts) > 1:
             batch = batch.take(np.argsort(batch.kafka_ts_ms, kind="stable"))
-        rejects = [r for u in units for r in u["rejects"]]
+        rejects = [r for u in units for r in u.rejects]
         next_offsets: dict[int, int] = {}
         for u in units:
-            for p, o in u["next_offsets"].items():
+            for p, o in u.next_offsets.items():
                 next_offsets[int(p)] = max(next_offsets.get(int(p), 0), int(o))
         trained = 0
         with self.lock:
@@ -141,10 +142,10 @@ class TrainerService:
                 self._pending_trained.append(np.full(len(batch), time.time()))
                 for p, off in zip(batch.kafka_partition.tolist(), batch.kafka_offset.tolist()):
                     self._note_applied(p, off)
-            for p, off, category in rejects:
-                if off >= self.next_offsets.get(p, -1):
-                    self.rejects_applied[category] = self.rejects_applied.get(category, 0) + 1
-                    self._note_applied(p, off)
+            for r in rejects:
+                if r.offset >= self.next_offsets.get(r.partition, -1):
+                    self.rejects_applied[r.category] = self.rejects_applied.get(r.category, 0) + 1
+                    self._note_applied(r.partition, r.offset)
             for p, nxt in next_offsets.items():
                 self.next_offsets[p] = max(self.next_offsets.get(p, 0), nxt)
             self.busy["train_s"] += time.monotonic() - t0
@@ -222,7 +223,7 @@ class TrainerService:
                 if (version - 1) % self.full_every == 0:
                     base = model.full_snapshot()
             meta = self.snapshot_meta()
-            meta["metrics"] = _metrics_brief(self.trainer.metrics.summary())
+            meta["metrics"] = finite_or_none(self.trainer.metrics.summary())
             meta["cut_at"] = time.time()
             ts = np.concatenate(self._pending_ts) if self._pending_ts else np.empty(0, np.int64)
             trained = np.concatenate(self._pending_trained) if self._pending_trained else np.empty(0)
@@ -254,39 +255,25 @@ class TrainerService:
             self.republish = True
 
     # -- queries -------------------------------------------------------------------------------
-    def progress(self) -> dict[str, Any]:
+    def progress(self) -> TrainerProgress:
         with self.lock:
-            summary = self.trainer.metrics.summary()
-            return {
-                "events_applied": self.trainer.events_applied,
-                "steps": self.trainer.steps,
-                "rejects_applied": dict(self.rejects_applied),
-                "duplicates_dropped": self.duplicates_dropped,
-                "next_offsets": dict(self.next_offsets),
-                "lineage": {p: list(v) for p, v in self.lineage.items()},
-                "snapshot_version": self.last_published,
-                "publish_failures": self.publish_failures,
-                "checkpoint_failures": self.checkpoint_failures,
-                "restored_from": self.restored_from,
-                "throughput_eps": self.throughput_eps(),
-                "busy": {k: round(v, 3) for k, v in self.busy.items()},
-                "uptime_s": round(time.time() - self.started_at, 3),
-                "metrics": _metrics_brief(summary),
-            }
+            return TrainerProgress(
+                events_applied=self.trainer.events_applied,
+                steps=self.trainer.steps,
+                rejects_applied=dict(self.rejects_applied),
+                duplicates_dropped=self.duplicates_dropped,
+                next_offsets=dict(self.next_offsets),
+                lineage={p: list(v) for p, v in self.lineage.items()},
+                snapshot_version=self.last_published,
+                publish_failures=self.publish_failures,
+                checkpoint_failures=self.checkpoint_failures,
+                restored_from=self.restored_from,
+                throughput_eps=self.throughput_eps(),
+                busy={k: round(v, 3) for k, v in self.busy.items()},
+                uptime_s=round(time.time() - self.started_at, 3),
+                metrics=finite_or_none(self.trainer.metrics.summary()),
+            )
 
     def stats(self) -> dict[str, Any]:
         with self.lock:
             return self.trainer.stats()
-
-
-def _metrics_brief(summary: dict[str, Any]) -> dict[str, Any]:
-    """JSON-safe numbers only (the summary may carry arrays)."""
-    out: dict[str, Any] = {}
-    for k, v in summary.items():
-        if isinstance(v, float):
-            out[k] = v if np.isfinite(v) else None  # JSON has no NaN
-        elif isinstance(v, (int, str)) or v is None:
-            out[k] = v
-        elif isinstance(v, dict):
-            out[k] = _metrics_brief(v)
-    return out

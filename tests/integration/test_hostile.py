@@ -43,7 +43,7 @@ def test_hostile_mix_dead_lettered_by_category_valid_trained(ray_cluster, broker
                       now_ms=int(time.time() * 1000), ratio=10, dup_min_gap=600)
     topic = "hostile-mix"
     positions = produce(mix, broker, topic, partitions=4)["positions"]
-    expected = {pos: m for pos, m in zip(positions, mix)}
+    expected = dict(zip(positions, mix))
     bad = [m for m in mix if m.expected is not None]
     assert {m.kind for m in mix} >= {"ten_mb", "duplicate_event_id", "deeply_nested", "label_nan"}
 
@@ -53,7 +53,7 @@ def test_hostile_mix_dead_lettered_by_category_valid_trained(ray_cluster, broker
         "serving.enabled=false", "checkpoints.interval_s=2", "snapshots.interval_s=1",
         "admin.port=0", f"admin.token={'t' * 32}",
     ])
-    report = StreamingJob(cfg).run()
+    report = StreamingJob(cfg).run().to_json()
 
     assert report["trainer_restarts"] == 0
     assert report["events_trained"] == len(mix) - len(bad)

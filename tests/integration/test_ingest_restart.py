@@ -30,6 +30,6 @@ def test_unsought_reader_raises_then_serves_after_seek(broker):
         epoch = reader.seek({0: 5}, "fresh")
         reader.start()
         got = reader.next_batch(100, 10.0, epoch=epoch)
-        assert got is not None and got["next_offsets"][0] == 20 and got["events"].num_rows == 15
+        assert got is not None and got.next_offsets[0] == 20 and got.events.num_rows == 15
     finally:
         reader.close()

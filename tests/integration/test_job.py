@@ -9,7 +9,6 @@ import threading
 import time
 
 import httpx
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -29,8 +28,8 @@ def _start(job: StreamingJob) -> tuple[threading.Thread, dict]:
 
     def target():
         try:
-            out["report"] = job.run()
-        except BaseException as e:  # noqa: BLE001 - surfaced by the test
+            out["report"] = job.run().to_json()
+        except BaseException as e:
             out["error"] = e
 
     th = threading.Thread(target=target, daemon=True)
@@ -129,7 +128,7 @@ def test_trainer_killed_resumes_from_checkpoint_then_job_restart(ray_cluster, jo
     th, out = _start(job)
     topo = _wait(lambda: getattr(job, "topo", None), 120, "topology", out)
     ckpt_dir = cfg.job.work_dir + "/checkpoints"
-    _wait(lambda: ray.get(topo.trainer.progress.remote(), timeout=10)["events_applied"] > 4000
+    _wait(lambda: ray.get(topo.trainer.progress.remote(), timeout=10).events_applied > 4000
           and os.path.isdir(ckpt_dir) and any(p.startswith("ckpt-") for p in os.listdir(ckpt_dir)),
           300, "a checkpoint after 4000 events")
     os.kill(ray.get(topo.trainer.pid.remote()), signal.SIGKILL)
@@ -142,7 +141,7 @@ def test_trainer_killed_resumes_from_checkpoint_then_job_restart(ray_cluster, jo
 
     # A whole new job on the same work dir: restores, finds nothing left, applies nothing twice.
     again = StreamingJob(cfg)
-    report2 = again.run()
+    report2 = again.run().to_json()
     assert report2["restored_from_checkpoint"] is not None
     assert report2["events_trained"] == report["events_trained"]
     assert report2["events_dlq"] == report["events_dlq"] and report2["offsets"] == report["offsets"]

@@ -72,10 +72,10 @@ def test_refusal_visible_rollback_and_unpin(ray_cluster, broker, ml1m_20k, tmp_p
         admin = httpx.Client(base_url=topo.admin_url, timeout=30)
         serving = httpx.Client(base_url=topo.serving_url, timeout=30)
         store = SnapshotStore(topo.store_uri)
-        _wait(lambda: ray.get(topo.trainer.progress.remote(), timeout=10)["events_applied"] >= EVENTS // 2
+        _wait(lambda: ray.get(topo.trainer.progress.remote(), timeout=10).events_applied >= EVENTS // 2
               and store.latest_version(), 240, "first half applied and published", out)
         replay(halves[1], broker, "snapshot-ops", rate=400, retime=True)
-        _wait(lambda: ray.get(topo.trainer.progress.remote(), timeout=10)["events_applied"] >= EVENTS,
+        _wait(lambda: ray.get(topo.trainer.progress.remote(), timeout=10).events_applied >= EVENTS,
               240, "all events applied", out)
         try:
             # the version that includes every event (events applied is not yet published)

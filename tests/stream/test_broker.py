@@ -31,7 +31,7 @@ from infra.broker import (
 from stream.ingest.kafka_io import admin_client, ensure_topic
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:

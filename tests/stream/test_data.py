@@ -25,7 +25,7 @@ from stream.recordings.data.movielens import (
 from stream.recordings.data.synthetic import TOPIC_WORDS, build_synthetic_recording
 from stream.recordings.recording import recording_info
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def assert_kafka_layout(table, partitions: int) -> None:

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from memory_bank.base import MemoryDelta
+from memory_bank.base import DeltaState, FullState, MemoryDelta
 from stream.snapshots.publisher import SnapshotPublisher
-from stream.snapshots.store import DeltaState, FullState, SnapshotError
+from stream.snapshots.store import SnapshotError
 
 
 def _full():

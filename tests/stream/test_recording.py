@@ -30,7 +30,7 @@ from stream.recordings.recording import (
 )
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def per_partition(path: Path) -> dict[int, list[tuple]]:

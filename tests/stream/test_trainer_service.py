@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
+from memory_bank.base import FullState
 from models.config import ModelConfig, TrainerConfig
 from models.online import OnlineTrainer
+from stream.messages import IngestUnit
 from stream.recordings.data.synthetic import build_synthetic_recording
-from stream.snapshots.store import FullState
 from stream.train.checkpoints import CheckpointManager
 from stream.train.evaluate import iter_event_batches
 from stream.train.service import TrainerService
@@ -20,7 +21,7 @@ def units(tmp_path_factory):
     for b in iter_event_batches(path, batch_size=100):
         nxt = {int(p): int(b.kafka_offset[b.kafka_partition == p].max()) + 1
                for p in np.unique(b.kafka_partition)}
-        out.append({"events": b.to_arrow(), "rejects": [], "next_offsets": nxt})
+        out.append(IngestUnit(events=b.to_arrow(), rejects=(), next_offsets=nxt))
     return out
 
 
@@ -44,7 +45,7 @@ def test_failed_publish_makes_the_next_snapshot_full(tmp_path, units):
     assert not svc.republish
 
     svc.publish_failed(second.version, RuntimeError("store unreachable"))
-    assert svc.republish and svc.progress()["publish_failures"] == 1
+    assert svc.republish and svc.progress().publish_failures == 1
     third = svc.snapshot_payload()  # no new events needed: the failed content is re-sent whole
     assert isinstance(third.state, FullState) and third.parent is None
     assert third.version == second.version + 1 and not svc.republish
@@ -70,19 +71,19 @@ def test_units_from_several_readers_train_as_one_stream_in_timestamp_order(tmp_p
     """Two readers' results applied together equal the same events applied in produce order."""
     from stream.ingest.events import EventBatch
 
-    merged = EventBatch.concat([EventBatch.from_arrow(u["events"]) for u in units[:2]])
+    merged = EventBatch.concat([EventBatch.from_arrow(u.events) for u in units[:2]])
     by_reader = []
     for parity in (0, 1):  # reader A has the even partitions, reader B the odd ones
         pick = np.flatnonzero(merged.kafka_partition % 2 == parity)
         part = merged.take(pick)
-        by_reader.append({"events": part.to_arrow(), "rejects": [],
-                          "next_offsets": {int(p): int(part.kafka_offset[part.kafka_partition == p].max()) + 1
-                                           for p in np.unique(part.kafka_partition)}})
-    assert all(u["events"].num_rows for u in by_reader)
+        by_reader.append(IngestUnit(events=part.to_arrow(), rejects=(),
+                                    next_offsets={int(p): int(part.kafka_offset[part.kafka_partition == p].max()) + 1
+                                                  for p in np.unique(part.kafka_partition)}))
+    assert all(u.events.num_rows for u in by_reader)
     a, b = _service(tmp_path / "a"), _service(tmp_path / "b")
     assert a.apply_units(by_reader) == len(merged)
-    in_order = {"events": merged.take(np.argsort(merged.kafka_ts_ms, kind="stable")).to_arrow(), "rejects": [],
-                "next_offsets": {p: o for u in by_reader for p, o in u["next_offsets"].items()}}
+    in_order = IngestUnit(events=merged.take(np.argsort(merged.kafka_ts_ms, kind="stable")).to_arrow(), rejects=(),
+                          next_offsets={p: o for u in by_reader for p, o in u.next_offsets.items()})
     b.apply_unit(in_order)
     assert a.next_offsets == b.next_offsets and a.lineage == b.lineage
     assert a.trainer.metrics.summary()["auc.like"] == b.trainer.metrics.summary()["auc.like"]

@@ -1,0 +1,59 @@
+"""The job's Prometheus metrics (served at the admin API's /metrics), kept current by the
+driver's supervision loop from each progress sample."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stream.job.report import JobSample
+
+
+class JobMetrics:
+    """Prometheus gauges the supervision loop keeps current."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Gauge
+
+        self.registry = CollectorRegistry()
+        g = lambda name, doc, labels=(): Gauge(name, doc, labels, registry=self.registry)
+        self.events_applied = g("memstream_events_trained_total", "events trained in this lineage")
+        self.events_dlq = g("memstream_events_dlq_total", "events dead-lettered in this lineage")
+        self.auc = g("memstream_auc", "prequential AUC (cumulative)", ("task",))
+        self.auc_window = g("memstream_auc_window", "prequential AUC over the metrics window", ("task",))
+        self.throughput = g("memstream_throughput_events_per_second", "trained events per second")
+        self.lag = g("memstream_ingest_lag_events", "end offset minus next offset, all partitions")
+        self.snapshot_version = g("memstream_snapshot_version", "last published snapshot version")
+        self.serving_version = g("memstream_serving_version", "version live on a replica", ("replica",))
+        self.serving_refusals = g("memstream_serving_refusals_total", "snapshot versions refused", ("replica",))
+        self.freshness = g("memstream_freshness_seconds", "event Kafka time to live in serving", ("quantile",))
+        self.trainer_restarts = g("memstream_trainer_restarts_total", "trainer actor restarts seen")
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+    def update(self, s: JobSample, serving: list[dict[str, Any]] | None, trainer_restarts: int) -> None:
+        """Set every gauge from one sample (and the replicas' states, when they were read)."""
+        p, m = s.progress, s.progress.metrics
+        self.events_applied.set(p.events_applied)
+        self.events_dlq.set(p.events_dlq)
+        if m.get("auc.like") is not None:
+            self.auc.labels("like").set(m["auc.like"])
+        if m.get("window.auc.like") is not None:
+            self.auc_window.labels("like").set(m["window.auc.like"])
+        if p.throughput_eps is not None:
+            self.throughput.set(p.throughput_eps)
+        if s.lag is not None:
+            self.lag.set(s.lag)
+        if p.snapshot_version is not None:
+            self.snapshot_version.set(p.snapshot_version)
+        for q in ("p50_s", "p99_s"):
+            if s.freshness.get(q) is not None:
+                self.freshness.labels(q[:-2]).set(s.freshness[q])
+        self.trainer_restarts.set(trainer_restarts)
+        for r in serving or []:
+            if r.get("version") is not None:
+                self.serving_version.labels(r["replica"]).set(r["version"])
+            self.serving_refusals.labels(r["replica"]).set(r.get("refusals", 0))
