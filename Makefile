@@ -11,7 +11,7 @@ CONFIG ?= configs/default.yaml
 RUN_ARGS ?= --duration 420
 PYTEST_ARGS ?=
 
-.PHONY: venv run test lint clean
+.PHONY: venv run test test-fast lint format clean
 
 venv: $(STAMP)
 
@@ -36,8 +36,19 @@ run: venv
 test: venv
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
+# The unit tests: no broker, no Ray (a few minutes on 2 cores).
+test-fast: venv
+	$(VENV)/bin/python -m pytest -m "not integration" $(PYTEST_ARGS)
+
+LINT_PATHS := stream models kernels memory_bank infra tests benchmarks
+
 lint: venv
-	$(VENV)/bin/ruff check stream models kernels memory_bank infra tests benchmarks
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+
+format: venv
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
+	$(VENV)/bin/ruff format $(LINT_PATHS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
