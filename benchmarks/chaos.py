@@ -107,13 +107,21 @@ def _recording(events: int, cache: Path) -> Path:
 def _config(bootstrap: str, topic: str, work_dir: Path, plan: ChaosPlan):
     from stream.config import load_config
 
-    return load_config(ROOT / "configs" / "default.yaml", [
-        f'kafka.bootstrap="{bootstrap}"', f"kafka.topic={topic}",
-        f"kafka.ingest_actors={plan.ingest_actors}",
-        f"job.work_dir={work_dir}", f"job.max_events={plan.events}", "job.live_display=false",
-        "serving.enabled=false", "admin.enabled=false",
-        f"checkpoints.interval_s={plan.checkpoint_interval_s}", "snapshots.interval_s=2",
-    ])
+    return load_config(
+        ROOT / "configs" / "default.yaml",
+        [
+            f'kafka.bootstrap="{bootstrap}"',
+            f"kafka.topic={topic}",
+            f"kafka.ingest_actors={plan.ingest_actors}",
+            f"job.work_dir={work_dir}",
+            f"job.max_events={plan.events}",
+            "job.live_display=false",
+            "serving.enabled=false",
+            "admin.enabled=false",
+            f"checkpoints.interval_s={plan.checkpoint_interval_s}",
+            "snapshots.interval_s=2",
+        ],
+    )
 
 
 def _run_thread(job) -> tuple[threading.Thread, dict]:
@@ -189,8 +197,7 @@ def run_chaos(plan: ChaosPlan, cache: Path, *, broker=None, keep_dir: Path | Non
         broker = LocalBroker(state_dir=work / "broker").start()
     started_ray = not ray.is_initialized()
     if started_ray:
-        init_local_ray(num_cpus=4, namespace="memstream-chaos", logging_level="WARNING",
-                       log_to_driver=False)
+        init_local_ray(num_cpus=4, namespace="memstream-chaos", logging_level="WARNING", log_to_driver=False)
     prefix = f"chaos-{plan.seed}-{int(time.time())}"
     try:
         # 1. undisturbed reference, produced at the same pace as the chaos run: the
@@ -201,8 +208,12 @@ def run_chaos(plan: ChaosPlan, cache: Path, *, broker=None, keep_dir: Path | Non
         t0 = time.time()
         ensure_topic(broker.bootstrap, f"{prefix}-base", info.partitions)
         base_producer = threading.Thread(
-            target=replay, args=(recording, broker.bootstrap, f"{prefix}-base"),
-            kwargs={"rate": plan.rate, "retime": True}, daemon=True, name="base-replay")
+            target=replay,
+            args=(recording, broker.bootstrap, f"{prefix}-base"),
+            kwargs={"rate": plan.rate, "retime": True},
+            daemon=True,
+            name="base-replay",
+        )
         base_producer.start()
         base = StreamingJob(_config(broker.bootstrap, f"{prefix}-base", work / "base", plan)).run().to_json()
         base_producer.join(60)
@@ -216,8 +227,15 @@ def run_chaos(plan: ChaosPlan, cache: Path, *, broker=None, keep_dir: Path | Non
 
         def produce():
             try:
-                replay(recording, broker.bootstrap, topic, rate=plan.rate, retime=True,
-                       request_timeout_ms=60_000, max_block_ms=120_000)
+                replay(
+                    recording,
+                    broker.bootstrap,
+                    topic,
+                    rate=plan.rate,
+                    retime=True,
+                    request_timeout_ms=60_000,
+                    max_block_ms=120_000,
+                )
             except BaseException as e:
                 replay_err.append(e)
 
@@ -296,12 +314,22 @@ def run_chaos(plan: ChaosPlan, cache: Path, *, broker=None, keep_dir: Path | Non
         metrics = report  # the last job's report: the final lineage's metrics
         scored_like = _scored(work / "chaos")
         return ChaosResult(
-            plan=plan, produced=info.rows,
+            plan=plan,
+            produced=info.rows,
             applied=int(ckpt.meta["events_applied"]) + sum(ckpt.meta["rejects_applied"].values()),
-            trained=int(ckpt.meta["events_applied"]), dlq=sum(ckpt.meta["rejects_applied"].values()),
-            scored=scored_like, lost=lost, applied_twice=twice, lineage_exact=exact,
-            partitions=parts, auc_chaos=metrics.get("auc.like"), auc_base=base.get("auc.like"),
-            faults=faults_done, trainer_restarts=restarts, duration_s=chaos_s, base_duration_s=base_s,
+            trained=int(ckpt.meta["events_applied"]),
+            dlq=sum(ckpt.meta["rejects_applied"].values()),
+            scored=scored_like,
+            lost=lost,
+            applied_twice=twice,
+            lineage_exact=exact,
+            partitions=parts,
+            auc_chaos=metrics.get("auc.like"),
+            auc_base=base.get("auc.like"),
+            faults=faults_done,
+            trainer_restarts=restarts,
+            duration_s=chaos_s,
+            base_duration_s=base_s,
         )
     finally:
         if started_ray:
@@ -355,8 +383,10 @@ def table(r: ChaosResult) -> str:
     ]
     lines = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     lines += ["", "| partition | produced | applied | next offset | exact |", "|---|---|---|---|---|"]
-    lines += [f"| {p} | {d['produced']} | {d['applied']} | {d['next_offset']} | {bool(d['exact'])} |"
-              for p, d in sorted(r.partitions.items())]
+    lines += [
+        f"| {p} | {d['produced']} | {d['applied']} | {d['next_offset']} | {bool(d['exact'])} |"
+        for p, d in sorted(r.partitions.items())
+    ]
     lines += ["", "Fault schedule (events applied when fired):", ""]
     lines += [f"- {json.dumps(f)}" for f in r.faults]
     return "\n".join(lines)
@@ -375,9 +405,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the result as JSON here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    plan = ChaosPlan(events=args.events, seed=args.seed, rate=args.rate,
-                     trainer_kills=args.trainer_kills, outage_s=args.outage_s,
-                     checkpoint_interval_s=args.checkpoint_interval_s)
+    plan = ChaosPlan(
+        events=args.events,
+        seed=args.seed,
+        rate=args.rate,
+        trainer_kills=args.trainer_kills,
+        outage_s=args.outage_s,
+        checkpoint_interval_s=args.checkpoint_interval_s,
+    )
     result = run_chaos(plan, Path(args.cache))
     text = table(result)
     print(text)
@@ -386,7 +421,12 @@ def main(argv: list[str] | None = None) -> int:
     _write_section(Path(args.out), "## Chaos run", section)
     if args.json:
         Path(args.json).write_text(json.dumps(result.__dict__, default=lambda o: o.__dict__, indent=1))
-    ok = result.lost == 0 and result.applied_twice == 0 and result.lineage_exact and result.scored == result.produced
+    ok = (
+        result.lost == 0
+        and result.applied_twice == 0
+        and result.lineage_exact
+        and result.scored == result.produced
+    )
     return 0 if ok else 1
 
 

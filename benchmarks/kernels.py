@@ -132,7 +132,10 @@ def run_gather(shape, dev, dtype, args, triton_mod, rows_out):
         out = sparse_gather_ref(V, idx, w)
         return torch.autograd.grad(out, (V, w), dout)
 
-    results = [("torch embedding_bag fwd", ref_fwd, fwd_bytes), ("torch embedding_bag fwd+bwd", ref_fb, fwd_bytes + bwd_bytes)]
+    results = [
+        ("torch embedding_bag fwd", ref_fwd, fwd_bytes),
+        ("torch embedding_bag fwd+bwd", ref_fb, fwd_bytes + bwd_bytes),
+    ]
     if triton_mod is not None:
         check_gather(triton_mod, V, idx, w, dout)
 
@@ -143,11 +146,13 @@ def run_gather(shape, dev, dtype, args, triton_mod, rows_out):
             def f():
                 out = triton_mod.sparse_gather_triton(V, idx, w, True, variant)
                 return torch.autograd.grad(out, (V, w), dout)
+
             return f
 
         results += [("triton fwd", tri_fwd, fwd_bytes)]
-        results += [(f"triton fwd+bwd ({v})", tri_fb(v), fwd_bytes + bwd_bytes)
-                    for v in ("auto", "atomic", "reverse")]
+        results += [
+            (f"triton fwd+bwd ({v})", tri_fb(v), fwd_bytes + bwd_bytes) for v in ("auto", "atomic", "reverse")
+        ]
     _time_rows(name, results, dev, args, rows_out)
 
 
@@ -200,14 +205,21 @@ def run_bank(shape, dev, dtype, args, triton_mod, rows_out):
     e = bank.element_size()
     nbytes = M * 8 + M * D * e + U * D * e + U * 8
     name = f"bank update M={M} N={N} D={D} {dtype_name(dtype)} (U={U})"
-    results = [("torch unique+index_copy (bank_update_ref)",
-                lambda: bank_update_ref(bank, stamps, rows, vectors, 3), nbytes)]
+    results = [
+        (
+            "torch unique+index_copy (bank_update_ref)",
+            lambda: bank_update_ref(bank, stamps, rows, vectors, 3),
+            nbytes,
+        )
+    ]
     if triton_mod is not None:
         b2, s2 = bank.clone(), stamps.clone()
         triton_mod.bank_update_triton(bank, stamps, rows, vectors, 5)
         bank_update_ref(b2, s2, rows, vectors, 5)
         assert torch.equal(bank, b2) and torch.equal(stamps, s2)
-        results.append(("triton", lambda: triton_mod.bank_update_triton(bank, stamps, rows, vectors, 3), nbytes))
+        results.append(
+            ("triton", lambda: triton_mod.bank_update_triton(bank, stamps, rows, vectors, 3), nbytes)
+        )
     _time_rows(name, results, dev, args, rows_out)
 
 
@@ -256,16 +268,30 @@ def _speedups(rows):
 
 
 def write_table(path, dev_name, copy_gbs, rows, note, args):
-    lines = [f"# Kernel benchmark: {dev_name}", "", note, "",
-             (f"Copy bandwidth (device-to-device, read + write): **{copy_gbs:.1f} GB/s**. "
-              f"Median of {args.iters} runs after {args.warmup} warm-up runs. "
-              f"Command: `{' '.join(sys.argv)}`"), "",
-             "| op / shape | implementation | median ms | GB/s | % of copy BW | speedup vs torch |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = [
+        f"# Kernel benchmark: {dev_name}",
+        "",
+        note,
+        "",
+        (
+            f"Copy bandwidth (device-to-device, read + write): **{copy_gbs:.1f} GB/s**. "
+            f"Median of {args.iters} runs after {args.warmup} warm-up runs. "
+            f"Command: `{' '.join(sys.argv)}`"
+        ),
+        "",
+        "| op / shape | implementation | median ms | GB/s | % of copy BW | speedup vs torch |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for (name, label, ms, gbs, _), sp in zip(rows, _speedups(rows)):
         lines.append(f"| {name} | {label} | {ms:.3f} | {gbs:.1f} | {100 * gbs / copy_gbs:.0f}% | {sp} |")
-    lines += ["", ("Bytes per op are counted as in the docstring of benchmarks/kernels.py "
-                   "(minimum traffic; index sorts and L2 re-reads not counted)."), ""]
+    lines += [
+        "",
+        (
+            "Bytes per op are counted as in the docstring of benchmarks/kernels.py "
+            "(minimum traffic; index sorts and L2 re-reads not counted)."
+        ),
+        "",
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     print(f"wrote {path}")
@@ -273,15 +299,19 @@ def write_table(path, dev_name, copy_gbs, rows, note, args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", action="append",
-                    help="gather=B,K,N,D[,uniform|zipf] | pkm=B,H,n,dk,k | bank=M,N,D")
+    ap.add_argument(
+        "--shapes", action="append", help="gather=B,K,N,D[,uniform|zipf] | pkm=B,H,n,dk,k | bank=M,N,D"
+    )
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--out", default=None, help="table path (default benchmarks/results/kernels_<device>.md)")
-    ap.add_argument("--triton-cpu", action="store_true",
-                    help="smoke-test the Triton rows on CPU under the interpreter (tiny shapes via "
-                         "--shapes; times are meaningless, nothing is written unless --out)")
+    ap.add_argument(
+        "--triton-cpu",
+        action="store_true",
+        help="smoke-test the Triton rows on CPU under the interpreter (tiny shapes via "
+        "--shapes; times are meaningless, nothing is written unless --out)",
+    )
     args = ap.parse_args(argv)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     gpu = torch.cuda.is_available()
@@ -294,8 +324,10 @@ def main(argv=None):
         args.iters = 50 if args.iters is None else args.iters
         from kernels.dispatch import triton_module
 
-        mods = {op: triton_module(m, torch.zeros(1, device=dev))
-                for op, m in (("gather", "sparse_gather"), ("pkm", "pkm_topk"), ("bank", "bank_update"))}
+        mods = {
+            op: triton_module(m, torch.zeros(1, device=dev))
+            for op, m in (("gather", "sparse_gather"), ("pkm", "pkm_topk"), ("bank", "bank_update"))
+        }
         shapes = {**GPU_SHAPES, **parse_shapes(args.shapes)}
         note = "Triton kernels and torch references on the GPU."
         out = Path(args.out) if args.out else RESULTS / f"kernels_{dev_name.replace(' ', '_')}.md"
@@ -309,9 +341,11 @@ def main(argv=None):
         args.iters = 7 if args.iters is None else args.iters
         mods = {"gather": None, "pkm": None, "bank": None}
         shapes = {**CPU_SHAPES, **parse_shapes(args.shapes)}
-        note = ("**No GPU on this machine: only the torch references are timed, on small "
-                "shapes** (the Triton kernels run on CPU only under the interpreter, which is a "
-                "correctness tool, not a performance path). GPU numbers: run this script on a GPU.")
+        note = (
+            "**No GPU on this machine: only the torch references are timed, on small "
+            "shapes** (the Triton kernels run on CPU only under the interpreter, which is a "
+            "correctness tool, not a performance path). GPU numbers: run this script on a GPU."
+        )
         print("no GPU: timing the torch references only (small shapes); Triton needs a GPU to be timed")
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
     copy_gbs = copy_bandwidth(dev, args.warmup, args.iters)

@@ -36,12 +36,21 @@ sys.path.insert(0, str(ROOT))
 def _job_cfg(base: list[str], bootstrap: str, topic: str, work: Path, events: int | None, port: int):
     from stream.config import load_config
 
-    return load_config(ROOT / "configs" / "default.yaml", [
-        f'kafka.bootstrap="{bootstrap}"', f"kafka.topic={topic}", f"job.work_dir={work}",
-        "job.live_display=false", "admin.port=0", f"serving.http_port={port}",
-        "snapshots.interval_s=1.0", "checkpoints.interval_s=30",
-        *([f"job.max_events={events}"] if events else []), *base,
-    ])
+    return load_config(
+        ROOT / "configs" / "default.yaml",
+        [
+            f'kafka.bootstrap="{bootstrap}"',
+            f"kafka.topic={topic}",
+            f"job.work_dir={work}",
+            "job.live_display=false",
+            "admin.port=0",
+            f"serving.http_port={port}",
+            "snapshots.interval_s=1.0",
+            "checkpoints.interval_s=30",
+            *([f"job.max_events={events}"] if events else []),
+            *base,
+        ],
+    )
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -61,8 +70,12 @@ def _rank_request(recording: Path, n: int) -> dict:
         if len(cands) == n:
             break
     u = events[-1]
-    return {"user_id": u["user_id"], "user_features": u["user_features"], "scenario": u["scenario"],
-            "candidates": cands}
+    return {
+        "user_id": u["user_id"],
+        "user_features": u["user_features"],
+        "scenario": u["scenario"],
+        "candidates": cands,
+    }
 
 
 def _snapshot_sizes(root: Path) -> dict[str, str]:
@@ -76,12 +89,25 @@ def _snapshot_sizes(root: Path) -> dict[str, str]:
         sizes[m["kind"]].append(sum(f["size"] for f in m["files"].values()))
         if store.has_base(v):  # a full copy beside a delta, for replicas that start later
             sizes["base"].append(sum(f["size"] for f in store.base_manifest(v)["files"].values()))
-    return {f"snapshot {kind} size, mean of {len(b)} (MB)": f"{np.mean(b) / 1e6:.1f}"
-            for kind, b in sizes.items() if b}
+    return {
+        f"snapshot {kind} size, mean of {len(b)} (MB)": f"{np.mean(b) / 1e6:.1f}"
+        for kind, b in sizes.items()
+        if b
+    }
 
 
-def _paced_run(args, bootstrap: str, topic: str, work: Path, port: int, rec: Path, rate: float,
-               n_events: int, req: dict, requests: int) -> dict:
+def _paced_run(
+    args,
+    bootstrap: str,
+    topic: str,
+    work: Path,
+    port: int,
+    rec: Path,
+    rate: float,
+    n_events: int,
+    req: dict,
+    requests: int,
+) -> dict:
     """A job over a topic fed at `rate` events/s; `requests` /rank calls during it."""
     import httpx
     import ray
@@ -101,8 +127,12 @@ def _paced_run(args, bootstrap: str, topic: str, work: Path, port: int, rec: Pat
         if not th.is_alive():
             raise SystemExit("the paced job failed to start (see its log above)")
         time.sleep(0.5)
-    feeder = threading.Thread(target=replay, args=(rec, bootstrap, topic),
-                              kwargs={"speed": "max", "rate": rate, "retime": True}, daemon=True)
+    feeder = threading.Thread(
+        target=replay,
+        args=(rec, bootstrap, topic),
+        kwargs={"speed": "max", "rate": rate, "retime": True},
+        daemon=True,
+    )
     feeder.start()
     lat: list[float] = []
     failures: dict[int, list[str]] = {}
@@ -163,8 +193,9 @@ def main() -> None:
         try:
             # 1b. streaming job over the same events, topic filled first
             replay(rec, broker.bootstrap, "bench-max", "max", retime=True)
-            job = StreamingJob(_job_cfg(args.overrides, broker.bootstrap, "bench-max", tmp / "w1",
-                                        args.events, port))
+            job = StreamingJob(
+                _job_cfg(args.overrides, broker.bootstrap, "bench-max", tmp / "w1", args.events, port)
+            )
             rep = job.run().to_json()
             rows["streaming throughput (events/s)"] = f"{rep['throughput_eps']:,.0f}"
             ratio = rep["throughput_eps"] / ev["throughput_eps"]
@@ -183,28 +214,47 @@ def main() -> None:
             n_paced = min(int(rate * args.fresh_seconds), args.events)  # the feeder sends `events` at most
             req = _rank_request(rec, 100)
             rows["paced rate (events/s, half capacity)"] = f"{rate:,.0f}"
-            quiet = _paced_run(args, broker.bootstrap, "bench-paced", tmp / "w2", port, rec, rate, n_paced,
-                               req, requests=0)
-            rows["freshness p50 / p99 (s)"] = f"{quiet['freshness_p50_s']:.2f} / {quiet['freshness_p99_s']:.2f}"
+            quiet = _paced_run(
+                args, broker.bootstrap, "bench-paced", tmp / "w2", port, rec, rate, n_paced, req, requests=0
+            )
+            rows["freshness p50 / p99 (s)"] = (
+                f"{quiet['freshness_p50_s']:.2f} / {quiet['freshness_p99_s']:.2f}"
+            )
             rows["freshness after serving went live, p50 / p99 (s)"] = (
                 f"{quiet.get('freshness_steady_p50_s') or float('nan'):.2f} / "
-                f"{quiet.get('freshness_steady_p99_s') or float('nan'):.2f}")
+                f"{quiet.get('freshness_steady_p99_s') or float('nan'):.2f}"
+            )
             rows["event -> version written p50 / p99 (s)"] = (
-                f"{quiet.get('written_p50_s') or float('nan'):.2f} / {quiet.get('written_p99_s') or float('nan'):.2f}")
+                f"{quiet.get('written_p50_s') or float('nan'):.2f} / {quiet.get('written_p99_s') or float('nan'):.2f}"
+            )
             for leg, v in (quiet.get("freshness_legs") or {}).items():
                 rows[f"freshness leg '{leg}' p50 / p99 / slowest-1% mean (s)"] = (
-                    f"{v['p50_s']:.2f} / {v['p99_s']:.2f} / {v['tail_mean_s']:.2f}")
+                    f"{v['p50_s']:.2f} / {v['p99_s']:.2f} / {v['tail_mean_s']:.2f}"
+                )
             rows["trainer busy training / wall (paced run, s)"] = (
                 f"{(quiet.get('trainer_busy') or {}).get('train_s', float('nan')):.1f} / "
-                f"{quiet.get('trainer_uptime_s') or float('nan'):.1f}")
-            loaded = _paced_run(args, broker.bootstrap, "bench-paced-load", tmp / "w3", port, rec, rate,
-                                n_paced, req, requests=args.requests)
+                f"{quiet.get('trainer_uptime_s') or float('nan'):.1f}"
+            )
+            loaded = _paced_run(
+                args,
+                broker.bootstrap,
+                "bench-paced-load",
+                tmp / "w3",
+                port,
+                rec,
+                rate,
+                n_paced,
+                req,
+                requests=args.requests,
+            )
             lat, failures = loaded["latency_ms"], loaded["failures"]
             rows["under /rank load: freshness p50 / p99 (s)"] = (
-                f"{loaded['freshness_p50_s']:.2f} / {loaded['freshness_p99_s']:.2f}")
+                f"{loaded['freshness_p50_s']:.2f} / {loaded['freshness_p99_s']:.2f}"
+            )
             rows["under /rank load: after serving went live, p50 / p99 (s)"] = (
                 f"{loaded.get('freshness_steady_p50_s') or float('nan'):.2f} / "
-                f"{loaded.get('freshness_steady_p99_s') or float('nan'):.2f}")
+                f"{loaded.get('freshness_steady_p99_s') or float('nan'):.2f}"
+            )
             rows["serving /rank 100 candidates p50 (ms)"] = f"{_pct(lat, 50):.1f}"
             rows["serving /rank 100 candidates p99 (ms)"] = f"{_pct(lat, 99):.1f}"
             rows["rank requests failed / sent"] = f"{sum(len(v) for v in failures.values())} / {len(lat)}"
@@ -245,7 +295,8 @@ def main() -> None:
         f"Machine: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores; "
         "one run, shared machine: compare ratios, not absolute times.",
         f"Command: `.venv/bin/python benchmarks/pipeline.py --events {args.events}"
-        + "".join(f" --set {o}" for o in args.overrides) + "`",
+        + "".join(f" --set {o}" for o in args.overrides)
+        + "`",
         f"Recording: first {args.events:,} ML-1M events; default config (configs/default.yaml).",
         "",
         "| measure | value |",

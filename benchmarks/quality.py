@@ -132,9 +132,21 @@ def run_parallel(args, rec: Path, wanted: list[int], with_river: bool) -> dict[s
             while todo and len(running) < args.jobs:
                 k = todo.pop(0)
                 js = Path(tmp) / f"{k}.json"
-                cmd = [sys.executable, __file__, "--recording", str(rec), "--config", args.config,
-                       "--only", k, "--json", str(js), "--out", str(Path(tmp) / f"{k}.md")]
-                cmd += (["--max-events", str(args.max_events)] if args.max_events else [])
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--recording",
+                    str(rec),
+                    "--config",
+                    args.config,
+                    "--only",
+                    k,
+                    "--json",
+                    str(js),
+                    "--out",
+                    str(Path(tmp) / f"{k}.md"),
+                ]
+                cmd += ["--max-events", str(args.max_events)] if args.max_events else []
                 for o in args.overrides:
                     cmd += ["--set", o]
                 running.append((k, subprocess.Popen(cmd, stdout=subprocess.DEVNULL), js))
@@ -157,8 +169,11 @@ def fmt(x, digits=4) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--recording", default="runs/ml1m.parquet",
-                    help="built if missing: ML-100K when its name contains ml100k, else ML-1M")
+    ap.add_argument(
+        "--recording",
+        default="runs/ml1m.parquet",
+        help="built if missing: ML-100K when its name contains ml100k, else ML-1M",
+    )
     ap.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
     ap.add_argument("--max-events", type=int, default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality_ml1m.md"))
@@ -166,8 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated row numbers to run (0-based; river = r)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="applied to every model row")
     ap.add_argument("--jobs", type=int, default=1, help="rows run in parallel processes")
-    ap.add_argument("--assemble", default=None, metavar="DIR",
-                    help="no runs: build the table from DIR/<row>.json reports (row = 0.., r)")
+    ap.add_argument(
+        "--assemble",
+        default=None,
+        metavar="DIR",
+        help="no runs: build the table from DIR/<row>.json reports (row = 0.., r)",
+    )
     args = ap.parse_args(argv)
 
     rec = Path(args.recording)
@@ -202,22 +221,34 @@ def main(argv: list[str] | None = None) -> int:
     if with_river:
         rows.append(("River LogisticRegression (peer)", [], reports["r"]))
 
-    cmd = "`.venv/bin/python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`"
+    cmd = (
+        "`.venv/bin/python benchmarks/quality.py "
+        + " ".join(argv if argv is not None else sys.argv[1:])
+        + "`"
+    )
     lines = [
         f"# Prequential quality on the {rec.stem} stream",
         "",
         f"Command: {cmd}  ",
         f"Recording: {rec} (event-time order), events per row: see table; test-then-train, like = rating >= 4.  ",
         f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}; torch threads = trainer.threads.  ",
-        ("AUC is exact (ties 1/2), same function for every row; events/s is wall-clock of the whole loop "
-         "(decode + features + forward + backward + memory updates) and depends on machine load."),
+        (
+            "AUC is exact (ties 1/2), same function for every row; events/s is wall-clock of the whole loop "
+            "(decode + features + forward + backward + memory updates) and depends on machine load."
+        ),
         "",
-        ("| row | --set | events | AUC like | AUC last 20% | logloss like | RMSE rating | events/s "
-         "| bank coverage | PKM slot usage (KL) | LMN slot usage |"),
+        (
+            "| row | --set | events | AUC like | AUC last 20% | logloss like | RMSE rating | events/s "
+            "| bank coverage | PKM slot usage (KL) | LMN slot usage |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, sets, r in rows:
-        pkm = "-" if r.get("pkm.slot_usage") is None else f"{r['pkm.slot_usage']:.3f} ({r['pkm.kl_uniform']:.2f})"
+        pkm = (
+            "-"
+            if r.get("pkm.slot_usage") is None
+            else f"{r['pkm.slot_usage']:.3f} ({r['pkm.kl_uniform']:.2f})"
+        )
         lines.append(
             f"| {name} | {' '.join(sets) or '-'} | {r['events']} | {fmt(r['auc.like'])} | "
             f"{fmt(r['auc_last20.like'])} | {fmt(r['logloss.like'])} | {fmt(r.get('rmse.rating'))} | "
@@ -229,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if args.json:
-        Path(args.json).write_text(json.dumps([{"row": n, "set": s, "report": r} for n, s, r in rows],
-                                              indent=1, default=float))
+        Path(args.json).write_text(
+            json.dumps([{"row": n, "set": s, "report": r} for n, s, r in rows], indent=1, default=float)
+        )
     return 0
 
 

@@ -39,11 +39,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 def _requests(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     titles = ["Toy Story (1995)", "Heat (1995)", "Casino (1995)", "Fargo (1996)", "brand new film"]
-    return [{
-        "user_id": f"1m_{rng.randint(1, 500)}", "user_features": {"age": "25", "gender": "M"},
-        "scenario": "feed",
-        "candidates": [{"item_id": t, "item_text": f"{t} Drama"} for t in rng.sample(titles, 3)],
-    } for _ in range(n)]
+    return [
+        {
+            "user_id": f"1m_{rng.randint(1, 500)}",
+            "user_features": {"age": "25", "gender": "M"},
+            "scenario": "feed",
+            "candidates": [{"item_id": t, "item_text": f"{t} Drama"} for t in rng.sample(titles, 3)],
+        }
+        for _ in range(n)
+    ]
 
 
 def _load(url: str, seconds: float, clients: int, seed: int) -> dict:
@@ -83,7 +87,9 @@ def _load(url: str, seconds: float, clients: int, seed: int) -> dict:
         t.join()
     a = np.array(lat) * 1000
     return {
-        "requests": len(lat) + len(failures), "failed": len(failures), "failures": failures[:5],
+        "requests": len(lat) + len(failures),
+        "failed": len(failures),
+        "failures": failures[:5],
         "p50_ms": float(np.percentile(a, 50)) if len(a) else None,
         "p99_ms": float(np.percentile(a, 99)) if len(a) else None,
         "rps": len(lat) / seconds,
@@ -120,20 +126,27 @@ def run(quiet_s: float, swap_s: float, clients: int, rate: float, events: int, s
     write_recording(tail, table.slice(prefix_rows, tail_rows), info.partitions)
 
     with LocalBroker(state_dir=work / "broker") as broker:
-        init_local_ray(num_cpus=4, namespace="memstream-load", logging_level="WARNING",
-                       log_to_driver=False)
+        init_local_ray(num_cpus=4, namespace="memstream-load", logging_level="WARNING", log_to_driver=False)
         try:
             topic = "serving-load"
             ensure_topic(broker.bootstrap, topic, info.partitions)
             replay(head, broker.bootstrap, topic, "max", retime=True)
             port = 18000 + seed % 1000
-            cfg = load_config(ROOT / "configs" / "default.yaml", [
-                f'kafka.bootstrap="{broker.bootstrap}"', f"kafka.topic={topic}",
-                f"job.work_dir={work / 'job'}", "job.live_display=false",
-                f"job.max_events={prefix_rows + tail_rows}",
-                "snapshots.interval_s=1", "snapshots.full_every=10", "checkpoints.interval_s=10",
-                "admin.enabled=false", f"serving.http_port={port}",
-            ])
+            cfg = load_config(
+                ROOT / "configs" / "default.yaml",
+                [
+                    f'kafka.bootstrap="{broker.bootstrap}"',
+                    f"kafka.topic={topic}",
+                    f"job.work_dir={work / 'job'}",
+                    "job.live_display=false",
+                    f"job.max_events={prefix_rows + tail_rows}",
+                    "snapshots.interval_s=1",
+                    "snapshots.full_every=10",
+                    "checkpoints.interval_s=10",
+                    "admin.enabled=false",
+                    f"serving.http_port={port}",
+                ],
+            )
             job = StreamingJob(cfg)
             th, out = _run_thread(job)
             deadline = time.time() + 300
@@ -164,31 +177,45 @@ def run(quiet_s: float, swap_s: float, clients: int, rate: float, events: int, s
             v1 = httpx.post(url + "/rank", json=_requests(1, 0)[0], timeout=10).json()["version"]
             quiet["swaps"] = v1 - v0
             producer = threading.Thread(
-                target=replay, args=(tail, broker.bootstrap, topic), kwargs={"rate": rate, "retime": True},
-                daemon=True)
+                target=replay,
+                args=(tail, broker.bootstrap, topic),
+                kwargs={"rate": rate, "retime": True},
+                daemon=True,
+            )
             producer.start()
             time.sleep(2.0)  # the first paced events are applied and published
             swapping = _load(url, swap_s, clients, seed + 1)
             producer.join(600)
             job.request_stop()
             report = _join(th, out, 600)
-            return {"quiet": quiet, "swapping": swapping, "published": report["snapshots_published"],
-                    "clients": clients, "rate": rate}
+            return {
+                "quiet": quiet,
+                "swapping": swapping,
+                "published": report["snapshots_published"],
+                "clients": clients,
+                "rate": rate,
+            }
         finally:
             ray.shutdown()
 
 
 def table(r: dict) -> str:
     f = lambda x: "n/a" if x is None else f"{x:.1f}"
-    lines = ["| phase | seconds | requests | failed | p50 ms | p99 ms | req/s | versions seen |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| phase | seconds | requests | failed | p50 ms | p99 ms | req/s | versions seen |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name in ("quiet", "swapping"):
         p = r[name]
-        lines.append(f"| {name} | {r[name + '_s']:.0f} | {p['requests']} | {p['failed']} | {f(p['p50_ms'])} | "
-                     f"{f(p['p99_ms'])} | {p['rps']:.1f} | {p['versions_seen']} |")
+        lines.append(
+            f"| {name} | {r[name + '_s']:.0f} | {p['requests']} | {p['failed']} | {f(p['p50_ms'])} | "
+            f"{f(p['p99_ms'])} | {p['rps']:.1f} | {p['versions_seen']} |"
+        )
     lines.append("")
-    lines.append(f"{r['clients']} closed-loop clients on loopback; events produced at {r['rate']:.0f}/s "
-                 f"during the swapping phase; snapshots published in the run: {r['published']}.")
+    lines.append(
+        f"{r['clients']} closed-loop clients on loopback; events produced at {r['rate']:.0f}/s "
+        f"during the swapping phase; snapshots published in the run: {r['published']}."
+    )
     fails = r["quiet"]["failures"] + r["swapping"]["failures"]
     if fails:
         lines.append(f"First failures: {fails}")
@@ -212,8 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     from chaos import _write_section
 
     cmd = "benchmarks/serving_load.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    _write_section(Path(args.out), "## Serving under load",
-                   f"## Serving under load\n\nCommand: `.venv/bin/python {cmd}`\n\n{text}\n")
+    _write_section(
+        Path(args.out),
+        "## Serving under load",
+        f"## Serving under load\n\nCommand: `.venv/bin/python {cmd}`\n\n{text}\n",
+    )
     return 0 if r["quiet"]["failed"] == 0 and r["swapping"]["failed"] == 0 else 1
 
 

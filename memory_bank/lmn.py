@@ -52,10 +52,19 @@ class LMNConfig(BaseModel):
 
     def pkm_config(self) -> PKMConfig:
         return PKMConfig(
-            in_dim=self.query_dim, n_sub_keys=self.n_sub_keys, heads=self.heads, k=self.k,
-            key_dim=self.key_dim, value_dim=self.value_dim, query_norm=self.query_norm,
-            overparam_keys=False, value_lr=self.value_lr, usage_window=self.usage_window,
-            query_reservoir=self.query_reservoir, device=self.device)
+            in_dim=self.query_dim,
+            n_sub_keys=self.n_sub_keys,
+            heads=self.heads,
+            k=self.k,
+            key_dim=self.key_dim,
+            value_dim=self.value_dim,
+            query_norm=self.query_norm,
+            overparam_keys=False,
+            value_lr=self.value_lr,
+            usage_window=self.usage_window,
+            query_reservoir=self.query_reservoir,
+            device=self.device,
+        )
 
 
 class UserMemory(nn.Module):
@@ -80,7 +89,9 @@ class UserMemory(nn.Module):
     def forward(self, query: torch.Tensor) -> torch.Tensor:
         return self.memory(query)  # (B, value_dim)
 
-    def memory_loss(self, read: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def memory_loss(
+        self, read: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Mean over users of 1 - cos(read, target) (or MSE); mask (B,) bool drops users without history."""
         target = target.detach()
         if self.cfg.memory_loss == "cosine":

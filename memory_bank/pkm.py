@@ -51,7 +51,7 @@ class PKMConfig(BaseModel):
         if self.key_dim % 2:
             raise ValueError(f"key_dim: {self.key_dim} must be even (two halves)")
         if self.k > self.n_sub_keys * self.n_sub_keys:
-            raise ValueError(f"k: {self.k} exceeds the {self.n_sub_keys ** 2} slots")
+            raise ValueError(f"k: {self.k} exceeds the {self.n_sub_keys**2} slots")
         return self
 
     @property
@@ -139,8 +139,9 @@ class ProductKeyMemory(nn.Module):
             # streaming trainer does get one-event batches at low traffic: normalise with
             # the running statistics instead (affine weights still learn).
             bn = self.query_norm
-            return F.batch_norm(q, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                                training=False, eps=bn.eps).view(B, H, -1)
+            return F.batch_norm(
+                q, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps
+            ).view(B, H, -1)
         return self.query_norm(q).view(B, H, -1)  # (B, H, key_dim)
 
     def select(self, q: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,8 +157,9 @@ class ProductKeyMemory(nn.Module):
         s1 = torch.einsum("bhd,hnd->bhn", q1, keys1)  # (B, H, n)
         s2 = torch.einsum("bhd,hnd->bhn", q2, keys2)  # (B, H, n)
         with torch.no_grad():  # the CPU path selects from s1, s2 (not scored twice)
-            _, slots = kernels.pkm_topk(q1, q2, keys1, keys2, self.cfg.k,
-                                        scores=(s1.detach(), s2.detach()))  # (B, H, k)
+            _, slots = kernels.pkm_topk(
+                q1, q2, keys1, keys2, self.cfg.k, scores=(s1.detach(), s2.detach())
+            )  # (B, H, k)
         scores = s1.gather(-1, slots // n) + s2.gather(-1, slots % n)  # (B, H, k)
         return scores, slots
 
@@ -169,7 +171,9 @@ class ProductKeyMemory(nn.Module):
         if self.training:
             self._track(q.detach(), slots)
         # Heads share the values: one gather over H*k slots sums the heads.
-        return kernels.sparse_gather(self.values, slots.reshape(B, -1), weights.reshape(B, -1))  # (B, value_dim)
+        return kernels.sparse_gather(
+            self.values, slots.reshape(B, -1), weights.reshape(B, -1)
+        )  # (B, value_dim)
 
     # -- usage ---------------------------------------------------------------------------------
 
@@ -210,8 +214,13 @@ class ProductKeyMemory(nn.Module):
         p = counts[counts > 0].double() / total
         kl = float((p * (p * N).log()).sum())
         top = counts.topk(max(1, N // 100)).values.sum()
-        return {"hits": total, "slot_usage": used / N, "kl_uniform": kl, "dead_slots": N - used,
-                "top1pct_share": float(top) / total}
+        return {
+            "hits": total,
+            "slot_usage": used / N,
+            "kl_uniform": kl,
+            "dead_slots": N - used,
+            "top1pct_share": float(top) / total,
+        }
 
     def stats(self) -> dict[str, Any]:
         """Slot usage: window (last full window of usage_window training forwards, else the
@@ -223,7 +232,9 @@ class ProductKeyMemory(nn.Module):
         top = self.hits_total.topk(min(10, self.cfg.num_slots))
         return {
             "num_slots": self.cfg.num_slots,
-            "top_slots": [[int(i), int(c)] for c, i in zip(top.values.tolist(), top.indices.tolist()) if c > 0],
+            "top_slots": [
+                [int(i), int(c)] for c, i in zip(top.values.tolist(), top.indices.tolist()) if c > 0
+            ],
             "window": self._usage(window),
             "cumulative": self._usage(self.hits_total),
             "windows_done": self.windows_done,
@@ -250,7 +261,9 @@ class ProductKeyMemory(nn.Module):
         elif recent_queries.dim() == 2:
             recent_queries = recent_queries.unsqueeze(0).expand(H, -1, -1)  # (H, M, key_dim)
         if recent_queries.shape[0] != H or recent_queries.shape[-1] != self.cfg.key_dim:
-            raise ValueError(f"recent_queries: shape {tuple(recent_queries.shape)}, want ({H}, M, {self.cfg.key_dim})")
+            raise ValueError(
+                f"recent_queries: shape {tuple(recent_queries.shape)}, want ({H}, M, {self.cfg.key_dim})"
+            )
         M = recent_queries.shape[1]
         dead = self.subkey_hits == 0  # (H, 2, n)
         if M == 0 or not dead.any():
@@ -264,7 +277,7 @@ class ProductKeyMemory(nn.Module):
                 rows = dead[h, a].nonzero().squeeze(1)  # (D,)
                 if rows.numel() == 0:
                     continue
-                pts = recent_queries[h, :, a * half:(a + 1) * half].float().cpu().numpy()  # (M, half)
+                pts = recent_queries[h, :, a * half : (a + 1) * half].float().cpu().numpy()  # (M, half)
                 n_cent = min(rows.numel(), M)
                 km = faiss.Kmeans(half, n_cent, niter=10, seed=seed + 2 * h + a, verbose=False)
                 km.cp.min_points_per_centroid = 1
@@ -278,7 +291,9 @@ class ProductKeyMemory(nn.Module):
         if self.key_mix is None:
             self.base_keys[dead] = new_keys[dead]
         else:
-            base = torch.linalg.solve(self.key_mix.transpose(-1, -2), new_keys.transpose(-1, -2)).transpose(-1, -2)
+            base = torch.linalg.solve(self.key_mix.transpose(-1, -2), new_keys.transpose(-1, -2)).transpose(
+                -1, -2
+            )
             self.base_keys[dead] = base[dead]
         self.subkey_hits.zero_()
         self.reinit_total += count
@@ -287,9 +302,13 @@ class ProductKeyMemory(nn.Module):
     # -- state ---------------------------------------------------------------------------------
 
     def _counters(self) -> dict[str, int]:
-        return {"forwards_in_window": self.forwards_in_window, "windows_done": self.windows_done,
-                "reservoir_filled": self.reservoir_filled, "reservoir_next": self.reservoir_next,
-                "reinit_total": self.reinit_total}
+        return {
+            "forwards_in_window": self.forwards_in_window,
+            "windows_done": self.windows_done,
+            "reservoir_filled": self.reservoir_filled,
+            "reservoir_next": self.reservoir_next,
+            "reinit_total": self.reinit_total,
+        }
 
     def _all_tensors(self) -> dict[str, torch.Tensor]:
         """state_dict (weights, norm statistics) + the non-persistent tracking buffers."""
@@ -339,7 +358,9 @@ class MemoryGate(nn.Module):
     W_i (D, mem_dim) per token, held as one Linear mem_dim -> T*D.
     """
 
-    def __init__(self, num_tokens: int, token_dim: int, mem_dim: int, mode: Literal["scale", "residual"] = "scale"):
+    def __init__(
+        self, num_tokens: int, token_dim: int, mem_dim: int, mode: Literal["scale", "residual"] = "scale"
+    ):
         super().__init__()
         if mode not in ("scale", "residual"):
             raise ValueError(f"mode: {mode!r}, want 'scale' or 'residual'")

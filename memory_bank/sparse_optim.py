@@ -65,7 +65,12 @@ class SparseRowAdam(torch.optim.Optimizer):
         weight_decay: float = 0.0,
     ):
         cfg = SparseOptimConfig(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay)
-        defaults = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+        defaults = {
+            "lr": cfg.lr,
+            "betas": (cfg.beta1, cfg.beta2),
+            "eps": cfg.eps,
+            "weight_decay": cfg.weight_decay,
+        }
         super().__init__(params, defaults)
         for p in self._params():
             self._init_state(p)
@@ -83,7 +88,9 @@ class SparseRowAdam(torch.optim.Optimizer):
 
     @classmethod
     def from_config(cls, params, cfg: SparseOptimConfig) -> SparseRowAdam:
-        return cls(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return cls(
+            params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
 
     def _params(self) -> list[torch.nn.Parameter]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -161,8 +168,13 @@ class SparseRowAdam(torch.optim.Optimizer):
             for name, t in self._named_state(p).items():
                 tensors[f"p{i}.{name}"] = t.detach().cpu().contiguous()
         groups = [
-            {"lr": g["lr"], "betas": list(g["betas"]), "eps": g["eps"], "weight_decay": g["weight_decay"],
-             "num_params": len(g["params"])}
+            {
+                "lr": g["lr"],
+                "betas": list(g["betas"]),
+                "eps": g["eps"],
+                "weight_decay": g["weight_decay"],
+                "num_params": len(g["params"]),
+            }
             for g in self.param_groups
         ]
         return tensors, {"kind": "SparseRowAdam", "param_groups": groups}

@@ -138,8 +138,12 @@ def exclusive_group_cumsum(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 def causal_batch_history(
-    item_ids: np.ndarray, signal: np.ndarray, mask: np.ndarray,
-    user_ids: np.ndarray, batch_items: np.ndarray, batch_signal: np.ndarray,
+    item_ids: np.ndarray,
+    signal: np.ndarray,
+    mask: np.ndarray,
+    user_ids: np.ndarray,
+    batch_items: np.ndarray,
+    batch_signal: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Histories as each event of the batch would see them: stored history + the same
     user's earlier events of this batch (their items and feedback), last L kept.
@@ -203,7 +207,11 @@ class OnlineCounters:
         return np.log1p(n), like - g_like, rating - g_rating
 
     def read(
-        self, user_idx: np.ndarray, item_idx: np.ndarray, like: np.ndarray, rating: np.ndarray,
+        self,
+        user_idx: np.ndarray,
+        item_idx: np.ndarray,
+        like: np.ndarray,
+        rating: np.ndarray,
         in_batch: bool = True,
     ) -> np.ndarray:
         """(B,) rows -> (B, 8) float32 features, causal within the batch.
@@ -226,12 +234,18 @@ class OnlineCounters:
     def _increments(like: np.ndarray, rating: np.ndarray) -> np.ndarray:
         has_like, has_rating = ~np.isnan(like), ~np.isnan(rating)
         return np.stack(
-            [np.ones(len(like)), np.where(has_like, like, 0.0), np.where(has_rating, rating, 0.0),
-             has_rating.astype(np.float64)],
+            [
+                np.ones(len(like)),
+                np.where(has_like, like, 0.0),
+                np.where(has_rating, rating, 0.0),
+                has_rating.astype(np.float64),
+            ],
             axis=1,
         )  # (B, 4): count, likes, rating sum, rating count
 
-    def update(self, user_idx: np.ndarray, item_idx: np.ndarray, like: np.ndarray, rating: np.ndarray) -> None:
+    def update(
+        self, user_idx: np.ndarray, item_idx: np.ndarray, like: np.ndarray, rating: np.ndarray
+    ) -> None:
         upd = self._increments(like, rating)
         np.add.at(self.user, user_idx, upd)
         np.add.at(self.item, item_idx, upd)
@@ -270,7 +284,9 @@ class UserWordAffinity:
         keys = (user_idx[:, None] * 1_000_003 + words) % len(self.table)
         return keys, valid
 
-    def read(self, user_idx: np.ndarray, text_idx: np.ndarray, signal: np.ndarray, in_batch: bool) -> np.ndarray:
+    def read(
+        self, user_idx: np.ndarray, text_idx: np.ndarray, signal: np.ndarray, in_batch: bool
+    ) -> np.ndarray:
         keys, valid = self._keys(user_idx, text_idx)
         got = self.table[keys] * valid[..., None]  # (B, Lt, 2)
         if in_batch:
@@ -282,7 +298,9 @@ class UserWordAffinity:
 
     def update(self, user_idx: np.ndarray, text_idx: np.ndarray, signal: np.ndarray) -> None:
         keys, valid = self._keys(user_idx, text_idx)
-        inc = np.stack([np.broadcast_to(signal[:, None], keys.shape)[valid], np.ones(int(valid.sum()))], axis=1)
+        inc = np.stack(
+            [np.broadcast_to(signal[:, None], keys.shape)[valid], np.ones(int(valid.sum()))], axis=1
+        )
         np.add.at(self.table, keys[valid], inc)
         self.touched[keys[valid]] = True
 
@@ -319,8 +337,12 @@ class FeatureBuilder:
         if len(self.cat_slots) > cfg.max_user_cat or len(self.num_slots) > cfg.max_user_num:
             raise FeatureLayoutError("more named user features than max_user_cat / max_user_num")
         self.dropped_features: set[str] = set()
-        self.counters = OnlineCounters(cfg.user_buckets, cfg.item_buckets, cfg.counter_prior, cfg.rating_center)
-        self.affinity = UserWordAffinity(cfg.affinity_buckets if cfg.use_word_affinity else 1, cfg.counter_prior)
+        self.counters = OnlineCounters(
+            cfg.user_buckets, cfg.item_buckets, cfg.counter_prior, cfg.rating_center
+        )
+        self.affinity = UserWordAffinity(
+            cfg.affinity_buckets if cfg.use_word_affinity else 1, cfg.counter_prior
+        )
 
     def _slot(self, slots: dict[str, int], name: str, cap: int, fixed: bool) -> int | None:
         s = slots.get(name)
@@ -358,11 +380,13 @@ class FeatureBuilder:
         counters = np.zeros((b, NUM_COUNTER_FEATURES), dtype=np.float32)
         if cfg.use_counters:
             counters[:, : OnlineCounters.NUM_FEATURES] = self.counters.read(
-                user_idx, item_idx, like, rating, cfg.in_batch_features)
+                user_idx, item_idx, like, rating, cfg.in_batch_features
+            )
         if cfg.use_word_affinity:
             signal = feedback_signal(like, rating, cfg.rating_center, cfg.rating_scale)
-            counters[:, OnlineCounters.NUM_FEATURES:] = self.affinity.read(
-                user_idx, text_idx, signal, cfg.in_batch_features)
+            counters[:, OnlineCounters.NUM_FEATURES :] = self.affinity.read(
+                user_idx, text_idx, signal, cfg.in_batch_features
+            )
         return FeatureArrays(user_idx, item_idx, cat_idx, num, scenario_idx, text_idx, counters)
 
     def learn(self, feats: FeatureArrays, like: np.ndarray, rating: np.ndarray) -> None:
@@ -378,16 +402,27 @@ class FeatureBuilder:
     def _arrays(self) -> dict[str, np.ndarray]:
         """The live state arrays, by their names in export_state."""
         c = self.counters
-        return {"counters.user": c.user, "counters.item": c.item, "counters.total": c.total,
-                "affinity": self.affinity.table}
+        return {
+            "counters.user": c.user,
+            "counters.item": c.item,
+            "counters.total": c.total,
+            "affinity": self.affinity.table,
+        }
 
     def _meta(self) -> dict[str, Any]:
-        return {"cat_slots": self.cat_slots, "num_slots": self.num_slots, "dropped": sorted(self.dropped_features)}
+        return {
+            "cat_slots": self.cat_slots,
+            "num_slots": self.num_slots,
+            "dropped": sorted(self.dropped_features),
+        }
 
     def stats(self) -> dict[str, Any]:
-        return {"cat_slots": dict(self.cat_slots), "num_slots": dict(self.num_slots),
-                "dropped_features": len(self.dropped_features),
-                "events_counted": int(self.counters.total[0])}
+        return {
+            "cat_slots": dict(self.cat_slots),
+            "num_slots": dict(self.num_slots),
+            "dropped_features": len(self.dropped_features),
+            "events_counted": int(self.counters.total[0]),
+        }
 
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Copies of the counters and the affinity table, and the slot layout."""
@@ -396,8 +431,12 @@ class FeatureBuilder:
     def _take_touched(self) -> dict[str, np.ndarray]:
         """Rows of each state array updated since the previous call (then cleared)."""
         c, a = self.counters, self.affinity
-        out = {"counters.user": np.flatnonzero(c.touched_user), "counters.item": np.flatnonzero(c.touched_item),
-               "counters.total": np.zeros(1, dtype=np.int64), "affinity": np.flatnonzero(a.touched)}
+        out = {
+            "counters.user": np.flatnonzero(c.touched_user),
+            "counters.item": np.flatnonzero(c.touched_item),
+            "counters.total": np.zeros(1, dtype=np.int64),
+            "affinity": np.flatnonzero(a.touched),
+        }
         for mask in (c.touched_user, c.touched_item, a.touched):
             mask[:] = False
         return out
@@ -424,7 +463,9 @@ class FeatureBuilder:
         self.dropped_features = set(meta["dropped"])
 
     def import_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        arr = {k: np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v).copy() for k, v in tensors.items()}
+        arr = {
+            k: np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v).copy() for k, v in tensors.items()
+        }
         self.counters.user = arr["counters.user"]
         self.counters.item = arr["counters.item"]
         self.counters.total = arr["counters.total"]

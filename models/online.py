@@ -116,12 +116,20 @@ class OnlineTrainer:
         # part (counters -> logits) in its own group: a handful of weights that carry the cold
         # start if they learn fast.
         wide = {id(p) for p in self.model.wide.parameters()}
-        groups = [{"params": [p for p in st.dense_parameters() if id(p) not in wide]},
-                  {"params": list(self.model.wide.parameters()), "lr": tcfg.lr_wide}]
-        self.opt_dense = torch.optim.AdamW(groups, lr=tcfg.lr_dense, betas=(0.9, tcfg.adam_beta2),
-                                           weight_decay=tcfg.weight_decay, foreach=True)
-        self.opt_sparse = SparseRowAdam(self._sparse_groups(), lr=tcfg.lr_sparse,
-                                        betas=(0.9, tcfg.sparse_beta2))
+        groups = [
+            {"params": [p for p in st.dense_parameters() if id(p) not in wide]},
+            {"params": list(self.model.wide.parameters()), "lr": tcfg.lr_wide},
+        ]
+        self.opt_dense = torch.optim.AdamW(
+            groups,
+            lr=tcfg.lr_dense,
+            betas=(0.9, tcfg.adam_beta2),
+            weight_decay=tcfg.weight_decay,
+            foreach=True,
+        )
+        self.opt_sparse = SparseRowAdam(
+            self._sparse_groups(), lr=tcfg.lr_sparse, betas=(0.9, tcfg.sparse_beta2)
+        )
         self.metrics = StreamingMetrics(tcfg.metrics_window, tcfg.keep_score_log)
         self.rng = np.random.Generator(np.random.PCG64(tcfg.seed))
         self.steps = 0
@@ -168,8 +176,9 @@ class OnlineTrainer:
         """The model's inputs for a batch as of now, without training: targets read their
         bank rows (no encoder run). For scoring outside `step` (serving-style checks)."""
         fc = self.cfg.features
-        u, c, _, _ = self.state.batch_inputs(batch, self._labels(batch, fc.like_task),
-                                             self._labels(batch, fc.rating_task))
+        u, c, _, _ = self.state.batch_inputs(
+            batch, self._labels(batch, fc.like_task), self._labels(batch, fc.rating_task)
+        )
         return u, c
 
     def step(self, batch: BatchLike) -> StepResult:
@@ -217,7 +226,8 @@ class OnlineTrainer:
             if scores.threshold_logits is not None:
                 above = (y[:, None] >= self._rating_thresholds).float()  # (R, K)
                 loss = loss + self.cfg.rating_threshold_weight * F.binary_cross_entropy_with_logits(
-                    scores.threshold_logits[idx], above, reduction="sum") / len(idx)
+                    scores.threshold_logits[idx], above, reduction="sum"
+                ) / len(idx)
         lmn_loss = self.model.lmn_loss(us)
         if lmn_loss is not None and self.cfg.lmn_loss_weight > 0:
             loss = loss + self.cfg.lmn_loss_weight * lmn_loss
@@ -309,7 +319,10 @@ class OnlineTrainer:
     def from_dir(cls, directory: str | Path) -> OnlineTrainer:
         """A trainer built from the config saved in `directory`, with its state loaded."""
         meta = json.loads((Path(directory) / "trainer.json").read_text())
-        t = cls(ModelConfig.model_validate(meta["model_config"]), TrainerConfig.model_validate(meta["trainer_config"]))
+        t = cls(
+            ModelConfig.model_validate(meta["model_config"]),
+            TrainerConfig.model_validate(meta["trainer_config"]),
+        )
         t.load(directory)
         return t
 
@@ -317,14 +330,16 @@ class OnlineTrainer:
         d = Path(directory)
         meta = json.loads((d / "trainer.json").read_text())
         if meta.get("version") != STATE_VERSION:
-            raise TrainerStateError(f"version: saved {meta.get('version')}, this trainer reads {STATE_VERSION} "
-                                    "(a state of another release: start fresh or use that release)")
+            raise TrainerStateError(
+                f"version: saved {meta.get('version')}, this trainer reads {STATE_VERSION} "
+                "(a state of another release: start fresh or use that release)"
+            )
         if meta["model_config"] != self.cfg.model_dump(mode="json"):
             raise TrainerStateError("model_config: the saved model config differs from this trainer's")
         tensors = load_file(str(d / "trainer.safetensors"))
 
         def take(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
         self.state.load_dense(take("dense."))
         for name, comp in self.state.components().items():
@@ -369,6 +384,10 @@ def _adam_import(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], m
         state.setdefault(int(idx), {})[name] = v
     groups = []
     for g in meta["param_groups"]:
-        groups.append({k: tuple(v["__tuple__"]) if isinstance(v, dict) and "__tuple__" in v else v
-                       for k, v in g.items()})
+        groups.append(
+            {
+                k: tuple(v["__tuple__"]) if isinstance(v, dict) and "__tuple__" in v else v
+                for k, v in g.items()
+            }
+        )
     opt.load_state_dict({"state": state, "param_groups": groups})

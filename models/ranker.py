@@ -63,8 +63,12 @@ class UserInputs:
 
     def select_users(self, fn) -> UserInputs:
         """A copy with fn applied to every per-user field (slicing, expanding), item table shared."""
-        return UserInputs(**{f.name: fn(getattr(self, f.name)) if f.name in self.PER_USER else getattr(self, f.name)
-                             for f in fields(self)})
+        return UserInputs(
+            **{
+                f.name: fn(getattr(self, f.name)) if f.name in self.PER_USER else getattr(self, f.name)
+                for f in fields(self)
+            }
+        )
 
 
 @dataclass
@@ -124,14 +128,16 @@ class Ranker(nn.Module):
 
         # 1. Id tables, keyed by name (every list of tables derives from this dict); their
         # gradients are sparse COO rows -> SparseRowAdam, their touched rows -> DeltaTracker.
-        self.tables = nn.ModuleDict({
-            "user_emb": nn.Embedding(fc.user_buckets, E, sparse=True),
-            "item_emb": nn.Embedding(fc.item_buckets, E, sparse=True),
-            "cat_emb": nn.Embedding(fc.cat_buckets, E, sparse=True),
-            "text_emb": nn.EmbeddingBag(fc.text_buckets, E, mode="mean", sparse=True, padding_idx=0),
-            "user_bias": nn.Embedding(fc.user_buckets, 2, sparse=True),
-            "item_bias": nn.Embedding(fc.item_buckets, 2, sparse=True),
-        })
+        self.tables = nn.ModuleDict(
+            {
+                "user_emb": nn.Embedding(fc.user_buckets, E, sparse=True),
+                "item_emb": nn.Embedding(fc.item_buckets, E, sparse=True),
+                "cat_emb": nn.Embedding(fc.cat_buckets, E, sparse=True),
+                "text_emb": nn.EmbeddingBag(fc.text_buckets, E, mode="mean", sparse=True, padding_idx=0),
+                "user_bias": nn.Embedding(fc.user_buckets, 2, sparse=True),
+                "item_bias": nn.Embedding(fc.item_buckets, 2, sparse=True),
+            }
+        )
         t = self.tables
         for name in ("user_emb", "item_emb", "cat_emb", "text_emb"):
             nn.init.normal_(t[name].weight, std=0.05)
@@ -151,7 +157,9 @@ class Ranker(nn.Module):
             # The memory loss target: a FIXED random projection of the history summary
             # (learned targets would let read and target collapse together).
             g = torch.Generator().manual_seed(1234)
-            self.register_buffer("lmn_target_proj", torch.randn(2 * E, lmn_dv, generator=g) / math.sqrt(2 * E))
+            self.register_buffer(
+                "lmn_target_proj", torch.randn(2 * E, lmn_dv, generator=g) / math.sqrt(2 * E)
+            )
         self.tok_user = nn.Linear(E + lmn_dv, D)
         self.tok_user_ctx = nn.Linear(E * (C + 1) + 2 * N, D)
         # History items: id embedding (learned) + bank vector and feedback features (given).
@@ -202,7 +210,9 @@ class Ranker(nn.Module):
         if Db:
             self.tok_content.weight[:, E:].zero_()  # [text | bank vector]
             self.query_proj.weight[:, -Db:].zero_()  # [..., bank vector]
-            self.tok_hist_stats.weight[:, NUM_COS_FEATURES:2 * NUM_COS_FEATURES].zero_()  # [id cos | bank cos | ..]
+            self.tok_hist_stats.weight[
+                :, NUM_COS_FEATURES : 2 * NUM_COS_FEATURES
+            ].zero_()  # [id cos | bank cos | ..]
             self.history.kv_bank.weight.zero_()
 
     # ---- parameter groups for the optimizers ----------------------------------------------
@@ -240,8 +250,9 @@ class Ranker(nn.Module):
             # Summary of the recent history: mean item embedding and feedback-weighted mean.
             n = m.sum(1, keepdim=True).clamp_min(1.0)
             he = item_emb.detach()[inv]  # (B, L, E)
-            summary = torch.cat([(he * m.unsqueeze(-1)).sum(1) / n,
-                                 (he * (sig * m).unsqueeze(-1)).sum(1) / n], dim=1)  # (B, 2E)
+            summary = torch.cat(
+                [(he * m.unsqueeze(-1)).sum(1) / n, (he * (sig * m).unsqueeze(-1)).sum(1) / n], dim=1
+            )  # (B, 2E)
             lmn_target = summary @ self.lmn_target_proj  # (B, dv)
             user_tok = self.tok_user(torch.cat([user, lmn_read], dim=1))
         else:
@@ -271,12 +282,20 @@ class Ranker(nn.Module):
         return UserState(
             tokens=torch.stack([user_tok, ctx_tok], dim=1),
             query_ctx=user,
-            k=k, v=v, kv_mask=kv_mask,
+            k=k,
+            v=v,
+            kv_mask=kv_mask,
             hist_unit=hist_unit,
             hist_bank_unit=None if bank_unit is None else bank_unit[inv],  # (B, L, Db)
-            hist_signal=sig, hist_mask=u.hist_mask,
-            scen_emb=scen, user_emb=user, bias=self.tables["user_bias"](u.user_idx),
-            lmn_read=lmn_read, lmn_target=lmn_target, ridge_xty=ridge_xty, ridge_chol=ridge_chol,
+            hist_signal=sig,
+            hist_mask=u.hist_mask,
+            scen_emb=scen,
+            user_emb=user,
+            bias=self.tables["user_bias"](u.user_idx),
+            lmn_read=lmn_read,
+            lmn_target=lmn_target,
+            ridge_xty=ridge_xty,
+            ridge_chol=ridge_chol,
         )
 
     # ---- 3. candidate side ---------------------------------------------------------------
@@ -326,8 +345,11 @@ class Ranker(nn.Module):
             # as a direct path; through the mixer alone it is learned much more slowly.
             out = out + self.dot_scale * (us.user_emb * item).sum(-1, keepdim=True)
         fc = cfg.features
-        return Scores(like_logit=out[:, 0], rating=fc.rating_center + fc.rating_scale * out[:, 1],
-                      threshold_logits=out[:, :1] + thr if thr.shape[1] else None)
+        return Scores(
+            like_logit=out[:, 0],
+            rating=fc.rating_center + fc.rating_scale * out[:, 1],
+            threshold_logits=out[:, :1] + thr if thr.shape[1] else None,
+        )
 
     def forward(self, u: UserInputs, c: CandidateInputs) -> tuple[Scores, UserState]:
         us = self.encode_user(u)

@@ -54,8 +54,12 @@ class HistoryCrossAttention(nn.Module):
         self.out = nn.Linear(attn_dim, d_model)
 
     def history_kv(
-        self, learned: torch.Tensor, bank: torch.Tensor | None, inverse: torch.Tensor,
-        signal: torch.Tensor, mask: torch.Tensor,
+        self,
+        learned: torch.Tensor,
+        bank: torch.Tensor | None,
+        inverse: torch.Tensor,
+        signal: torch.Tensor,
+        mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per distinct item: learned (U, El) with grad, bank (U, Eb) or None (no grad);
         per position: inverse (B, L) -> row of U, signal (B, L, S), mask (B, L)

@@ -120,7 +120,11 @@ class RankingState:
 
     def components(self) -> dict[str, Stateful]:
         """The Stateful parts by name: the names of snapshot memories and checkpoint prefixes."""
-        comps: dict[str, Stateful] = {EMBEDDINGS: self.id_tables, "history": self.history, "features": self.features}
+        comps: dict[str, Stateful] = {
+            EMBEDDINGS: self.id_tables,
+            "history": self.history,
+            "features": self.features,
+        }
         if self.bank is not None:
             comps["bank"] = self.bank
         if self.ranker.lmn is not None:
@@ -145,7 +149,9 @@ class RankingState:
     def full_snapshot(self) -> FullState:
         """Every tensor a serving copy needs, copied. No side effect on the next delta: a new
         delta chain starts with `start_delta_chain()`."""
-        return FullState(self.dense_state(), {name: comp.export_state() for name, comp in self.components().items()})
+        return FullState(
+            self.dense_state(), {name: comp.export_state() for name, comp in self.components().items()}
+        )
 
     def take_delta(self) -> DeltaState:
         """The dense tensors and every component's changes since the previous take."""
@@ -166,7 +172,9 @@ class RankingState:
         self.load_dense(full.dense)
         comps = self.components()
         if set(full.memories) != set(comps):
-            raise RankingStateError(f"components: shipped {sorted(full.memories)}, this model has {sorted(comps)}")
+            raise RankingStateError(
+                f"components: shipped {sorted(full.memories)}, this model has {sorted(comps)}"
+            )
         for name, comp in comps.items():
             comp.import_state(*full.memories[name])
 
@@ -190,8 +198,13 @@ class RankingState:
         sparse = {id(p) for p in self.sparse_parameters()}
         out = {n: t for n, t in self.ranker.state_dict(keep_vars=True).items() if id(t) not in sparse}
         if self.encoder is not None:
-            out.update({f"encoder.{n}": t for n, t in self.encoder.state_dict(keep_vars=True).items()
-                        if id(t) not in sparse})
+            out.update(
+                {
+                    f"encoder.{n}": t
+                    for n, t in self.encoder.state_dict(keep_vars=True).items()
+                    if id(t) not in sparse
+                }
+            )
             out["bank.missing"] = self.bank.missing
         return out
 
@@ -205,8 +218,9 @@ class RankingState:
         own = self._dense_tensors()
         if set(dense) != set(own):
             missing, unexpected = sorted(set(own) - set(dense)), sorted(set(dense) - set(own))
-            raise RankingStateError(f"dense tensors do not fit this model: missing {missing[:5]}, "
-                                    f"unexpected {unexpected[:5]}")
+            raise RankingStateError(
+                f"dense tensors do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         for n, t in own.items():
             if dense[n].shape != t.shape:
                 raise RankingStateError(f"dense.{n}: shipped {tuple(dense[n].shape)}, have {tuple(t.shape)}")
@@ -239,14 +253,20 @@ class RankingState:
         hist_items, hist_signal, hist_mask = hist.item_ids, hist.signal, hist.mask
         if fc.in_batch_features:  # + the same user's earlier events of this batch
             hist_items, hist_signal, hist_mask = causal_batch_history(
-                hist_items, hist_signal, hist_mask, batch.user_id, batch.item_id, signal)
+                hist_items, hist_signal, hist_mask, batch.user_id, batch.item_id, signal
+            )
         target_vec = None if self.bank is None else self.target_vectors(batch.item_id)  # (B, Db)
         u, c = self.model_inputs(feats, hist_items, hist_signal, hist_mask, target_vec)
         return u, c, feats, signal
 
     def model_inputs(
-        self, feats: FeatureArrays, hist_items: np.ndarray, hist_signal: np.ndarray, hist_mask: np.ndarray,
-        target_vec: torch.Tensor | None, user_rows: slice = slice(None),
+        self,
+        feats: FeatureArrays,
+        hist_items: np.ndarray,
+        hist_signal: np.ndarray,
+        hist_mask: np.ndarray,
+        target_vec: torch.Tensor | None,
+        user_rows: slice = slice(None),
     ) -> tuple[UserInputs, CandidateInputs]:
         """Tensors for the model from built features: the user side from `user_rows` of
         `feats` and the histories given (serving passes one user's row for N candidates),
@@ -267,15 +287,20 @@ class RankingState:
         if self.bank is not None:
             hist_bank = self.bank.vectors_of_rows(uniq % (self.cfg.bank.capacity + 1) - 1, real)  # (U, Db)
         u = UserInputs(
-            user_idx=tt(feats.user_idx[user_rows]), cat_idx=tt(feats.cat_idx[user_rows]),
-            num=tt(feats.num[user_rows], torch.float32), scenario_idx=tt(feats.scenario_idx[user_rows]),
+            user_idx=tt(feats.user_idx[user_rows]),
+            cat_idx=tt(feats.cat_idx[user_rows]),
+            num=tt(feats.num[user_rows], torch.float32),
+            scenario_idx=tt(feats.scenario_idx[user_rows]),
             hist_inverse=tt(inverse.reshape(hist_mask.shape)),
-            hist_signal=tt(hist_signal, torch.float32), hist_mask=tt(hist_mask, torch.bool),
+            hist_signal=tt(hist_signal, torch.float32),
+            hist_mask=tt(hist_mask, torch.bool),
             hist_item_idx=tt(np.where(real, uniq // (self.cfg.bank.capacity + 1), 0)),
             hist_bank=hist_bank,
         )
         c = CandidateInputs(
-            item_idx=tt(feats.item_idx), text_idx=tt(feats.text_idx),
-            counters=tt(feats.counters, torch.float32), target_vec=target_vec,
+            item_idx=tt(feats.item_idx),
+            text_idx=tt(feats.text_idx),
+            counters=tt(feats.counters, torch.float32),
+            target_vec=target_vec,
         )
         return u, c

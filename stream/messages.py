@@ -153,11 +153,14 @@ class RunReport:
     def from_metrics(cls, summary: dict[str, Any], auc_last20: float | None, **kw: Any) -> RunReport:
         """From a StreamingMetrics.summary() (or its JSON-safe brief) and the other fields."""
         return cls(
-            auc_like=summary.get("auc.like"), auc_last20_like=auc_last20,
-            logloss_like=summary.get("logloss.like"), rmse_rating=summary.get("rmse.rating"),
+            auc_like=summary.get("auc.like"),
+            auc_last20_like=auc_last20,
+            logloss_like=summary.get("logloss.like"),
+            rmse_rating=summary.get("rmse.rating"),
             window_auc_like=summary.get("window.auc.like"),
             window_logloss_like=summary.get("window.logloss.like"),
-            window_rmse_rating=summary.get("window.rmse.rating"), **kw,
+            window_rmse_rating=summary.get("window.rmse.rating"),
+            **kw,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -172,13 +175,15 @@ class RunReport:
             out.update({f.name: getattr(self.streaming, f.name) for f in fields(self.streaming)})
         m = self.memories
         bank, pkm, lmn = m.get("bank"), m.get("pkm"), m.get("lmn")
-        out.update({
-            "bank.coverage": bank["coverage"]["cumulative"] if bank else None,
-            "bank.staleness_cos": bank["staleness_cos"]["cumulative"] if bank else None,
-            "pkm.slot_usage": pkm["cumulative"]["slot_usage"] if pkm else None,
-            "pkm.slot_usage_window": pkm["window"]["slot_usage"] if pkm else None,
-            "pkm.kl_uniform": pkm["cumulative"]["kl_uniform"] if pkm else None,
-            "lmn.slot_usage": lmn["cumulative"]["slot_usage"] if lmn else None,
-            "lmn.kl_uniform": lmn["cumulative"]["kl_uniform"] if lmn else None,
-        })
+        out.update(
+            {
+                "bank.coverage": bank["coverage"]["cumulative"] if bank else None,
+                "bank.staleness_cos": bank["staleness_cos"]["cumulative"] if bank else None,
+                "pkm.slot_usage": pkm["cumulative"]["slot_usage"] if pkm else None,
+                "pkm.slot_usage_window": pkm["window"]["slot_usage"] if pkm else None,
+                "pkm.kl_uniform": pkm["cumulative"]["kl_uniform"] if pkm else None,
+                "lmn.slot_usage": lmn["cumulative"]["slot_usage"] if lmn else None,
+                "lmn.kl_uniform": lmn["cumulative"]["kl_uniform"] if lmn else None,
+            }
+        )
         return finite_or_none(out)

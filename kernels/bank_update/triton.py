@@ -73,7 +73,16 @@ def bank_update_triton(
     BLOCK_D = min(triton.next_power_of_2(max(D, 1)), 64 if _INTERPRET else 1024)
     grid = (uniq.numel(), triton.cdiv(D, BLOCK_D))
     _bank_update_kernel[grid](
-        bank, stamps, uniq, last, vectors, int(step), D, bank.stride(0), vectors.stride(0),
-        BLOCK_D=BLOCK_D, num_warps=4,
+        bank,
+        stamps,
+        uniq,
+        last,
+        vectors,
+        int(step),
+        D,
+        bank.stride(0),
+        vectors.stride(0),
+        BLOCK_D=BLOCK_D,
+        num_warps=4,
     )
     return uniq

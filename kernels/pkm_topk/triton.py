@@ -183,16 +183,26 @@ def _merge_top(run, chunk, KP: tl.constexpr):
 
 
 @triton.jit
-def _half_topk(q, KEYS, n, dk, offs_dk, m_dk,
-               BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr,
-               USE_DOT: tl.constexpr):
+def _half_topk(
+    q,
+    KEYS,
+    n,
+    dk,
+    offs_dk,
+    m_dk,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    KP: tl.constexpr,
+    USE_DOT: tl.constexpr,
+):
     # q (BLOCK_B, BLOCK_DK) fp32; KEYS: this head's (n, dk) sub-keys -> packed top KP
     run = _pack_empty([BLOCK_B, KP])
     for n0 in range(0, n, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         m_n = offs_n < n
-        keys = tl.load(KEYS + offs_n[:, None] * dk + offs_dk[None, :],
-                       mask=m_n[:, None] & m_dk[None, :], other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_DK)
+        keys = tl.load(
+            KEYS + offs_n[:, None] * dk + offs_dk[None, :], mask=m_n[:, None] & m_dk[None, :], other=0.0
+        ).to(tl.float32)  # (BLOCK_N, BLOCK_DK)
         if USE_DOT:
             s = tl.dot(q, tl.trans(keys), input_precision="ieee")  # (BLOCK_B, BLOCK_N)
         else:
@@ -211,8 +221,9 @@ def _pkm_configs():
     # BLOCK_B = 16: the smallest tl.dot M. Compiled for sm_90 at KP = 32, dk = 64:
     # (64, 4 warps) 230 regs, (64, 8) 128, (128, 8) 218, no spills; BLOCK_B = 32,
     # (128, 4 warps) and BLOCK_N = 256 spill (1.3-3 KB of stack), so they are left out.
-    return [triton.Config({"BLOCK_B": 16, "BLOCK_N": bn}, num_warps=nw)
-            for bn, nw in ((64, 4), (64, 8), (128, 8))]
+    return [
+        triton.Config({"BLOCK_B": 16, "BLOCK_N": bn}, num_warps=nw) for bn, nw in ((64, 4), (64, 8), (128, 8))
+    ]
 
 
 def _prune_pkm(configs, named_args, **kwargs):
@@ -225,18 +236,31 @@ def _prune_pkm(configs, named_args, **kwargs):
     return [triton.Config({**c.kwargs, "BLOCK_N": kp}, num_warps=c.num_warps)]
 
 
-@triton.autotune(configs=_pkm_configs(), key=["n", "dk", "k", "KP"],
-                 prune_configs_by={"early_config_prune": _prune_pkm})
+@triton.autotune(
+    configs=_pkm_configs(), key=["n", "dk", "k", "KP"], prune_configs_by={"early_config_prune": _prune_pkm}
+)
 @triton.jit
 def _pkm_topk_kernel(
-    Q1, Q2,  # (B, H, dk) contiguous
-    K1, K2,  # (H, n, dk) contiguous
-    CI, CJ,  # (C,) int32: staircase pairs (i, j) with (i + 1) * (j + 1) <= k, padded with -1
+    Q1,
+    Q2,  # (B, H, dk) contiguous
+    K1,
+    K2,  # (H, n, dk) contiguous
+    CI,
+    CJ,  # (C,) int32: staircase pairs (i, j) with (i + 1) * (j + 1) <= k, padded with -1
     OUT_S,  # (B, H, k) scores, q's dtype
     OUT_I,  # (B, H, k) int64 slots
-    B, H, n, dk, k,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
-    KP: tl.constexpr, C: tl.constexpr, KF: tl.constexpr, USE_DOT: tl.constexpr,
+    B,
+    H,
+    n,
+    dk,
+    k,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    KP: tl.constexpr,
+    C: tl.constexpr,
+    KF: tl.constexpr,
+    USE_DOT: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -291,8 +315,11 @@ def _staircase_on(k: int, kk: int, device):
     key = (k, kk, str(device))
     if key not in _STAIRCASES:
         ci, cj, c = _staircase(k, kk)
-        _STAIRCASES[key] = (torch.tensor(ci, dtype=torch.int32, device=device),
-                            torch.tensor(cj, dtype=torch.int32, device=device), c)
+        _STAIRCASES[key] = (
+            torch.tensor(ci, dtype=torch.int32, device=device),
+            torch.tensor(cj, dtype=torch.int32, device=device),
+            c,
+        )
     return _STAIRCASES[key]
 
 
@@ -318,8 +345,24 @@ def pkm_topk_triton(q1, q2, keys1, keys2, k: int):
     BLOCK_DK = max(triton.next_power_of_2(dk), 16)
     grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), H)
     _pkm_topk_kernel[grid](
-        q1, q2, keys1, keys2, ci_t, cj_t, scores, slots, B, H, n, dk, k,
-        BLOCK_DK=BLOCK_DK, KP=KP, C=C, KF=triton.next_power_of_2(k), USE_DOT=True,
+        q1,
+        q2,
+        keys1,
+        keys2,
+        ci_t,
+        cj_t,
+        scores,
+        slots,
+        B,
+        H,
+        n,
+        dk,
+        k,
+        BLOCK_DK=BLOCK_DK,
+        KP=KP,
+        C=C,
+        KF=triton.next_power_of_2(k),
+        USE_DOT=True,
     )
     return scores, slots
 
@@ -344,8 +387,7 @@ def _pkm_topk_unfused(q1, q2, keys1, keys2, k: int):
 
 
 @triton.jit
-def _topk_stream_kernel(X, OUT_V, OUT_I, L, k, stride_x,
-                        BLOCK: tl.constexpr, KP: tl.constexpr):
+def _topk_stream_kernel(X, OUT_V, OUT_I, L, k, stride_x, BLOCK: tl.constexpr, KP: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     run = _pack_empty([1, KP])
     for c0 in range(0, L, BLOCK):
@@ -388,10 +430,17 @@ def _select_digit(hist, k_rem, NB: tl.constexpr):
 @triton.jit
 def _topk_radix_kernel(
     X,  # (R, L) rows, row stride stride_x
-    OUT_V, OUT_I,  # (R, k)
-    BUF_K, BUF_I,  # (2, R, L) int32 scratch: candidate order keys and indices
-    R, L, k, stride_x,
-    BLOCK: tl.constexpr, KF: tl.constexpr, BITS: tl.constexpr,
+    OUT_V,
+    OUT_I,  # (R, k)
+    BUF_K,
+    BUF_I,  # (2, R, L) int32 scratch: candidate order keys and indices
+    R,
+    L,
+    k,
+    stride_x,
+    BLOCK: tl.constexpr,
+    KF: tl.constexpr,
+    BITS: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     NB: tl.constexpr = 1 << BITS
@@ -496,15 +545,26 @@ def _row_topk(x: torch.Tensor, k: int, method: str = "auto"):
     if method == "stream":
         KP = triton.next_power_of_2(k)
         BLOCK = max(KP, min(triton.next_power_of_2(L), 256 if _INTERPRET else 1024))
-        _topk_stream_kernel[(R,)](x2, vals, idx, L, k, x2.stride(0), BLOCK=BLOCK, KP=KP,
-                                  num_warps=4)
+        _topk_stream_kernel[(R,)](x2, vals, idx, L, k, x2.stride(0), BLOCK=BLOCK, KP=KP, num_warps=4)
     elif method == "radix":
         buf_k = torch.empty((2, R, L), dtype=torch.int32, device=x.device)
         buf_i = torch.empty((2, R, L), dtype=torch.int32, device=x.device)
         BLOCK = min(triton.next_power_of_2(L), 512 if _INTERPRET else 2048)
-        _topk_radix_kernel[(R,)](x2, vals, idx, buf_k, buf_i, R, L, k, x2.stride(0),
-                                 BLOCK=BLOCK, KF=triton.next_power_of_2(k), BITS=8,
-                                 num_warps=8)
+        _topk_radix_kernel[(R,)](
+            x2,
+            vals,
+            idx,
+            buf_k,
+            buf_i,
+            R,
+            L,
+            k,
+            x2.stride(0),
+            BLOCK=BLOCK,
+            KF=triton.next_power_of_2(k),
+            BITS=8,
+            num_warps=8,
+        )
     else:
         raise ValueError(method)
     return vals.reshape(*lead, k), idx.reshape(*lead, k)

@@ -23,7 +23,5 @@ def sparse_gather(
 ) -> torch.Tensor:
     """out[b] = sum_j weights[b, j] * values[idx[b, j]]; see `sparse_gather_ref`."""
     if backend_for(values) == "triton":
-        return triton_module("sparse_gather", values).sparse_gather_triton(
-            values, idx, weights, sparse_grad
-        )
+        return triton_module("sparse_gather", values).sparse_gather_triton(values, idx, weights, sparse_grad)
     return sparse_gather_ref(values, idx, weights, sparse_grad)

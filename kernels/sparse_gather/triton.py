@@ -178,7 +178,9 @@ def _segment_sum_kernel(
         m_p = offs_p < end
         r = tl.load(GROW + offs_p, mask=m_p, other=0).to(tl.int64)
         gw = tl.load(GW + offs_p, mask=m_p, other=0.0)
-        x = tl.load(SRC + r[:, None] * stride_src + offs_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.0)
+        x = tl.load(
+            SRC + r[:, None] * stride_src + offs_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.0
+        )
         acc += tl.sum(x.to(ACC) * gw[:, None].to(ACC), axis=0)
     tl.store(OUT + g * D + offs_d, acc, mask=m_d)
 
@@ -247,9 +249,7 @@ def _segment_sum(src, grow, gw, start, end, D):
     BLOCK_D = _block_d(D)
     grid = (start.numel(), triton.cdiv(D, BLOCK_D))
     acc = tl.float64 if gw.dtype == torch.float64 else tl.float32
-    _segment_sum_kernel[grid](
-        src, grow, gw, start, end, out, D, src.stride(0), ACC=acc, BLOCK_D=BLOCK_D
-    )
+    _segment_sum_kernel[grid](src, grow, gw, start, end, out, D, src.stride(0), ACC=acc, BLOCK_D=BLOCK_D)
     return out
 
 
@@ -259,8 +259,9 @@ def _pieces(starts: torch.Tensor, counts: torch.Tensor, piece: int):
     Returns (piece_start, piece_end, pieces_per_segment)."""
     npieces = (counts + piece - 1) // piece  # (G,)
     total = int(npieces.sum())
-    owner = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), npieces,
-                                    output_size=total)
+    owner = torch.repeat_interleave(
+        torch.arange(counts.numel(), device=counts.device), npieces, output_size=total
+    )
     first = torch.cumsum(npieces, 0) - npieces  # (G,) first piece of each segment
     local = torch.arange(total, device=counts.device) - first[owner]
     pstart = starts[owner] + local * piece
@@ -314,12 +315,20 @@ def _backward(values, idx, weights, dout, need_dv, need_dw, variant="auto"):
     if need_dw or atomic:
         BLOCK_D = _block_d(D)
         _gather_bwd_rows_kernel[(B,)](
-            values, idx, weights, dout,
+            values,
+            idx,
+            weights,
+            dout,
             dw if dw is not None else dout,
             inv,
             dvc if atomic else dvc_dummy,
-            K, D, values.stride(0),
-            COMPUTE_DW=need_dw, ATOMIC_DV=atomic, ACC=acc_tl, BLOCK_D=BLOCK_D,
+            K,
+            D,
+            values.stride(0),
+            COMPUTE_DW=need_dw,
+            ATOMIC_DV=atomic,
+            ACC=acc_tl,
+            BLOCK_D=BLOCK_D,
         )
     if need_dv and not atomic:
         dvc = _dv_reverse(rev, weights, dout, K, D, acc_t)

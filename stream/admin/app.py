@@ -208,8 +208,12 @@ def create_app(view: JobView, cfg: AdminConfig, token: str) -> FastAPI:
         limit: int = Query(20, ge=1, le=MAX_PAGE),
     ) -> dict[str, Any]:
         items = view.snapshots()  # newest first
-        return {"total": len(items), "offset": offset, "limit": limit,
-                "items": items[offset : offset + limit]}
+        return {
+            "total": len(items),
+            "offset": offset,
+            "limit": limit,
+            "items": items[offset : offset + limit],
+        }
 
     @app.post("/v1/snapshots/rollback", **secured_or_404)
     def rollback(req: RollbackRequest) -> dict[str, Any]:

@@ -47,12 +47,13 @@ def broker_status(args: argparse.Namespace) -> int:
     status = broker.status(args.state_dir)
     if status.running:
         assert status.info is not None
-        print(f"running at {status.info.bootstrap} (pid {status.info.pid}); "
-              f"log: {status.info.log_path}")
+        print(f"running at {status.info.bootstrap} (pid {status.info.pid}); log: {status.info.log_path}")
         return 0
     if status.stale:
-        print(f"not running (stale state in {args.state_dir}: pid "
-              f"{status.info.pid if status.info else '?'} is gone; `memstream broker stop` cleans it)")
+        print(
+            f"not running (stale state in {args.state_dir}: pid "
+            f"{status.info.pid if status.info else '?'} is gone; `memstream broker stop` cleans it)"
+        )
     else:
         print(f"not running (state dir {args.state_dir})")
     return 1
@@ -76,11 +77,17 @@ def record(args: argparse.Namespace) -> int:
 
     bootstrap, options = _kafka_client(args)
     stats = record_topic(
-        bootstrap, args.topic, args.out, max_messages=args.max_messages,
-        progress=not args.no_progress, **options,
+        bootstrap,
+        args.topic,
+        args.out,
+        max_messages=args.max_messages,
+        progress=not args.no_progress,
+        **options,
     )
-    print(f"recorded {stats.rows:,} messages from {args.topic} ({stats.partitions} partitions) "
-          f"to {args.out} in {stats.seconds:.1f} s: {stats.rate:,.0f} events/s")
+    print(
+        f"recorded {stats.rows:,} messages from {args.topic} ({stats.partitions} partitions) "
+        f"to {args.out} in {stats.seconds:.1f} s: {stats.rate:,.0f} events/s"
+    )
     return 0
 
 
@@ -89,13 +96,22 @@ def replay(args: argparse.Namespace) -> int:
 
     bootstrap, options = _kafka_client(args)
     stats = replay_recording(
-        args.recording, bootstrap, args.topic, speed=args.speed, rate=args.rate,
-        partitions=args.partitions, progress=not args.no_progress, retime=args.retime, **options,
+        args.recording,
+        bootstrap,
+        args.topic,
+        speed=args.speed,
+        rate=args.rate,
+        partitions=args.partitions,
+        progress=not args.no_progress,
+        retime=args.retime,
+        **options,
     )
     layout = "recorded partitions" if stats.kept_partitions else "partitioned by key"
     created = ", created" if stats.topic_created else ""
-    print(f"replayed {stats.rows:,} events to {args.topic} ({stats.partitions} partitions{created}, "
-          f"{layout}) in {stats.seconds:.1f} s: {stats.rate:,.0f} events/s")
+    print(
+        f"replayed {stats.rows:,} events to {args.topic} ({stats.partitions} partitions{created}, "
+        f"{layout}) in {stats.seconds:.1f} s: {stats.rate:,.0f} events/s"
+    )
     return 0
 
 
@@ -135,16 +151,30 @@ def _read_client_config(path: str) -> dict[str, Any]:
 def data_movielens(args: argparse.Namespace) -> int:
     from stream.recordings.data.movielens import build_movielens_recording
 
-    return _build(args.dataset.upper(), lambda: build_movielens_recording(
-        args.dataset, args.out, limit=args.limit, partitions=args.partitions, topic=args.topic))
+    return _build(
+        args.dataset.upper(),
+        lambda: build_movielens_recording(
+            args.dataset, args.out, limit=args.limit, partitions=args.partitions, topic=args.topic
+        ),
+    )
 
 
 def data_synthetic(args: argparse.Namespace) -> int:
     from stream.recordings.data.synthetic import build_synthetic_recording
 
-    return _build("synthetic", lambda: build_synthetic_recording(
-        args.out, events=args.events, users=args.users, items=args.items, seed=args.seed,
-        partitions=args.partitions, topic=args.topic, events_per_s=args.events_per_s))
+    return _build(
+        "synthetic",
+        lambda: build_synthetic_recording(
+            args.out,
+            events=args.events,
+            users=args.users,
+            items=args.items,
+            seed=args.seed,
+            partitions=args.partitions,
+            topic=args.topic,
+            events_per_s=args.events_per_s,
+        ),
+    )
 
 
 def _build(kind: str, build) -> int:
@@ -154,6 +184,8 @@ def _build(kind: str, build) -> int:
 
     started = time.perf_counter()
     info = recording_info(build())
-    print(f"wrote {info.rows:,} {kind} events ({info.partitions} partitions) to {info.path} "
-          f"in {time.perf_counter() - started:.1f} s")
+    print(
+        f"wrote {info.rows:,} {kind} events ({info.partitions} partitions) to {info.path} "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
     return 0

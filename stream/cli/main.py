@@ -42,7 +42,8 @@ class Command:
 
 def _add_state_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--state-dir", default=_STATE_DIR_DEFAULT,
+        "--state-dir",
+        default=_STATE_DIR_DEFAULT,
         help="where the local broker keeps its pid, log and address "
         "(default: $MEMSTREAM_BROKER_DIR or .memstream/broker)",
     )
@@ -56,7 +57,8 @@ def _add_kafka_client(p: argparse.ArgumentParser) -> None:
     )
     _add_state_dir(p)
     p.add_argument(
-        "--client-config", metavar="FILE",
+        "--client-config",
+        metavar="FILE",
         help="YAML/JSON mapping of extra kafka-python settings (security_protocol, sasl_*, "
         "ssl_*, client_id, ...), passed to every client unchanged",
     )
@@ -94,16 +96,19 @@ def _replay_arguments(p: argparse.ArgumentParser) -> None:
     _add_kafka_client(p)
     pace = p.add_mutually_exclusive_group()
     pace.add_argument(
-        "--speed", default="max",
+        "--speed",
+        default="max",
         help="'max' (default: as fast as possible) or a factor F: recorded gaps divided by F",
     )
     pace.add_argument("--rate", type=float, metavar="EVENTS_PER_S", help="a steady rate instead")
     p.add_argument(
-        "--partitions", type=int,
+        "--partitions",
+        type=int,
         help="partitions for the topic if it has to be created (default: the recording's)",
     )
     p.add_argument(
-        "--retime", action="store_true",
+        "--retime",
+        action="store_true",
         help="stamp messages with the send time (for freshness measurement), not the recorded time",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -125,42 +130,63 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
     syn.add_argument("--items", type=int, required=True)
     syn.add_argument("--seed", type=int, required=True)
     syn.add_argument("--partitions", type=int, default=4, help="partition layout (default 4)")
-    syn.add_argument("--events-per-s", type=float, default=100.0,
-                     help="recorded event rate (timestamps), default 100")
+    syn.add_argument(
+        "--events-per-s", type=float, default=100.0, help="recorded event rate (timestamps), default 100"
+    )
     syn.add_argument("--topic", default="interactions", help="topic name stored in the rows")
     syn.set_defaults(_handler="stream.cli.commands:data_synthetic")
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml values)")
-    p.add_argument("--bootstrap", help="Kafka bootstrap servers; omitted: the embedded local "
-                   "broker fed by a replay of job.recording (ML-1M by default)")
+    p.add_argument(
+        "--bootstrap",
+        help="Kafka bootstrap servers; omitted: the embedded local "
+        "broker fed by a replay of job.recording (ML-1M by default)",
+    )
     p.add_argument("--topic", help="topic to consume (default: kafka.topic)")
     p.add_argument("--max-events", type=int, help="stop after this many messages are applied")
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     p.add_argument("--report", help="write the JSON report here (and PNG plots beside it)")
     p.add_argument("--work-dir", help="checkpoints, snapshots, admin token (default: job.work_dir)")
     p.add_argument("--ray-address", help="join this Ray cluster ('auto' inside `ray job submit`)")
-    p.add_argument("--replay-rate", type=float, metavar="EVENTS_PER_S",
-                   help="embedded mode: pace the replay at this rate (default: job.replay_speed)")
+    p.add_argument(
+        "--replay-rate",
+        type=float,
+        metavar="EVENTS_PER_S",
+        help="embedded mode: pace the replay at this rate (default: job.replay_speed)",
+    )
     p.add_argument("--no-live", action="store_true", help="no live display (logs only)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set snapshots.interval_s=2 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set snapshots.interval_s=2 (repeatable)",
+    )
 
 
 COMMANDS: list[Command] = [
     Command("broker", "local Kafka-compatible broker (Tansu) for dev and tests", _broker_arguments),
-    Command("schema", "print the JSON Schema of an event", _schema_arguments,
-            "stream.cli.commands:schema"),
-    Command("record", "capture a topic to a Parquet recording", _record_arguments,
-            "stream.cli.commands:record"),
-    Command("replay", "produce a recording into a topic", _replay_arguments,
-            "stream.cli.commands:replay"),
+    Command("schema", "print the JSON Schema of an event", _schema_arguments, "stream.cli.commands:schema"),
+    Command(
+        "record", "capture a topic to a Parquet recording", _record_arguments, "stream.cli.commands:record"
+    ),
+    Command("replay", "produce a recording into a topic", _replay_arguments, "stream.cli.commands:replay"),
     Command("data", "build recordings from datasets", _data_arguments),
-    Command("eval", "train and evaluate (test-then-train) over a recording, no broker",
-            add_eval_arguments, "stream.train.evaluate:eval_main"),
-    Command("run", "the streaming job: Kafka -> Ray trainer -> snapshots -> serving, admin API",
-            _run_arguments, "stream.job.driver:run_main"),
+    Command(
+        "eval",
+        "train and evaluate (test-then-train) over a recording, no broker",
+        add_eval_arguments,
+        "stream.train.evaluate:eval_main",
+    ),
+    Command(
+        "run",
+        "the streaming job: Kafka -> Ray trainer -> snapshots -> serving, admin API",
+        _run_arguments,
+        "stream.job.driver:run_main",
+    ),
 ]
 
 

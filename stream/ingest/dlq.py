@@ -56,7 +56,11 @@ class DeadLetterWriter:
     """Writes rejects to one dead-letter topic (the `.dlq` topic itself, see dlq_topic())."""
 
     def __init__(
-        self, bootstrap: str, topic: str, *, max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        self,
+        bootstrap: str,
+        topic: str,
+        *,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         **client_options: Any,
     ) -> None:
         from kafka import KafkaProducer

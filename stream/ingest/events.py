@@ -140,15 +140,10 @@ class EventBatch:
         obj = lambda xs: np.array(xs, dtype=object) if n else np.empty(0, dtype=object)
         label_names = sorted({k for e in events for k in e.labels})
         labels = {
-            t: np.array([e.labels.get(t, math.nan) for e in events], dtype=np.float64)
-            for t in label_names
+            t: np.array([e.labels.get(t, math.nan) for e in events], dtype=np.float64) for t in label_names
         }
-        cat_names = sorted(
-            {k for e in events for k, v in e.user_features.items() if isinstance(v, str)}
-        )
-        num_names = sorted(
-            {k for e in events for k, v in e.user_features.items() if not isinstance(v, str)}
-        )
+        cat_names = sorted({k for e in events for k, v in e.user_features.items() if isinstance(v, str)})
+        num_names = sorted({k for e in events for k, v in e.user_features.items() if not isinstance(v, str)})
         user_cat = {}
         for k in cat_names:
             vals = [e.user_features.get(k) for e in events]
@@ -270,9 +265,9 @@ class EventBatch:
             scenario=obj("scenario"),
             item_text=obj("item_text"),
             query=obj("query"),
-            labels={c[len("label."):]: num(c, np.float64) for c in prefixed("label.")},
-            user_cat={c[len("ucat."):]: obj(c) for c in prefixed("ucat.")},
-            user_num={c[len("unum."):]: num(c, np.float64) for c in prefixed("unum.")},
+            labels={c[len("label.") :]: num(c, np.float64) for c in prefixed("label.")},
+            user_cat={c[len("ucat.") :]: obj(c) for c in prefixed("ucat.")},
+            user_num={c[len("unum.") :]: num(c, np.float64) for c in prefixed("unum.")},
             kafka_partition=num("kafka_partition", np.int32),
             kafka_offset=num("kafka_offset", np.int64),
             kafka_ts_ms=num("kafka_ts_ms", np.int64),
@@ -360,7 +355,9 @@ def decode_one(
         if isinstance(raw, str):
             raw = raw.encode("utf-8", errors="surrogatepass")
         elif not isinstance(raw, (bytes, bytearray, memoryview)):
-            return None, Reject(repr(raw)[:1024].encode(), "wrong_type", f"value of type {type(raw).__name__}, expected bytes")
+            return None, Reject(
+                repr(raw)[:1024].encode(), "wrong_type", f"value of type {type(raw).__name__}, expected bytes"
+            )
         raw = bytes(raw)
         if len(raw) == 0:
             return None, Reject(raw, "empty", "value is empty")

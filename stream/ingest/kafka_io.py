@@ -59,9 +59,7 @@ def bulk_producer(bootstrap: str, **client_options: Any):
 def admin_client(bootstrap: str, **client_options: Any):
     from kafka import KafkaAdminClient
 
-    return KafkaAdminClient(
-        bootstrap_servers=bootstrap, **options_for(KafkaAdminClient, client_options)
-    )
+    return KafkaAdminClient(bootstrap_servers=bootstrap, **options_for(KafkaAdminClient, client_options))
 
 
 def options_for(client_class: type, client_options: dict[str, Any]) -> dict[str, Any]:

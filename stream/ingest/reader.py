@@ -242,8 +242,7 @@ class PartitionReader:
         if not mine:
             return
         payload = {
-            TopicPartition(self.cfg.topic, p): OffsetAndMetadata(int(o), "", -1)
-            for p, o in mine.items()
+            TopicPartition(self.cfg.topic, p): OffsetAndMetadata(int(o), "", -1) for p, o in mine.items()
         }
         with self._lock:
             self._consumer.commit(offsets=payload)
@@ -339,11 +338,17 @@ class PartitionReader:
             if self._dedup[parts[pos]].is_duplicate(eid, offsets[pos]):
                 raw = values[pos]
                 raw = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
-                repeats.append((pos, Reject(
-                    raw, "duplicate_event_id",
-                    f"event_id {eid!r} already accepted on partition {parts[pos]} within the last "
-                    f"{self.cfg.dedup_window} offsets",
-                )))
+                repeats.append(
+                    (
+                        pos,
+                        Reject(
+                            raw,
+                            "duplicate_event_id",
+                            f"event_id {eid!r} already accepted on partition {parts[pos]} within the last "
+                            f"{self.cfg.dedup_window} offsets",
+                        ),
+                    )
+                )
             else:
                 keep.append(row)
         if not repeats:
@@ -386,8 +391,13 @@ class PartitionReader:
                 continue
             step = max(512, 2 * (target - probe))
             probe = max(0, target - step)
-            log.warning("partition %s: asked for offset %d, broker answered from %d; re-seeking to %d",
-                        tp.partition, target, first, probe)
+            log.warning(
+                "partition %s: asked for offset %d, broker answered from %d; re-seeking to %d",
+                tp.partition,
+                target,
+                first,
+                probe,
+            )
             self._verify[tp.partition] = (target, probe)
             self._consumer.seek(tp, probe)
         return out
@@ -417,9 +427,7 @@ class PartitionReader:
                 if off >= self._dlq_next.get(p, -1):
                     self._dlq_next[p] = off + 1
                     fresh_rejects.append((pos, rej))
-                    self.reject_categories[rej.category] = (
-                        self.reject_categories.get(rej.category, 0) + 1
-                    )
+                    self.reject_categories[rej.category] = self.reject_categories.get(rej.category, 0) + 1
             self.counters["consumed"] += len(values)
             self.counters["accepted"] += len(res.batch)
             self.counters["rejected"] += len(fresh_rejects)

@@ -97,8 +97,11 @@ class PublisherActor:
         return self.pub.pin(version)
 
     def stats(self) -> dict[str, Any]:
-        return {"published": self.pub.published, "bases_written": self.pub.bases_written,
-                "base_failures": self.pub.base_failures}
+        return {
+            "published": self.pub.published,
+            "bases_written": self.pub.bases_written,
+            "base_failures": self.pub.base_failures,
+        }
 
 
 class RayReaders:
@@ -171,8 +174,9 @@ class RayPublisher:
         self._base_writer: threading.Thread | None = None
 
     def publish(self, p):
-        ref = self.publisher.publish.remote(p.version, p.parent, state_to_wire(p.state), p.meta,
-                                            p.event_ts_ms, p.event_trained_s)
+        ref = self.publisher.publish.remote(
+            p.version, p.parent, state_to_wire(p.state), p.meta, p.event_ts_ms, p.event_trained_s
+        )
         if p.base is not None:
             self._write_base(p.version, p.base, p.meta, after=ref)
         return ref
@@ -237,15 +241,21 @@ class TrainerActor:
             full_every=self.cfg.snapshots.full_every,
             first_version=(latest or 0) + 1,
         )
-        self.loop = TrainerLoop(self.svc, source=RayReaders([], 0), sink=RayPublisher(publisher),
-                                snapshot_interval_s=self.cfg.snapshots.interval_s,
-                                checkpoint_interval_s=ck.interval_s)
+        self.loop = TrainerLoop(
+            self.svc,
+            source=RayReaders([], 0),
+            sink=RayPublisher(publisher),
+            snapshot_interval_s=self.cfg.snapshots.interval_s,
+            checkpoint_interval_s=ck.interval_s,
+        )
 
     @ray.method(concurrency_group="train")
     def run(self, readers: list, max_events: int | None = None):
         """Train until stopped or `max_events` messages (trained + rejected) are applied."""
         cfg = self.cfg
-        self.loop.source = RayReaders(readers, pull=max(cfg.trainer.batch_size * 4, cfg.kafka.max_poll_records))
+        self.loop.source = RayReaders(
+            readers, pull=max(cfg.trainer.batch_size * 4, cfg.kafka.max_poll_records)
+        )
         self.loop.stop.clear()
         return self.loop.run(max_events)
 
@@ -325,8 +335,11 @@ class TrainerActor:
             "user_id": user_id,
             "length": int(view.mask[0].sum()),
             "items": [
-                {"item_id": view.item_ids[0, j], "ts_ms": int(view.ts_ms[0, j]),
-                 "signal": float(view.signal[0, j])}
+                {
+                    "item_id": view.item_ids[0, j],
+                    "ts_ms": int(view.ts_ms[0, j]),
+                    "signal": float(view.signal[0, j]),
+                }
                 for j in keep.tolist()
             ],
         }

@@ -51,9 +51,16 @@ class LiveDisplay:
             if self._last is None or s.t - self._last[0] >= 10:
                 rate = self._rate(s)
                 self._last = (s.t, p.events_applied)
-                log.info("%d events trained, %s ev/s, lag %s, AUC %s, snapshot v%s, freshness p50/p99 %s/%s s",
-                         p.events_applied, "-" if rate is None else f"{rate:,.0f}", s.lag,
-                         fmt(m.get("auc.like")), p.snapshot_version, fmt(f.get("p50_s"), 2), fmt(f.get("p99_s"), 2))
+                log.info(
+                    "%d events trained, %s ev/s, lag %s, AUC %s, snapshot v%s, freshness p50/p99 %s/%s s",
+                    p.events_applied,
+                    "-" if rate is None else f"{rate:,.0f}",
+                    s.lag,
+                    fmt(m.get("auc.like")),
+                    p.snapshot_version,
+                    fmt(f.get("p50_s"), 2),
+                    fmt(f.get("p99_s"), 2),
+                )
             return
         from rich.table import Table
 

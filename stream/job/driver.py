@@ -129,7 +129,10 @@ class StreamingJob:
         offsets in an earlier embedded run's checkpoints mean nothing. Start clean."""
         import shutil
 
-        for name, configured in (("checkpoints", self.cfg.checkpoints.dir), ("snapshots", self.cfg.snapshots.uri)):
+        for name, configured in (
+            ("checkpoints", self.cfg.checkpoints.dir),
+            ("snapshots", self.cfg.snapshots.uri),
+        ):
             path = self.work_dir / name
             if not configured and path.exists():
                 log.info("embedded run: removing the previous run's %s in %s", name, path)
@@ -153,8 +156,16 @@ class StreamingJob:
 
         def run() -> None:
             try:
-                replay(recording, bootstrap, self.cfg.kafka.topic, speed, rate=job.replay_rate,
-                       retime=True, stop=self._replay_stop, **self.cfg.kafka.client_options)
+                replay(
+                    recording,
+                    bootstrap,
+                    self.cfg.kafka.topic,
+                    speed,
+                    rate=job.replay_rate,
+                    retime=True,
+                    stop=self._replay_stop,
+                    **self.cfg.kafka.client_options,
+                )
             except BaseException as e:  # surfaced by the supervision loop
                 self._replay_error = e
             finally:
@@ -170,7 +181,9 @@ class StreamingJob:
         if recording is not None:
             from stream.recordings.recording import recording_info
 
-            count, _ = ensure_topic(bootstrap, self.cfg.kafka.topic, recording_info(recording).partitions, **opts)
+            count, _ = ensure_topic(
+                bootstrap, self.cfg.kafka.topic, recording_info(recording).partitions, **opts
+            )
             return count
         count = topic_partition_count(bootstrap, self.cfg.kafka.topic, **opts)
         if not count:
@@ -197,9 +210,13 @@ class StreamingJob:
         partitions = self._partitions(bootstrap, recording)
 
         if not ray.is_initialized():
-            init_local_ray(cfg.job.worker_niceness, address=cfg.job.ray_address,
-                           namespace=cfg.job.namespace, log_to_driver=True,
-                           logging_level=logging.WARNING)
+            init_local_ray(
+                cfg.job.worker_niceness,
+                address=cfg.job.ray_address,
+                namespace=cfg.job.namespace,
+                log_to_driver=True,
+                logging_level=logging.WARNING,
+            )
             self._started_ray = cfg.job.ray_address is None
         gpus = ray.cluster_resources().get("GPU", 0.0)
         device, num_gpus = resolve_device(cfg, gpus)
@@ -208,17 +225,21 @@ class StreamingJob:
         raw["kafka"]["bootstrap"] = bootstrap
 
         store_uri = cfg.snapshots.uri or str((self.work_dir / "snapshots").resolve())
-        topo = Topology(bootstrap, cfg.kafka.topic, partitions, self.work_dir, store_uri,
-                        publisher_name=_publisher_name(self.work_dir),
-                        namespace=cfg.job.namespace)
+        topo = Topology(
+            bootstrap,
+            cfg.kafka.topic,
+            partitions,
+            self.work_dir,
+            store_uri,
+            publisher_name=_publisher_name(self.work_dir),
+            namespace=cfg.job.namespace,
+        )
 
         from stream.job.actors import IngestActor, PublisherActor, TrainerActor
 
         topo.publisher = PublisherActor.options(
             name=topo.publisher_name, namespace=topo.namespace, get_if_exists=True
-        ).remote(
-            store_uri, cfg.snapshots.keep_versions
-        )
+        ).remote(store_uri, cfg.snapshots.keep_versions)
         topo.trainer = TrainerActor.options(num_gpus=num_gpus, num_cpus=1).remote(
             raw, str(self.work_dir.resolve()), topo.publisher_name, topo.namespace
         )
@@ -310,7 +331,9 @@ class StreamingJob:
                         if self._stop.is_set():
                             raise JobError(f"trainer failed while stopping: {e}") from e
                         self.trainer_restarts += 1
-                        log.warning("trainer actor died (%s); restarting from its checkpoint", type(e).__name__)
+                        log.warning(
+                            "trainer actor died (%s); restarting from its checkpoint", type(e).__name__
+                        )
                         if not isinstance(e, RayActorError):
                             # run() raised but the actor lives on, its model holding part of
                             # the failed unit: retrying on it would apply those events twice.
@@ -362,8 +385,16 @@ class StreamingJob:
         fresh = ray.get(topo.publisher.freshness.remote(), timeout=10)
         pub_stats = ray.get(topo.publisher.stats.remote(), timeout=10)
         self.freshness_samples = ray.get(topo.publisher.freshness_samples.remote(), timeout=30)
-        return run_report(final, fresh, pub_stats, serving, last_version, self.trainer_restarts,
-                          time.time() - t_start, redacted(self.cfg.model_dump(mode="json")))
+        return run_report(
+            final,
+            fresh,
+            pub_stats,
+            serving,
+            last_version,
+            self.trainer_restarts,
+            time.time() - t_start,
+            redacted(self.cfg.model_dump(mode="json")),
+        )
 
     def _wait_trainer(self, topo: Topology, timeout_s: float = 300.0) -> None:
         import ray
@@ -434,15 +465,19 @@ class StreamingJob:
                 self._replay_thread.join(timeout=30)
             self._broker.stop()
 
+
 def run_main(args) -> int:
     """`memstream run` (see stream/cli/main.py for the flags)."""
     from stream.config import load_config
 
     overrides = list(args.overrides)
     flags = {
-        "kafka.bootstrap": args.bootstrap, "kafka.topic": args.topic,
-        "job.max_events": args.max_events, "job.duration_s": args.duration,
-        "job.work_dir": args.work_dir, "job.ray_address": args.ray_address,
+        "kafka.bootstrap": args.bootstrap,
+        "kafka.topic": args.topic,
+        "job.max_events": args.max_events,
+        "job.duration_s": args.duration,
+        "job.work_dir": args.work_dir,
+        "job.ray_address": args.ray_address,
         "job.replay_rate": args.replay_rate,
     }
     for key, value in flags.items():
@@ -457,7 +492,17 @@ def run_main(args) -> int:
     # loop"): the client's internals on a busy CPU, nothing a user of the job can act on.
     logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
     report = StreamingJob(cfg, args.report).run().to_json()
-    keys = ("events_consumed", "events_trained", "events_dlq", "throughput_eps", "auc.like",
-            "freshness_p50_s", "freshness_p99_s", "snapshots_published", "serving_version", "duration_s")
+    keys = (
+        "events_consumed",
+        "events_trained",
+        "events_dlq",
+        "throughput_eps",
+        "auc.like",
+        "freshness_p50_s",
+        "freshness_p99_s",
+        "snapshots_published",
+        "serving_version",
+        "duration_s",
+    )
     print(json.dumps({k: report.get(k) for k in keys}))
     return 0

@@ -24,15 +24,18 @@ class JobMetrics:
         self.lag = g("memstream_ingest_lag_events", "end offset minus next offset, all partitions")
         self.snapshot_version = g("memstream_snapshot_version", "last published snapshot version")
         self.serving_version = g("memstream_serving_version", "version live on a replica", ("replica",))
-        self.serving_refusals = g("memstream_serving_refusals_total", "snapshot versions refused", ("replica",))
-        self.freshness = g("memstream_freshness_seconds", "event Kafka time to live in serving", ("quantile",))
+        self.serving_refusals = g(
+            "memstream_serving_refusals_total", "snapshot versions refused", ("replica",)
+        )
+        self.freshness = g(
+            "memstream_freshness_seconds", "event Kafka time to live in serving", ("quantile",)
+        )
         self.trainer_restarts = g("memstream_trainer_restarts_total", "trainer actor restarts seen")
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
-
 
     def update(self, s: JobSample, serving: list[dict[str, Any]] | None, trainer_restarts: int) -> None:
         """Set every gauge from one sample (and the replicas' states, when they were read)."""

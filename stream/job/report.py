@@ -30,8 +30,14 @@ def redacted(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_report(
-    final: TrainerFinal, fresh: dict[str, Any], pub_stats: dict[str, Any], serving: list[dict[str, Any]],
-    last_version: int | None, trainer_restarts: int, duration_s: float, config: dict[str, Any],
+    final: TrainerFinal,
+    fresh: dict[str, Any],
+    pub_stats: dict[str, Any],
+    serving: list[dict[str, Any]],
+    last_version: int | None,
+    trainer_restarts: int,
+    duration_s: float,
+    config: dict[str, Any],
 ) -> RunReport:
     p = final.progress
     streaming = StreamingStats(
@@ -58,10 +64,18 @@ def run_report(
         restored_from_checkpoint=p.restored_from,
     )
     return RunReport.from_metrics(
-        p.metrics, final.auc_last20_like,
-        events_trained=p.events_applied, events_dlq=p.events_dlq, dlq_categories=p.rejects_applied,
-        steps=p.steps, duration_s=duration_s, throughput_eps=p.throughput_eps,
-        offsets=p.next_offsets, memories=final.memories, config=config, streaming=streaming,
+        p.metrics,
+        final.auc_last20_like,
+        events_trained=p.events_applied,
+        events_dlq=p.events_dlq,
+        dlq_categories=p.rejects_applied,
+        steps=p.steps,
+        duration_s=duration_s,
+        throughput_eps=p.throughput_eps,
+        offsets=p.next_offsets,
+        memories=final.memories,
+        config=config,
+        streaming=streaming,
     )
 
 
@@ -77,8 +91,9 @@ def write_plots(stem: Path, samples: list[JobSample], freshness_samples: Any) ->
     t = np.array([x.t for x in samples])
     ev = np.array([x.progress.events_applied for x in samples], dtype=float)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    metric = lambda key: np.array([np.nan if x.progress.metrics.get(key) is None
-                                   else x.progress.metrics[key] for x in samples])
+    metric = lambda key: np.array(
+        [np.nan if x.progress.metrics.get(key) is None else x.progress.metrics[key] for x in samples]
+    )
     axes[0].plot(ev, metric("auc.like"), label="cumulative")
     axes[0].plot(ev, metric("window.auc.like"), label="window", alpha=0.7)
     axes[0].set(xlabel="events trained", ylabel="AUC (like)", title="prequential AUC")

@@ -62,10 +62,13 @@ class DriverJobView:
             ends.update(ray.get(r.end_offsets.remote(), timeout=15))
         nxt = self._get(self.t.trainer.progress.remote()).next_offsets
         per = {p: max(0, e - int(nxt.get(p, 0))) for p, e in sorted(ends.items())}
-        return {"topic": self.t.topic, "total": sum(per.values()),
-                "partitions": {str(p): {"end": ends[p], "next": int(nxt.get(p, 0)), "lag": lag}
-                               for p, lag in per.items()}}
+        return {
+            "topic": self.t.topic,
+            "total": sum(per.values()),
+            "partitions": {
+                str(p): {"end": ends[p], "next": int(nxt.get(p, 0)), "lag": lag} for p, lag in per.items()
+            },
+        }
 
     def metrics_text(self):
         return self.metrics.render()
-

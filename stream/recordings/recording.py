@@ -126,9 +126,7 @@ def recording_info(path: str | Path) -> RecordingInfo:
     return RecordingInfo(Path(path), pf.metadata.num_rows, partitions)
 
 
-def iter_recording(
-    path: str | Path, batch_rows: int = DEFAULT_BATCH_ROWS
-) -> Iterator[pa.RecordBatch]:
+def iter_recording(path: str | Path, batch_rows: int = DEFAULT_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
     """The recording's rows in file (= replay) order, `batch_rows` at most per batch."""
     yield from _open(path).iter_batches(batch_size=batch_rows)
 
@@ -331,8 +329,9 @@ def replay(
                 headers = _headers_of(batch.column("headers"))
                 due = pacer.due(stamps, sent)
                 send_stamps = [None] * len(keys) if retime else stamps.tolist()
-                sent += _send_rows(producer, topic, keys, values, send_stamps, targets, headers,
-                                   due, started, failures, stop)
+                sent += _send_rows(
+                    producer, topic, keys, values, send_stamps, targets, headers, due, started, failures, stop
+                )
                 bar(sent)
                 if failures or stop.is_set():
                     break
@@ -346,8 +345,11 @@ def replay(
             "the topic holds a partial replay: delete and recreate it before retrying"
         )
     return ReplayStats(
-        rows=sent, seconds=seconds, partitions=count,
-        topic_created=created, kept_partitions=kept_partitions,
+        rows=sent,
+        seconds=seconds,
+        partitions=count,
+        topic_created=created,
+        kept_partitions=kept_partitions,
     )
 
 
@@ -359,8 +361,14 @@ def _send_rows(producer, topic, keys, values, stamps, targets, headers, due, sta
     no_headers = headers is None
     if due is None:
         for i, value in enumerate(values):
-            send(topic, value=value, key=keys[i], partition=targets[i], timestamp_ms=stamps[i],
-                 headers=None if no_headers else headers[i]).add_errback(on_error)
+            send(
+                topic,
+                value=value,
+                key=keys[i],
+                partition=targets[i],
+                timestamp_ms=stamps[i],
+                headers=None if no_headers else headers[i],
+            ).add_errback(on_error)
         return len(values)
     now = time.perf_counter() - started
     for i, value in enumerate(values):
@@ -370,8 +378,14 @@ def _send_rows(producer, topic, keys, values, stamps, targets, headers, due, sta
                 if stop.wait(due[i] - now):
                     return i
                 now = due[i]
-        send(topic, value=value, key=keys[i], partition=targets[i], timestamp_ms=stamps[i],
-             headers=None if no_headers else headers[i]).add_errback(on_error)
+        send(
+            topic,
+            value=value,
+            key=keys[i],
+            partition=targets[i],
+            timestamp_ms=stamps[i],
+            headers=None if no_headers else headers[i],
+        ).add_errback(on_error)
     return len(values)
 
 
@@ -466,9 +480,12 @@ class _ProgressBar:
             )
 
             self._progress = Progress(
-                TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn(f"[bold]{label}"),
+                BarColumn(),
+                MofNCompleteColumn(),
                 TextColumn("{task.fields[rate]:>10,.0f} events/s"),
-                TimeElapsedColumn(), TimeRemainingColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
                 console=Console(stderr=True),
             )
             total_or_none = None if total == float("inf") else int(total)

@@ -74,11 +74,15 @@ class RankingDeployment:
                 log.warning("snapshot watch failed: %s", e)
                 continue
             if moved:
-                self.reporter.report(self.replica_id, ServingEvent("activated", self.follower.version, time.time()))
+                self.reporter.report(
+                    self.replica_id, ServingEvent("activated", self.follower.version, time.time())
+                )
             while self._reported_refusals < len(self.follower.refusals):
                 r = self.follower.refusals[self._reported_refusals]
                 self._reported_refusals += 1
-                self.reporter.report(self.replica_id, ServingEvent("refused", r["version"], r["at"], r["reason"]))
+                self.reporter.report(
+                    self.replica_id, ServingEvent("refused", r["version"], r["at"], r["reason"])
+                )
 
     @api.post("/rank", openapi_extra=RANK_BODY)
     async def rank(self, request: Request) -> dict:

@@ -39,6 +39,7 @@ from stream.snapshots.store import (
 
 log = logging.getLogger(__name__)
 
+
 class ServingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -85,10 +85,15 @@ class ServedModel:
         cat = {k: obj(v) for k, v in req.user_features.items() if isinstance(v, str)}
         num = {k: np.full(n, float(v)) for k, v in req.user_features.items() if not isinstance(v, str)}
         return EventBatch(
-            event_id=obj(""), ts_ms=np.full(n, int(time.time() * 1000), dtype=np.int64),
-            user_id=obj(req.user_id), item_id=np.array([c.item_id for c in req.candidates], dtype=object),
-            scenario=obj(req.scenario), item_text=np.array([c.item_text for c in req.candidates], dtype=object),
-            query=obj(req.query), user_cat=cat, user_num=num,
+            event_id=obj(""),
+            ts_ms=np.full(n, int(time.time() * 1000), dtype=np.int64),
+            user_id=obj(req.user_id),
+            item_id=np.array([c.item_id for c in req.candidates], dtype=object),
+            scenario=obj(req.scenario),
+            item_text=np.array([c.item_text for c in req.candidates], dtype=object),
+            query=obj(req.query),
+            user_cat=cat,
+            user_num=num,
         )
 
     @torch.no_grad()
@@ -100,17 +105,25 @@ class ServedModel:
             feats = st.features.build(batch)
             hist = st.history.get(batch.user_id[:1])  # (1, L): the user side once
         target_vec = None if st.bank is None else self._candidate_vectors(batch)  # (N, Db)
-        u, c = st.model_inputs(feats, hist.item_ids, hist.signal, hist.mask, target_vec, user_rows=slice(0, 1))
+        u, c = st.model_inputs(
+            feats, hist.item_ids, hist.signal, hist.mask, target_vec, user_rows=slice(0, 1)
+        )
         m = st.ranker
         if reuse_user_side:
             scores = m.score_candidates(m.encode_user(u).expand(n), c)
         else:  # the baseline the benchmark compares with: user side once per candidate
             rows = []
             for i in range(n):
-                ci = CandidateInputs(*(None if x is None else x[i : i + 1] for x in
-                                       (c.item_idx, c.text_idx, c.counters, c.target_vec)))
+                ci = CandidateInputs(
+                    *(
+                        None if x is None else x[i : i + 1]
+                        for x in (c.item_idx, c.text_idx, c.counters, c.target_vec)
+                    )
+                )
                 rows.append(m.score_candidates(m.encode_user(u), ci))
-            scores = type(rows[0])(torch.cat([r.like_logit for r in rows]), torch.cat([r.rating for r in rows]))
+            scores = type(rows[0])(
+                torch.cat([r.like_logit for r in rows]), torch.cat([r.rating for r in rows])
+            )
         return {
             "version": self.version,
             "scores": {

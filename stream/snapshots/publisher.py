@@ -90,7 +90,7 @@ class FreshnessLedger:
             written = self._written_at.pop(v, None)
             self.first_activation.setdefault(v, at_s)
             if self._first_live_s is None:  # serving is live from here (even on a version
-                self._first_live_s = at_s   # with no events yet: the state a job starts from)
+                self._first_live_s = at_s  # with no events yet: the state a job starts from)
             if not len(ts) or self._count >= self._max:
                 continue
             self._samples.append(at_s - ts)
@@ -103,9 +103,17 @@ class FreshnessLedger:
             self._steady.append(at_s - ts[steady])
             if trained is not None and cut is not None and written is not None:
                 ts, trained = ts[steady], trained[steady]
-                self._legs.append(np.stack(
-                    [trained - ts, cut - trained, np.full_like(ts, written - cut),
-                     np.full_like(ts, at_s - written)], axis=1))  # (n, 4)
+                self._legs.append(
+                    np.stack(
+                        [
+                            trained - ts,
+                            cut - trained,
+                            np.full_like(ts, written - cut),
+                            np.full_like(ts, at_s - written),
+                        ],
+                        axis=1,
+                    )
+                )  # (n, 4)
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"count": 0, "p50_s": None, "p99_s": None}
@@ -122,9 +130,11 @@ class FreshnessLedger:
             total = legs.sum(axis=1)
             tail = legs[total >= np.percentile(total, 99)]
             out["legs"] = {
-                name: {"p50_s": float(np.percentile(legs[:, i], 50)),
-                       "p99_s": float(np.percentile(legs[:, i], 99)),
-                       "tail_mean_s": float(tail[:, i].mean())}  # mean over the slowest 1%
+                name: {
+                    "p50_s": float(np.percentile(legs[:, i], 50)),
+                    "p99_s": float(np.percentile(legs[:, i], 99)),
+                    "tail_mean_s": float(tail[:, i].mean()),
+                }  # mean over the slowest 1%
                 for i, name in enumerate(self.LEGS)
             }
         return out
@@ -187,9 +197,7 @@ class SnapshotPublisher:
 
     def report_serving(self, replica_id: str, event: ServingEvent) -> None:
         with self._lock:
-            r = self.replicas.setdefault(
-                replica_id, {"replica": replica_id, "version": None, "refusals": 0}
-            )
+            r = self.replicas.setdefault(replica_id, {"replica": replica_id, "version": None, "refusals": 0})
             r["last_report"] = event.at
             if event.kind == "activated":
                 r["version"] = event.version
@@ -217,18 +225,20 @@ class SnapshotPublisher:
         out = []
         for v in reversed(self.store.versions()):
             m = self.store.manifest(v)
-            out.append({
-                "version": v,
-                "kind": m["kind"],
-                "parent": m.get("parent"),
-                "created_at": m.get("created_at"),
-                "train_step": m.get("train_step"),
-                "events_applied": m.get("events_applied"),
-                "bytes": sum(f["size"] for f in m["files"].values()),
-                "base": m["kind"] == "delta" and self.store.has_base(v),
-                "latest": v == latest,
-                "pinned": v == pinned,
-            })
+            out.append(
+                {
+                    "version": v,
+                    "kind": m["kind"],
+                    "parent": m.get("parent"),
+                    "created_at": m.get("created_at"),
+                    "train_step": m.get("train_step"),
+                    "events_applied": m.get("events_applied"),
+                    "bytes": sum(f["size"] for f in m["files"].values()),
+                    "base": m["kind"] == "delta" and self.store.has_base(v),
+                    "latest": v == latest,
+                    "pinned": v == pinned,
+                }
+            )
         return out
 
     def pin(self, version: int | None) -> dict[str, Any]:

@@ -286,8 +286,9 @@ class SnapshotStore:
         with self._lock:
             self._writing_bases.add(version)
         try:
-            return self._write_version_dir(self._p(_vdir(version), BASE), version, None, BASE,
-                                           _full_files(state), meta or {})
+            return self._write_version_dir(
+                self._p(_vdir(version), BASE), version, None, BASE, _full_files(state), meta or {}
+            )
         finally:
             with self._lock:
                 self._writing_bases.discard(version)
@@ -411,7 +412,9 @@ class SnapshotStore:
         for _ in self._verified_chain(self._chain_versions(version)):
             pass
 
-    def _verified_chain(self, chain: tuple[list[int], bool]) -> Iterator[tuple[int, dict[str, Any], dict[str, bytes]]]:
+    def _verified_chain(
+        self, chain: tuple[list[int], bool]
+    ) -> Iterator[tuple[int, dict[str, Any], dict[str, bytes]]]:
         """(version, manifest, verified files) along a chain, the first from its base if so."""
         versions, from_base = chain
         for i, v in enumerate(versions):
@@ -477,7 +480,8 @@ def _check_format(manifest: dict[str, Any], version: int) -> None:
     if got != FORMAT_VERSION:
         raise SnapshotCorrupt(
             f"version {version}: snapshot format {got}, this release reads format {FORMAT_VERSION} "
-            "(written by another release: publish a fresh full version from a trainer of this one)")
+            "(written by another release: publish a fresh full version from a trainer of this one)"
+        )
 
 
 def _full_files(state: FullState) -> dict[str, bytes]:

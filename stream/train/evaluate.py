@@ -110,18 +110,29 @@ def prefetch(batches: Iterator[EventBatch], depth: int = 4) -> Iterator[EventBat
         reader.join(timeout=5)
 
 
-def build_report(trainer: OnlineTrainer, cfg: MemstreamConfig, duration_s: float, rejects: Counter,
-                 next_offsets: dict[int, int]) -> RunReport:
+def build_report(
+    trainer: OnlineTrainer,
+    cfg: MemstreamConfig,
+    duration_s: float,
+    rejects: Counter,
+    next_offsets: dict[int, int],
+) -> RunReport:
     from stream.messages import RunReport, finite_or_none
 
     m = trainer.metrics
     return RunReport.from_metrics(
-        m.summary(), m.auc_last(0.2) if m.keep_log else None,
-        events_trained=trainer.events_applied, events_dlq=sum(rejects.values()),
-        dlq_categories=dict(sorted(rejects.items())), steps=trainer.steps, duration_s=duration_s,
+        m.summary(),
+        m.auc_last(0.2) if m.keep_log else None,
+        events_trained=trainer.events_applied,
+        events_dlq=sum(rejects.values()),
+        dlq_categories=dict(sorted(rejects.items())),
+        steps=trainer.steps,
+        duration_s=duration_s,
         throughput_eps=trainer.events_applied / duration_s if duration_s > 0 else None,
-        offsets=dict(sorted(next_offsets.items())), memories=finite_or_none(trainer.state.stats()),
-        config=cfg.model_dump(mode="json"), streaming=None,
+        offsets=dict(sorted(next_offsets.items())),
+        memories=finite_or_none(trainer.state.stats()),
+        config=cfg.model_dump(mode="json"),
+        streaming=None,
     )
 
 
@@ -160,8 +171,13 @@ def run_eval(
             TimeRemainingColumn,
         )
 
-        cols = [TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                TextColumn("{task.fields[info]}")]
+        cols = [
+            TextColumn("eval"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+        ]
         with Progress(*cols, refresh_per_second=2) as bar:
             task = bar.add_task("eval", total=total, info="")
 
@@ -190,8 +206,14 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recording", required=True, help="Parquet recording (memstream data / record)")
     p.add_argument("--report", required=True, help="where to write the JSON report")
     p.add_argument("--max-events", type=int, default=None, help="stop after this many valid events")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set model.use_pkm=false (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set model.use_pkm=false (repeatable)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

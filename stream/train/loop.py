@@ -100,8 +100,11 @@ class TrainerLoop:
                 svc.apply_units(units)
             now = self.clock()
             settled = pending is None or self.settle(pending)
-            if (now - last_snap >= self.snapshot_interval_s and settled
-                    and (self.applied() > published_at or svc.republish)):
+            if (
+                now - last_snap >= self.snapshot_interval_s
+                and settled
+                and (self.applied() > published_at or svc.republish)
+            ):
                 pending = self.publish()
                 published_at, last_snap = self.applied(), now
             if now - last_ckpt >= self.checkpoint_interval_s and self.checkpoint():
@@ -167,6 +170,8 @@ class TrainerLoop:
         if final:
             write_then_commit()
         else:
-            self._ckpt_writer = threading.Thread(target=write_then_commit, name="checkpoint-writer", daemon=True)
+            self._ckpt_writer = threading.Thread(
+                target=write_then_commit, name="checkpoint-writer", daemon=True
+            )
             self._ckpt_writer.start()
         return True

@@ -191,7 +191,9 @@ class TrainerService:
         """Make a captured checkpoint durable (temp dir, fsync, manifest, rename)."""
         t0 = time.monotonic()
         try:
-            self.checkpoints.save(lambda d: OnlineTrainer.write_state(d / "state", *pending.state), pending.meta)
+            self.checkpoints.save(
+                lambda d: OnlineTrainer.write_state(d / "state", *pending.state), pending.meta
+            )
         except Exception:
             self.checkpoint_failures += 1
             raise
@@ -232,8 +234,15 @@ class TrainerService:
             self.republish = False
             self.busy["snapshot_s"] += time.monotonic() - t0
             self.last_published = version
-        return SnapshotPayload(version=version, parent=parent, state=state, meta=meta, event_ts_ms=ts,
-                               event_trained_s=trained, base=base)
+        return SnapshotPayload(
+            version=version,
+            parent=parent,
+            state=state,
+            meta=meta,
+            event_ts_ms=ts,
+            event_trained_s=trained,
+            base=base,
+        )
 
     def snapshot_meta(self) -> dict[str, Any]:
         """The manifest's account of a version: config, step, and the offsets it covers."""
@@ -248,8 +257,7 @@ class TrainerService:
         """The publisher did not store `version`: the next snapshot is a full one, since a
         delta on top of a version that never landed could never be loaded by serving."""
         with self.lock:
-            log.warning("snapshot version %d was not published (%s); the next one is full",
-                        version, error)
+            log.warning("snapshot version %d was not published (%s); the next one is full", version, error)
             self.chain_open = False
             self.publish_failures += 1
             self.republish = True

@@ -57,11 +57,21 @@ def job_config(tmp_path, broker, ml1m_20k, serving_port, request):
 
     def make(**overrides) -> MemstreamConfig:
         base = [
-            f'kafka.bootstrap="{broker}"', f"kafka.topic={topic}", "kafka.ingest_actors=2",
-            f"job.work_dir={tmp_path / 'work'}", f"job.max_events={EVENTS}", "job.live_display=false",
-            "snapshots.interval_s=0.5", "snapshots.full_every=5", "checkpoints.interval_s=2",
-            "admin.port=0", f"admin.token={'t' * 32}", f"serving.http_port={serving_port}",
+            f'kafka.bootstrap="{broker}"',
+            f"kafka.topic={topic}",
+            "kafka.ingest_actors=2",
+            f"job.work_dir={tmp_path / 'work'}",
+            f"job.max_events={EVENTS}",
+            "job.live_display=false",
+            "snapshots.interval_s=0.5",
+            "snapshots.full_every=5",
+            "checkpoints.interval_s=2",
+            "admin.port=0",
+            f"admin.token={'t' * 32}",
+            f"serving.http_port={serving_port}",
         ]
-        return load_config(ROOT / "configs" / "default.yaml", base + [f"{k}={v}" for k, v in overrides.items()])
+        return load_config(
+            ROOT / "configs" / "default.yaml", base + [f"{k}={v}" for k, v in overrides.items()]
+        )
 
     return make

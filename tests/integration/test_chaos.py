@@ -16,8 +16,15 @@ def test_short_chaos_run_loses_nothing_applies_nothing_twice(ray_cluster, tmp_pa
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from chaos import ChaosPlan, run_chaos, table
 
-    plan = ChaosPlan(events=4000, seed=5, rate=100.0, trainer_kills=2, ingest_kills=1, outage_s=4.0,
-                     checkpoint_interval_s=1.0)
+    plan = ChaosPlan(
+        events=4000,
+        seed=5,
+        rate=100.0,
+        trainer_kills=2,
+        ingest_kills=1,
+        outage_s=4.0,
+        checkpoint_interval_s=1.0,
+    )
     r = run_chaos(plan, tmp_path / "data", keep_dir=tmp_path / "run")
     print(table(r))
     assert all("skipped" not in f for f in r.faults), r.faults

@@ -21,8 +21,12 @@ VALID = 3000
 
 
 def _read_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 60) -> list:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                             auto_offset_reset="earliest", consumer_timeout_ms=2000)
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=2000,
+    )
     try:
         parts = consumer.partitions_for_topic(topic) or {0}
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
@@ -39,20 +43,35 @@ def _read_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 60) ->
 
 def test_hostile_mix_dead_lettered_by_category_valid_trained(ray_cluster, broker, ml1m_20k, tmp_path):
     rows = pq.read_table(ml1m_20k, columns=["key", "value"]).slice(0, VALID).to_pylist()
-    mix = hostile_mix([(r["key"], r["value"]) for r in rows], seed=11,
-                      now_ms=int(time.time() * 1000), ratio=10, dup_min_gap=600)
+    mix = hostile_mix(
+        [(r["key"], r["value"]) for r in rows],
+        seed=11,
+        now_ms=int(time.time() * 1000),
+        ratio=10,
+        dup_min_gap=600,
+    )
     topic = "hostile-mix"
     positions = produce(mix, broker, topic, partitions=4)["positions"]
     expected = dict(zip(positions, mix))
     bad = [m for m in mix if m.expected is not None]
     assert {m.kind for m in mix} >= {"ten_mb", "duplicate_event_id", "deeply_nested", "label_nan"}
 
-    cfg = load_config(ROOT / "configs" / "default.yaml", [
-        f'kafka.bootstrap="{broker}"', f"kafka.topic={topic}", "kafka.ingest_actors=2",
-        f"job.work_dir={tmp_path / 'work'}", f"job.max_events={len(mix)}", "job.live_display=false",
-        "serving.enabled=false", "checkpoints.interval_s=2", "snapshots.interval_s=1",
-        "admin.port=0", f"admin.token={'t' * 32}",
-    ])
+    cfg = load_config(
+        ROOT / "configs" / "default.yaml",
+        [
+            f'kafka.bootstrap="{broker}"',
+            f"kafka.topic={topic}",
+            "kafka.ingest_actors=2",
+            f"job.work_dir={tmp_path / 'work'}",
+            f"job.max_events={len(mix)}",
+            "job.live_display=false",
+            "serving.enabled=false",
+            "checkpoints.interval_s=2",
+            "snapshots.interval_s=1",
+            "admin.port=0",
+            f"admin.token={'t' * 32}",
+        ],
+    )
     report = StreamingJob(cfg).run().to_json()
 
     assert report["trainer_restarts"] == 0

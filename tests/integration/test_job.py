@@ -71,16 +71,29 @@ def test_end_to_end_report_serving_admin(ray_cluster, job_config, ml1m_20k):
     assert admin.get("/v1/bank/stats", headers={"Authorization": "Bearer nope"}).status_code == 401
     # serving answers once a version is live
     serving = httpx.Client(base_url=topo.serving_url, timeout=30)
-    req = {"user_id": "1m_1", "user_features": {"age": "1", "gender": "F"}, "scenario": "feed",
-           "candidates": [{"item_id": "Toy Story (1995)", "item_text": "Toy Story Animation Children's Comedy"},
-                          {"item_id": "brand new", "item_text": "a brand new film"}]}
-    ranked = _wait(lambda: (r := serving.post("/rank", json=req)).status_code == 200 and r.json(), 180, "serving")
+    req = {
+        "user_id": "1m_1",
+        "user_features": {"age": "1", "gender": "F"},
+        "scenario": "feed",
+        "candidates": [
+            {"item_id": "Toy Story (1995)", "item_text": "Toy Story Animation Children's Comedy"},
+            {"item_id": "brand new", "item_text": "a brand new film"},
+        ],
+    }
+    ranked = _wait(
+        lambda: (r := serving.post("/rank", json=req)).status_code == 200 and r.json(), 180, "serving"
+    )
     assert ranked["version"] >= 1 and len(ranked["scores"]["like"]) == 2
     assert all(0 < s < 1 for s in ranked["scores"]["like"])
     assert serving.post("/rank", json={"user_id": "u", "candidates": []}).status_code == 422
     # admin while training
-    item = _wait(lambda: (r := admin.get("/v1/bank/items/Toy Story (1995)", headers=AUTH)).status_code == 200
-                 and r.json(), 120, "bank row for Toy Story")
+    item = _wait(
+        lambda: (
+            (r := admin.get("/v1/bank/items/Toy Story (1995)", headers=AUTH)).status_code == 200 and r.json()
+        ),
+        120,
+        "bank row for Toy Story",
+    )
     assert item["item_id"] == "Toy Story (1995)" and item["present"] is True
     assert item["write_step"] >= 0 and item["hits"] >= 0 and len(item["values"]) == 8 and item["norm"] > 0
     nb = admin.get("/v1/bank/items/Toy Story (1995)/neighbors", params={"k": 3}, headers=AUTH)
@@ -90,13 +103,19 @@ def test_end_to_end_report_serving_admin(ray_cluster, job_config, ml1m_20k):
     cosines = [n["cosine"] for n in neighbors]
     assert cosines == sorted(cosines, reverse=True) and all(-1.001 <= c <= 1.001 for c in cosines)
     assert admin.get("/v1/bank/items/no-such-item", headers=AUTH).status_code == 404
-    assert admin.get("/v1/bank/items/Toy Story (1995)/neighbors", params={"k": 0}, headers=AUTH).status_code == 422
+    assert (
+        admin.get("/v1/bank/items/Toy Story (1995)/neighbors", params={"k": 0}, headers=AUTH).status_code
+        == 422
+    )
     # The user of the stream's first event has a history once that event is trained (the
     # store keeps every user of this prefix): wait for it, then its answer is fixed in shape.
     first_user = json.loads(pq.read_table(ml1m_20k, columns=["value"]).column("value")[0].as_py())["user_id"]
     hist_path = f"/v1/users/{first_user}/history"
-    hist = _wait(lambda: (r := admin.get(hist_path, headers=AUTH)).status_code == 200 and r.json(), 120,
-                 f"history of {first_user}")
+    hist = _wait(
+        lambda: (r := admin.get(hist_path, headers=AUTH)).status_code == 200 and r.json(),
+        120,
+        f"history of {first_user}",
+    )
     assert hist["user_id"] == first_user and 1 <= len(hist["items"]) == min(hist["length"], 50)
     ts = [it["ts_ms"] for it in hist["items"]]
     assert ts == sorted(ts, reverse=True)  # most recent first
@@ -104,7 +123,14 @@ def test_end_to_end_report_serving_admin(ray_cluster, job_config, ml1m_20k):
     assert one.status_code == 200 and len(one.json()["items"]) == 1
     assert admin.get("/v1/users/no-such-user/history", headers=AUTH).status_code == 404
     assert admin.get(hist_path, params={"limit": "x"}, headers=AUTH).status_code == 422
-    for path in ("/v1/pkm/stats", "/v1/lmn/stats", "/v1/snapshots", "/v1/serving", "/v1/ingest/lag", "/metrics"):
+    for path in (
+        "/v1/pkm/stats",
+        "/v1/lmn/stats",
+        "/v1/snapshots",
+        "/v1/serving",
+        "/v1/ingest/lag",
+        "/metrics",
+    ):
         assert admin.get(path, headers=AUTH).status_code == 200, path
     assert "memstream_events_trained_total" in admin.get("/metrics", headers=AUTH).text
     report = _finish(th, out)
@@ -128,9 +154,15 @@ def test_trainer_killed_resumes_from_checkpoint_then_job_restart(ray_cluster, jo
     th, out = _start(job)
     topo = _wait(lambda: getattr(job, "topo", None), 120, "topology", out)
     ckpt_dir = cfg.job.work_dir + "/checkpoints"
-    _wait(lambda: ray.get(topo.trainer.progress.remote(), timeout=10).events_applied > 4000
-          and os.path.isdir(ckpt_dir) and any(p.startswith("ckpt-") for p in os.listdir(ckpt_dir)),
-          300, "a checkpoint after 4000 events")
+    _wait(
+        lambda: (
+            ray.get(topo.trainer.progress.remote(), timeout=10).events_applied > 4000
+            and os.path.isdir(ckpt_dir)
+            and any(p.startswith("ckpt-") for p in os.listdir(ckpt_dir))
+        ),
+        300,
+        "a checkpoint after 4000 events",
+    )
     os.kill(ray.get(topo.trainer.pid.remote()), signal.SIGKILL)
     report = _finish(th, out)
     assert report["trainer_restarts"] >= 1

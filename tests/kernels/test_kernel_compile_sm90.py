@@ -28,8 +28,10 @@ def compiled_modules():
     # the normal import (compiled kernels): TRITON_INTERPRET must be off while it runs
     old = os.environ.pop("TRITON_INTERPRET", None)
     try:  # (importlib: `import kernels.sparse_gather.triton as m` would fail, see kernels/)
-        sg, pk, bu = (importlib.import_module(f"kernels.{m}.triton")
-                      for m in ("sparse_gather", "pkm_topk", "bank_update"))
+        sg, pk, bu = (
+            importlib.import_module(f"kernels.{m}.triton")
+            for m in ("sparse_gather", "pkm_topk", "bank_update")
+        )
     finally:
         if old is not None:
             os.environ["TRITON_INTERPRET"] = old
@@ -43,15 +45,19 @@ def compile_sm90(kernel, sig, consts, num_warps=4):
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
     assert isinstance(fn, JITFunction)
     full = {n: ("constexpr" if n in consts else sig[n]) for n in fn.arg_names}
-    c = triton.compile(ASTSource(fn, full, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": num_warps})
+    c = triton.compile(
+        ASTSource(fn, full, constexprs=consts),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": num_warps},
+    )
     cubin = c.asm["cubin"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
-                               text=True, check=True).stdout
+        usage = subprocess.run(
+            [tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
     m = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
     print(f"{fn.__name__} {consts}: {m.group(0) if m else usage}")
     return int(m.group(1)), int(m.group(2))
@@ -70,28 +76,62 @@ def _sig(spec: str) -> dict:
 ACC = {"ACC": tl.float32, "BLOCK_K": 32, "BLOCK_D": 128}
 # (module index, kernel, signature, constexprs, num_warps); realistic block sizes
 CASES = [
-    *[(0, "_gather_fwd_kernel", f"V:*{dt} IDX:*i64 W:*fp32 OUT:*{dt} K:i32 D:i32 stride_v:i32",
-       ACC, 4) for dt in ("fp32", "bf16")],
-    *[(0, "_gather_bwd_rows_kernel",
-       f"V:*{dt} IDX:*i64 W:*fp32 DOUT:*{dt} DW:*fp32 INV:*i64 DVC:*fp32 K:i32 D:i32 stride_v:i32",
-       {"COMPUTE_DW": dw, "ATOMIC_DV": at, **ACC}, 4)
-      for dt in ("fp32", "bf16") for dw, at in ((True, True), (True, False), (False, True))],
-    *[(0, "_segment_sum_kernel",
-       f"SRC:*{dt} GROW:*i64 GW:*fp32 START:*i64 END:*i64 OUT:*fp32 D:i32 stride_src:i32", ACC, 4)
-      for dt in ("fp32", "bf16")],
-    (1, "_pkm_topk_kernel",
-     ("Q1:*fp32 Q2:*fp32 K1:*fp32 K2:*fp32 CI:*i32 CJ:*i32 OUT_S:*fp32 OUT_I:*i64 "
-     "B:i32 H:i32 n:i32 dk:i32 k:i32"),
-     {"BLOCK_B": 16, "BLOCK_N": 128, "BLOCK_DK": 64, "KP": 32, "C": 128, "KF": 32, "USE_DOT": True},
-     8),
-    (1, "_topk_stream_kernel", "X:*fp32 OUT_V:*fp32 OUT_I:*i64 L:i32 k:i32 stride_x:i32",
-     {"BLOCK": 1024, "KP": 32}, 4),
-    (1, "_topk_radix_kernel",
-     "X:*fp32 OUT_V:*fp32 OUT_I:*i64 BUF_K:*i32 BUF_I:*i32 R:i32 L:i32 k:i32 stride_x:i32",
-     {"BLOCK": 2048, "KF": 32, "BITS": 8}, 8),
-    (2, "_bank_update_kernel",
-     ("BANK:*bf16 STAMPS:*i64 UNIQ:*i64 SRC:*i64 VEC:*fp32 step:i64 D:i32 stride_bank:i32 "
-     "stride_vec:i32"), {"BLOCK_D": 128}, 4),
+    *[
+        (0, "_gather_fwd_kernel", f"V:*{dt} IDX:*i64 W:*fp32 OUT:*{dt} K:i32 D:i32 stride_v:i32", ACC, 4)
+        for dt in ("fp32", "bf16")
+    ],
+    *[
+        (
+            0,
+            "_gather_bwd_rows_kernel",
+            f"V:*{dt} IDX:*i64 W:*fp32 DOUT:*{dt} DW:*fp32 INV:*i64 DVC:*fp32 K:i32 D:i32 stride_v:i32",
+            {"COMPUTE_DW": dw, "ATOMIC_DV": at, **ACC},
+            4,
+        )
+        for dt in ("fp32", "bf16")
+        for dw, at in ((True, True), (True, False), (False, True))
+    ],
+    *[
+        (
+            0,
+            "_segment_sum_kernel",
+            f"SRC:*{dt} GROW:*i64 GW:*fp32 START:*i64 END:*i64 OUT:*fp32 D:i32 stride_src:i32",
+            ACC,
+            4,
+        )
+        for dt in ("fp32", "bf16")
+    ],
+    (
+        1,
+        "_pkm_topk_kernel",
+        (
+            "Q1:*fp32 Q2:*fp32 K1:*fp32 K2:*fp32 CI:*i32 CJ:*i32 OUT_S:*fp32 OUT_I:*i64 "
+            "B:i32 H:i32 n:i32 dk:i32 k:i32"
+        ),
+        {"BLOCK_B": 16, "BLOCK_N": 128, "BLOCK_DK": 64, "KP": 32, "C": 128, "KF": 32, "USE_DOT": True},
+        8,
+    ),
+    (
+        1,
+        "_topk_stream_kernel",
+        "X:*fp32 OUT_V:*fp32 OUT_I:*i64 L:i32 k:i32 stride_x:i32",
+        {"BLOCK": 1024, "KP": 32},
+        4,
+    ),
+    (
+        1,
+        "_topk_radix_kernel",
+        "X:*fp32 OUT_V:*fp32 OUT_I:*i64 BUF_K:*i32 BUF_I:*i32 R:i32 L:i32 k:i32 stride_x:i32",
+        {"BLOCK": 2048, "KF": 32, "BITS": 8},
+        8,
+    ),
+    (
+        2,
+        "_bank_update_kernel",
+        ("BANK:*bf16 STAMPS:*i64 UNIQ:*i64 SRC:*i64 VEC:*fp32 step:i64 D:i32 stride_bank:i32 stride_vec:i32"),
+        {"BLOCK_D": 128},
+        4,
+    ),
 ]
 
 

@@ -144,8 +144,7 @@ def test_loading_an_ops_modules_first_keeps_the_op():
         "print(kernels.sparse_gather(torch.ones(2, 3), torch.zeros(1, 2, dtype=torch.int64), torch.ones(1, 2)))\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MEMSTREAM_KERNELS")}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert "tensor([[2., 2., 2.]])" in out.stdout
 
 
@@ -157,8 +156,9 @@ def test_rest_of_suite_keeps_torch_path():
         "print(kernels.backend_for(torch.zeros(1)));"
         "print(' '.join(sorted(m for m in sys.modules if m.startswith('kernels.'))))"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout.split("\n")
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
     assert out[0] == "torch"
     loaded = set(out[1].split())
     assert {f"kernels.{op}.reference" for op in OPS} <= loaded

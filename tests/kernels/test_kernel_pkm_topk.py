@@ -81,8 +81,9 @@ def test_topk_vs_brute_force(gen, poison, method, case, kind):
 @pytest.mark.parametrize("method", ["stream", "radix"])
 def test_topk_special_values(gen, method):
     # +-0.0 tie, infinities, denormals, negative values: the order-preserving mapping
-    row = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40, -1e-40, -3.0, 2.5, -0.0,
-                        float("inf"), 1e-45, -2.5])
+    row = torch.tensor(
+        [0.0, -0.0, float("inf"), -float("inf"), 1e-40, -1e-40, -3.0, 2.5, -0.0, float("inf"), 1e-45, -2.5]
+    )
     x = torch.stack([row, row.flip(0), -row])
     vals, idx = _impl()._row_topk(x, 7, method)
     assert_same_topk_as_torch(x, 7, vals, idx)

@@ -81,8 +81,7 @@ def test_backward_matches_float64_reference(gen, poison, monkeypatch, shape, var
     V, idx, w = _inputs(gen, N, D, B, K, dtype)
     g = torch.randn(B, D, generator=gen).to(dtype)
     dV, dw = _grads(lambda v, i, x: mod.sparse_gather_triton(v, i, x, True, variant), V, idx, w, g)
-    rV, rw = _grads(lambda v, i, x: sparse_gather_ref(v, i, x, True), V.double(), idx, w.double(),
-                    g.double())
+    rV, rw = _grads(lambda v, i, x: sparse_gather_ref(v, i, x, True), V.double(), idx, w.double(), g.double())
     # values grad: sparse COO, coalesced, exactly the used rows, values' dtype
     assert dV.layout == torch.sparse_coo and dV.is_coalesced() and dV.dtype == dtype
     assert torch.equal(dV.indices()[0], torch.unique(idx))

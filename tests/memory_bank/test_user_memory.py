@@ -72,11 +72,21 @@ def test_delta_of_the_value_rows_through_the_model_state():
     from models.state import RankingState
     from stream.config import load_config
 
-    cfg = load_config(None, [
-        "model.use_bank=false", "model.use_pkm=false", "model.lmn.n_sub_keys=8", "model.lmn.k=4",
-        "model.history.max_users=8", "model.features.user_buckets=64", "model.features.item_buckets=64",
-        "model.features.cat_buckets=64", "model.features.text_buckets=64", "model.features.affinity_buckets=64",
-    ]).model
+    cfg = load_config(
+        None,
+        [
+            "model.use_bank=false",
+            "model.use_pkm=false",
+            "model.lmn.n_sub_keys=8",
+            "model.lmn.k=4",
+            "model.history.max_users=8",
+            "model.features.user_buckets=64",
+            "model.features.item_buckets=64",
+            "model.features.cat_buckets=64",
+            "model.features.text_buckets=64",
+            "model.features.affinity_buckets=64",
+        ],
+    ).model
     torch.manual_seed(0)
     train = RankingState(cfg)
     torch.manual_seed(1)

@@ -28,10 +28,16 @@ def tiny_config(**sets: str) -> MemstreamConfig:
     """All three memories on, small tables: fast enough for round-trip tests."""
     overrides = [
         "trainer.batch_size=64",
-        "model.features.user_buckets=4096", "model.features.item_buckets=4096",
-        "model.features.cat_buckets=1024", "model.features.text_buckets=2048",
-        "model.bank.capacity=2000", "model.history.max_users=2000",
-        "model.pkm.n_sub_keys=16", "model.pkm.k=8", "model.pkm.heads=2",
-        "model.lmn.n_sub_keys=16", "model.lmn.k=4",
+        "model.features.user_buckets=4096",
+        "model.features.item_buckets=4096",
+        "model.features.cat_buckets=1024",
+        "model.features.text_buckets=2048",
+        "model.bank.capacity=2000",
+        "model.history.max_users=2000",
+        "model.pkm.n_sub_keys=16",
+        "model.pkm.k=8",
+        "model.pkm.heads=2",
+        "model.lmn.n_sub_keys=16",
+        "model.lmn.k=4",
     ] + [f"{k}={v}" for k, v in sets.items()]
     return load_config(None, overrides)

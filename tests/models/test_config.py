@@ -16,16 +16,22 @@ def test_default_yaml_equals_built_in_defaults():
 
 
 def test_overrides_are_typed_and_nested(tmp_path):
-    cfg = load_config(ROOT / "configs" / "default.yaml",
-                      ["model.use_pkm=false", "trainer.batch_size=128", "model.pkm.k=8", "trainer.device=cuda"])
+    cfg = load_config(
+        ROOT / "configs" / "default.yaml",
+        ["model.use_pkm=false", "trainer.batch_size=128", "model.pkm.k=8", "trainer.device=cuda"],
+    )
     assert cfg.model.use_pkm is False and cfg.trainer.batch_size == 128
     assert cfg.model.pkm.k == 8 and cfg.trainer.device == "cuda"
 
 
 @pytest.mark.parametrize(
     "override, field",
-    [("model.pkm.kk=3", "model.pkm.kk"), ("trainer.batch_size=abc", "trainer.batch_size"),
-     ("model.sample_rate=1.5", "model.sample_rate"), ("kafka.x=1", "kafka")],
+    [
+        ("model.pkm.kk=3", "model.pkm.kk"),
+        ("trainer.batch_size=abc", "trainer.batch_size"),
+        ("model.sample_rate=1.5", "model.sample_rate"),
+        ("kafka.x=1", "kafka"),
+    ],
 )
 def test_errors_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -54,9 +60,16 @@ def test_component_class_defaults_are_the_default_runs():
 
     run = load_config(ROOT / "configs" / "default.yaml")
     m = run.model
-    for cls, used in [(FeatureConfig, m.features), (BankConfig, m.bank), (EncoderConfig, m.encoder),
-                      (LMNConfig, m.lmn), (PKMConfig, m.pkm), (HistoryConfig, m.history),
-                      (ModelConfig, m), (TrainerConfig, run.trainer)]:
+    for cls, used in [
+        (FeatureConfig, m.features),
+        (BankConfig, m.bank),
+        (EncoderConfig, m.encoder),
+        (LMNConfig, m.lmn),
+        (PKMConfig, m.pkm),
+        (HistoryConfig, m.history),
+        (ModelConfig, m),
+        (TrainerConfig, run.trainer),
+    ]:
         assert cls() == used, cls.__name__
     assert m.pkm.k == 16 and m.lmn.query_norm == "batchnorm" and m.encoder.sparse_embedding
 

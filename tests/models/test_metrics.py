@@ -63,7 +63,9 @@ def test_logloss_rmse_window_and_tail():
     z, y, e = np.concatenate(zs), np.concatenate(ys), np.concatenate(errs)
     p = 1 / (1 + np.exp(-z.astype(np.float64)))
     summ = m.summary()
-    assert summ["logloss.like"] == pytest.approx(float(np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p)))), rel=1e-9)
+    assert summ["logloss.like"] == pytest.approx(
+        float(np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p)))), rel=1e-9
+    )
     assert summ["rmse.rating"] == pytest.approx(math.sqrt(e.mean()), rel=1e-12)
     assert summ["window.auc.like"] == pytest.approx(brute_auc(z[-50:], y[-50:]), abs=1e-12)
     assert summ["window.rmse.rating"] == pytest.approx(math.sqrt(e[-50:].mean()), rel=1e-12)
@@ -77,8 +79,12 @@ def test_metrics_state_round_trip():
     rng = np.random.default_rng(3)
     a = StreamingMetrics(window=30)
     for _ in range(5):
-        a.update(rng.normal(size=20).astype(np.float32), (rng.random(20) < 0.5) * 1.0,
-                 rng.normal(size=20), rng.normal(size=20))
+        a.update(
+            rng.normal(size=20).astype(np.float32),
+            (rng.random(20) < 0.5) * 1.0,
+            rng.normal(size=20),
+            rng.normal(size=20),
+        )
     arrays, meta = a.export_state()
     b = StreamingMetrics()
     b.import_state({k: v.copy() for k, v in arrays.items()}, meta)
@@ -114,10 +120,10 @@ def test_causal_batch_history_matches_per_event_appends():
         h = store.get(users)
         it, sg, mk = causal_batch_history(h.item_ids, h.signal, h.mask, users, items, sig)
         for j in range(12):  # reference: per-event get, then append
-            r = ref.get(users[j:j + 1])
+            r = ref.get(users[j : j + 1])
             assert list(it[j][mk[j]]) == list(r.item_ids[0][r.mask[0]])
             np.testing.assert_array_equal(sg[j][mk[j]], r.signal[0][r.mask[0]])
-            ref.append(users[j:j + 1], items[j:j + 1], np.zeros(1, np.int64), sig[j:j + 1])
+            ref.append(users[j : j + 1], items[j : j + 1], np.zeros(1, np.int64), sig[j : j + 1])
         store.append(users, items, np.zeros(12, np.int64), sig)
 
 
@@ -132,7 +138,8 @@ def test_user_word_affinity_in_batch_equals_per_event_updates():
         sig = rng.normal(size=10).astype(np.float32)
         got = batched.read(users, text, sig, in_batch=True)
         for j in range(10):
-            np.testing.assert_allclose(got[j], ref.read(users[j:j + 1], text[j:j + 1], sig[j:j + 1], False)[0],
-                                       rtol=1e-6)
-            ref.update(users[j:j + 1], text[j:j + 1], sig[j:j + 1])
+            np.testing.assert_allclose(
+                got[j], ref.read(users[j : j + 1], text[j : j + 1], sig[j : j + 1], False)[0], rtol=1e-6
+            )
+            ref.update(users[j : j + 1], text[j : j + 1], sig[j : j + 1])
         batched.update(users, text, sig)

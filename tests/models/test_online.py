@@ -144,8 +144,11 @@ def test_history_items_computed_once_per_distinct_item_equal_per_position(ml1m_2
     assert u.hist_item_idx.shape[0] < B * L  # histories share items
     flat = u.hist_inverse.reshape(-1)
     per_pos = dict(vars(u))
-    per_pos.update(hist_inverse=torch.arange(B * L).view(B, L), hist_item_idx=u.hist_item_idx[flat],
-                   hist_bank=None if u.hist_bank is None else u.hist_bank[flat])
+    per_pos.update(
+        hist_inverse=torch.arange(B * L).view(B, L),
+        hist_item_idx=u.hist_item_idx[flat],
+        hist_bank=None if u.hist_bank is None else u.hist_bank[flat],
+    )
     from models.ranker import UserInputs
 
     with torch.no_grad():
@@ -158,8 +161,14 @@ def test_history_items_computed_once_per_distinct_item_equal_per_position(ml1m_2
 def test_housekeeping_reinits_dead_keys_and_evicts_by_ttl_deterministically(ml1m_20k):
     """reinit_dead_keys_every moves dead PKM/LMN sub-keys (same result for the same seed);
     bank.ttl_s evicts rows by the stream's clock, with tombstones."""
-    cfg = tiny_config(**{"trainer.reinit_dead_keys_every": "4", "model.bank.ttl_s": "3600",
-                         "model.pkm.n_sub_keys": "64", "model.lmn.n_sub_keys": "64"})
+    cfg = tiny_config(
+        **{
+            "trainer.reinit_dead_keys_every": "4",
+            "model.bank.ttl_s": "3600",
+            "model.pkm.n_sub_keys": "64",
+            "model.lmn.n_sub_keys": "64",
+        }
+    )
     batches = _batches(ml1m_20k, 1600)
     runs = []
     for _ in range(2):

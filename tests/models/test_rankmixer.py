@@ -14,7 +14,7 @@ def test_token_mix_shape_and_layout():
     assert m.shape == (b, t, d)
     # Output token h holds head h of every input token, in token order.
     for h in range(t):
-        expect = torch.cat([x[:, j, 2 * h: 2 * h + 2] for j in range(t)], dim=1)
+        expect = torch.cat([x[:, j, 2 * h : 2 * h + 2] for j in range(t)], dim=1)
         assert torch.equal(m[:, h], expect)
 
 

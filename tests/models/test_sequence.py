@@ -30,7 +30,9 @@ def test_ridge_read_predicts_with_the_ridge_solution_over_the_real_positions():
         a = x.T @ x + lam * np.eye(4)
         w = np.linalg.solve(a, x.T @ y)
         np.testing.assert_allclose(f[i, 0].item(), w @ t[i].numpy(), atol=1e-10)
-        np.testing.assert_allclose(f[i, 1].item(), t[i].numpy() @ np.linalg.solve(a, t[i].numpy()), atol=1e-10)
+        np.testing.assert_allclose(
+            f[i, 1].item(), t[i].numpy() @ np.linalg.solve(a, t[i].numpy()), atol=1e-10
+        )
     np.testing.assert_allclose(f[0].numpy(), [0.0, (t[0] @ t[0]).item() / lam])
     # padded positions carry no information whatever they hold
     hist2, signal2 = hist.clone(), signal.clone()
@@ -46,5 +48,6 @@ def test_ridge_read_gradient_reaches_items_through_the_fit_not_the_gram_matrix()
     xty, chol = ridge_user_read(hist, signal, mask, 0.5)
     assert xty.requires_grad and not chol.requires_grad
     # with the factor held fixed the read is linear in X^T y and its gradients are exact
-    torch.autograd.gradcheck(lambda h, tt: ridge_features(tt, ridge_user_read(h, signal, mask, 0.5)[0], chol),
-                             (hist, t))
+    torch.autograd.gradcheck(
+        lambda h, tt: ridge_features(tt, ridge_user_read(h, signal, mask, 0.5)[0], chol), (hist, t)
+    )

@@ -31,8 +31,13 @@ def _assert_same(a: RankingState, b: RankingState) -> None:
     """What a prediction reads is identical (usage statistics may differ: deltas do not
     carry them)."""
     fa, fb = a.full_snapshot(), b.full_snapshot()
-    read = {EMBEDDINGS: None, "features": None, "bank": {"vectors", "live_rows"},
-            "pkm": {"values"}, "lmn": {"memory.values", "values"}}
+    read = {
+        EMBEDDINGS: None,
+        "features": None,
+        "bank": {"vectors", "live_rows"},
+        "pkm": {"values"},
+        "lmn": {"memory.values", "values"},
+    }
     for name, keys in read.items():
         ta, tb = fa.memories[name][0], fb.memories[name][0]
         for k in ta if keys is None else keys & set(ta):

@@ -122,7 +122,11 @@ def test_every_route_but_healthz_needs_the_token():
     spec = c.get("/openapi.json").json()
     checked = 0
     for path, ops in spec["paths"].items():
-        url = path.replace("{item_id}", "Toy Story (1995)").replace("{user_id}", "1m_1").replace("{component}", "bank")
+        url = (
+            path.replace("{item_id}", "Toy Story (1995)")
+            .replace("{user_id}", "1m_1")
+            .replace("{component}", "bank")
+        )
         for method in ops:
             for headers in ({}, {"Authorization": "Bearer " + "u" * 32}, {"Authorization": "Basic " + TOKEN}):
                 r = c.request(method, url, headers=headers, json={"version": 1})
@@ -147,8 +151,7 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation():
         operation = op.ok()
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=25, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         def run(case):
             case.call_and_validate(headers=H)
 

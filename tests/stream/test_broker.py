@@ -36,8 +36,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 def cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "stream.cli.main", *args], capture_output=True, text=True,
-        timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})}, check=False,
+        [sys.executable, "-m", "stream.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        check=False,
     )
 
 
@@ -66,15 +71,21 @@ def test_session_fixture_stops_the_broker_even_when_its_tests_fail(tmp_path):
     """Run a failing test that uses `broker` in a child pytest; its broker must be gone."""
     shutil.copy(REPO / "tests" / "conftest.py", tmp_path / "conftest.py")
     pid_file = tmp_path / "pid"
-    (tmp_path / "test_child.py").write_text(textwrap.dedent(f"""
+    (tmp_path / "test_child.py").write_text(
+        textwrap.dedent(f"""
         def test_uses_broker(local_broker, broker):
             assert broker == local_broker.bootstrap
             open({str(pid_file)!r}, "w").write(str(local_broker.pid))
             assert False, "fails on purpose"
-    """))
+    """)
+    )
     child = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        check=False,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert child.returncode == 1, child.stdout + child.stderr
@@ -128,8 +139,7 @@ def test_cli_start_status_stop(tmp_path):
         assert cli("broker", "status", "--state-dir", state).returncode == 0
         again = cli("broker", "start", "--state-dir", state)
         assert again.returncode == 2 and "already running" in again.stderr
-        taken = cli("broker", "start", "--state-dir", str(tmp_path / "other"),
-                    "--port", str(info.port))
+        taken = cli("broker", "start", "--state-dir", str(tmp_path / "other"), "--port", str(info.port))
         assert taken.returncode == 2
         assert "already in use" in taken.stderr and "Traceback" not in taken.stderr
     finally:
@@ -197,8 +207,7 @@ def test_tansu_keeps_group_offsets_committed_under_static_assignment(broker):
         try:
             consumer.assign(tps)
             if expected is None:
-                consumer.commit({tps[0]: OffsetAndMetadata(3, "", -1),
-                                 tps[1]: OffsetAndMetadata(5, "", -1)})
+                consumer.commit({tps[0]: OffsetAndMetadata(3, "", -1), tps[1]: OffsetAndMetadata(5, "", -1)})
             else:
                 assert {tp.partition: consumer.committed(tp) for tp in tps} == expected
                 assert {tp.partition: consumer.position(tp) for tp in tps} == expected

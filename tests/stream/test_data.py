@@ -94,8 +94,10 @@ def test_ml100k_recording_is_a_second_movielens_stream(tmp_path):
     assert set(batch.user_cat) == {"age", "gender", "occupation", "zip3"}
     assert len(set(batch.user_id)) == 943 and len(set(batch.item_id)) == 1664
     assert all("Genres: " in t and not t.endswith("Genres: .") for t in batch.item_text)
-    assert build_movielens_recording("ml-100k", tmp_path / "k2.parquet", limit=5000).read_bytes() == \
-        build_movielens_recording("ml-100k", tmp_path / "k3.parquet", limit=5000).read_bytes()
+    assert (
+        build_movielens_recording("ml-100k", tmp_path / "k2.parquet", limit=5000).read_bytes()
+        == build_movielens_recording("ml-100k", tmp_path / "k3.parquet", limit=5000).read_bytes()
+    )
     with pytest.raises(DataError, match="unknown MovieLens dataset"):
         build_movielens_recording("ml-20m", tmp_path / "x.parquet")
 
@@ -123,10 +125,9 @@ def test_synthetic_events_are_valid_skewed_and_learnable(tmp_path):
     # Learnable: a user's like rate per item topic (read off the item text) in the first
     # half of the stream predicts the second half.
     word_topic = {word: t for t, words in enumerate(TOPIC_WORDS) for word in words}
-    topic = np.array([
-        next(word_topic[w] for w in text.lower().split() if w in word_topic)
-        for text in batch.item_text
-    ])
+    topic = np.array(
+        [next(word_topic[w] for w in text.lower().split() if w in word_topic) for text in batch.item_text]
+    )
     _, user = np.unique(batch.user_id, return_inverse=True)
     cell = user * len(TOPIC_WORDS) + topic
     like = batch.labels["like"]
@@ -148,12 +149,28 @@ def auc(score: np.ndarray, label: np.ndarray) -> float:
 def test_cli_data_commands(tmp_path):
     def run(*args):
         return subprocess.run(
-            [sys.executable, "-m", "stream.cli.main", "data", *args], capture_output=True, text=True,
-            timeout=120, cwd=REPO, env={**os.environ}, check=False,
+            [sys.executable, "-m", "stream.cli.main", "data", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+            env={**os.environ},
+            check=False,
         )
 
-    out = run("synthetic", "--out", str(tmp_path / "s.parquet"), "--events", "500", "--users",
-              "20", "--items", "30", "--seed", "1")
+    out = run(
+        "synthetic",
+        "--out",
+        str(tmp_path / "s.parquet"),
+        "--events",
+        "500",
+        "--users",
+        "20",
+        "--items",
+        "30",
+        "--seed",
+        "1",
+    )
     assert out.returncode == 0 and "wrote 500 synthetic events" in out.stdout, out.stderr
     out = run("ml-1m", "--out", str(tmp_path / "m.parquet"), "--limit", "1000")
     assert out.returncode == 0 and "wrote 1,000 ML-1M events" in out.stdout, out.stderr

@@ -30,15 +30,23 @@ def assert_well_formed(values: list, result) -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
     max_leaves=12,
 )
-junk = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8) | st.lists(
-    st.integers(), max_size=2
+junk = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=8)
+    | st.lists(st.integers(), max_size=2)
 )
 ids = st.text(min_size=1, max_size=12)
-labels = st.dictionaries(st.text(min_size=1, max_size=8), st.floats(allow_nan=False, allow_infinity=False), min_size=1, max_size=3)
+labels = st.dictionaries(
+    st.text(min_size=1, max_size=8), st.floats(allow_nan=False, allow_infinity=False), min_size=1, max_size=3
+)
 features = st.dictionaries(
     st.text(min_size=1, max_size=8),
     st.text(max_size=8) | st.floats(allow_nan=False, allow_infinity=False),
@@ -141,14 +149,25 @@ def test_duplicate_ids_and_known_rejects_are_categorised():
     result = decode_batch(values, now_ms=NOW_MS)
     assert result.batch.event_id.tolist() == ["e1"]
     assert [r.category for r in result.rejects] == [
-        "duplicate_event_id", "empty", "invalid_utf8", "invalid_json", "not_an_object",
-        "missing_field", "wrong_type", "unknown_field", "too_large", "empty",
+        "duplicate_event_id",
+        "empty",
+        "invalid_utf8",
+        "invalid_json",
+        "not_an_object",
+        "missing_field",
+        "wrong_type",
+        "unknown_field",
+        "too_large",
+        "empty",
     ]
 
 
 def test_schema_command_prints_the_event_json_schema():
     out = subprocess.run(
-        [sys.executable, "-m", "stream.cli.main", "schema"], capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "stream.cli.main", "schema"],
+        capture_output=True,
+        text=True,
+        timeout=60,
         check=True,
     )
     schema = json.loads(out.stdout)

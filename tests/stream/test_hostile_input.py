@@ -17,8 +17,13 @@ NOW = int(time.time() * 1000)
 def _valid(n: int) -> list[tuple[bytes, bytes]]:
     out = []
     for i in range(n):
-        ev = {"event_id": f"v{i}", "ts_ms": NOW - 1000, "user_id": f"u{i % 7}", "item_id": f"i{i % 13}",
-              "labels": {"like": float(i % 2)}}
+        ev = {
+            "event_id": f"v{i}",
+            "ts_ms": NOW - 1000,
+            "user_id": f"u{i % 7}",
+            "item_id": f"i{i % 13}",
+            "labels": {"like": float(i % 2)},
+        }
         out.append((f"u{i % 7}".encode(), json.dumps(ev).encode()))
     return out
 
@@ -72,13 +77,16 @@ def test_recent_ids_memory_is_bounded():
     assert not RecentIds(window=0).is_duplicate("x", 5)
 
 
-@pytest.mark.parametrize("extra", [
-    {"item_text": "a film"},
-    {},  # no item_text: no word in the batch made the causal word counters raise IndexError
-    {"labels": {"click": 1.0}},  # a task the model does not know
-    {"labels": {"rating": 3.0}},
-    {"user_features": {"score": 2.5, "age": "25"}, "query": "q"},
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"item_text": "a film"},
+        {},  # no item_text: no word in the batch made the causal word counters raise IndexError
+        {"labels": {"click": 1.0}},  # a task the model does not know
+        {"labels": {"rating": 3.0}},
+        {"user_features": {"score": 2.5, "age": "25"}, "query": "q"},
+    ],
+)
 def test_small_and_unusual_valid_batches_train(extra):
     """Low traffic gives one-event units; BatchNorm query norms raised ValueError on them
     and the trainer crash-looped (found by the chaos run). Valid events without the
@@ -92,8 +100,14 @@ def test_small_and_unusual_valid_batches_train(extra):
     for n in (4, 1, 1):
         raws = []
         for i in range(n):
-            ev = {"event_id": f"v{i}", "ts_ms": NOW - 1000, "user_id": f"u{i % 3}", "item_id": f"i{i}",
-                  "labels": {"like": 1.0}, **extra}
+            ev = {
+                "event_id": f"v{i}",
+                "ts_ms": NOW - 1000,
+                "user_id": f"u{i % 3}",
+                "item_id": f"i{i}",
+                "labels": {"like": 1.0},
+                **extra,
+            }
             raws.append(json.dumps(ev).encode())
         batch = decode_batch(raws, EventLimits(), now_ms=NOW).batch
         assert len(batch) == n

@@ -79,9 +79,7 @@ def test_record_replay_record_round_trip(broker, tmp_path):
     record(broker, "rt-copy", second)
     assert per_partition(second) == sent
     # Same rows in the same order: file order is a function of the topic's content.
-    assert pq.read_table(first).drop_columns("topic").equals(
-        pq.read_table(second).drop_columns("topic")
-    )
+    assert pq.read_table(first).drop_columns("topic").equals(pq.read_table(second).drop_columns("topic"))
 
 
 def test_replay_to_other_partition_count_partitions_by_key(broker, tmp_path):
@@ -161,11 +159,17 @@ def test_event_time_order_merges_partitions_and_keeps_offset_order():
 
 
 def test_a_record_without_key_and_value_is_refused_before_sending(broker, tmp_path):
-    table = pa.table({
-        "topic": ["t"], "partition": pa.array([0], pa.int32()), "offset": pa.array([7], pa.int64()),
-        "timestamp_ms": pa.array([1], pa.int64()), "key": pa.array([None], pa.binary()),
-        "value": pa.array([None], pa.binary()), "headers": pa.array([[]], RECORDING_SCHEMA.field("headers").type),
-    })
+    table = pa.table(
+        {
+            "topic": ["t"],
+            "partition": pa.array([0], pa.int32()),
+            "offset": pa.array([7], pa.int64()),
+            "timestamp_ms": pa.array([1], pa.int64()),
+            "key": pa.array([None], pa.binary()),
+            "value": pa.array([None], pa.binary()),
+            "headers": pa.array([[]], RECORDING_SCHEMA.field("headers").type),
+        }
+    )
     path = write_recording(tmp_path / "null.parquet", table, partitions=1)
     with pytest.raises(RecordingError, match="offset 7"):
         replay(path, broker, "never-sent")
@@ -181,17 +185,24 @@ def test_replay_of_a_missing_file_is_a_typed_error(broker, tmp_path):
 def test_cli_replay_and_record(broker, tmp_path):
     path = build_synthetic_recording(tmp_path / "c.parquet", events=300, users=10, items=20, seed=2)
     run = lambda *a: subprocess.run(
-        [sys.executable, "-m", "stream.cli.main", *a], capture_output=True, text=True, timeout=120,
-        cwd=REPO, env={**os.environ}, check=False,
+        [sys.executable, "-m", "stream.cli.main", *a],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ},
+        check=False,
     )
     out = run("replay", str(path), "--bootstrap", broker, "--topic", "cli-topic", "--no-progress")
     assert out.returncode == 0, out.stderr
     assert "replayed 300 events" in out.stdout and "events/s" in out.stdout
-    out = run("record", "--bootstrap", broker, "--topic", "cli-topic", "--out",
-              str(tmp_path / "back.parquet"))
+    out = run(
+        "record", "--bootstrap", broker, "--topic", "cli-topic", "--out", str(tmp_path / "back.parquet")
+    )
     assert out.returncode == 0 and "recorded 300 messages" in out.stdout, out.stderr
-    out = run("record", "--bootstrap", broker, "--topic", "no-such-topic", "--out",
-              str(tmp_path / "x.parquet"))
+    out = run(
+        "record", "--bootstrap", broker, "--topic", "no-such-topic", "--out", str(tmp_path / "x.parquet")
+    )
     assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
     started = time.monotonic()
     out = run("replay", str(path), "--state-dir", str(tmp_path / "no-broker"))

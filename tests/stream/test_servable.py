@@ -12,10 +12,14 @@ from stream.train.evaluate import iter_event_batches
 
 
 def _small_cfg():
-    return ModelConfig.model_validate({
-        "bank": {"capacity": 400}, "lmn": {"n_sub_keys": 8}, "pkm": {"n_sub_keys": 8, "k": 4},
-        "features": {"user_buckets": 1024, "item_buckets": 1024, "cat_buckets": 512, "text_buckets": 512},
-    })
+    return ModelConfig.model_validate(
+        {
+            "bank": {"capacity": 400},
+            "lmn": {"n_sub_keys": 8},
+            "pkm": {"n_sub_keys": 8, "k": 4},
+            "features": {"user_buckets": 1024, "item_buckets": 1024, "cat_buckets": 512, "text_buckets": 512},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +32,14 @@ def batches(tmp_path_factory):
 def _requests(batch, n=3):
     out = []
     for i in range(n):
-        out.append(RankRequest(
-            user_id=batch.user_id[i],
-            user_features={k: v[i] for k, v in batch.user_cat.items() if v[i] is not None},
-            candidates=[{"item_id": batch.item_id[j], "item_text": batch.item_text[j]} for j in range(8)]
-            + [{"item_id": "never-seen-item", "item_text": "brand new words"}],
-        ))
+        out.append(
+            RankRequest(
+                user_id=batch.user_id[i],
+                user_features={k: v[i] for k, v in batch.user_cat.items() if v[i] is not None},
+                candidates=[{"item_id": batch.item_id[j], "item_text": batch.item_text[j]} for j in range(8)]
+                + [{"item_id": "never-seen-item", "item_text": "brand new words"}],
+            )
+        )
     return out
 
 
@@ -124,7 +130,9 @@ def test_follower_refuses_corrupt_version_and_keeps_serving(tmp_path, batches):
     store.publish_delta(4, 3, trainer.state.take_delta(), snapshot_meta(trainer))
     assert follower.poll() and follower.version == 4
     fresh = ServedModel(store.load_chain(4))
-    np.testing.assert_array_equal(follower.live.rank(req)["scores"]["like"], fresh.rank(req)["scores"]["like"])
+    np.testing.assert_array_equal(
+        follower.live.rank(req)["scores"]["like"], fresh.rank(req)["scores"]["like"]
+    )
 
 
 def test_follower_behind_by_several_deltas_catches_up_without_reloading(tmp_path, batches):

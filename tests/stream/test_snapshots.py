@@ -26,7 +26,11 @@ def _full(seed=0):
 
 
 def _delta(rows, vals, tomb=()):
-    d = MemoryDelta(tables={"values": (np.asarray(rows), vals)}, ids={"users": [f"u{r}" for r in rows]}, tombstones=list(tomb))
+    d = MemoryDelta(
+        tables={"values": (np.asarray(rows), vals)},
+        ids={"users": [f"u{r}" for r in rows]},
+        tombstones=list(tomb),
+    )
     return DeltaState({"w": torch.ones(4, 3), "b": torch.zeros(3)}, {"pkm": d})
 
 

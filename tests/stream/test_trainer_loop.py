@@ -28,7 +28,10 @@ def units(tmp_path_factory):
     build_synthetic_recording(path, events=600, users=40, items=200, seed=5)
     out = []
     for i, b in enumerate(iter_event_batches(path, batch_size=100)):
-        nxt = {int(p): int(b.kafka_offset[b.kafka_partition == p].max()) + 1 for p in np.unique(b.kafka_partition)}
+        nxt = {
+            int(p): int(b.kafka_offset[b.kafka_partition == p].max()) + 1
+            for p in np.unique(b.kafka_partition)
+        }
         rejects = ()
         if i == 5:  # a message after the last event on partition 0, sent to the DLQ
             rejects = (DeadLettered(0, nxt[0], "invalid_json"),)
@@ -49,8 +52,7 @@ class FakeSource:
     def seek_all(self, offsets):
         self.seeks.append(dict(offsets))
         # Deliver only what lies at or past the sought offsets (a reader after a seek).
-        self.units = [u for u in self.units
-                      if any(o > offsets.get(p, 0) for p, o in u.next_offsets.items())]
+        self.units = [u for u in self.units if any(o > offsets.get(p, 0) for p, o in u.next_offsets.items())]
 
     def poll(self, timeout_s, offsets):
         return [self.units.pop(0)] if self.units else []
@@ -79,18 +81,33 @@ class FakeSink:
 
 
 def _service(ckpt_dir) -> TrainerService:
-    cfg = ModelConfig.model_validate({
-        "bank": {"capacity": 400}, "lmn": {"n_sub_keys": 8}, "pkm": {"n_sub_keys": 8, "k": 4},
-        "features": {"user_buckets": 1024, "item_buckets": 1024, "cat_buckets": 512, "text_buckets": 512},
-    })
-    return TrainerService(OnlineTrainer(cfg, TrainerConfig(seed=0)), CheckpointManager(ckpt_dir),
-                          batch_size=64, full_every=10, first_version=1)
+    cfg = ModelConfig.model_validate(
+        {
+            "bank": {"capacity": 400},
+            "lmn": {"n_sub_keys": 8},
+            "pkm": {"n_sub_keys": 8, "k": 4},
+            "features": {"user_buckets": 1024, "item_buckets": 1024, "cat_buckets": 512, "text_buckets": 512},
+        }
+    )
+    return TrainerService(
+        OnlineTrainer(cfg, TrainerConfig(seed=0)),
+        CheckpointManager(ckpt_dir),
+        batch_size=64,
+        full_every=10,
+        first_version=1,
+    )
 
 
 def _loop(svc, source, sink, snapshot_every=2.0, checkpoint_every=1e9):
     clock = itertools.count(0.0, 1.0)  # one second per look at the clock
-    return TrainerLoop(svc, source, sink, snapshot_interval_s=snapshot_every,
-                       checkpoint_interval_s=checkpoint_every, clock=lambda: next(clock))
+    return TrainerLoop(
+        svc,
+        source,
+        sink,
+        snapshot_interval_s=snapshot_every,
+        checkpoint_interval_s=checkpoint_every,
+        clock=lambda: next(clock),
+    )
 
 
 def test_trains_everything_then_publishes_and_checkpoints_it(tmp_path, units):

@@ -19,19 +19,30 @@ def units(tmp_path_factory):
     build_synthetic_recording(path, events=600, users=40, items=200, seed=5)
     out = []
     for b in iter_event_batches(path, batch_size=100):
-        nxt = {int(p): int(b.kafka_offset[b.kafka_partition == p].max()) + 1
-               for p in np.unique(b.kafka_partition)}
+        nxt = {
+            int(p): int(b.kafka_offset[b.kafka_partition == p].max()) + 1
+            for p in np.unique(b.kafka_partition)
+        }
         out.append(IngestUnit(events=b.to_arrow(), rejects=(), next_offsets=nxt))
     return out
 
 
 def _service(tmp_path) -> TrainerService:
-    cfg = ModelConfig.model_validate({
-        "bank": {"capacity": 400}, "lmn": {"n_sub_keys": 8}, "pkm": {"n_sub_keys": 8, "k": 4},
-        "features": {"user_buckets": 1024, "item_buckets": 1024, "cat_buckets": 512, "text_buckets": 512},
-    })
-    return TrainerService(OnlineTrainer(cfg, TrainerConfig(seed=0)), CheckpointManager(tmp_path / "ck"),
-                          batch_size=64, full_every=10, first_version=1)
+    cfg = ModelConfig.model_validate(
+        {
+            "bank": {"capacity": 400},
+            "lmn": {"n_sub_keys": 8},
+            "pkm": {"n_sub_keys": 8, "k": 4},
+            "features": {"user_buckets": 1024, "item_buckets": 1024, "cat_buckets": 512, "text_buckets": 512},
+        }
+    )
+    return TrainerService(
+        OnlineTrainer(cfg, TrainerConfig(seed=0)),
+        CheckpointManager(tmp_path / "ck"),
+        batch_size=64,
+        full_every=10,
+        first_version=1,
+    )
 
 
 def test_failed_publish_makes_the_next_snapshot_full(tmp_path, units):
@@ -63,8 +74,12 @@ def test_every_kth_delta_carries_a_base(tmp_path, units):
         p = svc.snapshot_payload()
         kinds.append((p.version, type(p.state).__name__, p.base is not None))
     # v1 is full (a start); v3 is a delta whose full copy rides along, as is v5's later
-    assert kinds == [(1, "FullState", False), (2, "DeltaState", False), (3, "DeltaState", True),
-                     (4, "DeltaState", False)]
+    assert kinds == [
+        (1, "FullState", False),
+        (2, "DeltaState", False),
+        (3, "DeltaState", True),
+        (4, "DeltaState", False),
+    ]
 
 
 def test_units_from_several_readers_train_as_one_stream_in_timestamp_order(tmp_path, units):
@@ -76,14 +91,24 @@ def test_units_from_several_readers_train_as_one_stream_in_timestamp_order(tmp_p
     for parity in (0, 1):  # reader A has the even partitions, reader B the odd ones
         pick = np.flatnonzero(merged.kafka_partition % 2 == parity)
         part = merged.take(pick)
-        by_reader.append(IngestUnit(events=part.to_arrow(), rejects=(),
-                                    next_offsets={int(p): int(part.kafka_offset[part.kafka_partition == p].max()) + 1
-                                                  for p in np.unique(part.kafka_partition)}))
+        by_reader.append(
+            IngestUnit(
+                events=part.to_arrow(),
+                rejects=(),
+                next_offsets={
+                    int(p): int(part.kafka_offset[part.kafka_partition == p].max()) + 1
+                    for p in np.unique(part.kafka_partition)
+                },
+            )
+        )
     assert all(u.events.num_rows for u in by_reader)
     a, b = _service(tmp_path / "a"), _service(tmp_path / "b")
     assert a.apply_units(by_reader) == len(merged)
-    in_order = IngestUnit(events=merged.take(np.argsort(merged.kafka_ts_ms, kind="stable")).to_arrow(), rejects=(),
-                          next_offsets={p: o for u in by_reader for p, o in u.next_offsets.items()})
+    in_order = IngestUnit(
+        events=merged.take(np.argsort(merged.kafka_ts_ms, kind="stable")).to_arrow(),
+        rejects=(),
+        next_offsets={p: o for u in by_reader for p, o in u.next_offsets.items()},
+    )
     b.apply_unit(in_order)
     assert a.next_offsets == b.next_offsets and a.lineage == b.lineage
     assert a.trainer.metrics.summary()["auc.like"] == b.trainer.metrics.summary()["auc.like"]
