@@ -3,23 +3,13 @@
 import numpy as np
 import pytest
 
-from models.config import ModelConfig, TrainerConfig
+from models.config import TrainerConfig
 from models.online import OnlineTrainer
 from stream.recordings.data.synthetic import build_synthetic_recording
 from stream.serving.model import RankRequest, ServedModel
 from stream.snapshots.store import SnapshotStore
 from stream.train.evaluate import iter_event_batches
-
-
-def _small_cfg():
-    return ModelConfig.model_validate(
-        {
-            "bank": {"capacity": 400},
-            "lmn": {"n_sub_keys": 8},
-            "pkm": {"n_sub_keys": 8, "k": 4},
-            "features": {"user_buckets": 1024, "item_buckets": 1024, "cat_buckets": 512, "text_buckets": 512},
-        }
-    )
+from tests.stream.conftest import small_model_config
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +56,7 @@ def _assert_same_like(model, other, requests) -> None:
 
 
 def test_full_plus_deltas_equals_fresh_full(tmp_path, batches):
-    trainer = OnlineTrainer(_small_cfg(), TrainerConfig(seed=1))
+    trainer = OnlineTrainer(small_model_config(), TrainerConfig(seed=1))
     store = SnapshotStore(str(tmp_path / "snaps"))
     _publish_full(trainer, store, 1, batches[0])
     version = 1
@@ -84,7 +74,7 @@ def test_full_plus_deltas_equals_fresh_full(tmp_path, batches):
 
 
 def test_user_side_reuse_matches_per_candidate(tmp_path, batches):
-    trainer = OnlineTrainer(_small_cfg(), TrainerConfig(seed=2))
+    trainer = OnlineTrainer(small_model_config(), TrainerConfig(seed=2))
     for b in batches[:4]:
         trainer.step(b)
     store = SnapshotStore(str(tmp_path / "snaps"))
@@ -100,7 +90,7 @@ def test_user_side_reuse_matches_per_candidate(tmp_path, batches):
 def test_follower_refuses_corrupt_version_and_keeps_serving(tmp_path, batches):
     from stream.serving.follower import SnapshotFollower
 
-    trainer = OnlineTrainer(_small_cfg(), TrainerConfig(seed=4))
+    trainer = OnlineTrainer(small_model_config(), TrainerConfig(seed=4))
     store = SnapshotStore(str(tmp_path / "snaps"))
     trainer.step(batches[0])
     store.publish_full(1, trainer.state.full_snapshot(), snapshot_meta(trainer))
@@ -138,7 +128,7 @@ def test_follower_refuses_corrupt_version_and_keeps_serving(tmp_path, batches):
 def test_follower_behind_by_several_deltas_catches_up_without_reloading(tmp_path, batches):
     from stream.serving.follower import SnapshotFollower
 
-    trainer = OnlineTrainer(_small_cfg(), TrainerConfig(seed=5))
+    trainer = OnlineTrainer(small_model_config(), TrainerConfig(seed=5))
     store = SnapshotStore(str(tmp_path / "snaps"))
     _publish_full(trainer, store, 1, batches[0])
     builds = []
@@ -174,7 +164,7 @@ def test_follower_behind_by_several_deltas_catches_up_without_reloading(tmp_path
 def test_a_replica_starting_from_a_base_serves_what_the_chain_serves(tmp_path, batches):
     """A base written beside delta v (its full copy) loads to the same model as the chain
     up to v, and a replica starting later reads the base + newer deltas only."""
-    trainer = OnlineTrainer(_small_cfg(), TrainerConfig(seed=1))
+    trainer = OnlineTrainer(small_model_config(), TrainerConfig(seed=1))
     store = SnapshotStore(str(tmp_path / "snaps"))
     _publish_full(trainer, store, 1, batches[0])
     for version in (2, 3):

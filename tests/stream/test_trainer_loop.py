@@ -9,14 +9,12 @@ import numpy as np
 import pytest
 
 from memory_bank.base import DeltaState, FullState
-from models.config import ModelConfig, TrainerConfig
-from models.online import OnlineTrainer
 from stream.messages import DeadLettered, IngestUnit
 from stream.recordings.data.synthetic import build_synthetic_recording
 from stream.train.checkpoints import CheckpointManager
 from stream.train.evaluate import iter_event_batches
 from stream.train.loop import TrainerLoop
-from stream.train.service import TrainerService
+from tests.stream.conftest import small_service
 
 pytestmark = pytest.mark.timeout(180)  # a loop that never reaches max_events fails, not hangs
 
@@ -80,24 +78,6 @@ class FakeSink:
         pass
 
 
-def _service(ckpt_dir) -> TrainerService:
-    cfg = ModelConfig.model_validate(
-        {
-            "bank": {"capacity": 400},
-            "lmn": {"n_sub_keys": 8},
-            "pkm": {"n_sub_keys": 8, "k": 4},
-            "features": {"user_buckets": 1024, "item_buckets": 1024, "cat_buckets": 512, "text_buckets": 512},
-        }
-    )
-    return TrainerService(
-        OnlineTrainer(cfg, TrainerConfig(seed=0)),
-        CheckpointManager(ckpt_dir),
-        batch_size=64,
-        full_every=10,
-        first_version=1,
-    )
-
-
 def _loop(svc, source, sink, snapshot_every=2.0, checkpoint_every=1e9):
     clock = itertools.count(0.0, 1.0)  # one second per look at the clock
     return TrainerLoop(
@@ -111,7 +91,7 @@ def _loop(svc, source, sink, snapshot_every=2.0, checkpoint_every=1e9):
 
 
 def test_trains_everything_then_publishes_and_checkpoints_it(tmp_path, units):
-    svc = _service(tmp_path / "ck")
+    svc = small_service(tmp_path / "ck")
     source, sink = FakeSource(units, svc.checkpoints), FakeSink()
     total = sum(u.events.num_rows + len(u.rejects) for u in units)
     progress = _loop(svc, source, sink).run(max_events=total)
@@ -129,7 +109,7 @@ def test_trains_everything_then_publishes_and_checkpoints_it(tmp_path, units):
 
 
 def test_a_failed_publish_makes_the_next_version_full(tmp_path, units):
-    svc = _service(tmp_path / "ck")
+    svc = small_service(tmp_path / "ck")
     sink = FakeSink(fail={2})
     total = sum(u.events.num_rows + len(u.rejects) for u in units)
     _loop(svc, FakeSource(units, svc.checkpoints), sink, snapshot_every=1.0).run(max_events=total)
@@ -139,11 +119,11 @@ def test_a_failed_publish_makes_the_next_version_full(tmp_path, units):
 
 
 def test_a_restarted_loop_resumes_from_the_checkpoint_offsets(tmp_path, units):
-    first = _service(tmp_path / "ck")
+    first = small_service(tmp_path / "ck")
     half = sum(u.events.num_rows + len(u.rejects) for u in units[:3])
     _loop(first, FakeSource(units, first.checkpoints), FakeSink()).run(max_events=half)
 
-    again = _service(tmp_path / "ck")  # a new incarnation restores the newest checkpoint
+    again = small_service(tmp_path / "ck")  # a new incarnation restores the newest checkpoint
     assert again.restored_from is not None and again.next_offsets == first.next_offsets
     source = FakeSource(units, again.checkpoints)
     total = sum(u.events.num_rows + len(u.rejects) for u in units)
@@ -154,7 +134,7 @@ def test_a_restarted_loop_resumes_from_the_checkpoint_offsets(tmp_path, units):
 
 
 def test_stop_ends_the_loop_with_a_final_checkpoint(tmp_path, units):
-    svc = _service(tmp_path / "ck")
+    svc = small_service(tmp_path / "ck")
     source = FakeSource(units, svc.checkpoints)
     loop = _loop(svc, source, FakeSink())
     polls = source.poll

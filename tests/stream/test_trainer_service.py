@@ -4,13 +4,10 @@ import numpy as np
 import pytest
 
 from memory_bank.base import FullState
-from models.config import ModelConfig, TrainerConfig
-from models.online import OnlineTrainer
 from stream.messages import IngestUnit
 from stream.recordings.data.synthetic import build_synthetic_recording
-from stream.train.checkpoints import CheckpointManager
 from stream.train.evaluate import iter_event_batches
-from stream.train.service import TrainerService
+from tests.stream.conftest import small_service
 
 
 @pytest.fixture(scope="module")
@@ -27,26 +24,8 @@ def units(tmp_path_factory):
     return out
 
 
-def _service(tmp_path) -> TrainerService:
-    cfg = ModelConfig.model_validate(
-        {
-            "bank": {"capacity": 400},
-            "lmn": {"n_sub_keys": 8},
-            "pkm": {"n_sub_keys": 8, "k": 4},
-            "features": {"user_buckets": 1024, "item_buckets": 1024, "cat_buckets": 512, "text_buckets": 512},
-        }
-    )
-    return TrainerService(
-        OnlineTrainer(cfg, TrainerConfig(seed=0)),
-        CheckpointManager(tmp_path / "ck"),
-        batch_size=64,
-        full_every=10,
-        first_version=1,
-    )
-
-
 def test_failed_publish_makes_the_next_snapshot_full(tmp_path, units):
-    svc = _service(tmp_path)
+    svc = small_service(tmp_path / "ck")
     svc.apply_unit(units[0])
     first = svc.snapshot_payload()
     assert isinstance(first.state, FullState) and first.parent is None
@@ -66,7 +45,7 @@ def test_failed_publish_makes_the_next_snapshot_full(tmp_path, units):
 
 
 def test_every_kth_delta_carries_a_base(tmp_path, units):
-    svc = _service(tmp_path)
+    svc = small_service(tmp_path / "ck")
     svc.full_every = 2
     kinds = []
     for u in units[:4]:
@@ -102,7 +81,7 @@ def test_units_from_several_readers_train_as_one_stream_in_timestamp_order(tmp_p
             )
         )
     assert all(u.events.num_rows for u in by_reader)
-    a, b = _service(tmp_path / "a"), _service(tmp_path / "b")
+    a, b = small_service(tmp_path / "a" / "ck"), small_service(tmp_path / "b" / "ck")
     assert a.apply_units(by_reader) == len(merged)
     in_order = IngestUnit(
         events=merged.take(np.argsort(merged.kafka_ts_ms, kind="stable")).to_arrow(),
