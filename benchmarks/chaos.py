@@ -120,6 +120,8 @@ def _config(bootstrap: str, topic: str, work_dir: Path, plan: ChaosPlan):
             "admin.enabled=false",
             f"checkpoints.interval_s={plan.checkpoint_interval_s}",
             "snapshots.interval_s=2",
+            # The faults are the point: the restart budget must not end the run.
+            f"job.max_trainer_restarts={plan.trainer_kills + 5}",
         ],
     )
 

@@ -199,7 +199,10 @@ class ProductKeyMemory(nn.Module):
         if R:
             qs = q.transpose(0, 1)[:, -R:]  # (H, b, key_dim), b <= R
             at = (self.reservoir_next + torch.arange(qs.shape[1], device=q.device)) % R
-            self.recent_queries[:, at] = qs.to(self.recent_queries.dtype)
+            # A non-finite query (a poisoned batch, rolled back by the trainer) must not reach
+            # the reservoir that dead keys are re-initialised from; no host sync to check it.
+            qs = qs.to(self.recent_queries.dtype)
+            self.recent_queries[:, at] = torch.where(torch.isfinite(qs), qs, self.recent_queries[:, at])
             self.reservoir_next = int((self.reservoir_next + qs.shape[1]) % R)
             self.reservoir_filled = min(R, self.reservoir_filled + qs.shape[1])
 

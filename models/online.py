@@ -52,6 +52,12 @@ class TrainerStateError(ValueError):
     """A saved state that does not match this trainer (config, version, shapes)."""
 
 
+class PoisonBatchError(RuntimeError):
+    """A batch whose step raised or gave a non-finite loss or gradient. Nothing of it reached
+    the optimizers, the memories, the counters or the metrics; the caller can split it to
+    find the events at fault (TrainerService does)."""
+
+
 @dataclass
 class StepResult:
     events: int  # events in the batch (all trained on)
@@ -131,6 +137,15 @@ class OnlineTrainer:
             self._sparse_groups(), lr=tcfg.lr_sparse, betas=(0.9, tcfg.sparse_beta2)
         )
         self.metrics = StreamingMetrics(tcfg.metrics_window, tcfg.keep_score_log)
+        # Running statistics a training forward updates in place (batch norms): saved before
+        # each step and put back if the step turns out poisoned (serving reads them).
+        self._norm_stats = [
+            t
+            for m in self.model.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            for t in (m.running_mean, m.running_var, m.num_batches_tracked)
+            if t is not None
+        ]
         self.rng = np.random.Generator(np.random.PCG64(tcfg.seed))
         self.steps = 0
         self.events_applied = 0
@@ -191,26 +206,57 @@ class OnlineTrainer:
         like = self._labels(batch, fc.like_task)  # (B,) NaN = missing
         rating = self._labels(batch, fc.rating_task)
 
-        # 1. Inputs as of before this batch.
-        u, c, feats, signal = self.state.batch_inputs(batch, like, rating)
-        encoded = 0
-        fresh = None
-        if self.bank is not None:
-            # 2. LEMUR sampling: the encoder runs (forward and backward) on a fraction of targets.
-            has_text = np.array([t is not None and t != "" for t in batch.item_text])
-            pick = np.flatnonzero((self.rng.random(n) < self.cfg.sample_rate) & has_text)
-            encoded = len(pick)
-            if encoded:
-                fresh = self.encoder([batch.item_text[i] for i in pick])  # (M, Db)
-                c.target_vec = c.target_vec.index_put((torch.from_numpy(pick).to(dev),), fresh)
-
-        # 3. Forward; the metrics see these scores before any update.
-        self.model.train()
-        scores, us = self.model(u, c)
+        # 1-4. Inputs as of before this batch, the encoder on sampled targets, forward, losses,
+        # backward. Nothing is updated until all of it is known to be finite: a poisoned
+        # batch leaves the model as it was (PoisonBatchError).
+        saved = [t.clone() for t in self._norm_stats]
+        try:
+            u, c, feats, signal = self.state.batch_inputs(batch, like, rating)
+            encoded = 0
+            fresh = None
+            if self.bank is not None:
+                # LEMUR sampling: the encoder runs (forward and backward) on a fraction of targets.
+                has_text = np.array([t is not None and t != "" for t in batch.item_text])
+                pick = np.flatnonzero((self.rng.random(n) < self.cfg.sample_rate) & has_text)
+                encoded = len(pick)
+                if encoded:
+                    fresh = self.encoder([batch.item_text[i] for i in pick])  # (M, Db)
+                    c.target_vec = c.target_vec.index_put((torch.from_numpy(pick).to(dev),), fresh)
+            scores, loss = self._forward_backward(u, c, like, rating)
+        except Exception as e:
+            with torch.no_grad():
+                for t, v in zip(self._norm_stats, saved):
+                    t.copy_(v)
+            self.opt_dense.zero_grad(set_to_none=True)
+            self.opt_sparse.zero_grad(set_to_none=True)
+            if isinstance(e, PoisonBatchError):
+                raise
+            raise PoisonBatchError(f"{type(e).__name__}: {e}") from e
+        # The metrics see the scores of the model as it was before this batch.
         like_logit, rating_pred = _np(scores.like_logit), _np(scores.rating)
         self.metrics.update(like_logit, like, rating_pred, rating)
+        self.opt_dense.step()
+        self.opt_sparse.step()  # the DeltaTracker marked the rows it updates (gradient hooks)
 
-        # 4. Losses, backward, optimizer steps.
+        # 5. Memories and counters take this batch.
+        self.steps += 1
+        if fresh is not None:
+            ids = batch.item_id[pick]
+            fresh_d = fresh.detach()
+            self.bank.record_staleness(ids, fresh_d)
+            self.bank.write_rows(ids, fresh_d, step=self.steps, now_s=float(batch.ts_ms[pick].max()) / 1000.0)
+        self.history.append(batch.user_id, batch.item_id, batch.ts_ms, signal)
+        self.features.learn(feats, like, rating)
+        self.events_applied += n
+        self._housekeeping(float(batch.ts_ms.max()) / 1000.0)
+        return StepResult(n, float(loss.detach()), like_logit, rating_pred, encoded, time.perf_counter() - t0)
+
+    def _forward_backward(self, u, c, like: np.ndarray, rating: np.ndarray):
+        """The training forward and backward of a batch; raises PoisonBatchError on a
+        non-finite loss or gradient (the gradients are then left for the caller to drop)."""
+        dev = self.device
+        self.model.train()
+        scores, us = self.model(u, c)
         loss = scores.like_logit.new_zeros(())
         has_like = ~np.isnan(like)
         if has_like.any():
@@ -231,28 +277,24 @@ class OnlineTrainer:
         lmn_loss = self.model.lmn_loss(us)
         if lmn_loss is not None and self.cfg.lmn_loss_weight > 0:
             loss = loss + self.cfg.lmn_loss_weight * lmn_loss
+        if not torch.isfinite(loss):
+            raise PoisonBatchError(f"non-finite loss {float(loss.detach())}")
         self.opt_dense.zero_grad(set_to_none=True)
         self.opt_sparse.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(
-            [p for g in self.opt_dense.param_groups for p in g["params"] if p.grad is not None],
-            self.tcfg.grad_clip,
-        )
-        self.opt_dense.step()
-        self.opt_sparse.step()  # the DeltaTracker marked the rows it updates (gradient hooks)
-
-        # 5. Memories and counters take this batch.
-        self.steps += 1
-        if fresh is not None:
-            ids = batch.item_id[pick]
-            fresh_d = fresh.detach()
-            self.bank.record_staleness(ids, fresh_d)
-            self.bank.write_rows(ids, fresh_d, step=self.steps, now_s=float(batch.ts_ms[pick].max()) / 1000.0)
-        self.history.append(batch.user_id, batch.item_id, batch.ts_ms, signal)
-        self.features.learn(feats, like, rating)
-        self.events_applied += n
-        self._housekeeping(float(batch.ts_ms.max()) / 1000.0)
-        return StepResult(n, float(loss.detach()), like_logit, rating_pred, encoded, time.perf_counter() - t0)
+        dense = [p for g in self.opt_dense.param_groups for p in g["params"] if p.grad is not None]
+        try:  # also the check of the dense gradients: their norm is finite or it raises
+            torch.nn.utils.clip_grad_norm_(dense, self.tcfg.grad_clip, error_if_nonfinite=True)
+        except RuntimeError as e:
+            raise PoisonBatchError(f"non-finite gradient: {e}") from None
+        for g in self.opt_sparse.param_groups:
+            for p in g["params"]:
+                if (
+                    p.grad is not None
+                    and not torch.isfinite(p.grad._values() if p.grad.is_sparse else p.grad).all()
+                ):
+                    raise PoisonBatchError("non-finite gradient of a row-sparse table")
+        return scores, loss
 
     def _housekeeping(self, stream_now_s: float) -> None:
         """Bank TTL on the stream's clock (replays evict as the live run did) and, every

@@ -51,6 +51,12 @@ class JobConfig(BaseModel):
     replay_rate: float | None = Field(None, gt=0)  # events/s, overrides replay_speed
     live_display: bool = True
     progress_interval_s: float = Field(1.0, gt=0)
+    # Trainer restarts (a crash, or run() raising): each waits restart_backoff_s, doubled per
+    # restart in the window (at most 60 s); more than max_trainer_restarts within
+    # restart_window_s stops the job with a non-zero exit and the last error.
+    max_trainer_restarts: int = Field(5, ge=0)
+    restart_window_s: float = Field(600.0, gt=0)
+    restart_backoff_s: float = Field(1.0, ge=0)
 
 
 class MemstreamConfig(BaseModel):

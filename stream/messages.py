@@ -1,6 +1,7 @@
 """Every message that crosses a process boundary, as a frozen dataclass.
 
   IngestUnit       ingest actor -> trainer actor   (PartitionReader.next_batch)
+  PoisonedEvent    trainer -> the dead-letter topic (an event whose step fails on its own)
   TrainerProgress  trainer actor -> driver, admin  (TrainerService.progress)
   ServingEvent     serving replica -> publisher    (a version activated or refused)
   RunReport        `memstream eval` and `memstream run` -> the user (the JSON report)
@@ -44,6 +45,16 @@ class DeadLettered:
     partition: int
     offset: int
     category: str
+
+
+@dataclass(frozen=True)
+class PoisonedEvent:
+    """An event whose training step failed on its own (trainer -> the dead-letter topic)."""
+
+    partition: int
+    offset: int
+    event: dict[str, Any]  # the decoded event as JSON (the Kafka bytes are not kept)
+    error: str
 
 
 @dataclass(frozen=True)

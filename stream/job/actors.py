@@ -247,7 +247,9 @@ class TrainerActor:
             sink=RayPublisher(publisher),
             snapshot_interval_s=self.cfg.snapshots.interval_s,
             checkpoint_interval_s=ck.interval_s,
+            dead_letter=self._dead_letter,
         )
+        self._dlq = None  # the dead-letter writer for poison events, made at the first one
 
     @ray.method(concurrency_group="train")
     def run(self, readers: list, max_events: int | None = None):
@@ -258,6 +260,25 @@ class TrainerActor:
         )
         self.loop.stop.clear()
         return self.loop.run(max_events)
+
+    def _dead_letter(self, poisoned) -> None:
+        """Poison events to the dead-letter topic, with the category, the error and the source."""
+        import json
+
+        from stream.ingest.dlq import DeadLetterWriter
+        from stream.ingest.events import Reject
+
+        k = self.cfg.kafka
+        if self._dlq is None:
+            self._dlq = DeadLetterWriter(k.bootstrap, k.dlq(), **k.client_options)
+        for ev in poisoned:
+            raw = json.dumps(ev.event, separators=(",", ":")).encode()
+            self._dlq.send(
+                Reject(raw, "poison", ev.error),
+                key=str(ev.event.get("user_id", "")).encode(),
+                source=(k.topic, ev.partition, ev.offset),
+            )
+        self._dlq.flush()
 
     @ray.method(concurrency_group="train")
     def publish_start_state(self) -> int | None:

@@ -111,6 +111,7 @@ class StreamingJob:
         self.replay_done = threading.Event()
         self.samples: list[JobSample] = []  # progress over time (plots)
         self.trainer_restarts = 0
+        self._restart_times: list[float] = []  # monotonic times of the restarts in the window
         self._admin = None
         self._started_ray = False
         self.max_events = cfg.job.max_events
@@ -331,9 +332,13 @@ class StreamingJob:
                         if self._stop.is_set():
                             raise JobError(f"trainer failed while stopping: {e}") from e
                         self.trainer_restarts += 1
+                        wait_s = self._restart_allowed(e)
                         log.warning(
-                            "trainer actor died (%s); restarting from its checkpoint", type(e).__name__
+                            "trainer actor died (%s); restarting from its checkpoint in %.1f s",
+                            type(e).__name__,
+                            wait_s,
                         )
+                        self._stop.wait(wait_s)
                         if not isinstance(e, RayActorError):
                             # run() raised but the actor lives on, its model holding part of
                             # the failed unit: retrying on it would apply those events twice.
@@ -395,6 +400,20 @@ class StreamingJob:
             time.time() - t_start,
             redacted(self.cfg.model_dump(mode="json")),
         )
+
+    def _restart_allowed(self, error: BaseException) -> float:
+        """The backoff before restarting the trainer, or JobError past the restart budget."""
+        job = self.cfg.job
+        now = time.monotonic()
+        self._restart_times = [t for t in self._restart_times if now - t < job.restart_window_s] + [now]
+        n = len(self._restart_times)
+        if n > job.max_trainer_restarts:
+            raise JobError(
+                f"the trainer failed {n} times within {job.restart_window_s:.0f} s "
+                f"(job.max_trainer_restarts={job.max_trainer_restarts}); stopping. Last error: "
+                f"{type(error).__name__}: {str(error)[-1500:]}"
+            ) from error
+        return min(60.0, job.restart_backoff_s * 2 ** (n - 1))
 
     def _wait_trainer(self, topo: Topology, timeout_s: float = 300.0) -> None:
         import ray

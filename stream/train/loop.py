@@ -7,7 +7,7 @@ around Ray handles). It talks to two ports, so tests drive it with fakes:
   SnapshotSink   the publisher: hand it a version, ask whether it was stored.
 
 Per turn: whatever the readers have within a moment is trained as one stream
-(`TrainerService.apply_units`); every `snapshot_interval_s` the next version goes to
+(`TrainerService.apply_units`; events whose step fails on their own go to `dead_letter`); every `snapshot_interval_s` the next version goes to
 the sink once the previous one settled (a failed one makes the next one full); every
 `checkpoint_interval_s` a checkpoint is captured here and written on a thread, and
 only once it is durable are its offsets committed. On stop (or `max_events`): the last
@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from stream.messages import IngestUnit, TrainerProgress
+from stream.messages import IngestUnit, PoisonedEvent, TrainerProgress
 from stream.train.service import SnapshotPayload, TrainerService
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class TrainerLoop:
         snapshot_interval_s: float,
         checkpoint_interval_s: float,
         clock: Callable[[], float] = time.monotonic,
+        dead_letter: Callable[[list[PoisonedEvent]], None] | None = None,
     ):
         self.svc = svc
         self.source = source
@@ -73,6 +74,7 @@ class TrainerLoop:
         self.snapshot_interval_s = snapshot_interval_s
         self.checkpoint_interval_s = checkpoint_interval_s
         self.clock = clock
+        self.dead_letter = dead_letter  # where poison events go (the DLQ topic); None: logged only
         self.stop = threading.Event()
         self._publishing: dict[int, Any] = {}  # version -> handle, until settled
         self._ckpt_writer: threading.Thread | None = None
@@ -98,6 +100,7 @@ class TrainerLoop:
             units = self.source.poll(poll_timeout_s, svc.next_offsets)
             if units:
                 svc.apply_units(units)
+                self._dead_letter_poison()
             now = self.clock()
             settled = pending is None or self.settle(pending)
             if (
@@ -117,6 +120,14 @@ class TrainerLoop:
         self.checkpoint(final=True)
         self.sink.drain()
         return svc.progress()
+
+    def _dead_letter_poison(self) -> None:
+        poisoned = self.svc.take_poisoned()
+        if poisoned and self.dead_letter is not None:
+            try:
+                self.dead_letter(poisoned)
+            except Exception as e:
+                log.error("%d poison events not written to the dead-letter topic: %s", len(poisoned), e)
 
     def publish_start(self) -> int | None:
         """Publish the state this trainer starts from (unless done) and wait until stored."""

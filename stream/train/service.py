@@ -23,12 +23,18 @@ from typing import Any
 import numpy as np
 
 from memory_bank.base import DeltaState, FullState
-from models.online import OnlineTrainer
+from models.online import OnlineTrainer, PoisonBatchError
 from stream.ingest.events import EventBatch
-from stream.messages import IngestUnit, TrainerProgress, finite_or_none
+from stream.messages import IngestUnit, PoisonedEvent, TrainerProgress, finite_or_none
 from stream.train.checkpoints import CheckpointManager
 
 log = logging.getLogger(__name__)
+
+POISON = "poison"  # the dead-letter category of events whose training step fails
+
+
+class TrainerFault(RuntimeError):
+    """The trainer cannot train at all (not one event of a batch trains on its own)."""
 
 
 @dataclass
@@ -103,6 +109,8 @@ class TrainerService:
         # Where this incarnation's time went (seconds): training steps, building snapshot
         # payloads, capturing checkpoints (on the training thread) and writing them (off
         # it); the training thread's other wall time is waiting for data.
+        self._poisoned: list[PoisonedEvent] = []
+        self.max_pending_poison = 10_000
         self.busy = {"train_s": 0.0, "snapshot_s": 0.0, "checkpoint_s": 0.0, "checkpoint_write_s": 0.0}
 
     # -- training ------------------------------------------------------------------------------
@@ -134,12 +142,16 @@ class TrainerService:
                 self.duplicates_dropped += int((~fresh).sum())
                 if not fresh.all():
                     batch = batch.take(np.flatnonzero(fresh))
+                poisoned: list[int] = []
                 for start in range(0, len(batch), self.batch_size):
                     mb = batch.take(slice(start, start + self.batch_size))
-                    self.trainer.step(mb)
-                    trained += len(mb)
-                self._pending_ts.append(batch.kafka_ts_ms.copy())
-                self._pending_trained.append(np.full(len(batch), time.time()))
+                    bad = self._train_isolating(mb)
+                    trained += len(mb) - len(bad)
+                    poisoned += [start + i for i in bad]
+                kept = np.ones(len(batch), dtype=bool)
+                kept[poisoned] = False
+                self._pending_ts.append(batch.kafka_ts_ms[kept].copy())
+                self._pending_trained.append(np.full(int(kept.sum()), time.time()))
                 for p, off in zip(batch.kafka_partition.tolist(), batch.kafka_offset.tolist()):
                     self._note_applied(p, off)
             for r in rejects:
@@ -155,6 +167,46 @@ class TrainerService:
                 self._last_unit_t = time.monotonic()
                 self._trained_here += trained
         return trained
+
+    def _train_isolating(self, mb: EventBatch) -> list[int]:
+        """Train on `mb`; if its step is poisoned, split it in halves until the events at
+        fault are alone, train the rest, and quarantine those (returns their positions).
+
+        Nothing of a poisoned step reaches the model (OnlineTrainer.step), so the events
+        trained are exactly the others, in their order. A micro-batch of which every event
+        fails on its own is not poison but a fault of the trainer: that error is raised.
+        """
+        try:
+            self.trainer.step(mb)
+            return []
+        except PoisonBatchError as e:
+            if len(mb) == 1:
+                self._quarantine(mb, str(e))
+                return [0]
+            half = len(mb) // 2
+            bad = self._train_isolating(mb.take(slice(0, half)))
+            bad += [half + i for i in self._train_isolating(mb.take(slice(half, None)))]
+            if len(bad) == len(mb) >= 8:
+                raise TrainerFault(
+                    f"every one of {len(mb)} events failed its training step on its own "
+                    f"(first error: {e}): a fault of the trainer, not of the data"
+                ) from e
+            return bad
+
+    def _quarantine(self, one: EventBatch, error: str) -> None:
+        p, off = int(one.kafka_partition[0]), int(one.kafka_offset[0])
+        log.warning(
+            "poison event %r at partition %d offset %d dead-lettered: %s", one.event_id[0], p, off, error
+        )
+        self.rejects_applied[POISON] = self.rejects_applied.get(POISON, 0) + 1
+        if len(self._poisoned) < self.max_pending_poison:  # a flood is counted, not held
+            self._poisoned.append(PoisonedEvent(p, off, _event_json(one), error[:500]))
+
+    def take_poisoned(self) -> list[PoisonedEvent]:
+        """Poison events found since the last call (for the dead-letter topic)."""
+        with self.lock:
+            out, self._poisoned = self._poisoned, []
+            return out
 
     def _note_applied(self, partition: int, offset: int) -> None:
         acc = self.lineage.setdefault(int(partition), [0, 0, 0])
@@ -285,3 +337,23 @@ class TrainerService:
     def stats(self) -> dict[str, Any]:
         with self.lock:
             return self.trainer.stats()
+
+
+def _event_json(one: EventBatch) -> dict[str, Any]:
+    """The event of a one-row batch as JSON (its Kafka bytes are not kept after decode)."""
+    out: dict[str, Any] = {
+        "event_id": one.event_id[0],
+        "ts_ms": int(one.ts_ms[0]),
+        "user_id": one.user_id[0],
+        "item_id": one.item_id[0],
+        "scenario": one.scenario[0],
+        "labels": {k: float(v[0]) for k, v in one.labels.items() if not np.isnan(v[0])},
+        "user_features": {
+            **{k: v[0] for k, v in one.user_cat.items() if v[0] is not None},
+            **{k: float(v[0]) for k, v in one.user_num.items() if not np.isnan(v[0])},
+        },
+    }
+    for k in ("item_text", "query"):
+        if getattr(one, k)[0] is not None:
+            out[k] = getattr(one, k)[0]
+    return out

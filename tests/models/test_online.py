@@ -200,3 +200,32 @@ def test_rating_threshold_heads_learn_the_cumulative_order(ml1m_20k):
     p3, p5 = torch.sigmoid(s.threshold_logits).mean(0).tolist()
     p4 = torch.sigmoid(s.like_logit).mean().item()
     assert p3 > p4 > p5, (p3, p4, p5)
+
+
+def test_a_poisoned_step_changes_nothing(ml1m_20k, tmp_path):
+    """A batch with a non-finite loss raises PoisonBatchError before any update: weights,
+    optimizer state, batch-norm statistics, memories, counters and metrics are as before."""
+    from models.online import PoisonBatchError
+
+    cfg = tiny_config()
+    batches = _batches(ml1m_20k, 256)
+    t = OnlineTrainer(cfg.model, cfg.trainer)
+    for b in batches[:3]:
+        t.step(b)
+    before = _state(t, tmp_path / "before")
+    summary = t.metrics.summary()
+    bad = batches[3].take(np.arange(len(batches[3])))
+    bad.labels["rating"] = bad.labels["rating"].copy()
+    bad.labels["rating"][5] = 1e300  # finite in float64, inf in float32
+    with pytest.raises(PoisonBatchError, match="non-finite"):
+        t.step(bad)
+    after = _state(t, tmp_path / "after")
+    # Usage statistics may count the failed attempt (PKM/LMN slot hits, bank lookups,
+    # feature-name sightings, the RNG draw of the sampled targets); what predicts may not.
+    usage = ("hits", "recent_queries", "torch_rng", "bank.", "features.")
+    for k in before:
+        if not any(u in k for u in usage):
+            assert torch.equal(before[k], after[k]), k
+    assert any(k.startswith("dense.pkm.query_norm.running") for k in before)  # batch norm stats compared
+    assert t.metrics.summary() == summary and t.steps == 3
+    assert np.isfinite(t.step(batches[3]).loss)

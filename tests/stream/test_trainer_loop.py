@@ -147,3 +147,20 @@ def test_stop_ends_the_loop_with_a_final_checkpoint(tmp_path, units):
     progress = loop.run()
     assert progress.events_applied == units[0].events.num_rows  # the one unit polled
     assert svc.checkpoints.latest().meta["events_applied"] == progress.events_applied
+
+
+def test_poison_events_reach_the_dead_letter_port(tmp_path, units):
+    from stream.ingest.events import EventBatch
+
+    b = EventBatch.from_arrow(units[1].events)
+    b.labels["rating"] = b.labels["rating"].copy()
+    b.labels["rating"][3] = 1e300  # inf in float32: the step of any batch holding it is poisoned
+    poisoned_units = [units[0], IngestUnit(b.to_arrow(), units[1].rejects, units[1].next_offsets)]
+    svc = small_service(tmp_path / "ck")
+    letters = []
+    loop = _loop(svc, FakeSource(poisoned_units, svc.checkpoints), FakeSink())
+    loop.dead_letter = letters.extend
+    total = sum(u.events.num_rows + len(u.rejects) for u in poisoned_units)
+    progress = loop.run(max_events=total)
+    assert [(x.partition, x.offset) for x in letters] == [(int(b.kafka_partition[3]), int(b.kafka_offset[3]))]
+    assert progress.rejects_applied == {"poison": 1} and progress.events_applied == total - 1

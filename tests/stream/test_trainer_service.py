@@ -91,3 +91,49 @@ def test_units_from_several_readers_train_as_one_stream_in_timestamp_order(tmp_p
     b.apply_unit(in_order)
     assert a.next_offsets == b.next_offsets and a.lineage == b.lineage
     assert a.trainer.metrics.summary()["auc.like"] == b.trainer.metrics.summary()["auc.like"]
+
+
+def _poisoned(unit: IngestUnit, row: int) -> IngestUnit:
+    """The unit with one event's rating at 1e300: finite in JSON, infinite in float32."""
+    from stream.ingest.events import EventBatch
+
+    b = EventBatch.from_arrow(unit.events)
+    b.labels["rating"] = b.labels["rating"].copy()
+    b.labels["rating"][row] = 1e300
+    return IngestUnit(events=b.to_arrow(), rejects=unit.rejects, next_offsets=unit.next_offsets)
+
+
+def test_a_poison_event_is_isolated_dead_lettered_and_the_rest_trained(tmp_path, units):
+    from stream.ingest.events import EventBatch
+
+    svc = small_service(tmp_path / "ck")
+    bad_unit = _poisoned(units[0], 37)
+    trained = svc.apply_unit(bad_unit)
+    n = units[0].events.num_rows
+    assert trained == n - 1 and svc.trainer.events_applied == n - 1
+    assert svc.rejects_applied == {"poison": 1}
+    (letter,) = svc.take_poisoned()
+    b = EventBatch.from_arrow(bad_unit.events)
+    assert (letter.partition, letter.offset) == (int(b.kafka_partition[37]), int(b.kafka_offset[37]))
+    assert letter.event["event_id"] == b.event_id[37] and letter.event["labels"]["rating"] == 1e300
+    assert "non-finite" in letter.error and svc.take_poisoned() == []
+    # Every offset is applied once (trained or dead-lettered), and the offsets move past all.
+    assert sum(v[0] for v in svc.lineage.values()) == n
+    assert svc.next_offsets == bad_unit.next_offsets
+    # The model is healthy after it: the next unit trains with finite scores.
+    svc.apply_unit(units[1])
+    assert np.isfinite(svc.trainer.metrics.summary()["logloss.like"])
+
+
+def test_a_trainer_that_cannot_train_at_all_raises(tmp_path, units, monkeypatch):
+    from models.online import PoisonBatchError
+    from stream.train.service import TrainerFault
+
+    svc = small_service(tmp_path / "ck")
+
+    def broken(batch):
+        raise PoisonBatchError("RuntimeError: a bug, not the data")
+
+    monkeypatch.setattr(svc.trainer, "step", broken)
+    with pytest.raises(TrainerFault, match="not of the data"):
+        svc.apply_unit(units[0])
