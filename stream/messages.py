@@ -95,6 +95,7 @@ class TrainerProgress:
     busy: dict[str, float]
     uptime_s: float
     metrics: dict[str, Any]  # JSON-safe summary of the streaming metrics
+    health: dict[str, Any]  # the health gate's last verdict (stream/train/health.py)
 
     @property
     def events_dlq(self) -> int:
@@ -131,6 +132,7 @@ class StreamingStats:
     snapshot_bases_written: int
     snapshot_base_failures: int
     snapshot_version: int | None
+    versions_withheld: int  # versions the health gate kept from serving
     serving_version: int | None
     serving: list[dict[str, Any]]
     trainer_restarts: int

@@ -226,6 +226,7 @@ class TrainerActor:
         from models.online import OnlineTrainer
         from stream.config import config_from_dict
         from stream.train.checkpoints import CheckpointManager
+        from stream.train.health import ModelHealthGate
         from stream.train.loop import TrainerLoop
         from stream.train.service import TrainerService
 
@@ -240,6 +241,7 @@ class TrainerActor:
             batch_size=self.cfg.trainer.batch_size,
             full_every=self.cfg.snapshots.full_every,
             first_version=(latest or 0) + 1,
+            gate=ModelHealthGate(self.cfg.snapshots.health),
         )
         self.loop = TrainerLoop(
             self.svc,
@@ -330,6 +332,12 @@ class TrainerActor:
             if bank is None or bank.lookup(item_id) is None:
                 return None
             return [{"item_id": i, "cosine": float(c)} for i, c in bank.neighbors(item_id, k)]
+
+    @ray.method(concurrency_group="query")
+    def health(self) -> dict[str, Any]:
+        """The health gate's last verdict (why a version was withheld, if one was)."""
+        with self.svc.lock:
+            return self.svc.gate.summary()
 
     @ray.method(concurrency_group="query")
     def memory_stats(self, name: str) -> dict[str, Any] | None:

@@ -31,6 +31,12 @@ class JobMetrics:
             "memstream_freshness_seconds", "event Kafka time to live in serving", ("quantile",)
         )
         self.trainer_restarts = g("memstream_trainer_restarts_total", "trainer actor restarts seen")
+        self.model_healthy = g(
+            "memstream_model_healthy", "1 if the last version passed the health gate, else 0"
+        )
+        self.versions_withheld = g(
+            "memstream_versions_withheld_total", "versions the health gate kept from serving"
+        )
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -56,6 +62,8 @@ class JobMetrics:
             if s.freshness.get(q) is not None:
                 self.freshness.labels(q[:-2]).set(s.freshness[q])
         self.trainer_restarts.set(trainer_restarts)
+        self.model_healthy.set(1 if p.health.get("healthy", True) else 0)
+        self.versions_withheld.set(p.health.get("versions_withheld", 0))
         for r in serving or []:
             if r.get("version") is not None:
                 self.serving_version.labels(r["replica"]).set(r["version"])

@@ -58,6 +58,7 @@ def run_report(
         snapshot_bases_written=pub_stats["bases_written"],
         snapshot_base_failures=pub_stats["base_failures"],
         snapshot_version=last_version,
+        versions_withheld=p.health.get("versions_withheld", 0),
         serving_version=max((r.get("version") or 0 for r in serving), default=None),
         serving=serving,
         trainer_restarts=trainer_restarts,

@@ -27,6 +27,9 @@ class DriverJobView:
     def bank_neighbors(self, item_id, k):
         return self._get(self.t.trainer.bank_neighbors.remote(item_id, k))
 
+    def trainer_health(self):
+        return self._get(self.t.trainer.health.remote())
+
     def memory_stats(self, name):
         return self._get(self.t.trainer.memory_stats.remote(name))
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from memory_bank.base import DeltaState, FullState
 from stream.messages import ServingEvent
 from stream.snapshots.store import SnapshotStore
+from stream.train.health import HealthGateConfig
 
 
 class SnapshotConfig(BaseModel):
@@ -32,6 +33,8 @@ class SnapshotConfig(BaseModel):
     # load the newest base + the deltas after it; live ones only ever read deltas.
     full_every: int = Field(20, ge=1)
     keep_versions: int = Field(50, ge=1)
+    # What a version must pass before serving gets it (stream/train/health.py).
+    health: HealthGateConfig = Field(default_factory=HealthGateConfig)
 
 
 class FreshnessLedger:

@@ -136,13 +136,16 @@ class TrainerLoop:
         return self.svc.last_published
 
     # -- snapshots -------------------------------------------------------------------------------
-    def publish(self) -> int:
-        """Cut the next version and hand it to the sink; returns its version."""
+    def publish(self) -> int | None:
+        """Cut the next version and hand it to the sink; returns its version (None: the
+        health gate withheld it, serving keeps the last good one)."""
         payload = self.svc.snapshot_payload()
+        if payload is None:
+            return None
         self._publishing[payload.version] = self.sink.publish(payload)
         return payload.version
 
-    def settle(self, version: int, wait: bool = False) -> bool:
+    def settle(self, version: int | None, wait: bool = False) -> bool:
         """True once `version` is no longer pending; a failed one makes the next one full."""
         handle = self._publishing.get(version)
         if handle is None:

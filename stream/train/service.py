@@ -27,6 +27,7 @@ from models.online import OnlineTrainer, PoisonBatchError
 from stream.ingest.events import EventBatch
 from stream.messages import IngestUnit, PoisonedEvent, TrainerProgress, finite_or_none
 from stream.train.checkpoints import CheckpointManager
+from stream.train.health import ModelHealthGate
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,11 @@ class TrainerService:
         batch_size: int,
         full_every: int,
         first_version: int,
+        gate: ModelHealthGate | None = None,
     ):
         self.trainer = trainer
         self.checkpoints = checkpoints
+        self.gate = gate or ModelHealthGate()
         self.batch_size = batch_size
         self.full_every = full_every
         self.lock = threading.RLock()  # training vs. queries (admin) vs. checkpoints
@@ -258,9 +261,11 @@ class TrainerService:
         return pending.offsets
 
     # -- snapshots -----------------------------------------------------------------------------
-    def snapshot_payload(self) -> SnapshotPayload:
-        """The next version's content: full after a start (or a failed publish), else a
-        delta; every `full_every` versions the delta also carries a full copy (a base)."""
+    def snapshot_payload(self) -> SnapshotPayload | None:
+        """The next version's content: full after a start (or a failed publish or a withheld
+        version), else a delta; every `full_every` versions the delta also carries a full
+        copy (a base). None when the health gate withholds it (see stream/train/health.py):
+        nothing is handed out, and the events stay pending for the next version."""
         t0 = time.monotonic()
         with self.lock:
             version = self.next_version
@@ -276,8 +281,23 @@ class TrainerService:
                 parent = self.last_published
                 if (version - 1) % self.full_every == 0:
                     base = model.full_snapshot()
+            summary = self.trainer.metrics.summary()
+            verdict = self.gate.check(
+                state, summary.get("window.logloss.like") if summary["n.like"] else None
+            )
+            if not verdict.healthy:
+                # The rows of this delta are gone from the tracking: the next version is full.
+                self.chain_open = False
+                self.busy["snapshot_s"] += time.monotonic() - t0
+                log.error(
+                    "snapshot version %d withheld from serving: %s (withheld %d in a row)",
+                    version,
+                    verdict.reason,
+                    self.gate.withheld_in_a_row,
+                )
+                return None
             meta = self.snapshot_meta()
-            meta["metrics"] = finite_or_none(self.trainer.metrics.summary())
+            meta["metrics"] = finite_or_none(summary)
             meta["cut_at"] = time.time()
             ts = np.concatenate(self._pending_ts) if self._pending_ts else np.empty(0, np.int64)
             trained = np.concatenate(self._pending_trained) if self._pending_trained else np.empty(0)
@@ -332,6 +352,7 @@ class TrainerService:
                 busy={k: round(v, 3) for k, v in self.busy.items()},
                 uptime_s=round(time.time() - self.started_at, 3),
                 metrics=finite_or_none(self.trainer.metrics.summary()),
+                health=finite_or_none(self.gate.summary()),
             )
 
     def stats(self) -> dict[str, Any]:

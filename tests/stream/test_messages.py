@@ -67,6 +67,7 @@ STREAMING_KEYS = {
     "snapshot_bases_written",
     "snapshot_base_failures",
     "snapshot_version",
+    "versions_withheld",
     "serving_version",
     "serving",
     "trainer_restarts",
@@ -90,6 +91,7 @@ def _progress(**kw) -> TrainerProgress:
         "busy": {"train_s": 1.0},
         "uptime_s": 9.0,
         "metrics": {"auc.like": 0.7, "logloss.like": 0.6, "rmse.rating": None, "window.auc.like": 0.71},
+        "health": {"healthy": True, "versions_withheld": 0},
     }
     return TrainerProgress(**{**base, **kw})
 
