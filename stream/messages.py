@@ -87,6 +87,7 @@ class TrainerProgress:
     duplicates_dropped: int
     next_offsets: dict[int, int]
     lineage: dict[int, list[int]]
+    events_consumed: int  # Kafka positions: next offset minus the lineage's first, summed
     snapshot_version: int | None
     publish_failures: int
     checkpoint_failures: int
@@ -115,7 +116,7 @@ class TrainerFinal:
 class StreamingStats:
     """What only the streaming job has: Kafka positions, freshness, snapshots, serving."""
 
-    events_consumed: int
+    events_consumed: int  # from Kafka positions: equals trained + dlq when nothing was lost
     duplicates_dropped: int
     trainer_busy: dict[str, float] | None
     trainer_uptime_s: float | None

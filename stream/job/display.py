@@ -45,19 +45,20 @@ class LiveDisplay:
             rate = (s.progress.events_applied - self._last[1]) / (s.t - self._last[0])
         return rate
 
-    def update(self, s: JobSample, topo: Topology) -> None:
+    def update(self, s: JobSample, topo: Topology, serving: list[dict[str, Any]] | None = None) -> None:
         p, m, f = s.progress, s.progress.metrics, s.freshness
         if self._live is None:
             if self._last is None or s.t - self._last[0] >= 10:
                 rate = self._rate(s)
                 self._last = (s.t, p.events_applied)
                 log.info(
-                    "%d events trained, %s ev/s, lag %s, AUC %s, snapshot v%s, freshness p50/p99 %s/%s s",
+                    "%d events trained, %s ev/s, lag %s, AUC %s, trainer v%s, serving %s, freshness p50/p99 %s/%s s",
                     p.events_applied,
                     "-" if rate is None else f"{rate:,.0f}",
                     s.lag,
                     fmt(m.get("auc.like")),
                     p.snapshot_version,
+                    _replica_versions(serving),
                     fmt(f.get("p50_s"), 2),
                     fmt(f.get("p99_s"), 2),
                 )
@@ -75,6 +76,7 @@ class LiveDisplay:
             ("lag", "-" if s.lag is None else f"{s.lag:,}"),
             ("AUC like (cum / window)", f"{fmt(m.get('auc.like'))} / {fmt(m.get('window.auc.like'))}"),
             ("trainer's snapshot version", str(p.snapshot_version)),
+            ("serving replicas' versions", _replica_versions(serving)),
             ("freshness p50 / p99", f"{fmt(f.get('p50_s'), 2)} s / {fmt(f.get('p99_s'), 2)} s"),
             ("serving", topo.serving_url or "-"),
             ("admin", topo.admin_url or "-"),
@@ -82,3 +84,11 @@ class LiveDisplay:
         for k, v in rows:
             tab.add_row(k, v)
         self._live.update(tab)
+
+
+def _replica_versions(serving: list[dict[str, Any]] | None) -> str:
+    """Each replica's live version ("v37 v37"), not the trainer's: the two differ while a
+    version is on its way, and a replica that refuses versions stays behind."""
+    if not serving:
+        return "-"
+    return " ".join(f"v{r['version']}" if r.get("version") is not None else "loading" for r in serving)

@@ -367,7 +367,7 @@ class StreamingJob:
                 except Exception:
                     serving = None
                 self.metrics.update(sample, serving, self.trainer_restarts)
-                display.update(sample, topo)
+                display.update(sample, topo, serving)
                 if self._replay_error is not None:
                     self._stop.set()
                 stop = self._stop.is_set()

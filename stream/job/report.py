@@ -41,7 +41,7 @@ def run_report(
 ) -> RunReport:
     p = final.progress
     streaming = StreamingStats(
-        events_consumed=p.events_applied + p.events_dlq,
+        events_consumed=p.events_consumed,
         duplicates_dropped=p.duplicates_dropped,
         trainer_busy=p.busy,
         trainer_uptime_s=p.uptime_s,

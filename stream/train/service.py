@@ -85,6 +85,9 @@ class TrainerService:
         # offset applied once (a loss plus a double application would have to cancel
         # in both sums): how the chaos benchmark checks exactly-once.
         self.lineage: dict[int, list[int]] = {}
+        # The first offset applied per partition in this lineage: with next_offsets, how many
+        # messages the Kafka positions say were consumed (compared with trained + dlq).
+        self.lineage_start: dict[int, int] = {}
         self.restored_from: int | None = None
         self.started_at = time.time()
         ckpt = checkpoints.latest()
@@ -93,6 +96,7 @@ class TrainerService:
             self.next_offsets = {int(p): int(o) for p, o in ckpt.meta["offsets"].items()}
             self.rejects_applied = dict(ckpt.meta.get("rejects_applied", {}))
             self.lineage = {int(p): list(v) for p, v in ckpt.meta.get("lineage", {}).items()}
+            self.lineage_start = {int(p): int(o) for p, o in ckpt.meta.get("lineage_start", {}).items()}
             self.restored_from = ckpt.seq
             first_version = max(first_version, int(ckpt.meta.get("snapshot_version", 0)) + 1)
         # Snapshots: the first one after a (re)start is always full, since the row
@@ -212,6 +216,7 @@ class TrainerService:
             return out
 
     def _note_applied(self, partition: int, offset: int) -> None:
+        self.lineage_start.setdefault(int(partition), int(offset))
         acc = self.lineage.setdefault(int(partition), [0, 0, 0])
         acc[0] += 1
         acc[1] += offset
@@ -235,6 +240,7 @@ class TrainerService:
                 "events_applied": self.trainer.events_applied,
                 "rejects_applied": dict(self.rejects_applied),
                 "lineage": {str(p): list(v) for p, v in self.lineage.items()},
+                "lineage_start": {str(p): o for p, o in self.lineage_start.items()},
                 "train_step": self.trainer.steps,
                 "snapshot_version": self.last_published or 0,
             }
@@ -344,6 +350,7 @@ class TrainerService:
                 duplicates_dropped=self.duplicates_dropped,
                 next_offsets=dict(self.next_offsets),
                 lineage={p: list(v) for p, v in self.lineage.items()},
+                events_consumed=sum(self.next_offsets.get(p, o) - o for p, o in self.lineage_start.items()),
                 snapshot_version=self.last_published,
                 publish_failures=self.publish_failures,
                 checkpoint_failures=self.checkpoint_failures,

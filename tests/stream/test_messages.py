@@ -83,6 +83,7 @@ def _progress(**kw) -> TrainerProgress:
         "duplicates_dropped": 1,
         "next_offsets": {0: 50, 1: 42},
         "lineage": {0: [50, 1225, 40425]},
+        "events_consumed": 92,
         "snapshot_version": 4,
         "publish_failures": 0,
         "checkpoint_failures": 0,

@@ -96,6 +96,7 @@ def test_trains_everything_then_publishes_and_checkpoints_it(tmp_path, units):
     total = sum(u.events.num_rows + len(u.rejects) for u in units)
     progress = _loop(svc, source, sink).run(max_events=total)
     assert progress.events_applied == total - 1 and progress.rejects_applied == {"invalid_json": 1}
+    assert progress.events_consumed == total  # from the Kafka positions, not from the counters
     assert progress.next_offsets == {p: max(u.next_offsets.get(p, 0) for u in units) for p in range(4)}
     # Versions: the starting state (full), deltas at the cadence, and a last one.
     kinds = [type(p.state) for p in sink.payloads]
@@ -130,6 +131,7 @@ def test_a_restarted_loop_resumes_from_the_checkpoint_offsets(tmp_path, units):
     progress = _loop(again, source, FakeSink()).run(max_events=total)
     assert source.seeks[0] == first.next_offsets  # the readers were sent to the checkpoint
     assert progress.events_applied + sum(progress.rejects_applied.values()) == total
+    assert progress.events_consumed == total  # the lineage's start survived the restart
     assert progress.duplicates_dropped == 0
 
 
