@@ -42,6 +42,14 @@ class FeatureConfig(_Strict):
     user_num: list[str] = Field(default_factory=list)
     max_user_cat: int = Field(8, gt=0)
     max_user_num: int = Field(4, gt=0)
+    # When the names are not declared: a new name gets a free slot once it was seen in
+    # `admit_after` events (one event carrying many new names must not take every slot), at
+    # most `max_admitted_per_window` names per `admission_window_events` events. Names not
+    # admitted are counted as dropped; at most `max_candidate_names` are tracked meanwhile.
+    admit_after: int = Field(32, ge=1)
+    max_admitted_per_window: int = Field(8, ge=1)
+    admission_window_events: int = Field(100_000, gt=0)
+    max_candidate_names: int = Field(4096, gt=0)
     # Online counters (user / item counts, like rate, mean rating), read before
     # the batch's labels are applied: no label of an event reaches its own score.
     use_counters: bool = True

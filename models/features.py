@@ -319,6 +319,7 @@ class FeatureArrays:
 
 
 NUM_COUNTER_FEATURES = OnlineCounters.NUM_FEATURES + UserWordAffinity.NUM_FEATURES
+_RECENT_DROPS = 32  # distinct dropped names kept for the admin API and reports
 
 
 class FeatureBuilder:
@@ -336,7 +337,14 @@ class FeatureBuilder:
         self.num_slots: dict[str, int] = {n: i for i, n in enumerate(cfg.user_num)}
         if len(self.cat_slots) > cfg.max_user_cat or len(self.num_slots) > cfg.max_user_num:
             raise FeatureLayoutError("more named user features than max_user_cat / max_user_num")
-        self.dropped_features: set[str] = set()
+        # Admission of undeclared names (FeatureConfig.admit_after): sightings of candidates,
+        # names admitted in the current window, and drops counted, never stored unbounded.
+        self.admitting = True  # serving copies never admit: their layout comes with snapshots
+        self.sightings: dict[str, int] = {}
+        self.admitted_in_window = 0
+        self.events_in_window = 0
+        self.dropped_total = 0  # (batch, name) pairs whose values were dropped
+        self.dropped_recent: list[str] = []  # the last few distinct names dropped
         self.counters = OnlineCounters(
             cfg.user_buckets, cfg.item_buckets, cfg.counter_prior, cfg.rating_center
         )
@@ -344,13 +352,26 @@ class FeatureBuilder:
             cfg.affinity_buckets if cfg.use_word_affinity else 1, cfg.counter_prior
         )
 
-    def _slot(self, slots: dict[str, int], name: str, cap: int, fixed: bool) -> int | None:
+    def _slot(self, slots: dict[str, int], name: str, cap: int, fixed: bool, seen: int) -> int | None:
+        """The slot of feature `name`, admitting it if it has been seen in enough events
+        (`seen` of them in this batch); None: its values are dropped (and counted)."""
         s = slots.get(name)
-        if s is None and not fixed and len(slots) < cap:
-            s = slots[name] = len(slots)
-        if s is None:
-            self.dropped_features.add(name)
-        return s
+        if s is not None:
+            return s
+        cfg = self.cfg
+        if not fixed and self.admitting and len(slots) < cap:
+            n = self.sightings.get(name, 0) + seen
+            if n >= cfg.admit_after and self.admitted_in_window < cfg.max_admitted_per_window:
+                self.sightings.pop(name, None)
+                self.admitted_in_window += 1
+                s = slots[name] = len(slots)
+                return s
+            if name in self.sightings or len(self.sightings) < cfg.max_candidate_names:
+                self.sightings[name] = n
+        self.dropped_total += 1
+        if name not in self.dropped_recent:
+            self.dropped_recent = [*self.dropped_recent[-(_RECENT_DROPS - 1) :], name]
+        return None
 
     def build(self, batch: BatchLike) -> FeatureArrays:
         cfg = self.cfg
@@ -359,15 +380,20 @@ class FeatureBuilder:
         item_idx = self.items.many(batch.item_id)
         cat_idx = np.empty((b, cfg.max_user_cat), dtype=np.int64)
         cat_idx[:] = [self.cats.one(f"slot{j}=") for j in range(cfg.max_user_cat)]
+        self.events_in_window += b
+        if self.events_in_window >= cfg.admission_window_events:
+            self.events_in_window, self.admitted_in_window = 0, 0
         for name in sorted(batch.user_cat):
-            s = self._slot(self.cat_slots, name, cfg.max_user_cat, bool(cfg.user_cat))
+            seen = sum(v is not None for v in batch.user_cat[name])
+            s = self._slot(self.cat_slots, name, cfg.max_user_cat, bool(cfg.user_cat), seen)
             if s is not None:
                 vals = batch.user_cat[name]
                 cat_idx[:, s] = [self.cats.one(f"{name}={v}" if v is not None else f"slot{s}=") for v in vals]
         num = np.zeros((b, 2 * cfg.max_user_num), dtype=np.float32)
         num[:, 1::2] = 1.0  # missing flag set until a value arrives
         for name in sorted(batch.user_num):
-            s = self._slot(self.num_slots, name, cfg.max_user_num, bool(cfg.user_num))
+            seen = int((~np.isnan(batch.user_num[name])).sum())
+            s = self._slot(self.num_slots, name, cfg.max_user_num, bool(cfg.user_num), seen)
             if s is not None:
                 v = batch.user_num[name]
                 num[:, 2 * s] = signed_log(v)
@@ -413,14 +439,20 @@ class FeatureBuilder:
         return {
             "cat_slots": self.cat_slots,
             "num_slots": self.num_slots,
-            "dropped": sorted(self.dropped_features),
+            "sightings": dict(self.sightings),
+            "admitted_in_window": self.admitted_in_window,
+            "events_in_window": self.events_in_window,
+            "dropped_total": self.dropped_total,
+            "dropped_recent": list(self.dropped_recent),
         }
 
     def stats(self) -> dict[str, Any]:
         return {
             "cat_slots": dict(self.cat_slots),
             "num_slots": dict(self.num_slots),
-            "dropped_features": len(self.dropped_features),
+            "dropped_total": self.dropped_total,
+            "dropped_recent": list(self.dropped_recent),
+            "candidate_names": len(self.sightings),
             "events_counted": int(self.counters.total[0]),
         }
 
@@ -444,7 +476,8 @@ class FeatureBuilder:
     def take_delta(self) -> MemoryDelta:
         """The counter and affinity rows updated since the previous call (a 1-D array is one
         row), and the slot layout as JSON in ids["meta"]."""
-        d = MemoryDelta(ids={"meta": [json.dumps(self._meta(), sort_keys=True)]})
+        layout = {"cat_slots": self.cat_slots, "num_slots": self.num_slots}  # what serving reads
+        d = MemoryDelta(ids={"meta": [json.dumps(layout, sort_keys=True)]})
         arrays = self._arrays()
         for k, rows in self._take_touched().items():
             d.tables[k] = (rows, torch.from_numpy(np.ascontiguousarray(_as_rows(arrays[k])[rows])))
@@ -458,9 +491,16 @@ class FeatureBuilder:
             self._set_meta(json.loads(delta.ids["meta"][0]))
 
     def _set_meta(self, meta: dict[str, Any]) -> None:
+        """The slot layout, and (full states only; deltas carry the layout alone) the
+        admission bookkeeping."""
         self.cat_slots = dict(meta["cat_slots"])
         self.num_slots = dict(meta["num_slots"])
-        self.dropped_features = set(meta["dropped"])
+        if "sightings" in meta:
+            self.sightings = dict(meta["sightings"])
+            self.admitted_in_window = int(meta["admitted_in_window"])
+            self.events_in_window = int(meta["events_in_window"])
+            self.dropped_total = int(meta["dropped_total"])
+            self.dropped_recent = list(meta["dropped_recent"])
 
     def import_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         arr = {

@@ -56,6 +56,8 @@ class ServedModel:
         cfg = ModelConfig.model_validate(chain.manifest["model_config"])
         self.state = RankingState(cfg, device)
         self.state.ranker.eval()
+        # A request never changes the model: new feature names are the trainer's to admit.
+        self.state.features.admitting = False
         self.version = -1
         self._lock = threading.Lock()  # features.build mutates hash caches
         self.load_chain(chain)
