@@ -10,7 +10,12 @@ is then one sweep over the sorted unique scores, ties counted as 1/2 — exactly
 the Mann-Whitney statistic, the same number a brute-force pairwise count gives.
 Memory is bounded by the number of distinct float32 scores, not by the stream
 length (logits saturate and repeat; for ML-1M the summary has < 1M entries).
-A fixed-resolution histogram would be approximate; this is not.
+A stream long enough to pass `max_distinct` distinct scores (2M entries, 40 MB) is
+then summarised at a fixed resolution: scores are rounded to bins of `resolution`
+in logit space (1e-3 by default: at most ~60k bins over [-30, 30]) and the summary
+is exact over the bins. Pairs within one bin count 1/2 whatever their true order,
+so the error is at most half the share of positive-negative pairs that share a bin;
+`error_bound()` reports that number (0 while the summary is exact).
 
 Scores are logits (float32): monotone in the probability but without the ties
 that float32 sigmoid creates near 0 and 1.
@@ -57,8 +62,13 @@ def logloss_from_logits(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 class ExactAUC:
     """Cumulative exact AUC: a lossless (score -> pos, neg) summary merged in chunks."""
 
-    def __init__(self, compact_every: int = 1 << 16) -> None:
+    def __init__(
+        self, compact_every: int = 1 << 16, max_distinct: int = 1 << 21, resolution: float = 1e-3
+    ) -> None:
         self.compact_every = compact_every
+        self.max_distinct = max_distinct
+        self.resolution = resolution
+        self.binned = False  # True once the summary passed max_distinct: scores rounded to bins
         self.uniq = np.empty(0, dtype=np.float32)
         self.pos = np.empty(0, dtype=np.int64)
         self.neg = np.empty(0, dtype=np.int64)
@@ -73,10 +83,14 @@ class ExactAUC:
         if self._pending_n >= self.compact_every:
             self.compact()
 
+    def _bin(self, s: np.ndarray) -> np.ndarray:
+        return (np.round(s.astype(np.float64) / self.resolution) * self.resolution).astype(np.float32)
+
     def compact(self) -> None:
         if not self._pending_n:
             return
-        s = np.concatenate([self.uniq] + self._pending_s)
+        pending = [self._bin(x) for x in self._pending_s] if self.binned else self._pending_s
+        s = np.concatenate([self.uniq] + pending)
         y = np.concatenate(self._pending_y)
         k = len(self.uniq)
         uniq, inv = np.unique(s, return_inverse=True)
@@ -86,6 +100,25 @@ class ExactAUC:
         np.add.at(neg, inv[:k], self.neg)
         self.uniq, self.pos, self.neg = uniq, pos, neg
         self._pending_s, self._pending_y, self._pending_n = [], [], 0
+        if not self.binned and len(self.uniq) > self.max_distinct:
+            self._to_bins()
+
+    def _to_bins(self) -> None:
+        """Merge the summary into fixed-resolution bins (from now on every score is binned)."""
+        self.binned = True
+        uniq, inv = np.unique(self._bin(self.uniq), return_inverse=True)
+        self.pos = np.bincount(inv, weights=self.pos, minlength=len(uniq)).astype(np.int64)
+        self.neg = np.bincount(inv, weights=self.neg, minlength=len(uniq)).astype(np.int64)
+        self.uniq = uniq
+
+    def error_bound(self) -> float:
+        """An upper bound of |value() - the exact AUC|: 0 while exact; once binned, half the
+        share of positive-negative pairs that share a bin (ties of equal scores included)."""
+        if not self.binned:
+            return 0.0
+        self.compact()
+        p, n = float(self.pos.sum()), float(self.neg.sum())
+        return 0.5 * float(np.dot(self.pos, self.neg)) / (p * n) if p and n else 0.0
 
     def value(self) -> float:
         self.compact()
@@ -93,12 +126,13 @@ class ExactAUC:
 
     def state(self) -> dict[str, np.ndarray]:
         self.compact()
-        return {"uniq": self.uniq, "pos": self.pos, "neg": self.neg}
+        return {"uniq": self.uniq, "pos": self.pos, "neg": self.neg, "binned": np.array([self.binned])}
 
     def load(self, st: dict[str, np.ndarray]) -> None:
         self.uniq = np.asarray(st["uniq"], dtype=np.float32)
         self.pos = np.asarray(st["pos"], dtype=np.int64)
         self.neg = np.asarray(st["neg"], dtype=np.int64)
+        self.binned = bool(st["binned"][0]) if "binned" in st else False
         self._pending_s, self._pending_y, self._pending_n = [], [], 0
 
 
@@ -197,6 +231,7 @@ class StreamingMetrics:
             "window.rmse.rating": math.sqrt(float(wr.mean())) if len(wr) else nan,
             "n.like": self.n_like,
             "n.rating": self.n_rating,
+            "auc.like_error_bound": self.auc.error_bound(),
         }
 
     # Save / load: arrays for safetensors, scalars for JSON.

@@ -55,6 +55,9 @@ class JobConfig(BaseModel):
     # restart in the window (at most 60 s); more than max_trainer_restarts within
     # restart_window_s stops the job with a non-zero exit and the last error.
     max_trainer_restarts: int = Field(5, ge=0)
+    # The trainer's ordered (score, label) log (auc_last20.like in the report): 5 bytes per
+    # event, in every checkpoint. Off for a long-lived job; `memstream eval` keeps it.
+    score_log: bool = False
     restart_window_s: float = Field(600.0, gt=0)
     restart_backoff_s: float = Field(1.0, ge=0)
 

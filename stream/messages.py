@@ -152,6 +152,7 @@ class RunReport:
     duration_s: float
     throughput_eps: float | None
     auc_like: float | None = field(metadata={"key": "auc.like"})
+    auc_like_error_bound: float | None = field(metadata={"key": "auc.like_error_bound"})  # 0: exact
     auc_last20_like: float | None = field(metadata={"key": "auc_last20.like"})
     logloss_like: float | None = field(metadata={"key": "logloss.like"})
     rmse_rating: float | None = field(metadata={"key": "rmse.rating"})
@@ -168,6 +169,7 @@ class RunReport:
         """From a StreamingMetrics.summary() (or its JSON-safe brief) and the other fields."""
         return cls(
             auc_like=summary.get("auc.like"),
+            auc_like_error_bound=summary.get("auc.like_error_bound"),
             auc_last20_like=auc_last20,
             logloss_like=summary.get("logloss.like"),
             rmse_rating=summary.get("rmse.rating"),

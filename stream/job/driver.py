@@ -223,6 +223,7 @@ class StreamingJob:
         device, num_gpus = resolve_device(cfg, gpus)
         raw = cfg.model_dump(mode="json")
         raw["trainer"]["device"] = device
+        raw["trainer"]["keep_score_log"] = cfg.job.score_log  # grows with the stream
         raw["kafka"]["bootstrap"] = bootstrap
 
         store_uri = cfg.snapshots.uri or str((self.work_dir / "snapshots").resolve())

@@ -143,3 +143,26 @@ def test_user_word_affinity_in_batch_equals_per_event_updates():
             )
             ref.update(users[j : j + 1], text[j : j + 1], sig[j : j + 1])
         batched.update(users, text, sig)
+
+
+def test_auc_summary_is_bounded_with_its_error_stated():
+    rng = np.random.default_rng(0)
+    exact, bounded = (
+        ExactAUC(compact_every=500),
+        ExactAUC(compact_every=500, max_distinct=2_000, resolution=1e-2),
+    )
+    scores, labels = [], []
+    for _ in range(40):
+        y = rng.random(500) < 0.4
+        z = (rng.normal(size=500) + 0.8 * y).astype(np.float32)
+        exact.update(z, y)
+        bounded.update(z, y)
+        scores.append(z)
+        labels.append(y)
+    truth = auc_exact(np.concatenate(scores), np.concatenate(labels))
+    assert exact.value() == truth and exact.error_bound() == 0.0
+    assert bounded.binned and len(bounded.uniq) < 2_000  # 20,000 distinct scores, far fewer bins
+    assert abs(bounded.value() - truth) <= bounded.error_bound() < 0.01
+    again = ExactAUC()
+    again.load(bounded.state())  # the mode survives a checkpoint
+    assert again.binned and again.value() == bounded.value()

@@ -31,6 +31,7 @@ COMMON_KEYS = {
     "duration_s",
     "throughput_eps",
     "auc.like",
+    "auc.like_error_bound",
     "auc_last20.like",
     "logloss.like",
     "rmse.rating",
