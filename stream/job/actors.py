@@ -58,6 +58,15 @@ class IngestActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def sizes(self) -> dict[str, int]:
+        st = self.reader.stats()
+        return {
+            "pid": os.getpid(),
+            "dedup_ids": st["dedup_ids"],
+            "buffered": st["buffered"],
+            "reject_categories": len(st["reject_categories"]),
+        }
+
     def close(self) -> None:
         self.reader.close()
 
@@ -77,6 +86,9 @@ class PublisherActor:
 
     def latest_version(self) -> int | None:
         return self.pub.latest_version()
+
+    def sizes(self) -> dict[str, int]:
+        return {"pid": os.getpid(), **self.pub.sizes()}
 
     def report_serving(self, replica_id: str, event) -> None:
         self.pub.report_serving(replica_id, event)
@@ -332,6 +344,25 @@ class TrainerActor:
             if bank is None or bank.lookup(item_id) is None:
                 return None
             return [{"item_id": i, "cosine": float(c)} for i, c in bank.neighbors(item_id, k)]
+
+    @ray.method(concurrency_group="query")
+    def sizes(self) -> dict[str, int]:
+        """Entries of every structure that could grow with the stream (benchmarks/soak.py)."""
+        with self.svc.lock:
+            t, svc = self.svc.trainer, self.svc
+            f, m = t.features, t.metrics
+            return {
+                "pid": os.getpid(),
+                "auc_summary": len(m.auc.uniq) + m.auc._pending_n,
+                "score_log": sum(len(x) for x in m._log_s) if m.keep_log else 0,
+                "hasher_caches": sum(len(h.cache) for h in (f.users, f.items, f.cats)) + len(f.text.cache),
+                "feature_candidates": len(f.sightings),
+                "history_users": len(t.history.slots),
+                "bank_rows": 0 if t.bank is None else len(t.bank),
+                "pending_freshness": sum(len(x) for x in svc._pending_ts),
+                "poison_pending": len(svc._poisoned),
+                "lineage_partitions": len(svc.lineage),
+            }
 
     @ray.method(concurrency_group="query")
     def health(self) -> dict[str, Any]:

@@ -34,6 +34,9 @@ from stream.messages import RunReport
 log = logging.getLogger(__name__)
 
 
+_MAX_SAMPLES = 10_000  # progress samples the driver keeps for the plots
+
+
 class JobError(MemstreamError):
     pass
 
@@ -363,6 +366,8 @@ class StreamingJob:
                 fresh = ray.get(topo.publisher.freshness.remote(), timeout=10)
                 sample = JobSample(t=now - t_start, progress=prog, lag=lag, freshness=fresh)
                 self.samples.append(sample)
+                if len(self.samples) > _MAX_SAMPLES:  # a long job: every other one goes, evenly
+                    self.samples = self.samples[::2]
                 try:
                     serving = ray.get(topo.publisher.serving_state.remote(), timeout=5)
                 except Exception:

@@ -37,6 +37,9 @@ class SnapshotConfig(BaseModel):
     health: HealthGateConfig = Field(default_factory=HealthGateConfig)
 
 
+_MAX_VERSIONS_KEPT = 10_000  # first activations remembered (a day of 1 s versions is 86k)
+
+
 class FreshnessLedger:
     """Pending versions' event timestamps until a replica activates them.
 
@@ -91,7 +94,10 @@ class FreshnessLedger:
         for v in sorted(live):
             ts, trained, cut = self._pending.pop(v)
             written = self._written_at.pop(v, None)
-            self.first_activation.setdefault(v, at_s)
+            if v not in self.first_activation:
+                self.first_activation[v] = at_s
+                if len(self.first_activation) > _MAX_VERSIONS_KEPT:  # one per version: bounded
+                    del self.first_activation[min(self.first_activation)]
             if self._first_live_s is None:  # serving is live from here (even on a version
                 self._first_live_s = at_s  # with no events yet: the state a job starts from)
             if not len(ts) or self._count >= self._max:
@@ -209,6 +215,17 @@ class SnapshotPublisher:
             else:
                 r["refusals"] += 1
                 r["last_refusal"] = {"version": event.version, "reason": event.reason, "at": event.at}
+
+    def sizes(self) -> dict[str, int]:
+        """Entries of what grows with the stream (benchmarks/soak.py)."""
+        with self._lock:
+            led = self.ledger
+            return {
+                "freshness_samples": led._count,
+                "freshness_pending_versions": len(led._pending),
+                "first_activations": len(led.first_activation),
+                "replicas": len(self.replicas),
+            }
 
     def serving_state(self) -> list[dict[str, Any]]:
         with self._lock:
