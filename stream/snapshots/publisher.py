@@ -38,6 +38,7 @@ class SnapshotConfig(BaseModel):
 
 
 _MAX_VERSIONS_KEPT = 10_000  # first activations remembered (a day of 1 s versions is 86k)
+_MAX_VERSIONS_PENDING = 1_000  # versions waiting for a first activation
 
 
 class FreshnessLedger:
@@ -67,6 +68,7 @@ class FreshnessLedger:
         # trainer that lags the topic from replicas that are slow to swap.
         self._published: list[np.ndarray] = []
         self._published_count = 0
+        self.never_activated = 0  # events of versions dropped before any replica went live on them
 
     def add_version(
         self,
@@ -79,6 +81,12 @@ class FreshnessLedger:
         keep = ts > 0  # 0 = no Kafka timestamp
         trained = None if trained_at_s is None else np.asarray(trained_at_s, np.float64)[keep]
         self._pending[version] = (ts[keep] / 1000.0, trained, cut_at_s)
+        # Versions no replica ever activates (serving off, or every replica refusing) must
+        # not pile up: past the bound the oldest are dropped, counted as never activated.
+        while len(self._pending) > _MAX_VERSIONS_PENDING:
+            old = min(self._pending)
+            self.never_activated += len(self._pending.pop(old)[0])
+            self._written_at.pop(old, None)
 
     def written(self, version: int, at_s: float) -> None:
         pending = self._pending.get(version)

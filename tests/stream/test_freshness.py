@@ -52,3 +52,13 @@ def test_a_first_version_without_events_makes_serving_live():
     ledger.activated(2, 2.2)
     s = ledger.summary()
     assert s["count"] == 1 and s["steady_count"] == 1 and np.isclose(s["steady_p50_s"], 0.7)
+
+
+def test_versions_never_activated_are_bounded():
+    """With serving off (or every replica refusing), pending versions must not pile up."""
+    led = FreshnessLedger()
+    for v in range(1, 1501):
+        led.add_version(v, np.full(3, 1_000_000 + v, dtype=np.int64))
+        led.written(v, 2000.0 + v)
+    assert len(led._pending) == 1000 and len(led._written_at) <= 1000
+    assert led.never_activated == 3 * 500  # the events of the 500 oldest, counted
