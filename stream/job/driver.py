@@ -117,6 +117,7 @@ class StreamingJob:
         self._restart_times: list[float] = []  # monotonic times of the restarts in the window
         self._admin = None
         self._started_ray = False
+        self._reaper = None  # stream.job.reaper.LocalRayReaper of a local Ray this job started
         self.max_events = cfg.job.max_events
         self.freshness_samples: Any = []
 
@@ -222,6 +223,10 @@ class StreamingJob:
                 logging_level=logging.WARNING,
             )
             self._started_ray = cfg.job.ray_address is None
+            if self._started_ray:  # ours: stopped with the driver, even one that is killed
+                from stream.job.reaper import LocalRayReaper
+
+                self._reaper = LocalRayReaper(ray._private.worker._global_node.get_session_dir_path())
         gpus = ray.cluster_resources().get("GPU", 0.0)
         device, num_gpus = resolve_device(cfg, gpus)
         raw = cfg.model_dump(mode="json")
@@ -482,6 +487,9 @@ class StreamingJob:
             except Exception:
                 pass
             ray.shutdown()
+        if self._reaper is not None:
+            self._reaper.release()
+            self._reaper = None
         if self._broker is not None:
             # The embedded replay first: a producer left sending into a stopped broker
             # only retries and complains at exit.
