@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from models.config import ModelConfig, TrainerConfig
 from models.online import OnlineTrainer
+from stream.messages import IngestUnit
+from stream.recordings.data.synthetic import build_synthetic_recording
 from stream.train.checkpoints import CheckpointManager
+from stream.train.evaluate import iter_event_batches
 from stream.train.service import TrainerService
 
 
@@ -26,3 +31,16 @@ def small_service(ckpt_dir: Path, seed: int = 0) -> TrainerService:
     """A TrainerService over a small trainer, checkpointing to `ckpt_dir`."""
     trainer = OnlineTrainer(small_model_config(), TrainerConfig(seed=seed))
     return TrainerService(trainer, CheckpointManager(ckpt_dir), batch_size=64, full_every=10, first_version=1)
+
+
+def synthetic_units(path: Path, events: int, per_unit: int = 100) -> list[IngestUnit]:
+    """A seeded synthetic stream as the ingest units a reader would hand the trainer."""
+    build_synthetic_recording(path, events=events, users=40, items=200, seed=5)
+    out = []
+    for b in iter_event_batches(path, batch_size=per_unit):
+        nxt = {
+            int(p): int(b.kafka_offset[b.kafka_partition == p].max()) + 1
+            for p in np.unique(b.kafka_partition)
+        }
+        out.append(IngestUnit(events=b.to_arrow(), rejects=(), next_offsets=nxt))
+    return out

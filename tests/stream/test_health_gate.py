@@ -10,11 +10,8 @@ import pytest
 import torch
 
 from memory_bank.base import DeltaState, FullState, MemoryDelta
-from stream.messages import IngestUnit
-from stream.recordings.data.synthetic import build_synthetic_recording
-from stream.train.evaluate import iter_event_batches
 from stream.train.health import HealthGateConfig, ModelHealthGate
-from tests.stream.conftest import small_service
+from tests.stream.conftest import small_service, synthetic_units
 
 
 def _delta(**tables) -> DeltaState:
@@ -52,16 +49,7 @@ def test_a_logloss_jump_over_the_last_good_version_is_withheld():
 
 @pytest.fixture(scope="module")
 def units(tmp_path_factory):
-    path = tmp_path_factory.mktemp("rec") / "syn.parquet"
-    build_synthetic_recording(path, events=400, users=40, items=200, seed=5)
-    out = []
-    for b in iter_event_batches(path, batch_size=100):
-        nxt = {
-            int(p): int(b.kafka_offset[b.kafka_partition == p].max()) + 1
-            for p in np.unique(b.kafka_partition)
-        }
-        out.append(IngestUnit(events=b.to_arrow(), rejects=(), next_offsets=nxt))
-    return out
+    return synthetic_units(tmp_path_factory.mktemp("rec") / "syn.parquet", events=400)
 
 
 def test_a_withheld_version_is_not_handed_out_and_the_next_good_one_is_full(tmp_path, units):

@@ -5,23 +5,12 @@ import pytest
 
 from memory_bank.base import FullState
 from stream.messages import IngestUnit
-from stream.recordings.data.synthetic import build_synthetic_recording
-from stream.train.evaluate import iter_event_batches
-from tests.stream.conftest import small_service
+from tests.stream.conftest import small_service, synthetic_units
 
 
 @pytest.fixture(scope="module")
 def units(tmp_path_factory):
-    path = tmp_path_factory.mktemp("rec") / "syn.parquet"
-    build_synthetic_recording(path, events=600, users=40, items=200, seed=5)
-    out = []
-    for b in iter_event_batches(path, batch_size=100):
-        nxt = {
-            int(p): int(b.kafka_offset[b.kafka_partition == p].max()) + 1
-            for p in np.unique(b.kafka_partition)
-        }
-        out.append(IngestUnit(events=b.to_arrow(), rejects=(), next_offsets=nxt))
-    return out
+    return synthetic_units(tmp_path_factory.mktemp("rec") / "syn.parquet", events=600)
 
 
 def test_failed_publish_makes_the_next_snapshot_full(tmp_path, units):
