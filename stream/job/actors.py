@@ -1,15 +1,18 @@
 """Ray actors of the streaming job. Actors own state; the driver (stream/job/driver.py) owns topology.
 
 IngestActor     a PartitionReader: Kafka -> decoded columnar units (CPU)
-TrainerActor    a TrainerService: pulls units from the readers, trains, checkpoints,
-                hands snapshots to the publisher (GPU when the cluster has one)
+TrainerActor    a TrainerService driven by a TrainerLoop (stream/train/): pulls units
+                from the readers, trains, checkpoints, hands snapshots to the publisher
+                (GPU when the cluster has one)
 PublisherActor  a SnapshotPublisher: writes snapshots, keeps the serving ledger
 
-The trainer pulls: it keeps one `next_batch` request outstanding per reader and
-waits on whichever answers first (`ray.wait`), so readers fetch and decode while
-the trainer trains, and a slow trainer simply stops asking (the readers' buffers
-are bounded). All three restart after a crash (max_restarts); the trainer then
-restores its newest checkpoint and seeks the readers back to its offsets.
+Each is a thin shell over a plain class that is tested without Ray; the Ray-specific
+parts are the two ports the loop talks to: RayReaders (one `next_batch` request
+outstanding per reader, `ray.wait` on whichever answers first, so readers fetch and
+decode while the trainer trains, and a slow trainer simply stops asking: the readers'
+buffers are bounded) and RayPublisher. All three restart after a crash (max_restarts);
+the trainer then restores its newest checkpoint and seeks the readers back to its
+offsets (the driver budgets those restarts).
 """
 
 from __future__ import annotations
