@@ -9,15 +9,24 @@ human-readable `reason` (for the dead-letter header).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 # Reason categories, stable strings: dashboards and the DLQ consumers key on them.
 REJECT_CATEGORIES = (
@@ -31,9 +40,64 @@ REJECT_CATEGORIES = (
     "unknown_field",
     "limit_exceeded",
     "non_finite_label",
+    "label_out_of_range",
     "bad_timestamp",
     "duplicate_event_id",
 )
+
+
+class LabelSpec(BaseModel):
+    """The values one task's label may take: `binary` (0 or 1) or a closed range.
+
+    Written in config as the string `binary` or a mapping `{min: a, max: b}` (either
+    bound may be left out, not both). A value outside is rejected as label_out_of_range:
+    one `rating: 1e6` would otherwise dominate every gradient for the rest of the stream.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    binary: bool = False
+    min: float | None = Field(None, allow_inf_nan=False)
+    max: float | None = Field(None, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_word(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            if data != "binary":
+                raise ValueError(f"expected 'binary' or a range {{min: a, max: b}}, got {data!r}")
+            return {"binary": True}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.binary:
+            if self.min is not None or self.max is not None:
+                raise ValueError("a binary label takes no min/max")
+        elif self.min is None and self.max is None:
+            raise ValueError("a range needs min, max or both (or write 'binary')")
+        elif self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min={self.min} is greater than max={self.max}")
+        return self
+
+    @model_serializer(mode="plain")
+    def _dump(self) -> str | dict[str, float]:
+        if self.binary:
+            return "binary"
+        return {k: v for k, v in (("min", self.min), ("max", self.max)) if v is not None}
+
+    def describe(self) -> str:
+        if self.binary:
+            return "{0, 1}"
+        lo = "-inf" if self.min is None else f"{self.min:g}"
+        hi = "inf" if self.max is None else f"{self.max:g}"
+        return f"[{lo}, {hi}]"
+
+
+def _default_label_specs() -> dict[str, LabelSpec | None]:
+    # The default model's tasks (models/config.py FeatureConfig like_task / rating_task);
+    # MovieLens and the synthetic recordings give like in {0, 1} and rating in 1..5.
+    return {"like": LabelSpec(binary=True), "rating": LabelSpec(min=1.0, max=5.0)}
 
 
 class EventLimits(BaseModel):
@@ -53,6 +117,10 @@ class EventLimits(BaseModel):
     # decode time) are clock bugs upstream; training on them would poison TTLs.
     max_future_skew_ms: int = Field(24 * 3600 * 1000, ge=0)
     allow_unknown_fields: bool = False
+    # task -> the values its label may take. A task without a spec (or with `null`, which
+    # removes a default one: config files are merged over these defaults) is only
+    # checked finite.
+    labels: dict[str, LabelSpec | None] = Field(default_factory=_default_label_specs)
 
 
 _Id = Annotated[str, StringConstraints(min_length=1, strip_whitespace=False)]
@@ -310,6 +378,85 @@ def _category_of(err: ValidationError) -> tuple[str, str]:
     return category, f"{where}{msg} [{etype}]{extra}"[:500]
 
 
+class _DupDict(dict):
+    """A parsed JSON object that had a duplicate key: `dup` is its path, from this object."""
+
+    __slots__ = ("dup",)
+
+
+def _nested_dup(v: Any) -> tuple | None:
+    if isinstance(v, _DupDict):
+        return v.dup
+    if isinstance(v, list):
+        for i, x in enumerate(v):
+            inner = _nested_dup(x)
+            if inner is not None:
+                return (i, *inner)
+    return None
+
+
+def _pairs_hook(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict[str, Any] = {}
+    dup: tuple | None = None
+    for k, v in pairs:
+        if dup is None:
+            if k in out:
+                dup = (k,)
+            else:
+                inner = _nested_dup(v)
+                if inner is not None:
+                    dup = (k, *inner)
+        out[k] = v
+    if dup is None:
+        return out
+    marked = _DupDict(out)
+    marked.dup = dup
+    return marked
+
+
+def _duplicate_key(raw: bytes) -> tuple[str, str] | None:
+    """Exact check: (where, key) of the first duplicate object key in `raw`, or None."""
+    doc = json.loads(raw, object_pairs_hook=_pairs_hook)
+    path = _nested_dup(doc)
+    if path is None:
+        return None
+    where = ""
+    for seg in path[:-1]:
+        where += f"[{seg}]" if isinstance(seg, int) else (f".{seg}" if where else seg)
+    return where, path[-1]
+
+
+def _check_duplicate_keys(raw: bytes, ev: Event) -> tuple[str, str] | None:
+    """Reject a JSON object with a repeated key: pydantic keeps the last one silently,
+    so a second `event_id` would bypass dedup and tracing, a second label the range check
+    of the first.
+
+    Cheap first, by counting quote bytes: `raw` has 2 per key and per string value, plus
+    one per escaped quote. Every key and string value the validated Event kept came from
+    its own token in `raw` (top-level fields, labels, user_features: nothing else may be
+    an object, and strict mode turns no string into a number), so if `raw` has exactly
+    2 x (kept keys + kept strings) quotes, it has no other key: none was repeated. Any
+    other count (escaped quotes, ignored unknown fields, or a repeat) takes the exact
+    check, a second parse with a pairs hook.
+    """
+    fields = ev.model_fields_set
+    feats = ev.user_features
+    strings = 3 + ("scenario" in fields) + (ev.item_text is not None) + (ev.query is not None)
+    for v in feats.values():
+        if v.__class__ is str:
+            strings += 1
+    if raw.count(b'"') == 2 * (len(fields) + len(ev.labels) + len(feats) + strings):
+        return None
+    try:
+        found = _duplicate_key(raw)
+    except (ValueError, RecursionError) as e:  # what pydantic parsed, Python's json should too
+        return "invalid_json", f"not parseable for the duplicate-key check: {e}"[:500]
+    if found is None:
+        return None
+    where, key = found
+    return "invalid_json", f"{where + ': ' if where else ''}duplicate key {key!r}"[:500]
+
+
 def _check_limits(ev: Event, limits: EventLimits, now_ms: int) -> tuple[str, str] | None:
     for name in ("event_id", "user_id", "item_id", "scenario"):
         if len(getattr(ev, name)) > limits.max_id_len:
@@ -322,11 +469,21 @@ def _check_limits(ev: Event, limits: EventLimits, now_ms: int) -> tuple[str, str
         return "missing_field", "labels: at least one label is required"
     if len(ev.labels) > limits.max_labels:
         return "limit_exceeded", f"labels: more than max_labels={limits.max_labels}"
+    specs = limits.labels
     for k, v in ev.labels.items():
         if not math.isfinite(v):
             return "non_finite_label", f"labels.{k}: {v!r} is not finite"
         if len(k) > limits.max_feature_key_len:
             return "limit_exceeded", f"labels: key longer than {limits.max_feature_key_len}"
+        spec = specs.get(k)  # checked inline: this runs for every label of every event
+        if spec is not None and not (
+            (v == 0.0 or v == 1.0)
+            if spec.binary
+            else (spec.min is None or v >= spec.min) and (spec.max is None or v <= spec.max)
+        ):
+            return "label_out_of_range", (
+                f"labels.{k}: {v!r} is not in {spec.describe()}, the values allowed for task {k!r}"
+            )
     if len(ev.user_features) > limits.max_features:
         return "limit_exceeded", f"user_features: more than max_features={limits.max_features}"
     for k, v in ev.user_features.items():
@@ -375,7 +532,7 @@ def decode_one(
         except ValidationError as e:
             cat, reason = _category_of(e)
             return None, Reject(raw, cat, reason)
-        bad = _check_limits(ev, limits, now_ms)
+        bad = _check_duplicate_keys(raw, ev) or _check_limits(ev, limits, now_ms)
         if bad is not None:
             return None, Reject(raw, bad[0], bad[1])
         return ev, None

@@ -55,6 +55,15 @@ def test_hostile_mix_dead_lettered_by_category_valid_trained(ray_cluster, broker
     expected = dict(zip(positions, mix))
     bad = [m for m in mix if m.expected is not None]
     assert {m.kind for m in mix} >= {"ten_mb", "duplicate_event_id", "deeply_nested", "label_nan"}
+    # finite labels outside the default specs, and repeated JSON keys
+    assert {m.kind for m in mix} >= {
+        "rating_1e6",
+        "rating_neg_1e300",
+        "like_7",
+        "like_1e38",
+        "duplicate_event_id_key",
+        "duplicate_label_key",
+    }
 
     cfg = load_config(
         ROOT / "configs" / "default.yaml",
@@ -91,6 +100,10 @@ def test_hostile_mix_dead_lettered_by_category_valid_trained(ray_cluster, broker
         m = expected[(int(p), int(o))]
         assert src_topic == topic and h[CATEGORY_HEADER].decode() == m.expected, (m.kind, h)
         assert h[REASON_HEADER]
+        if m.expected == "label_out_of_range":  # names the task, the value and what is allowed
+            assert h[REASON_HEADER].decode().startswith("labels."), h[REASON_HEADER]
+        if m.kind in ("duplicate_event_id_key", "duplicate_label_key"):
+            assert b"duplicate key" in h[REASON_HEADER], h[REASON_HEADER]
         if TRUNCATED_HEADER in h:  # the 10 MB one: a prefix, and its true size
             assert int(h[TRUNCATED_HEADER]) == len(m.value) and m.value.startswith(r.value)
         else:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from stream.ingest.events import REJECT_CATEGORIES, EventLimits, decode_one
+from stream.ingest.events import REJECT_CATEGORIES, Event, EventLimits, decode_one
 from stream.ingest.reader import RecentIds
 from stream.recordings.data.hostile import DUPLICATE, KINDS, HostileError, hostile_mix
 
@@ -38,6 +38,30 @@ def test_every_kind_decodes_to_its_promised_category():
         seen.add(m.kind)
     assert set(KINDS) <= seen  # every kind appeared at least once
     assert {c for c, _ in KINDS.values() if c} | {DUPLICATE} <= set(REJECT_CATEGORIES)
+
+
+@pytest.mark.parametrize(
+    "kind, category, fragment",
+    [
+        ("rating_1e6", "label_out_of_range", "labels.rating: 1000000.0 is not in [1, 5]"),
+        ("rating_neg_1e300", "label_out_of_range", "labels.rating: -1e+300 is not in [1, 5]"),
+        ("like_7", "label_out_of_range", "labels.like: 7.0 is not in {0, 1}"),
+        ("like_1e38", "label_out_of_range", "labels.like: 1e+38 is not in {0, 1}"),
+        ("duplicate_event_id_key", "invalid_json", "duplicate key 'event_id'"),
+        ("duplicate_label_key", "invalid_json", "labels: duplicate key 'like'"),
+    ],
+)
+def test_label_ranges_and_duplicate_keys_kinds(kind, category, fragment):
+    """A finite but absurd label, or a repeated key (last one wins: a valid-looking event
+    with its first event_id or label hidden), is dead-lettered with the reason naming it."""
+    mix = hostile_mix(_valid(30), seed=5, now_ms=NOW, ratio=10, kinds=[kind], dup_share=0.0)
+    bad = [m for m in mix if m.kind == kind]
+    assert len(bad) == 3 and all(m.expected == category for m in bad)
+    for m in bad:
+        _, rej = decode_one(m.value, EventLimits(), NOW)
+        assert rej is not None and rej.category == category and fragment in rej.reason, (kind, rej)
+        if category == "invalid_json":  # alone, pydantic keeps the last key: a valid event
+            assert Event.model_validate_json(m.value).labels["like"] in (0.0, 1.0)
 
 
 def test_mix_is_seeded_and_duplicates_resend_earlier_valid_messages():

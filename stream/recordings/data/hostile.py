@@ -79,7 +79,10 @@ KINDS: dict[str, tuple[str | None, Builder]] = {
     "truncated_json": ("invalid_json", lambda e, r, now, mx: _dumps(e)[: r.randint(1, 20)]),
     "bom_json": ("invalid_json", lambda e, r, now, mx: b"\xef\xbb\xbf" + _dumps(e)),
     "whitespace_only": ("invalid_json", lambda e, r, now, mx: b"   \n"),
-    "lone_surrogate": ("invalid_json", lambda e, r, now, mx: _dumps(e).replace(b'"hostile-', b'"\\ud800-', 1)),
+    "lone_surrogate": (
+        "invalid_json",
+        lambda e, r, now, mx: _dumps(e).replace(b'"hostile-', b'"\\ud800-', 1),
+    ),
     "ts_as_string": ("wrong_type", lambda e, r, now, mx: _dumps(_with(e, ts_ms=str(e["ts_ms"])))),
     "ts_as_float": ("wrong_type", lambda e, r, now, mx: _dumps(_with(e, ts_ms=e["ts_ms"] + 0.5))),
     "id_as_number": ("wrong_type", lambda e, r, now, mx: _dumps(_with(e, event_id=12345))),
@@ -92,21 +95,58 @@ KINDS: dict[str, tuple[str | None, Builder]] = {
     "empty_event_id": ("missing_field", lambda e, r, now, mx: _dumps(_with(e, event_id=""))),
     "no_labels": ("missing_field", lambda e, r, now, mx: _dumps(_with(e, labels={}))),
     "label_nan": ("non_finite_label", lambda e, r, now, mx: _dumps(_with(e, labels={"like": float("nan")}))),
-    "label_infinity": ("non_finite_label", lambda e, r, now, mx: _dumps(_with(e, labels={"like": float("-inf")}))),
-    "label_1e999": ("non_finite_label", lambda e, r, now, mx: _dumps(e).replace(b'"like":', b'"like":1e999,"x":')),
+    "label_infinity": (
+        "non_finite_label",
+        lambda e, r, now, mx: _dumps(_with(e, labels={"like": float("-inf")})),
+    ),
+    "label_1e999": (
+        "non_finite_label",
+        lambda e, r, now, mx: _dumps(e).replace(b'"like":', b'"like":1e999,"x":'),
+    ),
+    # Finite, so they pass the finite check; outside the default specs (like: binary,
+    # rating: 1..5). One rating of 1e6 ruins the model for the rest of the stream;
+    # -1e300 overflows float32 in the trainer.
+    "rating_1e6": (
+        "label_out_of_range",
+        lambda e, r, now, mx: _dumps(_with(e, labels={"like": 1.0, "rating": 1e6})),
+    ),
+    "rating_neg_1e300": (
+        "label_out_of_range",
+        lambda e, r, now, mx: _dumps(_with(e, labels={"rating": -1e300})),
+    ),
+    "like_7": ("label_out_of_range", lambda e, r, now, mx: _dumps(_with(e, labels={"like": 7.0}))),
+    "like_1e38": ("label_out_of_range", lambda e, r, now, mx: _dumps(_with(e, labels={"like": 1e38}))),
+    # Duplicate keys: last-wins would keep a valid-looking event (a second event_id
+    # bypasses dedup and tracing; the first like, 7, hidden behind a valid one).
+    "duplicate_event_id_key": (
+        "invalid_json",
+        lambda e, r, now, mx: _dumps(e).replace(
+            b'"ts_ms":', b'"event_id":"dup-%d","ts_ms":' % r.randint(0, 10**9), 1
+        ),
+    ),
+    "duplicate_label_key": (
+        "invalid_json",
+        lambda e, r, now, mx: _dumps(e).replace(b'"labels":{', b'"labels":{"like":7.0,', 1),
+    ),
     "negative_ts": ("bad_timestamp", lambda e, r, now, mx: _dumps(_with(e, ts_ms=-r.randint(1, 10**12)))),
     "far_future_ts": ("bad_timestamp", lambda e, r, now, mx: _dumps(_with(e, ts_ms=now + 10 * 86_400_000))),
     "int64_overflow_ts": ("bad_timestamp", lambda e, r, now, mx: _dumps(_with(e, ts_ms=10**30))),
     "just_too_large": ("too_large", lambda e, r, now, mx: _dumps(_with(e, item_text="x" * (mx + 1)))),
     "ten_mb": ("too_large", lambda e, r, now, mx: _dumps(_with(e, item_text="y" * TEN_MB))),
-    "deeply_nested": ("invalid_json", lambda e, r, now, mx: _dumps(e)[:-1] + b',"deep":' + b"[" * 20_000 + b"]" * 20_000 + b"}"),
+    "deeply_nested": (
+        "invalid_json",
+        lambda e, r, now, mx: _dumps(e)[:-1] + b',"deep":' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+    ),
     "unknown_field": ("unknown_field", lambda e, r, now, mx: _dumps(_with(e, surprise={"a": 1}))),
     "not_an_object_list": ("not_an_object", lambda e, r, now, mx: b"[1,2,3]"),
     "not_an_object_null": ("not_an_object", lambda e, r, now, mx: b"null"),
     "empty_value": ("empty", lambda e, r, now, mx: b""),
     "tombstone": ("empty", lambda e, r, now, mx: None),
     "huge_id": ("limit_exceeded", lambda e, r, now, mx: _dumps(_with(e, item_id="i" * 5000))),
-    "too_many_labels": ("limit_exceeded", lambda e, r, now, mx: _dumps(_with(e, labels={f"t{i}": 1.0 for i in range(40)}))),
+    "too_many_labels": (
+        "limit_exceeded",
+        lambda e, r, now, mx: _dumps(_with(e, labels={f"t{i}": 1.0 for i in range(40)})),
+    ),
     # Valid on purpose: must be trained, not dead-lettered.
     "null_key": (None, lambda e, r, now, mx: _dumps(e)),
     "unicode_ids": (None, lambda e, r, now, mx: _dumps(_with(e, item_id="Amélie (2001) 東京 🎬"))),
@@ -187,7 +227,9 @@ def produce(
 
     ensure_topic(bootstrap, topic, partitions, **client_options)
     producer = KafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", linger_ms=20,
+        bootstrap_servers=bootstrap,
+        acks="all",
+        linger_ms=20,
         max_request_size=max_request_bytes,
         **client_options,
     )
@@ -202,7 +244,7 @@ def produce(
             try:
                 md = f.get(timeout=60)
                 positions.append((md.partition, md.offset))
-            except Exception as e:  # noqa: BLE001 - reported below with the kind
+            except Exception as e:  # reported below with the kind
                 failed.append((m.kind, repr(e)[:300]))
     finally:
         producer.close(timeout=30)
