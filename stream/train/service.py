@@ -216,7 +216,9 @@ class TrainerService:
             return out
 
     def _note_applied(self, partition: int, offset: int) -> None:
-        self.lineage_start.setdefault(int(partition), int(offset))
+        first = self.lineage_start.get(int(partition))
+        if first is None or offset < first:  # rejects are noted after a unit's events
+            self.lineage_start[int(partition)] = int(offset)
         acc = self.lineage.setdefault(int(partition), [0, 0, 0])
         acc[0] += 1
         acc[1] += offset

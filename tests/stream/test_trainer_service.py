@@ -126,3 +126,27 @@ def test_a_trainer_that_cannot_train_at_all_raises(tmp_path, units, monkeypatch)
     monkeypatch.setattr(svc.trainer, "step", broken)
     with pytest.raises(TrainerFault, match="not of the data"):
         svc.apply_unit(units[0])
+
+
+def test_events_consumed_counts_from_the_first_offset_dead_lettered_or_trained(tmp_path, units):
+    """A partition whose first message was dead-lettered: consumed still covers it."""
+    from stream.messages import DeadLettered
+
+    from stream.ingest.events import EventBatch
+
+    first = units[0]
+    b_offsets = dict(first.next_offsets)
+    b = EventBatch.from_arrow(first.events)
+    p0 = int(b.kafka_partition[0])
+    low = int(b.kafka_offset[b.kafka_partition == p0].min())
+    # The unit's first message on p0 (offset low) is a reject; its events start after it.
+    keep = ~((b.kafka_partition == p0) & (b.kafka_offset == low))
+    unit = IngestUnit(
+        events=b.take(np.flatnonzero(keep)).to_arrow(),
+        rejects=(DeadLettered(p0, low, "invalid_json"),),
+        next_offsets=b_offsets,
+    )
+    svc = small_service(tmp_path / "ck")
+    svc.apply_unit(unit)
+    p = svc.progress()
+    assert p.events_consumed == p.events_applied + p.events_dlq == first.events.num_rows
