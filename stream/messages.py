@@ -91,6 +91,7 @@ class TrainerProgress:
     snapshot_version: int | None
     publish_failures: int
     checkpoint_failures: int
+    checkpoints: dict[str, Any]  # CheckpointManager.health(): saves, failures, last durable, quarantined
     restored_from: int | None
     throughput_eps: float | None
     busy: dict[str, float]
@@ -134,6 +135,10 @@ class StreamingStats:
     snapshot_base_failures: int
     snapshot_version: int | None
     versions_withheld: int  # versions the health gate kept from serving
+    checkpoint_saves: int
+    checkpoint_failures: int
+    checkpoints_quarantined: int
+    last_durable_offsets: dict[str, int] | None  # of the newest checkpoint written or restored
     serving_version: int | None
     serving: list[dict[str, Any]]
     trainer_restarts: int

@@ -247,12 +247,11 @@ class TrainerActor:
 
         self.cfg = config_from_dict(cfg, "job config")
         ck = self.cfg.checkpoints
-        ckpt_dir = Path(ck.dir) if ck.dir else Path(work_dir) / "checkpoints"
         publisher = ray.get_actor(publisher_name, namespace=namespace)
         latest = ray.get(publisher.latest_version.remote())
         self.svc = TrainerService(
             OnlineTrainer(self.cfg.model, self.cfg.trainer),
-            CheckpointManager(ckpt_dir, keep=ck.keep),
+            CheckpointManager.from_config(ck, Path(work_dir) / "checkpoints"),
             batch_size=self.cfg.trainer.batch_size,
             full_every=self.cfg.snapshots.full_every,
             first_version=(latest or 0) + 1,

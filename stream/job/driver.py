@@ -340,6 +340,8 @@ class StreamingJob:
                     except (RayActorError, RayTaskError) as e:
                         if self._stop.is_set():
                             raise JobError(f"trainer failed while stopping: {e}") from e
+                        if "CheckpointDurabilityError" in str(e):  # a restart would not help
+                            raise JobError(f"checkpoints cannot be written: {str(e)[-1500:]}") from e
                         self.trainer_restarts += 1
                         wait_s = self._restart_allowed(e)
                         log.warning(

@@ -34,6 +34,10 @@ class JobMetrics:
         self.model_healthy = g(
             "memstream_model_healthy", "1 if the last version passed the health gate, else 0"
         )
+        self.checkpoint_saves = g(
+            "memstream_checkpoint_saves_total", "checkpoints written by this trainer incarnation"
+        )
+        self.checkpoint_failures = g("memstream_checkpoint_failures_total", "checkpoint saves that failed")
         self.versions_withheld = g(
             "memstream_versions_withheld_total", "versions the health gate kept from serving"
         )
@@ -62,6 +66,8 @@ class JobMetrics:
             if s.freshness.get(q) is not None:
                 self.freshness.labels(q[:-2]).set(s.freshness[q])
         self.trainer_restarts.set(trainer_restarts)
+        self.checkpoint_saves.set(p.checkpoints.get("saves", 0))
+        self.checkpoint_failures.set(p.checkpoints.get("save_failures", 0))
         self.model_healthy.set(1 if p.health.get("healthy", True) else 0)
         self.versions_withheld.set(p.health.get("versions_withheld", 0))
         for r in serving or []:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from stream.messages import IngestUnit, PoisonedEvent, TrainerProgress
+from stream.train.checkpoints import CheckpointDurabilityError
 from stream.train.service import SnapshotPayload, TrainerService
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class TrainerLoop:
         self.stop = threading.Event()
         self._publishing: dict[int, Any] = {}  # version -> handle, until settled
         self._ckpt_writer: threading.Thread | None = None
+        self.fatal: BaseException | None = None  # set by the checkpoint writer: ends the run
 
     def applied(self) -> int:
         """Messages applied in this lineage: trained + dead-lettered."""
@@ -95,6 +97,8 @@ class TrainerLoop:
         # train, so what follows are small deltas.
         pending = self.publish() if svc.last_published is None else None
         while not self.stop.is_set():
+            if self.fatal is not None:
+                raise self.fatal
             if max_events is not None and self.applied() >= max_events:
                 break
             units = self.source.poll(poll_timeout_s, svc.next_offsets)
@@ -119,6 +123,8 @@ class TrainerLoop:
             self.settle(self.publish(), wait=True)
         self.checkpoint(final=True)
         self.sink.drain()
+        if self.fatal is not None:
+            raise self.fatal
         return svc.progress()
 
     def _dead_letter_poison(self) -> None:
@@ -172,6 +178,10 @@ class TrainerLoop:
         def write_then_commit() -> None:
             try:
                 self.svc.write_checkpoint(pending)
+            except CheckpointDurabilityError as e:
+                log.error("%s", e)
+                self.fatal = e  # the loop stops on it: training on without durability is not safe
+                return
             except Exception as e:
                 log.error("checkpoint write failed (%s); offsets not committed, next one retries", e)
                 return

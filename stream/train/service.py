@@ -356,6 +356,7 @@ class TrainerService:
                 snapshot_version=self.last_published,
                 publish_failures=self.publish_failures,
                 checkpoint_failures=self.checkpoint_failures,
+                checkpoints=finite_or_none(self.checkpoints.health()),
                 restored_from=self.restored_from,
                 throughput_eps=self.throughput_eps(),
                 busy={k: round(v, 3) for k, v in self.busy.items()},

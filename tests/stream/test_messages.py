@@ -69,6 +69,10 @@ STREAMING_KEYS = {
     "snapshot_base_failures",
     "snapshot_version",
     "versions_withheld",
+    "checkpoint_saves",
+    "checkpoint_failures",
+    "checkpoints_quarantined",
+    "last_durable_offsets",
     "serving_version",
     "serving",
     "trainer_restarts",
@@ -94,6 +98,12 @@ def _progress(**kw) -> TrainerProgress:
         "uptime_s": 9.0,
         "metrics": {"auc.like": 0.7, "logloss.like": 0.6, "rmse.rating": None, "window.auc.like": 0.71},
         "health": {"healthy": True, "versions_withheld": 0},
+        "checkpoints": {
+            "saves": 2,
+            "save_failures": 1,
+            "quarantined": 1,
+            "last_durable": {"offsets": {"0": 50}},
+        },
     }
     return TrainerProgress(**{**base, **kw})
 

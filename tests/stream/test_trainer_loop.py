@@ -166,3 +166,20 @@ def test_poison_events_reach_the_dead_letter_port(tmp_path, units):
     progress = loop.run(max_events=total)
     assert [(x.partition, x.offset) for x in letters] == [(int(b.kafka_partition[3]), int(b.kafka_offset[3]))]
     assert progress.rejects_applied == {"poison": 1} and progress.events_applied == total - 1
+
+
+def test_checkpoints_that_keep_failing_stop_the_loop(tmp_path, units, monkeypatch):
+    from models.online import OnlineTrainer
+    from stream.train.checkpoints import CheckpointDurabilityError
+
+    def disk_full(directory, tensors, meta):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(OnlineTrainer, "write_state", staticmethod(disk_full))
+    svc = small_service(tmp_path / "ck")
+    loop = _loop(svc, FakeSource(units, svc.checkpoints), FakeSink(), checkpoint_every=1.0)
+    with pytest.raises(CheckpointDurabilityError, match="in a row"):
+        loop.run()  # no max_events: only the failing checkpoints end it
+    h = svc.checkpoints.health()
+    assert h["saves"] == 0 and h["consecutive_failures"] >= h["max_consecutive_failures"]
+    assert svc.progress().checkpoints["save_failures"] == h["save_failures"]

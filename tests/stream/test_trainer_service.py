@@ -130,9 +130,8 @@ def test_a_trainer_that_cannot_train_at_all_raises(tmp_path, units, monkeypatch)
 
 def test_events_consumed_counts_from_the_first_offset_dead_lettered_or_trained(tmp_path, units):
     """A partition whose first message was dead-lettered: consumed still covers it."""
-    from stream.messages import DeadLettered
-
     from stream.ingest.events import EventBatch
+    from stream.messages import DeadLettered
 
     first = units[0]
     b_offsets = dict(first.next_offsets)
