@@ -1,19 +1,30 @@
 """Serving under load: `/rank` on loopback while snapshots are published every second.
 
 Real components: a Tansu broker, local Ray, the streaming job with its Ray Serve
-replica. Two phases of the same closed-loop load (`--clients` threads, each
-sending the next request when the previous answered):
+replica. Three phases of closed-loop load (threads, each sending the next request
+when the previous answered):
 
 1. quiet: a prefix of the recording is applied and the trainer has nothing new,
-   so no version is published and serving does not swap (`--quiet-s`);
+   so no version is published and serving does not swap (`--quiet-s`,
+   `--clients` clients, 3 candidates a request);
 2. swapping: the rest of the recording is produced at `--rate` events/s while
    the job publishes a snapshot every second and the replica hot-swaps each
-   (`--swap-s`, 60 by default).
+   (`--swap-s`, 60 by default);
+3. overload (run between 1 and 2, on the quiet model): `--overload-clients`
+   clients (40; more than the replica's `serving.max_in_flight`) with `--overload-candidates` (1000) candidates each,
+   for `--overload-s`: the replica sheds what is past its bound with 503 +
+   Retry-After (a client waits `--backoff-ms` and sends again). Reports the 503s
+   (and 504s, past `serving.request_timeout_s`), how fast a 503 came, and the
+   latency of the admitted requests, which the bound keeps from piling up.
 
-Every non-200 answer or transport error is a failure. Prints p50/p99 latency per
-phase, versions seen, and writes the table into benchmarks/results/reliability.md.
+In phases 1-2 every non-200 answer or transport error is a failure; in phase 3
+503/504 are the shedding being measured and anything else is a failure. Prints
+p50/p99 latency per phase and writes the table into `--out`
+(benchmarks/results/reliability.md).
 
     .venv/bin/python benchmarks/serving_load.py --swap-s 60
+    .venv/bin/python benchmarks/serving_load.py --quiet-s 5 --swap-s 10 --overload-s 20 \
+        --events 20000 --out benchmarks/results/serving_load_overload.md   # reduced, ~3 min
 """
 
 from __future__ import annotations
@@ -36,25 +47,49 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def _requests(n: int, seed: int) -> list[dict]:
+TITLES = ["Toy Story (1995)", "Heat (1995)", "Casino (1995)", "Fargo (1996)", "brand new film"]
+
+
+def _requests(n: int, seed: int, candidates: int = 3) -> list[dict]:
     rng = random.Random(seed)
-    titles = ["Toy Story (1995)", "Heat (1995)", "Casino (1995)", "Fargo (1996)", "brand new film"]
-    return [
-        {
-            "user_id": f"1m_{rng.randint(1, 500)}",
-            "user_features": {"age": "25", "gender": "M"},
-            "scenario": "feed",
-            "candidates": [{"item_id": t, "item_text": f"{t} Drama"} for t in rng.sample(titles, 3)],
-        }
-        for _ in range(n)
-    ]
+    out = []
+    for _ in range(n):
+        if candidates <= len(TITLES):
+            cands = [{"item_id": t, "item_text": f"{t} Drama"} for t in rng.sample(TITLES, candidates)]
+        else:  # known titles and unseen ids (no text: no encoding on the fly)
+            cands = [{"item_id": TITLES[j % 4] if j % 2 else f"item-{j}"} for j in range(candidates)]
+        out.append(
+            {
+                "user_id": f"1m_{rng.randint(1, 500)}",
+                "user_features": {"age": "25", "gender": "M"},
+                "scenario": "feed",
+                "candidates": cands,
+            }
+        )
+    return out
 
 
-def _load(url: str, seconds: float, clients: int, seed: int) -> dict:
+SHED = (503, 504)
+
+
+def _load(
+    url: str,
+    seconds: float,
+    clients: int,
+    seed: int,
+    candidates: int = 3,
+    shedding_ok: bool = False,
+    backoff_s: float = 0.05,
+) -> dict:
+    """Closed-loop load. With `shedding_ok`, 503/504 are counted (not failures) and the
+    client waits `backoff_s` before its next request."""
     import httpx
 
-    reqs = _requests(512, seed)
+    reqs = _requests(64 if candidates > len(TITLES) else 512, seed, candidates)
     lat: list[float] = []
+    shed_lat: list[float] = []
+    shed_codes: dict[int, int] = {}
+    retry_after: set[str] = set()
     versions: list[int] = []
     failures: list[str] = []
     lock = threading.Lock()
@@ -74,8 +109,14 @@ def _load(url: str, seconds: float, clients: int, seed: int) -> dict:
                         if r.status_code == 200:
                             lat.append(dt)
                             versions.append(int(r.json()["version"]))
+                        elif shedding_ok and r.status_code in SHED:
+                            shed_lat.append(dt)
+                            shed_codes[r.status_code] = shed_codes.get(r.status_code, 0) + 1
+                            retry_after.add(r.headers.get("retry-after", "-"))
                         else:
                             failures.append(f"{r.status_code}: {r.text[:200]}")
+                    if shedding_ok and r.status_code in SHED:
+                        time.sleep(backoff_s)
                 except Exception as e:
                     with lock:
                         failures.append(repr(e)[:200])
@@ -86,8 +127,14 @@ def _load(url: str, seconds: float, clients: int, seed: int) -> dict:
     for t in threads:
         t.join()
     a = np.array(lat) * 1000
+    b = np.array(shed_lat) * 1000
     return {
-        "requests": len(lat) + len(failures),
+        "requests": len(lat) + len(shed_lat) + len(failures),
+        "ok": len(lat),
+        "shed_503": shed_codes.get(503, 0),
+        "shed_504": shed_codes.get(504, 0),
+        "shed_p50_ms": float(np.percentile(b, 50)) if len(b) else None,
+        "retry_after": sorted(retry_after),
         "failed": len(failures),
         "failures": failures[:5],
         "p50_ms": float(np.percentile(a, 50)) if len(a) else None,
@@ -98,7 +145,18 @@ def _load(url: str, seconds: float, clients: int, seed: int) -> dict:
     }
 
 
-def run(quiet_s: float, swap_s: float, clients: int, rate: float, events: int, seed: int) -> dict:
+def run(
+    quiet_s: float,
+    swap_s: float,
+    clients: int,
+    rate: float,
+    events: int,
+    seed: int,
+    overload_s: float = 0.0,
+    overload_clients: int = 40,
+    overload_candidates: int = 1000,
+    backoff_s: float = 0.05,
+) -> dict:
     import httpx
     import ray
     from chaos import _join, _recording, _run_thread
@@ -176,6 +234,18 @@ def run(quiet_s: float, swap_s: float, clients: int, rate: float, events: int, s
             quiet = _load(url, quiet_s, clients, seed)
             v1 = httpx.post(url + "/rank", json=_requests(1, 0)[0], timeout=10).json()["version"]
             quiet["swaps"] = v1 - v0
+            overload = None
+            if overload_s > 0:  # on the quiet model too: the shedding alone, no swaps
+                overload = _load(
+                    url,
+                    overload_s,
+                    overload_clients,
+                    seed + 2,
+                    candidates=overload_candidates,
+                    shedding_ok=True,
+                    backoff_s=backoff_s,
+                )
+                time.sleep(3.0)  # requests answered 504 finish their work and free their slots
             producer = threading.Thread(
                 target=replay,
                 args=(tail, broker.bootstrap, topic),
@@ -191,9 +261,16 @@ def run(quiet_s: float, swap_s: float, clients: int, rate: float, events: int, s
             return {
                 "quiet": quiet,
                 "swapping": swapping,
+                "overload": overload,
                 "published": report["snapshots_published"],
                 "clients": clients,
                 "rate": rate,
+                "overload_clients": overload_clients,
+                "overload_candidates": overload_candidates,
+                "backoff_ms": backoff_s * 1000,
+                "max_in_flight": cfg.serving.max_in_flight,
+                "request_timeout_s": cfg.serving.request_timeout_s,
+                "replicas": cfg.serving.replicas,
             }
         finally:
             ray.shutdown()
@@ -202,21 +279,34 @@ def run(quiet_s: float, swap_s: float, clients: int, rate: float, events: int, s
 def table(r: dict) -> str:
     f = lambda x: "n/a" if x is None else f"{x:.1f}"
     lines = [
-        "| phase | seconds | requests | failed | p50 ms | p99 ms | req/s | versions seen |",
-        "|---|---|---|---|---|---|---|---|",
+        "| phase | seconds | clients x candidates | requests | 200 | 503 | 504 | failed | p50 ms (200) "
+        "| p99 ms (200) | p50 ms (503/504) | req/s (200) | versions seen |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in ("quiet", "swapping"):
+    phases = [("quiet", r["clients"], 3), ("swapping", r["clients"], 3)]
+    if r.get("overload"):
+        phases.append(("overload", r["overload_clients"], r["overload_candidates"]))
+    for name, n, cands in phases:
         p = r[name]
         lines.append(
-            f"| {name} | {r[name + '_s']:.0f} | {p['requests']} | {p['failed']} | {f(p['p50_ms'])} | "
-            f"{f(p['p99_ms'])} | {p['rps']:.1f} | {p['versions_seen']} |"
+            f"| {name} | {r[name + '_s']:.0f} | {n} x {cands} | {p['requests']} | {p['ok']} | "
+            f"{p['shed_503']} | {p['shed_504']} | {p['failed']} | {f(p['p50_ms'])} | {f(p['p99_ms'])} | "
+            f"{f(p['shed_p50_ms'])} | {p['rps']:.1f} | {p['versions_seen']} |"
         )
     lines.append("")
     lines.append(
         f"{r['clients']} closed-loop clients on loopback; events produced at {r['rate']:.0f}/s "
         f"during the swapping phase; snapshots published in the run: {r['published']}."
     )
-    fails = r["quiet"]["failures"] + r["swapping"]["failures"]
+    if r.get("overload"):
+        o = r["overload"]
+        lines.append(
+            f"Overload: {r['overload_clients']} clients against {r['replicas']} replica(s) with "
+            f"serving.max_in_flight={r['max_in_flight']} and serving.request_timeout_s="
+            f"{r['request_timeout_s']:g}; a shed client waits {r['backoff_ms']:.0f} ms before its next "
+            f"request; Retry-After values seen: {', '.join(o['retry_after']) or 'none'}."
+        )
+    fails = r["quiet"]["failures"] + r["swapping"]["failures"] + (r.get("overload") or {}).get("failures", [])
     if fails:
         lines.append(f"First failures: {fails}")
     return "\n".join(lines)
@@ -230,10 +320,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=200.0)
     ap.add_argument("--events", type=int, default=50_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--overload-s", type=float, default=30.0, help="0 skips the overload phase")
+    ap.add_argument("--overload-clients", type=int, default=40)
+    ap.add_argument("--overload-candidates", type=int, default=1000)
+    ap.add_argument("--backoff-ms", type=float, default=50.0, help="a shed client's wait")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reliability.md"))
     args = ap.parse_args(argv)
-    r = run(args.quiet_s, args.swap_s, args.clients, args.rate, args.events, args.seed)
-    r["quiet_s"], r["swapping_s"] = args.quiet_s, args.swap_s
+    r = run(
+        args.quiet_s,
+        args.swap_s,
+        args.clients,
+        args.rate,
+        args.events,
+        args.seed,
+        args.overload_s,
+        args.overload_clients,
+        args.overload_candidates,
+        args.backoff_ms / 1000,
+    )
+    r["quiet_s"], r["swapping_s"], r["overload_s"] = args.quiet_s, args.swap_s, args.overload_s
     text = table(r)
     print(text)
     from chaos import _write_section
@@ -244,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         "## Serving under load",
         f"## Serving under load\n\nCommand: `.venv/bin/python {cmd}`\n\n{text}\n",
     )
-    return 0 if r["quiet"]["failed"] == 0 and r["swapping"]["failed"] == 0 else 1
+    failed = sum(r[p]["failed"] for p in ("quiet", "swapping", "overload") if r.get(p))
+    return 0 if failed == 0 else 1
 
 
 if __name__ == "__main__":

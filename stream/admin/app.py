@@ -2,27 +2,38 @@
 
 A FastAPI app over a `JobView` (the driver's window onto its actors). Every
 route but `/healthz` needs `Authorization: Bearer <token>`, compared in constant
-time. Bad input is a 4xx with a message (404 unknown id, 422 bad parameter,
-429 rate limited), never a 500. The server binds 127.0.0.1 unless configured
-otherwise and refuses to bind anything else without a configured token.
+time, `/openapi.json` included (there is no `/docs` UI: a browser page cannot
+send the token). The token is checked before a request body is read. Bad input
+is a 4xx with a message (404 unknown id, 413 body too large, 415 not JSON, 422
+bad parameter, 429 rate limited or too many wrong tokens, with Retry-After),
+never a 500, and no error detail carries an absolute path. The server binds
+127.0.0.1 unless configured otherwise and refuses to bind anything else without
+a configured token.
+
+The request-body helpers (`read_body`, `parse_json`, `validation_errors`,
+`scrub_paths`) are shared with the serving app (stream/serving/app.py).
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 import logging
+import math
 import os
+import re
 import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +52,14 @@ class AdminConfig(BaseModel):
     token: str = ""
     rate_limit_per_s: float = Field(50.0, gt=0)
     rate_limit_burst: int = Field(100, ge=1)
+    # Wrong tokens per client address: `auth_fail_burst` of them, then one more every
+    # 1/`auth_fail_per_s` s; past that every request from the address is a 429 (with
+    # Retry-After) until the bucket refills, whatever token it carries.
+    auth_fail_burst: int = Field(10, ge=1)
+    auth_fail_per_s: float = Field(0.1, gt=0)
+    # Largest request body (the rollback body is a few bytes): larger is a 413, refused
+    # from Content-Length unread, or while a chunked body streams.
+    max_body_bytes: int = Field(16_384, ge=64)
 
 
 class AdminConfigError(Exception):
@@ -48,7 +67,12 @@ class AdminConfigError(Exception):
 
 
 class NotFound(Exception):
-    """Raised by a JobView for an unknown id; becomes a 404."""
+    """Raised by a JobView for an unknown id; becomes a 404 (absolute paths in the
+    message are cut to their last component: the store's location is not for clients)."""
+
+
+class _UnknownId(NotFound):
+    """A 404 the app words itself (it echoes the client's id, which is not scrubbed)."""
 
 
 class JobView(Protocol):
@@ -56,6 +80,7 @@ class JobView(Protocol):
     def bank_neighbors(self, item_id: str, k: int) -> list[dict[str, Any]] | None: ...
     def memory_stats(self, name: str) -> dict[str, Any] | None: ...
     def user_history(self, user_id: str, limit: int) -> dict[str, Any] | None: ...
+    def trainer_health(self) -> dict[str, Any]: ...
     def snapshots(self) -> list[dict[str, Any]]: ...
     def rollback(self, version: int) -> dict[str, Any]: ...
     def unpin(self) -> dict[str, Any]: ...
@@ -98,23 +123,147 @@ def _is_loopback(host: str) -> bool:
 class _RateLimiter:
     """Token bucket per client address."""
 
-    def __init__(self, rate: float, burst: int):
-        self.rate, self.burst = rate, burst
+    def __init__(self, rate: float, burst: int, max_clients: int = 10_000):
+        self.rate, self.burst, self.max_clients = rate, burst, max_clients
         self._buckets: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
+    def _level(self, client: str, now: float) -> float:
+        tokens, last = self._buckets.get(client, (float(self.burst), now))
+        return min(float(self.burst), tokens + (now - last) * self.rate)
+
     def allow(self, client: str) -> bool:
+        """Take a token; False (and none taken) when `client`'s bucket is empty."""
         now = time.monotonic()
         with self._lock:
-            tokens, last = self._buckets.get(client, (float(self.burst), now))
-            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            tokens = self._level(client, now)
             if tokens < 1.0:
                 self._buckets[client] = (tokens, now)
                 return False
             self._buckets[client] = (tokens - 1.0, now)
-            if len(self._buckets) > 10_000:  # bound memory under address spraying
-                self._buckets.clear()
+            if len(self._buckets) > self.max_clients:
+                self._bound(now)
             return True
+
+    def wait_s(self, client: str) -> float:
+        """Seconds until `client` has a token again; 0 if it has one now."""
+        with self._lock:
+            tokens = self._level(client, time.monotonic())
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
+    def _bound(self, now: float) -> None:
+        """Bound memory under address spraying: drop the buckets that refilled (the same
+        as absent); if that is not enough, drop them all (fail open, not grow)."""
+        for c in [c for c, (t, last) in self._buckets.items() if t + (now - last) * self.rate >= self.burst]:
+            del self._buckets[c]
+        if len(self._buckets) > self.max_clients:
+            self._buckets.clear()
+
+
+def retry_after(seconds: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+# ---- request bodies and error details (shared with stream/serving/app.py) -------------------
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with a 413 past `limit` bytes before it is read in full:
+    a Content-Length over the limit is refused unread, and a body without one (chunked)
+    is counted as it streams and refused at the first chunk past the limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise HTTPException(400, "Content-Length is not a number") from None
+        if size > limit:
+            raise HTTPException(413, f"request body of {size} bytes is over the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def require_json(request: Request) -> None:
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise HTTPException(415, "send the body as JSON, with 'Content-Type: application/json'")
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def _body_error(msg: str) -> HTTPException:
+    return HTTPException(422, [{"type": "json_invalid", "loc": ["body"], "msg": msg}])
+
+
+def parse_json(raw: bytes) -> Any:
+    """A JSON body, strictly: an object with a key twice is a 422 naming the key (not
+    last-wins). NaN, Infinity and numbers past float range (1e400) parse as non-finite
+    floats, for the model's validation to refuse by field name."""
+    try:
+        return json.loads(raw, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        raise _body_error(f"duplicate key {e.args[0][:100]!r} in a JSON object") from None
+    except RecursionError:
+        raise _body_error("JSON nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int of >4300 digits
+        raise _body_error(f"invalid JSON: {e}"[:300]) from None
+
+
+def validation_errors(errors: list[Any], prefix: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Pydantic errors as JSON-safe details: type, location and message only (the input,
+    which may be NaN, and the context, which may hold an exception, are left out)."""
+    return [
+        {"type": str(e.get("type", "")), "loc": [*prefix, *e.get("loc", ())], "msg": str(e.get("msg", ""))}
+        for e in errors
+    ]
+
+
+def invalid(e: ValidationError) -> HTTPException:
+    return HTTPException(422, validation_errors(e.errors(include_url=False), ("body",)))
+
+
+_PATH = re.compile(
+    r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\",;()\[\]{}<>]*"  # a URI: s3://bucket/snapshots/v3
+    r"|(?<![\w.~-])/[^\s'\",;:()\[\]{}<>]+"  # an absolute POSIX path
+    r"|\b[A-Za-z]:\\[^\s'\",;()\[\]{}<>]*"  # a Windows one
+)
+
+
+def _last_component(m: re.Match) -> str:
+    parts = [p for p in re.split(r"[/\\]", m.group()) if p and not p.endswith(":")]
+    return parts[-1] if parts else "<path>"
+
+
+def scrub_paths(text: str) -> str:
+    """`text` with each absolute path or URI cut to its last component."""
+    return _PATH.sub(_last_component, text)
+
+
+def scrub(obj: Any) -> Any:
+    """`scrub_paths` over every string in a JSON-like value."""
+    if isinstance(obj, str):
+        return scrub_paths(obj)
+    if isinstance(obj, dict):
+        return {k: scrub(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [scrub(v) for v in obj]
+    return obj
 
 
 class ErrorBody(BaseModel):
@@ -122,16 +271,47 @@ class ErrorBody(BaseModel):
 
 
 # Documented on every secured route so clients (and schemathesis) know the error shapes.
-_ERRORS = {
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}}
+_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
-    429: {"model": ErrorBody, "description": "rate limit exceeded (per client address)"},
+    429: {
+        "model": ErrorBody,
+        "description": "rate limit exceeded, or too many wrong tokens (per client address)",
+        "headers": _RETRY_AFTER,
+    },
 }
 _NOT_FOUND = {404: {"model": ErrorBody, "description": "unknown id or version"}}
+_BODY_ERRORS = {
+    413: {"model": ErrorBody, "description": "request body over admin.max_body_bytes"},
+    415: {"model": ErrorBody, "description": "body not sent as application/json"},
+    422: {"model": ErrorBody, "description": "invalid JSON (duplicate keys included) or invalid fields"},
+}
 
 
 class RollbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int = Field(..., ge=1)
+    # Strict: `true` or 3.0 is a 422, not version 1 or 3. At most 2**53 - 1, the largest
+    # integer every JSON client (a double) holds exactly.
+    version: StrictInt = Field(..., ge=1, le=2**53 - 1)
+
+
+async def _rollback_body(request: Request) -> RollbackRequest:
+    """The body, read only once auth (a route dependency, solved first) has passed."""
+    require_json(request)
+    obj = parse_json(await read_body(request, request.app.state.max_body_bytes))
+    try:
+        return RollbackRequest.model_validate(obj)
+    except ValidationError as e:
+        raise invalid(e) from None
+
+
+RollbackBody = Annotated[RollbackRequest, Depends(_rollback_body)]
+_ROLLBACK_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": RollbackRequest.model_json_schema()}},
+    }
+}
 
 
 def create_app(view: JobView, cfg: AdminConfig, token: str) -> FastAPI:
@@ -139,28 +319,50 @@ def create_app(view: JobView, cfg: AdminConfig, token: str) -> FastAPI:
         title="memstream admin",
         version="1",
         description="Memory-bank, PKM, LMN, snapshot, serving and ingest state of a memstream job.",
+        # No open docs: /openapi.json is a route below, behind the token like the rest.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
+    app.state.max_body_bytes = cfg.max_body_bytes
     limiter = _RateLimiter(cfg.rate_limit_per_s, cfg.rate_limit_burst)
+    failures = _RateLimiter(cfg.auth_fail_per_s, cfg.auth_fail_burst)
     expected = token.encode()
 
     def auth(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
+        """Runs before anything else of a route (its body is not read yet)."""
+        client = request.client.host if request.client else "unknown"
+        # Checked before the token is compared, so a locked-out guesser learns nothing.
+        wait = failures.wait_s(client)
+        if wait > 0:
+            raise HTTPException(429, "too many wrong tokens from this address", retry_after(wait))
+        header = request.headers.get("authorization")
+        scheme, _, given = (header or "").partition(" ")
         ok = scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected)
         if not ok:
+            if header is not None:  # a credential was tried (no header at all is no guess)
+                failures.allow(client)
             raise HTTPException(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
-        client = request.client.host if request.client else "unknown"
         if not limiter.allow(client):
-            raise HTTPException(429, "rate limit exceeded; slow down")
+            raise HTTPException(429, "rate limit exceeded; slow down", retry_after(limiter.wait_s(client)))
 
     @app.exception_handler(NotFound)
     async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
-        return JSONResponse({"detail": str(exc) or "not found"}, status_code=404)
+        text = str(exc) or "not found"
+        return JSONResponse({"detail": text if isinstance(exc, _UnknownId) else scrub_paths(text)}, 404)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": validation_errors(list(exc.errors()))}, 422)
 
     # Route options: the auth dependency, and the error answers it adds to the spec.
     secured: dict[str, Any] = {"dependencies": [Depends(auth)], "responses": _ERRORS}
     secured_or_404: dict[str, Any] = {**secured, "responses": {**_ERRORS, **_NOT_FOUND}}
     ItemId = PathParam(..., pattern=ID_PATTERN, description="item id (URL-encoded)")
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(auth)])
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -174,14 +376,14 @@ def create_app(view: JobView, cfg: AdminConfig, token: str) -> FastAPI:
     def bank_item(item_id: str = ItemId) -> dict[str, Any]:
         row = view.bank_item(item_id)
         if row is None:
-            raise NotFound(f"item {item_id!r} is not in the bank")
+            raise _UnknownId(f"item {item_id!r} is not in the bank")
         return row
 
     @app.get("/v1/bank/items/{item_id}/neighbors", **secured_or_404)
     def bank_neighbors(item_id: str = ItemId, k: int = Query(10, ge=1, le=MAX_PAGE)) -> dict:
         found = view.bank_neighbors(item_id, k)
         if found is None:
-            raise NotFound(f"item {item_id!r} is not in the bank")
+            raise _UnknownId(f"item {item_id!r} is not in the bank")
         return {"item_id": item_id, "k": k, "neighbors": found}
 
     @app.get("/v1/{component}/stats", **secured_or_404)
@@ -189,8 +391,12 @@ def create_app(view: JobView, cfg: AdminConfig, token: str) -> FastAPI:
         """Any component of the model state: bank, pkm, lmn, history, features, embeddings."""
         found = view.memory_stats(component)
         if found is None:
-            raise NotFound(f"the model has no component {component!r}")
+            raise _UnknownId(f"the model has no component {component!r}")
         return found
+
+    @app.get("/v1/trainer/health", **secured)
+    def trainer_health() -> dict[str, Any]:
+        return view.trainer_health()
 
     @app.get("/v1/users/{user_id}/history", **secured_or_404)
     def user_history(
@@ -199,7 +405,7 @@ def create_app(view: JobView, cfg: AdminConfig, token: str) -> FastAPI:
     ) -> dict[str, Any]:
         found = view.user_history(user_id, limit)
         if found is None:
-            raise NotFound(f"user {user_id!r} has no history")
+            raise _UnknownId(f"user {user_id!r} has no history")
         return found
 
     @app.get("/v1/snapshots", **secured)
@@ -215,8 +421,13 @@ def create_app(view: JobView, cfg: AdminConfig, token: str) -> FastAPI:
             "items": items[offset : offset + limit],
         }
 
-    @app.post("/v1/snapshots/rollback", **secured_or_404)
-    def rollback(req: RollbackRequest) -> dict[str, Any]:
+    @app.post(
+        "/v1/snapshots/rollback",
+        dependencies=secured["dependencies"],
+        responses={**_ERRORS, **_NOT_FOUND, **_BODY_ERRORS},
+        openapi_extra=_ROLLBACK_BODY,
+    )
+    def rollback(req: RollbackBody) -> dict[str, Any]:
         """Pin serving to `version` (it must still be in the store); see DELETE /v1/snapshots/pin."""
         return view.rollback(req.version)
 
@@ -227,7 +438,7 @@ def create_app(view: JobView, cfg: AdminConfig, token: str) -> FastAPI:
 
     @app.get("/v1/serving", **secured)
     def serving() -> dict[str, Any]:
-        return {"replicas": view.serving()}
+        return {"replicas": scrub(view.serving())}  # refusal reasons name store files
 
     @app.get("/v1/ingest/lag", **secured)
     def ingest_lag() -> dict[str, Any]:

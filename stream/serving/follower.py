@@ -51,6 +51,15 @@ class ServingConfig(BaseModel):
     watch_interval_s: float = Field(0.1, gt=0)
     max_candidates: int = Field(1000, ge=1)
     num_cpus: float = Field(0.5, gt=0)
+    # Load shedding, per replica: past `max_in_flight` requests in the handler a request is
+    # a 503 with Retry-After at once; one not answered within `request_timeout_s` of its
+    # arrival is a 503 if it never started (waited for a thread) or a 504 if it did.
+    max_in_flight: int = Field(8, ge=1)
+    request_timeout_s: float = Field(2.0, gt=0)
+    retry_after_s: int = Field(1, ge=1)
+    # Largest /rank body: 413 past it, refused from Content-Length unread or while a chunked
+    # body streams. 8 MiB holds max_candidates=1000 with 4 KB item texts.
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
 
 
 class Servable(Protocol):

@@ -3,6 +3,9 @@
 The end-to-end test (tests/integration) queries the same app over the real job.
 """
 
+import asyncio
+import time
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -24,19 +27,26 @@ class _View:
     def user_history(self, user_id, limit):
         return {"user_id": user_id, "items": []} if user_id == "1m_1" else None
 
+    def trainer_health(self):
+        return {"status": "ok", "steps": 7}
+
     def snapshots(self):
         return [{"version": v} for v in range(250, 0, -1)]
 
     def rollback(self, version):
-        if version > 250:
-            raise NotFound(f"version {version} does not exist")
+        if version > 250:  # worded as DriverJobView.rollback words a SnapshotNotFound
+            raise NotFound(
+                f"version {version} cannot be served: version {version} has no manifest "
+                "under /var/lib/memstream/runs/prod/snapshots"
+            )
         return {"pinned": version}
 
     def unpin(self):
         return {"pinned": None}
 
     def serving(self):
-        return [{"replica": "r1", "version": 3}]
+        reason = "SnapshotCorrupt: cannot read /var/lib/memstream/snapshots/v4/dense.npz: gone"
+        return [{"replica": "r1", "version": 3, "refusals": [{"version": 4, "reason": reason}]}]
 
     def ingest_lag(self):
         return {"total": 0}
@@ -45,12 +55,17 @@ class _View:
         return b"memstream_events_trained_total 1\n"
 
 
+# Generous limits, for the tests that are not about them.
+LOOSE = {"rate_limit_per_s": 1e6, "rate_limit_burst": 10**6, "auth_fail_per_s": 1e6, "auth_fail_burst": 10**6}
+
+
 @pytest.fixture()
 def client():
-    return TestClient(create_app(_View(), AdminConfig(rate_limit_per_s=1000, rate_limit_burst=1000), TOKEN))
+    return TestClient(create_app(_View(), AdminConfig(**LOOSE), TOKEN))
 
 
 H = {"Authorization": f"Bearer {TOKEN}"}
+J = {**H, "Content-Type": "application/json"}
 
 
 def test_auth_required_everywhere_but_healthz(client):
@@ -76,6 +91,114 @@ def test_not_found_and_validation(client):
     assert client.post("/v1/snapshots/rollback", json={"version": 3}, headers=H).json() == {"pinned": 3}
 
 
+@pytest.mark.parametrize(
+    "version", ["true", "false", "3.0", '"3"', "0", "-1", "null", "NaN", "Infinity", "1e400"]
+)
+def test_rollback_version_is_a_strict_integer(client, version):
+    r = client.post("/v1/snapshots/rollback", content=f'{{"version": {version}}}', headers=J)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", "version"]
+
+
+def test_rollback_body_must_be_json_without_duplicate_keys(client):
+    r = client.post("/v1/snapshots/rollback", content='{"version": 3, "version": 4}', headers=J)
+    assert r.status_code == 422 and "duplicate key 'version'" in r.json()["detail"][0]["msg"]
+    r = client.post("/v1/snapshots/rollback", content='{"version": 3', headers=J)
+    assert r.status_code == 422
+    r = client.post("/v1/snapshots/rollback", content='{"version": 3}', headers=H)  # curl -d's default
+    assert r.status_code == 415 and "application/json" in r.json()["detail"]
+    r = client.post("/v1/snapshots/rollback", json={"version": 3, "extra": 1}, headers=H)
+    assert r.status_code == 422
+
+
+def test_not_found_details_carry_no_absolute_path(client):
+    r = client.post("/v1/snapshots/rollback", json={"version": 999}, headers=H)
+    assert r.status_code == 404
+    detail = r.json()["detail"]
+    assert "/var" not in detail and "/snapshots" not in detail
+    assert detail == "version 999 cannot be served: version 999 has no manifest under snapshots"
+    assert "/var" not in client.get("/v1/serving", headers=H).text  # refusal reasons too
+
+
+def test_trainer_health_route(client):
+    assert client.get("/v1/trainer/health").status_code == 401
+    assert client.get("/v1/trainer/health", headers=H).json() == {"status": "ok", "steps": 7}
+
+
+def test_openapi_needs_the_token_and_there_are_no_open_docs(client):
+    assert client.get("/openapi.json").status_code == 401
+    assert client.get("/openapi.json", headers={"Authorization": "Bearer " + "u" * 32}).status_code == 401
+    assert "/v1/snapshots/rollback" in client.get("/openapi.json", headers=H).json()["paths"]
+    for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+        assert client.get(path).status_code == 404
+        assert client.get(path, headers=H).status_code == 404
+
+
+# ---- bodies: auth first, then a bounded read -----------------------------------------------
+
+
+async def _call(app, headers, chunks, path="/v1/snapshots/rollback"):
+    """One POST straight through ASGI; returns (status, receive calls made by the app)."""
+    calls, status, sent = 0, [], iter(chunks)
+
+    async def receive():
+        nonlocal calls
+        calls += 1
+        chunk = next(sent, None)
+        if chunk is None:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(msg):
+        if msg["type"] == "http.response.start":
+            status.append(msg["status"])
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 1234),
+        "server": ("127.0.0.1", 8765),
+    }
+    await app(scope, receive, send)
+    return status[0], calls
+
+
+MB = 1 << 20
+
+
+def test_auth_runs_before_the_body_is_read():
+    app = create_app(_View(), AdminConfig(**LOOSE), TOKEN)
+    for headers in ({}, {"Authorization": "Bearer " + "u" * 32}):
+        status, calls = asyncio.run(_call(app, {**headers, "Content-Type": "application/json"}, [b"{"] * 50))
+        assert status == 401 and calls == 0
+    c = TestClient(app)
+    assert (
+        c.post(
+            "/v1/snapshots/rollback", content=b"{not json", headers={"Content-Type": "application/json"}
+        ).status_code
+        == 401
+    )
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read():
+    app = create_app(_View(), AdminConfig(**LOOSE, max_body_bytes=1024), TOKEN)
+    big = {**H, "Content-Type": "application/json", "Content-Length": str(50 * MB)}
+    assert asyncio.run(_call(app, big, [b" " * MB] * 50)) == (413, 0)
+    chunked = {**H, "Content-Type": "application/json", "Transfer-Encoding": "chunked"}
+    status, calls = asyncio.run(_call(app, chunked, [b" " * 512] * 100_000))  # 50 MB in 512 B chunks
+    assert status == 413 and calls <= 3  # two chunks fill the limit, the third passes it
+    r = TestClient(app).post("/v1/snapshots/rollback", content=b" " * (50 * MB), headers=J)
+    assert r.status_code == 413
+
+
 def test_component_stats_by_name(client):
     assert client.get("/v1/pkm/stats", headers=H).json() == {"slot_usage": 0.5}
     assert client.get("/v1/lmn/stats", headers=H).json() == {"enabled": False}  # switched off: 200
@@ -94,6 +217,29 @@ def test_rate_limit_per_client():
     c = TestClient(create_app(_View(), AdminConfig(rate_limit_per_s=0.001, rate_limit_burst=3), TOKEN))
     codes = [c.get("/v1/bank/stats", headers=H).status_code for _ in range(5)]
     assert codes == [200, 200, 200, 429, 429]
+    assert int(c.get("/v1/bank/stats", headers=H).headers["retry-after"]) >= 1
+
+
+def test_wrong_tokens_are_rate_limited_per_client():
+    app = create_app(_View(), AdminConfig(auth_fail_burst=3, auth_fail_per_s=0.01), TOKEN)
+    guesser, other = TestClient(app, client=("10.0.0.1", 1)), TestClient(app, client=("10.0.0.2", 1))
+    wrong = {"Authorization": "Bearer " + "g" * 32}
+    codes = [guesser.get("/v1/bank/stats", headers=wrong).status_code for _ in range(5)]
+    assert codes == [401, 401, 401, 429, 429]
+    r = guesser.get("/v1/bank/stats", headers=H)  # even the right token: the answer tells nothing
+    assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 100
+    # without a credential nothing is guessed, so nothing is counted
+    assert all(other.get("/v1/serving").status_code == 401 for _ in range(5))
+    assert other.get("/v1/serving", headers=H).status_code == 200
+
+
+def test_wrong_token_lockout_ends_when_the_bucket_refills():
+    app = create_app(_View(), AdminConfig(auth_fail_burst=1, auth_fail_per_s=20), TOKEN)
+    c = TestClient(app)
+    wrong = {"Authorization": "Bearer " + "g" * 32}
+    assert [c.get("/v1/serving", headers=wrong).status_code for _ in range(2)] == [401, 429]
+    time.sleep(0.1)
+    assert c.get("/v1/serving", headers=H).status_code == 200
 
 
 def test_token_rules(tmp_path, monkeypatch):
@@ -117,9 +263,10 @@ def test_unpin_route():
 
 def test_every_route_but_healthz_needs_the_token():
     """From the OpenAPI spec itself, so a route added later is covered too."""
-    app = create_app(_View(), AdminConfig(rate_limit_per_s=1000, rate_limit_burst=1000), TOKEN)
+    app = create_app(_View(), AdminConfig(**LOOSE), TOKEN)
     c = TestClient(app)
-    spec = c.get("/openapi.json").json()
+    spec = c.get("/openapi.json", headers=H).json()
+    spec["paths"]["/openapi.json"] = {"get": {}}  # served outside the spec, behind the token too
     checked = 0
     for path, ops in spec["paths"].items():
         url = (
@@ -136,16 +283,17 @@ def test_every_route_but_healthz_needs_the_token():
                     assert r.status_code == 401, (method, path, headers, r.status_code)
                     assert r.headers["www-authenticate"] == "Bearer"
                 checked += 1
-    assert checked >= 3 * 10
+    assert checked >= 3 * 12
 
 
 def test_schemathesis_finds_no_5xx_and_no_schema_violation():
     """Property-based run over the OpenAPI spec, in process, bounded (~seconds)."""
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-    app = create_app(_View(), AdminConfig(rate_limit_per_s=1e6, rate_limit_burst=10**6), TOKEN)
-    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    app = create_app(_View(), AdminConfig(**LOOSE), TOKEN)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app, headers=H)
     failures = []
     for op in schema.get_all_operations():
         operation = op.ok()
@@ -153,7 +301,13 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation():
         @given(case=operation.as_strategy())
         @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         def run(case):
-            case.call_and_validate(headers=H)
+            # JSON Schema counts 3.0 as an integer; the rollback version is strict (a 422).
+            body = case.body if isinstance(case.body, dict) else {}
+            integral_float = isinstance(body.get("version"), float)
+            excluded = [positive_data_acceptance] if integral_float else []
+            r = case.call_and_validate(headers=H, excluded_checks=excluded)
+            if integral_float:
+                assert r.status_code == 422
 
         try:
             run()

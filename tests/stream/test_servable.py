@@ -186,3 +186,15 @@ def _served_through_chain(store, version):
         chain = store.load_chain(version)
     assert chain.versions[0] == 1 and not chain.from_base
     return ServedModel(chain)
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"])
+def test_rank_request_refuses_non_finite_features_by_name(number):
+    from pydantic import ValidationError
+
+    raw = f'{{"user_id": "u", "user_features": {{"age": {number}}}, "candidates": [{{"item_id": "a"}}]}}'
+    with pytest.raises(ValidationError) as e:
+        RankRequest.model_validate_json(raw)
+    (err,) = e.value.errors(include_url=False)
+    assert err["loc"] == ("user_features",) and "user_features.age must be finite" in err["msg"]
+    assert RankRequest.model_validate_json(raw.replace(number, "1.5")).user_features == {"age": 1.5}

@@ -1,0 +1,298 @@
+"""`POST /rank` request handling (RankService) in process, over a fake model: bad bodies
+are 4xx with a message naming the field or key, never a 500; big bodies are refused
+before they are read; load past the in-flight bound is shed at once; no paths leak.
+
+The Ray Serve deployment calls the same RankService (tests/integration covers it).
+"""
+
+import asyncio
+import json
+import math
+import threading
+import time
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from stream.serving.app import RankService, rank_api
+from stream.serving.follower import ServingConfig, SnapshotFollower
+
+
+class _Store:
+    def __init__(self, latest=1):
+        self.latest = latest
+
+    def latest_version(self):
+        return self.latest
+
+    def pinned_version(self):
+        return None
+
+    def manifest(self, v):
+        return {"kind": "full", "parent": None}
+
+    def load_chain(self, v):
+        if v == 2:
+            raise OSError("cannot read /srv/secret/snapshots/v2/dense.npz: no such file")
+        return [v]
+
+
+class _Model:
+    """Answers like ServedModel; `gate` (if set) holds each request until it is set."""
+
+    gate: threading.Event | None = None
+    sleep_s = 0.0
+
+    def __init__(self, chain):
+        self.version = chain[-1]
+
+    def rank(self, req):
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        time.sleep(self.sleep_s)
+        n = len(req.candidates)
+        return {
+            "version": self.version,
+            "scores": {"like": [0.5] * n, "rating": [3.0] * n},
+            "item_ids": [c.item_id for c in req.candidates],
+        }
+
+
+def _service(loaded=True, **cfg) -> RankService:
+    f = SnapshotFollower(_Store(), build=_Model)
+    if loaded:
+        assert f.poll()
+    return RankService(f, ServingConfig(**cfg))
+
+
+@pytest.fixture()
+def client():
+    return TestClient(rank_api(_service()))
+
+
+BODY = {"user_id": "1m_1", "user_features": {"age": "25"}, "candidates": [{"item_id": "Heat (1995)"}]}
+
+
+def test_valid_request_ranks(client):
+    r = client.post("/rank", json=BODY)
+    assert r.status_code == 200 and r.json()["item_ids"] == ["Heat (1995)"]
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"])
+def test_non_finite_user_feature_is_422_naming_the_field(client, number):
+    raw = f'{{"user_id": "u", "user_features": {{"age": {number}}}, "candidates": [{{"item_id": "a"}}]}}'
+    r = client.post("/rank", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    (err,) = r.json()["detail"]
+    assert err["loc"][:2] == ["body", "user_features"] and "user_features.age" in err["msg"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ('{"user_id": "a", "user_id": "b", "candidates": [{"item_id": "x"}]}', "user_id"),
+        ('{"user_id": "a", "candidates": [{"item_id": "x", "item_id": "y"}]}', "item_id"),
+        ('{"user_id": "a", "user_features": {"k": 1, "k": "2"}, "candidates": [{"item_id": "x"}]}', "k"),
+    ],
+)
+def test_duplicate_keys_are_422_naming_the_key(client, raw, key):
+    r = client.post("/rank", content=raw)
+    assert r.status_code == 422
+    assert f"duplicate key {key!r}" in r.json()["detail"][0]["msg"]
+
+
+@pytest.mark.parametrize(
+    "raw", [b"", b"{", b"\xff\xfe", b"[" * 100_000, b'{"user_id": 1' + b"0" * 5000 + b"}"]
+)
+def test_malformed_json_is_422(client, raw):
+    assert client.post("/rank", content=raw).status_code == 422
+
+
+def test_too_many_candidates_is_422():
+    c = TestClient(rank_api(_service(max_candidates=2)))
+    r = c.post("/rank", json={**BODY, "candidates": [{"item_id": str(i)} for i in range(3)]})
+    assert r.status_code == 422 and "at most 2" in r.json()["detail"]
+
+
+def test_no_model_yet_is_503_with_retry_after():
+    r = TestClient(rank_api(_service(loaded=False))).post("/rank", json=BODY)
+    assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+
+
+# ---- body size: refused before it is read in full ------------------------------------------
+
+
+async def _call(app, headers, chunks):
+    """One request straight through ASGI; returns (status, receive calls made by the app)."""
+    calls = 0
+    sent = iter(chunks)
+    status = []
+
+    async def receive():
+        nonlocal calls
+        calls += 1
+        chunk = next(sent, None)
+        if chunk is None:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(msg):
+        if msg["type"] == "http.response.start":
+            status.append(msg["status"])
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/rank",
+        "raw_path": b"/rank",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 1234),
+        "server": ("127.0.0.1", 8000),
+    }
+    await app(scope, receive, send)
+    return status[0], calls
+
+
+MB = 1 << 20
+
+
+def test_50_mb_body_with_content_length_is_413_unread():
+    app = rank_api(_service(max_body_bytes=MB))
+    status, calls = asyncio.run(_call(app, {"content-length": str(50 * MB)}, [b"x" * MB] * 50))
+    assert status == 413 and calls == 0
+
+
+def test_50_mb_chunked_body_is_413_after_reading_just_past_the_limit():
+    app = rank_api(_service(max_body_bytes=MB))
+    status, calls = asyncio.run(_call(app, {"transfer-encoding": "chunked"}, [b"x" * (MB // 4)] * 200))
+    assert status == 413
+    assert calls <= 5  # 4 chunks fill the limit, the 5th passes it: 195 chunks never read
+
+
+def test_50_mb_body_through_the_client_is_413(client):
+    r = client.post("/rank", content=b" " * (50 * MB))
+    assert r.status_code == 413 and "over the limit" in r.json()["detail"]
+
+
+# ---- load shedding -------------------------------------------------------------------------
+
+
+def _async_client(svc):
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=rank_api(svc)), base_url="http://t")
+
+
+def test_past_max_in_flight_is_503_with_retry_after_at_once():
+    svc = _service(max_in_flight=3, request_timeout_s=10)
+    gate = threading.Event()
+    svc.follower.live.gate = gate
+
+    async def run():
+        async with _async_client(svc) as c:
+            held = [asyncio.create_task(c.post("/rank", json=BODY)) for _ in range(3)]
+            for _ in range(200):
+                if svc.in_flight == 3:
+                    break
+                await asyncio.sleep(0.01)
+            assert svc.in_flight == 3
+            t0 = time.perf_counter()
+            over = await c.post("/rank", json=BODY)
+            shed_s = time.perf_counter() - t0
+            gate.set()
+            return over, shed_s, await asyncio.gather(*held)
+
+    over, shed_s, held = asyncio.run(run())
+    assert over.status_code == 503 and int(over.headers["retry-after"]) >= 1
+    assert "busy" in over.json()["detail"] and shed_s < 1.0
+    assert [r.status_code for r in held] == [200, 200, 200]
+    assert svc.in_flight == 0 and svc.shed == 1
+
+
+def test_past_the_deadline_is_504_and_the_slot_is_held_until_the_work_ends():
+    svc = _service(max_in_flight=1, request_timeout_s=0.2)
+    svc.follower.live.sleep_s = 0.8
+
+    async def run():
+        async with _async_client(svc) as c:
+            t0 = time.perf_counter()
+            late = await c.post("/rank", json=BODY)
+            late_s = time.perf_counter() - t0
+            busy = await c.post("/rank", json=BODY)  # the late one still runs in its thread
+            await asyncio.sleep(1.0)
+            svc.follower.live.sleep_s = 0.0
+            again = await c.post("/rank", json=BODY)
+            return late, late_s, busy, again
+
+    late, late_s, busy, again = asyncio.run(run())
+    assert late.status_code == 504 and late_s < 0.6
+    assert busy.status_code == 503 and "retry-after" in busy.headers
+    assert again.status_code == 200 and svc.in_flight == 0
+
+
+# ---- no paths in what clients see ----------------------------------------------------------
+
+
+def test_refusal_reasons_in_version_carry_no_paths():
+    svc = _service()
+    svc.follower.store.latest = 2
+    assert not svc.follower.poll()  # refused: the loader's error names a file
+    body = TestClient(rank_api(svc)).get("/version").json()
+    assert body["refusals"] and "/srv" not in json.dumps(body) and "dense.npz" in json.dumps(body)
+    assert TestClient(rank_api(svc)).get("/nope").json() == {"detail": "Not Found"}
+
+
+# ---- property-based ------------------------------------------------------------------------
+
+
+def test_schemathesis_finds_no_5xx_and_no_schema_violation():
+    """Over the /rank app's OpenAPI spec, in process, bounded (~seconds)."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_asgi("/openapi.json", rank_api(_service(max_candidates=20)))
+    failures = []
+    for op in schema.get_all_operations():
+        operation = op.ok()
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        def run(case):
+            case.call_and_validate()
+
+        try:
+            run()
+        except Exception as e:
+            failures.append(f"{operation.method.upper()} {operation.path}: {e}"[:2000])
+    assert not failures, "\n\n".join(failures)
+
+
+def test_any_float_feature_is_200_or_422_never_5xx():
+    """Schemathesis sends JSON-valid numbers only; NaN and infinities, sent here as Python's
+    json writes them, and 1e400-style literals must be a 422 naming the field."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    client = TestClient(rank_api(_service()))
+    literal = st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True).map(lambda x: json.dumps(x)),
+        st.integers(300, 5000).map(lambda e: f"{'-' if e % 2 else ''}1e{e}"),
+        st.integers(-(10**30), 10**30).map(str),
+    )
+
+    @given(values=st.dictionaries(st.sampled_from(["age", "x", "n"]), literal, max_size=3))
+    @settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    def run(values):
+        feats = ", ".join(f'"{k}": {v}' for k, v in values.items())
+        raw = f'{{"user_id": "u", "user_features": {{{feats}}}, "candidates": [{{"item_id": "a"}}]}}'
+        r = client.post("/rank", content=raw)
+        finite = all(math.isfinite(float(v)) for v in values.values())
+        assert r.status_code == (200 if finite else 422), (raw, r.text)
+        if not finite:
+            assert "user_features." in r.json()["detail"][0]["msg"]
+
+    run()
