@@ -34,6 +34,8 @@ REASON_HEADER = "memstream.reason"
 CATEGORY_HEADER = "memstream.category"
 SOURCE_HEADER = "memstream.source"
 TRUNCATED_HEADER = "memstream.truncated_from"
+KEY_TRUNCATED_HEADER = "memstream.key_truncated_from"  # the key's length before it was cut
+MAX_KEY_BYTES = 64 * 1024
 # Below kafka-python's default max_request_size (1 MiB) with room for key and headers.
 DEFAULT_MAX_VALUE_BYTES = 1024 * 1024 - 64 * 1024
 
@@ -110,8 +112,9 @@ class DeadLetterWriter:
         if len(value) > self.max_value_bytes:
             headers.append((TRUNCATED_HEADER, str(len(value)).encode()))
             value = value[: self.max_value_bytes]
-        if key is not None and len(key) > 64 * 1024:
-            key = key[: 64 * 1024]  # a hostile key must not make the letter unsendable
+        if key is not None and len(key) > MAX_KEY_BYTES:
+            headers.append((KEY_TRUNCATED_HEADER, str(len(key)).encode()))
+            key = key[:MAX_KEY_BYTES]  # a hostile key must not make the letter unsendable
         try:
             future = self._producer.send(self.topic, value=value, key=key, headers=headers)
         except Exception as e:

@@ -9,6 +9,8 @@ from kafka import KafkaConsumer, TopicPartition
 
 from stream.ingest.dlq import (
     CATEGORY_HEADER,
+    KEY_TRUNCATED_HEADER,
+    MAX_KEY_BYTES,
     REASON_HEADER,
     SOURCE_HEADER,
     DeadLetterWriter,
@@ -61,6 +63,17 @@ def test_rejects_go_to_the_dlq_with_reason_headers(broker):
         letter = by_source[f"orders/2/{100 + pos}"]
         assert letter.value == raw[pos] and letter.key == keys[pos]
     assert dict(by_source["orders/2/100"].headers)[CATEGORY_HEADER] == b"invalid_json"
+
+
+def test_an_oversized_key_is_cut_with_a_marker(broker):
+    result = decode_batch([b"{broken"])
+    key = b"k" * (1 << 20)  # 1 MB
+    with DeadLetterWriter(broker, dlq_topic("bigkeys")) as dlq:
+        dlq.send(result.rejects[0], key=key, source=("bigkeys", 0, 7))
+        dlq.flush()
+    (letter,) = read_all(broker, "bigkeys.dlq", expected=1)
+    assert len(letter.key) == MAX_KEY_BYTES and letter.key == key[:MAX_KEY_BYTES]
+    assert dict(letter.headers)[KEY_TRUNCATED_HEADER] == str(1 << 20).encode()
 
 
 def test_source_label():
