@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 
-from stream.admin.app import (
+from stream.http import (
     ErrorBody,
     invalid,
     parse_json,
