@@ -13,8 +13,16 @@ from stream.ingest.events import EventLimits, decode_batch
 
 def _batch(n: int, features: dict, start: int = 0):
     values = [
-        json.dumps({"event_id": f"e{start + i}", "ts_ms": 1_000 + i, "user_id": f"u{i % 7}", "item_id": "i1",
-                    "labels": {"like": 1.0}, "user_features": features}).encode()
+        json.dumps(
+            {
+                "event_id": f"e{start + i}",
+                "ts_ms": 1_000 + i,
+                "user_id": f"u{i % 7}",
+                "item_id": "i1",
+                "labels": {"like": 1.0},
+                "user_features": features,
+            }
+        ).encode()
         for i in range(n)
     ]
     res = decode_batch(values, EventLimits(max_features=200, min_ts_ms=0))
@@ -33,7 +41,9 @@ def test_one_event_with_many_new_names_takes_no_slot():
 
 
 def test_admission_counts_sightings_across_batches_and_is_capped_per_window():
-    cfg = FeatureConfig(admit_after=10, max_admitted_per_window=2, admission_window_events=100, max_candidate_names=3)
+    cfg = FeatureConfig(
+        admit_after=10, max_admitted_per_window=2, admission_window_events=100, max_candidate_names=3
+    )
     fb = FeatureBuilder(cfg)
     fb.build(_batch(6, {"a": "1"}))
     assert "a" not in fb.cat_slots
