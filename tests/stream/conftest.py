@@ -44,3 +44,38 @@ def synthetic_units(path: Path, events: int, per_unit: int = 100) -> list[Ingest
         }
         out.append(IngestUnit(events=b.to_arrow(), rejects=(), next_offsets=nxt))
     return out
+
+
+async def asgi_post(app, headers: dict[str, str], chunks, path: str) -> tuple[int, int]:
+    """One POST straight through ASGI, its body sent in `chunks`; returns (status, how many
+    times the app asked for body): how the tests see that a body was refused unread."""
+    calls, status, sent = 0, [], iter(chunks)
+
+    async def receive():
+        nonlocal calls
+        calls += 1
+        chunk = next(sent, None)
+        if chunk is None:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(msg):
+        if msg["type"] == "http.response.start":
+            status.append(msg["status"])
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 1234),
+        "server": ("127.0.0.1", 8000),
+    }
+    await app(scope, receive, send)
+    return status[0], calls

@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from stream.admin.app import AdminConfig, AdminConfigError, NotFound, create_app, resolve_token
+from tests.stream.conftest import asgi_post
 
 TOKEN = "t" * 32
 
@@ -137,47 +138,17 @@ def test_openapi_needs_the_token_and_there_are_no_open_docs(client):
 # ---- bodies: auth first, then a bounded read -----------------------------------------------
 
 
-async def _call(app, headers, chunks, path="/v1/snapshots/rollback"):
-    """One POST straight through ASGI; returns (status, receive calls made by the app)."""
-    calls, status, sent = 0, [], iter(chunks)
-
-    async def receive():
-        nonlocal calls
-        calls += 1
-        chunk = next(sent, None)
-        if chunk is None:
-            return {"type": "http.request", "body": b"", "more_body": False}
-        return {"type": "http.request", "body": chunk, "more_body": True}
-
-    async def send(msg):
-        if msg["type"] == "http.response.start":
-            status.append(msg["status"])
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-        "client": ("127.0.0.1", 1234),
-        "server": ("127.0.0.1", 8765),
-    }
-    await app(scope, receive, send)
-    return status[0], calls
-
-
 MB = 1 << 20
 
 
 def test_auth_runs_before_the_body_is_read():
     app = create_app(_View(), AdminConfig(**LOOSE), TOKEN)
     for headers in ({}, {"Authorization": "Bearer " + "u" * 32}):
-        status, calls = asyncio.run(_call(app, {**headers, "Content-Type": "application/json"}, [b"{"] * 50))
+        status, calls = asyncio.run(
+            asgi_post(
+                app, {**headers, "Content-Type": "application/json"}, [b"{"] * 50, "/v1/snapshots/rollback"
+            )
+        )
         assert status == 401 and calls == 0
     c = TestClient(app)
     assert (
@@ -191,9 +162,11 @@ def test_auth_runs_before_the_body_is_read():
 def test_a_body_over_the_limit_is_413_before_it_is_read():
     app = create_app(_View(), AdminConfig(**LOOSE, max_body_bytes=1024), TOKEN)
     big = {**H, "Content-Type": "application/json", "Content-Length": str(50 * MB)}
-    assert asyncio.run(_call(app, big, [b" " * MB] * 50)) == (413, 0)
+    assert asyncio.run(asgi_post(app, big, [b" " * MB] * 50, "/v1/snapshots/rollback")) == (413, 0)
     chunked = {**H, "Content-Type": "application/json", "Transfer-Encoding": "chunked"}
-    status, calls = asyncio.run(_call(app, chunked, [b" " * 512] * 100_000))  # 50 MB in 512 B chunks
+    status, calls = asyncio.run(
+        asgi_post(app, chunked, [b" " * 512] * 100_000, "/v1/snapshots/rollback")
+    )  # 50 MB in 512 B chunks
     assert status == 413 and calls <= 3  # two chunks fill the limit, the third passes it
     r = TestClient(app).post("/v1/snapshots/rollback", content=b" " * (50 * MB), headers=J)
     assert r.status_code == 413

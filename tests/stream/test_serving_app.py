@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from stream.serving.app import RankService, rank_api
 from stream.serving.follower import ServingConfig, SnapshotFollower
+from tests.stream.conftest import asgi_post
 
 
 class _Store:
@@ -123,54 +124,20 @@ def test_no_model_yet_is_503_with_retry_after():
 # ---- body size: refused before it is read in full ------------------------------------------
 
 
-async def _call(app, headers, chunks):
-    """One request straight through ASGI; returns (status, receive calls made by the app)."""
-    calls = 0
-    sent = iter(chunks)
-    status = []
-
-    async def receive():
-        nonlocal calls
-        calls += 1
-        chunk = next(sent, None)
-        if chunk is None:
-            return {"type": "http.request", "body": b"", "more_body": False}
-        return {"type": "http.request", "body": chunk, "more_body": True}
-
-    async def send(msg):
-        if msg["type"] == "http.response.start":
-            status.append(msg["status"])
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/rank",
-        "raw_path": b"/rank",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
-        "client": ("127.0.0.1", 1234),
-        "server": ("127.0.0.1", 8000),
-    }
-    await app(scope, receive, send)
-    return status[0], calls
-
-
 MB = 1 << 20
 
 
 def test_50_mb_body_with_content_length_is_413_unread():
     app = rank_api(_service(max_body_bytes=MB))
-    status, calls = asyncio.run(_call(app, {"content-length": str(50 * MB)}, [b"x" * MB] * 50))
+    status, calls = asyncio.run(asgi_post(app, {"content-length": str(50 * MB)}, [b"x" * MB] * 50, "/rank"))
     assert status == 413 and calls == 0
 
 
 def test_50_mb_chunked_body_is_413_after_reading_just_past_the_limit():
     app = rank_api(_service(max_body_bytes=MB))
-    status, calls = asyncio.run(_call(app, {"transfer-encoding": "chunked"}, [b"x" * (MB // 4)] * 200))
+    status, calls = asyncio.run(
+        asgi_post(app, {"transfer-encoding": "chunked"}, [b"x" * (MB // 4)] * 200, "/rank")
+    )
     assert status == 413
     assert calls <= 5  # 4 chunks fill the limit, the 5th passes it: 195 chunks never read
 
