@@ -287,13 +287,15 @@ class OnlineTrainer:
             torch.nn.utils.clip_grad_norm_(dense, self.tcfg.grad_clip, error_if_nonfinite=True)
         except RuntimeError as e:
             raise PoisonBatchError(f"non-finite gradient: {e}") from None
-        for g in self.opt_sparse.param_groups:
-            for p in g["params"]:
-                if (
-                    p.grad is not None
-                    and not torch.isfinite(p.grad._values() if p.grad.is_sparse else p.grad).all()
-                ):
-                    raise PoisonBatchError("non-finite gradient of a row-sparse table")
+        # One check (one host sync on a GPU) over every row-sparse table's gradient values.
+        grads = [p.grad for g in self.opt_sparse.param_groups for p in g["params"] if p.grad is not None]
+        if (
+            grads
+            and not torch.stack(
+                [torch.isfinite(x._values() if x.is_sparse else x).all() for x in grads]
+            ).all()
+        ):
+            raise PoisonBatchError("non-finite gradient of a row-sparse table")
         return scores, loss
 
     def _housekeeping(self, stream_now_s: float) -> None:
