@@ -23,13 +23,21 @@ that float32 sigmoid creates near 0 and 1.
 Windowed metrics (the last W events) use ring buffers; the optional ordered log
 (float32 score, uint8 label per event) gives the AUC of any tail of the stream
 at the end (`auc_last(0.2)`: the last 20%).
+
+Slices (models/slices.py): given the events' user and item ids, `update` also counts how
+many earlier events each item and user had and keeps the like AUC/logloss per evidence
+bucket (`slice_summary()`); that state is saved and loaded with the rest.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from models.slices import Evidence
 
 
 def auc_exact(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -162,11 +170,15 @@ class StreamingMetrics:
 
     update() takes the scores the model gave BEFORE learning from the events.
     NaN labels (task absent from an event) are skipped for that task.
+    `history_length` is the model's history window L (the user_history slices' edge).
     """
 
-    def __init__(self, window: int = 10_000, keep_log: bool = True) -> None:
+    def __init__(self, window: int = 10_000, keep_log: bool = True, history_length: int = 50) -> None:
+        from models.slices import EvidenceSlices  # it builds on ExactAUC, defined above
+
         self.window = window
         self.keep_log = keep_log
+        self.slices = EvidenceSlices(history_length)
         self.auc = ExactAUC()
         self.n_like = 0
         self.sum_logloss = 0.0
@@ -183,7 +195,11 @@ class StreamingMetrics:
         like_label: np.ndarray,
         rating_pred: np.ndarray | None = None,
         rating_label: np.ndarray | None = None,
-    ) -> None:
+        user_id: np.ndarray | None = None,
+        item_id: np.ndarray | None = None,
+    ) -> Evidence | None:
+        """Add a scored batch; with its user and item ids, also to the slices, and then
+        returns each event's evidence (earlier events of its item and user)."""
         ok = ~np.isnan(like_label)
         if ok.any():
             z, y = like_logit[ok].astype(np.float32), like_label[ok]
@@ -201,6 +217,14 @@ class StreamingMetrics:
                 self.n_rating += int(ok.sum())
                 self.sum_sq += float(se.sum())
                 self.win_rating.push(se[:, None])
+        if user_id is None or item_id is None:
+            return None
+        return self.slices.update(like_logit, like_label, user_id, item_id)
+
+    def slice_summary(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """The like metrics per slice (models/slices.py): {slice: {bucket: {"n", "auc.like",
+        "logloss.like"}}}, None where a bucket has no events or one class."""
+        return self.slices.summary()
 
     def auc_last(self, fraction: float) -> float:
         """Exact AUC of the last `fraction` of the `like` events (needs keep_log)."""
@@ -242,6 +266,8 @@ class StreamingMetrics:
         if self.keep_log:
             s, y = self.score_log()
             arrays["log_s"], arrays["log_y"] = s, y
+        slice_arrays, slice_meta = self.slices.export_state()
+        arrays.update({f"slices.{k}": v for k, v in slice_arrays.items()})
         meta = {
             "window": self.window,
             "keep_log": self.keep_log,
@@ -251,11 +277,14 @@ class StreamingMetrics:
             "sum_sq": self.sum_sq,
             "win_like": [self.win_like.head, self.win_like.size],
             "win_rating": [self.win_rating.head, self.win_rating.size],
+            "slices": slice_meta,
         }
         return arrays, meta
 
     def import_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
-        self.__init__(window=meta["window"], keep_log=meta["keep_log"])
+        self.__init__(
+            window=meta["window"], keep_log=meta["keep_log"], history_length=self.slices.history_length
+        )
         self.auc.load({k[4:]: v for k, v in arrays.items() if k.startswith("auc.")})
         self.n_like, self.sum_logloss = meta["n_like"], meta["sum_logloss"]
         self.n_rating, self.sum_sq = meta["n_rating"], meta["sum_sq"]
@@ -265,3 +294,7 @@ class StreamingMetrics:
         self.win_rating.head, self.win_rating.size = meta["win_rating"]
         if self.keep_log and "log_s" in arrays:
             self._log_s, self._log_y = [arrays["log_s"].copy()], [arrays["log_y"].copy()]
+        if "slices" in meta:  # a state saved before the slices existed starts them empty
+            self.slices.import_state(
+                {k[7:]: v for k, v in arrays.items() if k.startswith("slices.")}, meta["slices"]
+            )

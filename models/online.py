@@ -66,6 +66,9 @@ class StepResult:
     rating_pred: np.ndarray  # (B,)
     encoded: int  # targets that ran through the doc encoder
     seconds: float
+    # Earlier events of each event's item / user at scoring time (models/slices.py).
+    item_evidence: np.ndarray  # (B,) int64
+    user_evidence: np.ndarray  # (B,) int64
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -136,7 +139,7 @@ class OnlineTrainer:
         self.opt_sparse = SparseRowAdam(
             self._sparse_groups(), lr=tcfg.lr_sparse, betas=(0.9, tcfg.sparse_beta2)
         )
-        self.metrics = StreamingMetrics(tcfg.metrics_window, tcfg.keep_score_log)
+        self.metrics = StreamingMetrics(tcfg.metrics_window, tcfg.keep_score_log, model_cfg.history.length)
         # Running statistics a training forward updates in place (batch norms): saved before
         # each step and put back if the step turns out poisoned (serving reads them).
         self._norm_stats = [
@@ -200,7 +203,8 @@ class OnlineTrainer:
         t0 = time.perf_counter()
         n = len(batch)
         if n == 0:
-            return StepResult(0, 0.0, np.zeros(0, np.float32), np.zeros(0, np.float32), 0, 0.0)
+            none = np.zeros(0, np.int64)
+            return StepResult(0, 0.0, np.zeros(0, np.float32), np.zeros(0, np.float32), 0, 0.0, none, none)
         dev = self.device
         fc = self.cfg.features
         like = self._labels(batch, fc.like_task)  # (B,) NaN = missing
@@ -234,7 +238,7 @@ class OnlineTrainer:
             raise PoisonBatchError(f"{type(e).__name__}: {e}") from e
         # The metrics see the scores of the model as it was before this batch.
         like_logit, rating_pred = _np(scores.like_logit), _np(scores.rating)
-        self.metrics.update(like_logit, like, rating_pred, rating)
+        evidence = self.metrics.update(like_logit, like, rating_pred, rating, batch.user_id, batch.item_id)
         self.opt_dense.step()
         self.opt_sparse.step()  # the DeltaTracker marked the rows it updates (gradient hooks)
 
@@ -249,7 +253,10 @@ class OnlineTrainer:
         self.features.learn(feats, like, rating)
         self.events_applied += n
         self._housekeeping(float(batch.ts_ms.max()) / 1000.0)
-        return StepResult(n, float(loss.detach()), like_logit, rating_pred, encoded, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        return StepResult(
+            n, float(loss.detach()), like_logit, rating_pred, encoded, seconds, evidence.item, evidence.user
+        )
 
     def _forward_backward(self, u, c, like: np.ndarray, rating: np.ndarray):
         """The training forward and backward of a batch; raises PoisonBatchError on a
