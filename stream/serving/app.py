@@ -2,8 +2,15 @@
 
 Each replica watches the snapshot store in a background thread and hot-swaps
 versions (stream/serving/follower.py), reports activations and refusals to the
-publisher (freshness, /v1/serving), and takes `reconfigure({"pin_version": v})`
-to pin a version (rollback) or follow the store again (`null`).
+serving ledger (the publisher actor of the job writing that store, found by a
+name derived from the store URI: freshness, /v1/serving), and takes
+`reconfigure({"pin_version": v})` to pin a version (rollback) or follow the
+store again (`null`).
+
+`build_app(args)` is the application builder (Serve config files, a RayService,
+`memstream serve`, and the job's embedded serving all deploy through it): the
+app depends on nothing but the store, so it outlives, scales apart from and
+follows stores of any training job.
 
 The request handling is `RankService`, a plain class the deployment calls (and
 the tests drive in process through `rank_api`): a bound on requests in flight
@@ -25,8 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ray import serve
+from ray.serve import Application
 
 from stream.http import (
     ErrorBody,
@@ -42,7 +50,9 @@ from stream.serving.follower import (
     ServingConfig,
     ServingReporter,
     SnapshotFollower,
+    normalize_store_uri,
     replica_identity,
+    serving_ledger_name,
 )
 from stream.serving.model import RankRequest, ServedModel
 from stream.snapshots.store import SnapshotStore
@@ -221,7 +231,7 @@ api = _new_api()
 @serve.deployment(user_config={"pin_version": None}, health_check_period_s=5)
 @serve.ingress(api)
 class RankingDeployment:
-    def __init__(self, store_uri: str, cfg: dict, publisher_name: str, namespace: str) -> None:
+    def __init__(self, store_uri: str, cfg: dict, ledger_name: str, namespace: str) -> None:
         import torch
 
         # One thread per replica: replicas are scaled by count (num_cpus each), and a request
@@ -229,10 +239,11 @@ class RankingDeployment:
         # the replica's, so the setting is made here, not by the model it serves.
         torch.set_num_threads(1)
         self.cfg = ServingConfig.model_validate(cfg)
-        self.replica_id = replica_identity()
+        self.store_uri = store_uri
+        self.replica_id = replica_identity(serve.get_replica_context().app_name)
         self.follower = SnapshotFollower(SnapshotStore(store_uri), build=ServedModel)
         self.service = RankService(self.follower, self.cfg, self.replica_id)
-        self.reporter = ServingReporter(publisher_name, namespace)
+        self.reporter = ServingReporter(ledger_name, namespace)
         self._wake = threading.Event()
         self._closed = False
         self._reported_refusals = 0
@@ -244,14 +255,20 @@ class RankingDeployment:
         self._wake.set()
 
     def _watch(self) -> None:
+        waiting_said = False
         while not self._closed:
             self._wake.wait(self.cfg.watch_interval_s)
             self._wake.clear()
+            self.reporter.tick()
             try:
                 moved = self.follower.poll()
             except Exception as e:  # the store unreachable: keep serving, try again
                 log.warning("snapshot watch failed: %s", e)
                 continue
+            if self.follower.version is None and not waiting_said:
+                # Serving may start before any job has written the store: say so once.
+                log.warning("no snapshot in %s yet: /rank answers 503 until one is published", self.store_uri)
+                waiting_said = True
             if moved:
                 self.reporter.report(
                     self.replica_id, ServingEvent("activated", self.follower.version, time.time())
@@ -276,8 +293,49 @@ class RankingDeployment:
         self._wake.set()
 
 
-def build_serving_app(store_uri: str, cfg: ServingConfig, publisher_name: str, namespace: str):
-    """The Serve application: `serve.run(app, name=..., route_prefix=cfg.route_prefix)`."""
+class ServingAppArgs(BaseModel):
+    """The arguments of the serving application (`build_app`), as a Serve config's `args:`.
+
+    `snapshots` is the store to follow, any pyarrow filesystem URI (a local path is made
+    absolute); `serving` the ServingConfig fields (stream/serving/follower.py); `replicas`
+    a shorthand for serving.replicas; `namespace` the Ray namespace of the job whose
+    publisher keeps the serving ledger (job.namespace; reports are dropped without one).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    snapshots: str = Field(min_length=1)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+    replicas: int | None = Field(None, ge=1)
+    namespace: str = "memstream"
+
+    @field_validator("snapshots")
+    @classmethod
+    def _store_uri(cls, uri: str) -> str:
+        import pyarrow.fs
+
+        uri = normalize_store_uri(uri)
+        try:
+            pyarrow.fs.FileSystem.from_uri(uri)
+        except (ValueError, OSError) as e:  # an unknown scheme, a malformed URI
+            raise ValueError(f"not a filesystem URI pyarrow can open: {e}") from None
+        return uri
+
+    def serving_config(self) -> ServingConfig:
+        if self.replicas is None:
+            return self.serving
+        return self.serving.model_copy(update={"replicas": self.replicas})
+
+
+def build_app(args: dict) -> Application:
+    """Ray Serve's application builder: the serving app over the store `args` name.
+
+    `serve run stream.serving.app:build_app snapshots=s3://bucket/snapshots`, a Serve config
+    or RayService (`import_path: stream.serving.app:build_app` with `args:`), `memstream
+    serve` and the embedded `memstream run` all build it here. Invalid args raise a
+    pydantic ValidationError naming the field."""
+    parsed = ServingAppArgs.model_validate(args)
+    cfg = parsed.serving_config()
     return RankingDeployment.options(
         num_replicas=cfg.replicas,
         ray_actor_options={"num_cpus": cfg.num_cpus},
@@ -286,4 +344,4 @@ def build_serving_app(store_uri: str, cfg: ServingConfig, publisher_name: str, n
         # and bound what still queues in the proxy (Serve answers 503 past that).
         max_ongoing_requests=4 * cfg.max_in_flight,
         max_queued_requests=4 * cfg.max_in_flight * cfg.replicas,
-    ).bind(store_uri, cfg.model_dump(), publisher_name, namespace)
+    ).bind(parsed.snapshots, cfg.model_dump(), serving_ledger_name(parsed.snapshots), parsed.namespace)

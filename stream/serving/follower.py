@@ -18,7 +18,9 @@ The Ray Serve deployment around it lives in stream/serving/app.py.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import os
 import socket
 import threading
@@ -26,6 +28,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -244,28 +247,75 @@ class SnapshotFollower:
             raise
 
 
+def normalize_store_uri(uri: str) -> str:
+    """A store URI as every process names it: a local path made absolute (a replica's
+    working directory is not the command's), any other URI (s3://, gs://, file://) as is."""
+    if "://" in uri:
+        return uri
+    return str(Path(uri).expanduser().resolve())
+
+
+def serving_ledger_name(store_uri: str) -> str:
+    """The Ray actor name of a snapshot store's serving ledger (the job's publisher actor).
+
+    Derived from the store alone, so the job that writes a store and replicas that follow
+    it find each other however each was started (`memstream run`, `memstream serve`,
+    `serve deploy`, a RayService) and across restarts of either, with nothing to pass."""
+    digest = hashlib.sha1(normalize_store_uri(store_uri).encode()).hexdigest()[:12]
+    return f"memstream-ledger-{digest}"
+
+
 class ServingReporter:
-    """Where a replica reports what it activated or refused (the publisher actor)."""
+    """Where a replica reports what it activated or refused: the ledger actor named after
+    its store (`serving_ledger_name`), when a job writing that store runs in this Ray
+    cluster. With none, reports are dropped: serving does not depend on a job.
 
-    def __init__(self, publisher_name: str | None, namespace: str | None):
+    The name is looked up again every `resolve_every_s`; a ledger that appears (a job
+    started or restarted after the replica) is told the replica's live version at once
+    (its activation replayed with its own time: the ledger counts a version's first
+    activation only), not at the next swap, so the admin API's view holds every replica.
+    """
+
+    resolve_every_s = 5.0
+
+    def __init__(self, ledger_name: str | None, namespace: str | None):
         self._handle = None
-        self._name, self._namespace = publisher_name, namespace
+        self._name, self._namespace = ledger_name, namespace
+        self._resolved_at = -math.inf
+        self._last_activation: tuple[str, ServingEvent] | None = None
 
-    def _publisher(self):
-        if self._handle is None and self._name:
-            import ray
+    def _ledger(self):
+        now = time.monotonic()
+        if not self._name or now - self._resolved_at < self.resolve_every_s:
+            return self._handle
+        self._resolved_at = now
+        import ray
 
-            try:
-                self._handle = ray.get_actor(self._name, namespace=self._namespace)
-            except ValueError:
-                return None
+        try:
+            handle = ray.get_actor(self._name, namespace=self._namespace)
+        except ValueError:  # no job writes this store in this cluster (now)
+            self._handle = None
+            return None
+        if self._handle is None or handle._actor_id != self._handle._actor_id:
+            self._handle = handle
+            if self._last_activation is not None:
+                handle.report_serving.remote(*self._last_activation)
         return self._handle
 
+    def tick(self) -> None:
+        """Look for a (new) ledger; called from the replica's watch loop."""
+        self._ledger()
+
     def report(self, replica_id: str, event: ServingEvent) -> None:
-        h = self._publisher()
+        h = self._ledger()
         if h is not None:
             h.report_serving.remote(replica_id, event)
+        if event.kind == "activated":
+            self._last_activation = (replica_id, event)
 
 
-def replica_identity() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+def replica_identity(app_name: str | None = None) -> str:
+    """host:pid:random, prefixed with the Serve application (`memstream-serving@...`)
+    so the admin API's view says which deployment each replica belongs to."""
+    ident = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    return f"{app_name}@{ident}" if app_name else ident
