@@ -1,6 +1,7 @@
 """The interaction event: schema, limits, and batch decoding of raw Kafka values.
 
-One JSON object per Kafka message (README "Events and their schema"). `decode_batch` turns a list
+One JSON object per Kafka message (README "Events and their schema"), or a team's own
+format mapped onto it (`kafka.event_format`, stream/ingest/event_format.py). `decode_batch` turns a list
 of raw values into a columnar `EventBatch` plus a list of `Reject`s; it never
 raises on input, whatever the bytes, so one hostile message cannot stop a
 consumer. Rejects carry a coarse `category` (for counting and alerting) and a
@@ -14,7 +15,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Self
+from typing import TYPE_CHECKING, Annotated, Any, Self
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +28,9 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+
+if TYPE_CHECKING:
+    from stream.ingest.event_format import EventMapping
 
 # Reason categories, stable strings: dashboards and the DLQ consumers key on them.
 REJECT_CATEGORIES = (
@@ -43,6 +47,10 @@ REJECT_CATEGORIES = (
     "label_out_of_range",
     "bad_timestamp",
     "duplicate_event_id",
+    # A team's own format (kafka.event_format, stream/ingest/event_format.py): a value whose
+    # fields do not map (the reason names the path), or one that is not Avro of the schema.
+    "mapping_failed",
+    "invalid_avro",
 )
 
 
@@ -457,7 +465,7 @@ def _check_duplicate_keys(raw: bytes, ev: Event) -> tuple[str, str] | None:
     return "invalid_json", f"{where + ': ' if where else ''}duplicate key {key!r}"[:500]
 
 
-def _check_limits(ev: Event, limits: EventLimits, now_ms: int) -> tuple[str, str] | None:
+def check_limits(ev: Event, limits: EventLimits, now_ms: int) -> tuple[str, str] | None:
     for name in ("event_id", "user_id", "item_id", "scenario"):
         if len(getattr(ev, name)) > limits.max_id_len:
             return "limit_exceeded", f"{name}: longer than max_id_len={limits.max_id_len}"
@@ -501,27 +509,36 @@ def _check_limits(ev: Event, limits: EventLimits, now_ms: int) -> tuple[str, str
     return None
 
 
+def precheck(raw: Any, limits: EventLimits) -> tuple[bytes, None] | tuple[None, Reject]:
+    """The value as bytes, or the reject of a null, empty, oversized or non-bytes value
+    (the checks every format shares, before it is parsed)."""
+    if raw is None:
+        return None, Reject(b"", "empty", "value is null (tombstone or empty message)")
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", errors="surrogatepass")
+    elif not isinstance(raw, (bytes, bytearray, memoryview)):
+        return None, Reject(
+            repr(raw)[:1024].encode(), "wrong_type", f"value of type {type(raw).__name__}, expected bytes"
+        )
+    raw = bytes(raw)
+    if len(raw) == 0:
+        return None, Reject(raw, "empty", "value is empty")
+    if len(raw) > limits.max_message_bytes:
+        return None, Reject(
+            raw, "too_large", f"value is {len(raw)} bytes, max_message_bytes={limits.max_message_bytes}"
+        )
+    return raw, None
+
+
 def decode_one(
     raw: Any, limits: EventLimits, now_ms: int | None = None
 ) -> tuple[Event | None, Reject | None]:
     """Validate one raw Kafka value; exactly one of the results is not None."""
     try:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        if raw is None:
-            return None, Reject(b"", "empty", "value is null (tombstone or empty message)")
-        if isinstance(raw, str):
-            raw = raw.encode("utf-8", errors="surrogatepass")
-        elif not isinstance(raw, (bytes, bytearray, memoryview)):
-            return None, Reject(
-                repr(raw)[:1024].encode(), "wrong_type", f"value of type {type(raw).__name__}, expected bytes"
-            )
-        raw = bytes(raw)
-        if len(raw) == 0:
-            return None, Reject(raw, "empty", "value is empty")
-        if len(raw) > limits.max_message_bytes:
-            return None, Reject(
-                raw, "too_large", f"value is {len(raw)} bytes, max_message_bytes={limits.max_message_bytes}"
-            )
+        raw, rej = precheck(raw, limits)
+        if rej is not None:
+            return None, rej
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -532,13 +549,18 @@ def decode_one(
         except ValidationError as e:
             cat, reason = _category_of(e)
             return None, Reject(raw, cat, reason)
-        bad = _check_duplicate_keys(raw, ev) or _check_limits(ev, limits, now_ms)
+        bad = _check_duplicate_keys(raw, ev) or check_limits(ev, limits, now_ms)
         if bad is not None:
             return None, Reject(raw, bad[0], bad[1])
         return ev, None
     except Exception as e:  # never raise on input; an unexpected error is still a reject
-        data = raw if isinstance(raw, bytes) else repr(raw)[:1024].encode()
-        return None, Reject(data, "wrong_type", f"unexpected {type(e).__name__}: {e}"[:500])
+        return None, unexpected_reject(raw, e, "wrong_type")
+
+
+def unexpected_reject(raw: Any, error: Exception, category: str) -> Reject:
+    """The reject of a value whose decoding raised: a bug, but the consumer must go on."""
+    data = raw if isinstance(raw, bytes) else repr(raw)[:1024].encode()
+    return Reject(data, category, f"unexpected {type(error).__name__}: {error}"[:500])
 
 
 def decode_batch(
@@ -549,9 +571,13 @@ def decode_batch(
     kafka_offset: Sequence[int] | None = None,
     kafka_ts_ms: Sequence[int] | None = None,
     now_ms: int | None = None,
+    mapping: EventMapping | None = None,
+    topic: str = "",
 ) -> DecodeResult:
     """Decode raw values into one columnar batch plus rejects. Never raises on input.
 
+    `mapping` (EventFormat.mapping(): None for the native format) decodes a team's own
+    format instead; `topic` and the Kafka positions feed its derived event ids.
     Duplicate event ids inside the batch are rejected after the first occurrence
     (cross-batch dedup is the consumer's job: it needs state).
     """
@@ -562,8 +588,15 @@ def decode_batch(
     rejects: list[Reject] = []
     pos_bad: list[int] = []
     seen: set[str] = set()
+    positioned = kafka_partition is not None and kafka_offset is not None
     for i, raw in enumerate(values):
-        ev, rej = decode_one(raw, limits, now_ms)
+        if mapping is None:
+            ev, rej = decode_one(raw, limits, now_ms)
+        elif positioned:
+            part, off = int(kafka_partition[i]), int(kafka_offset[i])  # type: ignore[index]
+            ev, rej = mapping.decode_one(raw, limits, now_ms, topic, part, off)
+        else:  # no positions: a derived event id says so in the reject
+            ev, rej = mapping.decode_one(raw, limits, now_ms, topic)
         if ev is not None and ev.event_id in seen:
             data = raw.encode("utf-8", errors="surrogatepass") if isinstance(raw, str) else bytes(raw)
             ev, rej = None, Reject(data, "duplicate_event_id", f"event_id {ev.event_id!r} repeated in batch")

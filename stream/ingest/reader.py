@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from stream.ingest.event_format import EventFormat
 from stream.ingest.events import DecodeResult, EventBatch, EventLimits, Reject, decode_batch
 from stream.messages import DeadLettered, IngestUnit
 
@@ -72,6 +73,9 @@ class KafkaConfig(BaseModel):
     # ssl_*, client_id...), passed through unchanged.
     client_options: dict[str, Any] = Field(default_factory=dict)
     limits: EventLimits = Field(default_factory=EventLimits)
+    # The topic's value format: memstream's own event (native, the default) or a team's
+    # JSON/Avro mapped onto it (stream/ingest/event_format.py, README "Your event format").
+    event_format: EventFormat = Field(default_factory=EventFormat)
 
     def dlq(self) -> str:
         return self.dlq_topic or f"{self.topic}.dlq"
@@ -178,6 +182,7 @@ class PartitionReader:
         )
         self._consumer.assign(self._tps)
         self._dlq = DeadLetterWriter(bootstrap, cfg.dlq(), **cfg.client_options)
+        self._mapping = cfg.event_format.mapping()  # None: the native format
         self._lock = threading.Lock()  # guards the consumer
         self._cv = threading.Condition()  # guards the buffer and counters
         self._buffer: deque[_Unit] = deque()
@@ -412,7 +417,13 @@ class PartitionReader:
                 ts.append(r.timestamp)
                 keys.append(r.key)
         res = decode_batch(
-            values, self.cfg.limits, kafka_partition=parts, kafka_offset=offsets, kafka_ts_ms=ts
+            values,
+            self.cfg.limits,
+            kafka_partition=parts,
+            kafka_offset=offsets,
+            kafka_ts_ms=ts,
+            mapping=self._mapping,
+            topic=self.cfg.topic,
         )
         with self._cv:
             if generation != self._generation:

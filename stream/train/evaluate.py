@@ -4,7 +4,9 @@ Reads the recording's rows in file order (= the stream's order), decodes them wi
 the same decoder the Kafka ingest uses (bad events are counted as rejects, never
 trained on), and runs `OnlineTrainer.step` on micro-batches of `trainer.batch_size`
 events: each batch is scored before it is learned (progressive validation), so
-the report's AUC/logloss/RMSE are prequential numbers on the whole stream.
+the report's AUC/logloss/RMSE are prequential numbers on the whole stream, and
+its `slices` the like AUC/logloss by item and user evidence (models/slices.py).
+`--predictions F.parquet` also writes every scored event (stream/train/predictions.py).
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ def build_report(
         memories=finite_or_none(trainer.state.stats()),
         config=cfg.model_dump(mode="json"),
         streaming=None,
+        slices=finite_or_none(m.slice_summary()),
     )
 
 
@@ -142,12 +145,15 @@ def run_eval(
     max_events: int | None = None,
     progress: bool = True,
     limits: EventLimits | None = None,
+    predictions: str | Path | None = None,
 ) -> RunReport:
-    """Train/evaluate one pass over the recording; returns its report."""
+    """Train/evaluate one pass over the recording; returns its report. With `predictions`,
+    every scored event is written there (replacing the file), closed even on an error."""
     import numpy as np
 
     from models.online import OnlineTrainer
     from stream.recordings.recording import recording_info
+    from stream.train.predictions import PredictionWriter
 
     trainer = OnlineTrainer(cfg.model, cfg.trainer)
     total = recording_info(recording).rows
@@ -161,6 +167,29 @@ def run_eval(
             top = int(batch.kafka_offset[batch.kafka_partition == p].max()) + 1
             next_offsets[int(p)] = max(top, next_offsets.get(int(p), 0))
 
+    fc = cfg.model.features
+    writer = None
+    if predictions is not None:
+        writer = PredictionWriter(
+            predictions, fc.like_task, fc.rating_task, history_length=cfg.model.history.length
+        )
+
+    def train(batch: EventBatch) -> None:
+        result = trainer.step(batch)
+        if writer is not None:
+            writer.write(batch, result, trainer.events_applied - result.events)
+        note(batch)
+
+    try:
+        duration = _train_all(trainer, batches, train, total, progress)
+    finally:
+        if writer is not None:
+            writer.close()
+    return build_report(trainer, cfg, duration, rejects, next_offsets)
+
+
+def _train_all(trainer: OnlineTrainer, batches: Iterator[EventBatch], train, total: int, progress: bool) -> float:
+    """Run `train` on every batch (under a progress bar if asked); returns the seconds."""
     t0 = time.perf_counter()
     if progress:
         from rich.progress import (
@@ -188,17 +217,14 @@ def run_eval(
                 bar.update(task, completed=trainer.events_applied, info=info)
 
             for i, batch in enumerate(batches):
-                trainer.step(batch)
-                note(batch)
+                train(batch)
                 if i % 20 == 0:
                     show()
             show()
     else:
         for batch in batches:
-            trainer.step(batch)
-            note(batch)
-    duration = time.perf_counter() - t0
-    return build_report(trainer, cfg, duration, rejects, next_offsets)
+            train(batch)
+    return time.perf_counter() - t0
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -214,6 +240,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set model.use_pkm=false (repeatable)",
     )
+    p.add_argument(
+        "--predictions",
+        default=None,
+        metavar="F.parquet",
+        help="also write every scored event (labels, scores, item/user evidence) to this Parquet file",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -221,10 +253,28 @@ def eval_main(args: argparse.Namespace) -> int:
     from stream.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    report = run_eval(cfg, args.recording, args.max_events, progress=not args.no_progress).to_json()
+    report = run_eval(
+        cfg, args.recording, args.max_events, progress=not args.no_progress, predictions=args.predictions
+    ).to_json()
     out = Path(args.report)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     keys = ("events_trained", "throughput_eps", "auc.like", "auc_last20.like", "logloss.like", "rmse.rating")
     print(json.dumps({k: report[k] for k in keys}))
+    print(format_slices(report["slices"]))
     return 0
+
+
+def format_slices(slices: dict) -> str:
+    """The report's slices as a short table: one row per slice bucket."""
+
+    def num(x: float | None) -> str:
+        return "   -  " if x is None else f"{x:.4f}"
+
+    lines = [f"{'slice':<15} {'bucket':<6} {'n':>9} {'auc.like':>8} {'logloss':>8}"]
+    for name, buckets in slices.items():
+        for bucket, v in buckets.items():
+            lines.append(
+                f"{name:<15} {bucket:<6} {v['n']:>9} {num(v['auc.like']):>8} {num(v['logloss.like']):>8}"
+            )
+    return "\n".join(lines)
