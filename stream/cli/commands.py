@@ -177,6 +177,22 @@ def data_synthetic(args: argparse.Namespace) -> int:
     )
 
 
+def data_stress(args: argparse.Namespace) -> int:
+    from stream.recordings.data.stress import build_stress_recording
+
+    return _build(
+        args.dataset,
+        lambda: build_stress_recording(
+            args.dataset,
+            args.out,
+            events=args.events,
+            seed=args.seed,
+            partitions=args.partitions,
+            topic=args.topic,
+        ),
+    )
+
+
 def _build(kind: str, build) -> int:
     import time
 

@@ -168,6 +168,12 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-events", type=int, help="stop after this many messages are applied")
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     p.add_argument("--report", help="write the JSON report here (and PNG plots beside it)")
+    p.add_argument(
+        "--predictions",
+        metavar="F.parquet",
+        help="the trainer writes every scored event here, on its filesystem (a restarted "
+        "trainer writes F.1.parquet, ...: stream/train/predictions.py)",
+    )
     p.add_argument("--work-dir", help="checkpoints, snapshots, admin token (default: job.work_dir)")
     p.add_argument("--ray-address", help="join this Ray cluster ('auto' inside `ray job submit`)")
     p.add_argument(

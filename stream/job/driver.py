@@ -94,10 +94,17 @@ def resolve_device(cfg: MemstreamConfig, cluster_gpus: float) -> tuple[str, floa
 
 class StreamingJob:
     def __init__(
-        self, cfg: MemstreamConfig, report_path: str | None = None, console: ConsoleLog | None = None
+        self,
+        cfg: MemstreamConfig,
+        report_path: str | None = None,
+        console: ConsoleLog | None = None,
+        predictions: str | None = None,
     ):
         self.cfg = cfg
         self.report_path = report_path
+        # Per-event predictions, written by the trainer actor on its own filesystem: made
+        # absolute here, since the actor's working directory need not be the driver's.
+        self.predictions = str(Path(predictions).resolve()) if predictions else None
         self.console = console or ConsoleLog(None, quiet=False)
         self.work_dir = Path(cfg.job.work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -252,7 +259,7 @@ class StreamingJob:
             name=topo.publisher_name, namespace=topo.namespace, get_if_exists=True
         ).remote(store_uri, cfg.snapshots.keep_versions)
         topo.trainer = TrainerActor.options(num_gpus=num_gpus, num_cpus=1).remote(
-            raw, str(self.work_dir.resolve()), topo.publisher_name, topo.namespace
+            raw, str(self.work_dir.resolve()), topo.publisher_name, topo.namespace, self.predictions
         )
         topo.reader_partitions = assign_partitions(partitions, cfg.kafka.ingest_actors)
         kafka_raw = raw["kafka"]
@@ -547,7 +554,7 @@ def run_main(args) -> int:
     )
     console.install()
     check_job(cfg)  # seconds, before Ray: a wrong broker or topic is one line, not a minute
-    report = StreamingJob(cfg, args.report, console).run().to_json()
+    report = StreamingJob(cfg, args.report, console, args.predictions).run().to_json()
     keys = (
         "events_consumed",
         "events_trained",
