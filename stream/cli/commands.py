@@ -7,7 +7,6 @@ any of them, and `memstream schema` should not start Kafka clients' imports.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -57,16 +56,6 @@ def broker_status(args: argparse.Namespace) -> int:
     else:
         print(f"not running (state dir {args.state_dir})")
     return 1
-
-
-# -- events -------------------------------------------------------------------
-
-
-def schema(args: argparse.Namespace) -> int:
-    from stream.ingest.events import event_json_schema
-
-    print(json.dumps(event_json_schema(), indent=2))
-    return 0
 
 
 # -- record / replay ----------------------------------------------------------

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from stream.cli.format_commands import add_check_format_arguments, add_schema_arguments
 from stream.cli.serve_command import add_overrides_argument, add_serve_arguments
 from stream.errors import MemstreamError
 from stream.train.evaluate import add_eval_arguments
@@ -79,10 +80,6 @@ def _broker_arguments(p: argparse.ArgumentParser) -> None:
     status = sub.add_parser("status", help="is it running, and where")
     _add_state_dir(status)
     status.set_defaults(_handler="stream.cli.commands:broker_status")
-
-
-def _schema_arguments(p: argparse.ArgumentParser) -> None:
-    pass
 
 
 def _record_arguments(p: argparse.ArgumentParser) -> None:
@@ -194,7 +191,18 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
 
 COMMANDS: list[Command] = [
     Command("broker", "local Kafka-compatible broker (Tansu) for dev and tests", _broker_arguments),
-    Command("schema", "print the JSON Schema of an event", _schema_arguments, "stream.cli.commands:schema"),
+    Command(
+        "schema",
+        "print the JSON Schema of an event, or a topic's event mapping (--config / --format)",
+        add_schema_arguments,
+        "stream.cli.format_commands:schema",
+    ),
+    Command(
+        "check-format",
+        "show how each line of a sample maps to an event, or why it is rejected",
+        add_check_format_arguments,
+        "stream.cli.format_commands:check_format",
+    ),
     Command(
         "record", "capture a topic to a Parquet recording", _record_arguments, "stream.cli.commands:record"
     ),

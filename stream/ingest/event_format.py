@@ -389,11 +389,9 @@ class TextSource(BaseModel):
         return {"parts": [data]} if isinstance(data, str) else data
 
     def describe(self) -> str:
-        parts = (
-            f"{p.prefix!r}+{p.describe()}+{p.suffix!r}" if p.prefix or p.suffix else p.describe()
-            for p in self.parts
-        )
-        return f" {self.separator!r} ".join(parts)
+        """A template: `{title} | genres: {tags}` (missing parts are skipped)."""
+        parts = (f"{p.prefix}{{{p.path}}}{p.suffix}" if p.path else str(p.const) for p in self.parts)
+        return f"{self.separator.join(parts)!r} (missing parts skipped)"
 
 
 class AvroOptions(BaseModel):
@@ -450,7 +448,7 @@ class EventFormat(BaseModel):
     ts_ms: TimestampSource | None = None
     user_id: Source | None = None
     item_id: Source | None = None
-    scenario: Source = Source(const="feed")
+    scenario: Source | None = None  # None: the constant "feed", the native default
     labels: dict[str, LabelSource] = Field(default_factory=dict)
     user_features: dict[str, FeatureSource] = Field(default_factory=dict)
     item_text: TextSource | None = None
@@ -502,8 +500,9 @@ class EventFormat(BaseModel):
         """(target field, source) for every declared source, in Event field order."""
         out: list[tuple[str, Source]] = []
         for name in ("event_id", "ts_ms", "user_id", "item_id", "scenario"):
-            if getattr(self, name) is not None:
-                out.append((name, getattr(self, name)))
+            src = getattr(self, name)
+            if src is not None or name == "scenario":
+                out.append((name, src or _FEED))
         out += [(f"labels.{k}", v) for k, v in self.labels.items()]
         out += [(f"user_features.{k}", v) for k, v in self.user_features.items()]
         if self.item_text is not None:
@@ -595,6 +594,9 @@ def _text_field(spec: TextSource):
     return read
 
 
+_FEED = Source(const="feed")
+
+
 class EventMapping:
     """A compiled EventFormat: raw value -> (Event, None) or (None, Reject)."""
 
@@ -607,7 +609,7 @@ class EventMapping:
         self._ts = _field("ts_ms", fmt.ts_ms, timestamp_coercion(fmt.ts_ms.unit), required=True)
         self._user = _field("user_id", fmt.user_id, to_id, required=True)
         self._item = _field("item_id", fmt.item_id, to_id, required=True)
-        self._scenario = _field("scenario", fmt.scenario, to_id, required=True)
+        self._scenario = _field("scenario", fmt.scenario or _FEED, to_id, required=True)
         self._labels = [
             (k, _field(f"labels.{k}", s, label_coercion(s.coerce, s.values), required=False))
             for k, s in fmt.labels.items()

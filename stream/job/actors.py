@@ -237,7 +237,14 @@ class RayPublisher:
 class TrainerActor:
     """A thin shell: a TrainerService driven by a TrainerLoop over Ray handles."""
 
-    def __init__(self, cfg: dict[str, Any], work_dir: str, publisher_name: str, namespace: str):
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        work_dir: str,
+        publisher_name: str,
+        namespace: str,
+        predictions: str | None = None,
+    ):
         from models.online import OnlineTrainer
         from stream.config import config_from_dict
         from stream.train.checkpoints import CheckpointManager
@@ -257,6 +264,8 @@ class TrainerActor:
             first_version=(latest or 0) + 1,
             gate=ModelHealthGate(self.cfg.snapshots.health),
         )
+        if predictions:  # every incarnation (a restart runs this again) opens its own file
+            self.svc.open_predictions(predictions)
         self.loop = TrainerLoop(
             self.svc,
             source=RayReaders([], 0),
