@@ -98,6 +98,10 @@ class TrainerProgress:
     uptime_s: float
     metrics: dict[str, Any]  # JSON-safe summary of the streaming metrics
     health: dict[str, Any]  # the health gate's last verdict (stream/train/health.py)
+    slices: dict[str, Any] = field(default_factory=dict)  # StreamingMetrics.slice_summary(), JSON-safe
+    # This incarnation's per-event predictions file (on the trainer's filesystem): path,
+    # rows written, and the error that stopped it, if one did; None when not asked for.
+    predictions: dict[str, Any] | None = None
 
     @property
     def events_dlq(self) -> int:
@@ -143,6 +147,7 @@ class StreamingStats:
     serving: list[dict[str, Any]]
     trainer_restarts: int
     restored_from_checkpoint: int | None
+    predictions: dict[str, Any] | None = None  # the trainer's predictions file: path, rows, error
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,9 @@ class RunReport:
     memories: dict[str, Any]  # component name -> stats()
     config: dict[str, Any]
     streaming: StreamingStats | None
+    # Like AUC/logloss by item evidence, user evidence and user history length
+    # (models/slices.py): {slice: {bucket: {"n", "auc.like", "logloss.like"}}}.
+    slices: dict[str, Any] | None = None
 
     @classmethod
     def from_metrics(cls, summary: dict[str, Any], auc_last20: float | None, **kw: Any) -> RunReport:

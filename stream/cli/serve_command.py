@@ -132,6 +132,7 @@ def serve_main(args: argparse.Namespace) -> int:
             logging_config=console.serve_logging(),
         )
         serve.run(build_app(app_args), name=args.name, route_prefix=sc["route_prefix"], blocking=False)
+        console.adopt_ray_loggers()  # serve.start gave Serve's logger its own handler
         print(
             f"memstream serve: {url}/rank ({sc['replicas']} replica(s), app {args.name!r}) "
             f"following {app_args['snapshots']}",
@@ -146,9 +147,7 @@ def serve_main(args: argparse.Namespace) -> int:
             signal.signal(s, h)
         if not args.detach:
             try:
-                serve.delete(args.name)
-                if reaper is not None:
-                    serve.shutdown()
+                serve.delete(args.name)  # a local Ray then goes as a whole (no serve.shutdown)
             finally:
                 ray.shutdown()
                 if reaper is not None:

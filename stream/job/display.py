@@ -128,9 +128,18 @@ class _ConsoleFilter(logging.Filter):
         self.quiet = quiet
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.startswith("kafka"):  # client retries: the log file's, not the user's
+        if record.name == "kafka" or record.name.startswith("kafka."):
+            # The client's reconnects and timeouts: the log file's. What they mean for the
+            # job is memstream's own line (a preflight error, the reader's warning).
+            return not self.quiet and record.levelno >= logging.WARNING
+        if not self.quiet:
+            return True
+        if record.name == "ray" or record.name.startswith("ray."):
+            # Ray's and Serve's driver-side warnings are about Ray ("token authentication is
+            # enabled", "connecting to existing Serve app"), not the job: the file's. What
+            # goes wrong in the job reaches memstream's own loggers, or the workers' lines.
             return record.levelno >= logging.ERROR
-        return record.levelno >= logging.WARNING or not self.quiet
+        return record.levelno >= logging.WARNING
 
 
 class ConsoleLog:
@@ -142,7 +151,7 @@ class ConsoleLog:
         self.log_dir = log_dir
         self.quiet = quiet
         self.log_file = log_dir / "memstream.log" if log_dir is not None else None
-        self._worker_log = logging.getLogger("ray.workers")
+        self._worker_log = logging.getLogger("memstream.workers")
 
     def install(self) -> None:
         root = logging.getLogger()
@@ -166,11 +175,11 @@ class ConsoleLog:
         # 3's event-loop timing ("Task ran for 0.25s") is the client on a busy CPU: never.
         logging.getLogger("kafka").setLevel(logging.INFO if self.log_file else logging.WARNING)
         logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
-        self._adopt_ray_loggers()
 
-    def _adopt_ray_loggers(self) -> None:
+    def adopt_ray_loggers(self) -> None:
         """Quiet: Ray's and Serve's driver-side loggers print to stderr through their own
-        handlers (set again by ray.init and serve.start); through ours instead."""
+        handlers (added when ray is imported, again by serve.start); through ours instead.
+        Called before ray.init and after serve.start."""
         if not self.quiet:
             return
         for name in ("ray", "ray.serve"):
@@ -183,6 +192,7 @@ class ConsoleLog:
     def ray_init_options(self) -> dict[str, Any]:
         """`ray.init` options: the driver's Ray logger at WARNING, worker output forwarded
         (routed by `route_worker_output` once Ray is up)."""
+        self.adopt_ray_loggers()
         return {"log_to_driver": True, "logging_level": logging.WARNING}
 
     def serve_logging(self) -> dict[str, Any]:
@@ -191,8 +201,7 @@ class ConsoleLog:
         return {"log_level": "INFO", "enable_access_log": not self.quiet}
 
     def after_ray_init(self, session_dir: str | None) -> None:
-        """Once Ray is up: its loggers adopted, worker output routed, the session linked."""
-        self._adopt_ray_loggers()
+        """Once Ray is up: worker output routed, the session's logs linked."""
         self.route_worker_output()
         self.link_ray_session(session_dir)
 
@@ -214,11 +223,17 @@ class ConsoleLog:
         except Exception:
             return
         dispatcher.add_handler("memstream_worker_logs", self._worker_lines)
+        # Errors the raylet pushes to the driver (a worker killed for memory, an actor
+        # died) are printed by the same module's print_to_stdstream: routed the same way.
+        import ray._private.worker as ray_worker
+
+        if hasattr(ray_worker, "print_to_stdstream"):
+            ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: self._worker_lines(data)
 
     def _worker_lines(self, batch: dict[str, Any]) -> None:
         who = batch.get("actor_name") or batch.get("task_name") or f"pid={batch.get('pid')}"
         for line in batch.get("lines", []):
-            alert = _WORKER_ALERT.search(line) is not None
+            alert = batch.get("pid") == "raylet" or _WORKER_ALERT.search(line) is not None
             record = self._worker_log.makeRecord(
                 self._worker_log.name,
                 logging.WARNING if alert else logging.INFO,

@@ -305,6 +305,7 @@ class StreamingJob:
             return url
         args = {"snapshots": topo.store_uri, "serving": sc.model_dump(), "namespace": topo.namespace}
         serve.run(build_app(args), name=SERVING_APP, route_prefix=sc.route_prefix, blocking=False)
+        self.console.adopt_ray_loggers()  # serve.start gave Serve's logger its own handler
         self._started_serving = True
         return url
 
@@ -506,12 +507,8 @@ class StreamingJob:
                 except Exception:
                     pass
         if self._started_ray and ray.is_initialized():
-            try:
-                from ray import serve
-
-                serve.shutdown()
-            except Exception:
-                pass
+            # No serve.shutdown(): the local Ray goes as a whole, and Serve's controller,
+            # killed half-way through its graceful shutdown, only fills the console.
             ray.shutdown()
         if self._reaper is not None:
             self._reaper.release()

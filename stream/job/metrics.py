@@ -41,6 +41,12 @@ class JobMetrics:
         self.versions_withheld = g(
             "memstream_versions_withheld_total", "versions the health gate kept from serving"
         )
+        # The like metrics per slice (models/slices.py): slice = item_evidence, user_evidence
+        # or user_history; bucket = 0, 1-4, 5-49, 50+ (earlier events) or short, long.
+        per_slice = ("slice", "bucket")
+        self.slice_auc = g("memstream_slice_auc", "prequential like AUC of a slice (cumulative)", per_slice)
+        self.slice_logloss = g("memstream_slice_logloss", "prequential like logloss of a slice", per_slice)
+        self.slice_events = g("memstream_slice_events", "like events scored in a slice", per_slice)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -70,6 +76,13 @@ class JobMetrics:
         self.checkpoint_failures.set(p.checkpoints.get("save_failures", 0))
         self.model_healthy.set(1 if p.health.get("healthy", True) else 0)
         self.versions_withheld.set(p.health.get("versions_withheld", 0))
+        for name, buckets in p.slices.items():
+            for bucket, v in buckets.items():
+                self.slice_events.labels(name, bucket).set(v["n"])
+                # An undefined value (one class so far) is left out rather than set to a number.
+                for gauge, key in ((self.slice_auc, "auc.like"), (self.slice_logloss, "logloss.like")):
+                    if v[key] is not None:
+                        gauge.labels(name, bucket).set(v[key])
         for r in serving or []:
             if r.get("version") is not None:
                 self.serving_version.labels(r["replica"]).set(r["version"])

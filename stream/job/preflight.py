@@ -107,18 +107,24 @@ def check_kafka(bootstrap: str, topic: str, client_options: dict[str, Any]) -> i
             f"Kafka broker {bootstrap} unreachable: {'; '.join(errors)}. Start it "
             "(memstream broker start, or make broker) or pass --bootstrap the broker's host:port"
         )
-    from kafka.errors import KafkaError, NoBrokersAvailable
+    from kafka.errors import (
+        KafkaConnectionError,
+        KafkaError,
+        KafkaTimeoutError,
+        UnrecognizedBrokerVersion,
+    )
 
     from stream.ingest.kafka_io import admin_client
 
+    # Seconds, not the client's 30 s: a preflight that hangs is what it is there to avoid.
     options = {
-        "request_timeout_ms": METADATA_TIMEOUT_MS,
-        "api_version_auto_timeout_ms": METADATA_TIMEOUT_MS,
         **client_options,
+        "request_timeout_ms": METADATA_TIMEOUT_MS,
+        "bootstrap_timeout_ms": METADATA_TIMEOUT_MS,
     }
     try:
         admin = admin_client(bootstrap, **options)
-    except NoBrokersAvailable:
+    except (KafkaConnectionError, KafkaTimeoutError, UnrecognizedBrokerVersion):
         raise PreflightError(
             f"Kafka broker {bootstrap} accepts connections but does not answer as Kafka; "
             "check --bootstrap (the port of the broker's client listener) and "

@@ -67,6 +67,7 @@ def run_report(
         serving=serving,
         trainer_restarts=trainer_restarts,
         restored_from_checkpoint=p.restored_from,
+        predictions=p.predictions,
     )
     return RunReport.from_metrics(
         p.metrics,
@@ -81,6 +82,7 @@ def run_report(
         memories=final.memories,
         config=config,
         streaming=streaming,
+        slices=p.slices,
     )
 
 

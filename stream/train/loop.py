@@ -11,7 +11,8 @@ Per turn: whatever the readers have within a moment is trained as one stream
 the sink once the previous one settled (a failed one makes the next one full); every
 `checkpoint_interval_s` a checkpoint is captured here and written on a thread, and
 only once it is durable are its offsets committed. On stop (or `max_events`): the last
-version, a final checkpoint inline, and its offsets committed.
+version, a final checkpoint inline, and its offsets committed. However `run` ends (an
+error included), the per-event predictions file is closed: readable.
 """
 
 from __future__ import annotations
@@ -88,6 +89,12 @@ class TrainerLoop:
     # -- the loop --------------------------------------------------------------------------------
     def run(self, max_events: int | None = None, poll_timeout_s: float = 0.2) -> TrainerProgress:
         """Train until `stop` is set or `max_events` messages are applied."""
+        try:
+            return self._run(max_events, poll_timeout_s)
+        finally:
+            self.svc.close_predictions()
+
+    def _run(self, max_events: int | None, poll_timeout_s: float) -> TrainerProgress:
         svc = self.svc
         self.source.seek_all(dict(svc.next_offsets))
         last_ckpt = last_snap = self.clock()

@@ -9,6 +9,10 @@ start the newest complete checkpoint is restored and the readers are sought to
 its offsets, so messages after it are applied again exactly once. Rows below
 `next_offsets` (a reader re-delivering after a seek) are dropped.
 
+Per-event predictions (`open_predictions`): every trained micro-batch's scores go to
+this incarnation's Parquet file (stream/train/predictions.py); a write that fails stops
+the file, never the training.
+
 stream/job/actors.py wraps this in a Ray actor; tests drive it directly.
 """
 
@@ -18,6 +22,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +33,7 @@ from stream.ingest.events import EventBatch
 from stream.messages import IngestUnit, PoisonedEvent, TrainerProgress, finite_or_none
 from stream.train.checkpoints import CheckpointManager
 from stream.train.health import ModelHealthGate
+from stream.train.predictions import PredictionsError, PredictionWriter, incarnation_path
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +125,53 @@ class TrainerService:
         self._poisoned: list[PoisonedEvent] = []
         self.max_pending_poison = 10_000
         self.busy = {"train_s": 0.0, "snapshot_s": 0.0, "checkpoint_s": 0.0, "checkpoint_write_s": 0.0}
+        self.predictions: PredictionWriter | None = None
+        self._predictions_status: dict[str, Any] | None = None
+
+    # -- per-event predictions -------------------------------------------------------------------
+    def open_predictions(self, path: str | Path) -> Path:
+        """Write this incarnation's scored events to the first free name of `path`'s
+        series (`F`, `F.1.parquet`, ...): an earlier incarnation's file is never touched;
+        the rows start at the events this trainer restored (`seq` = events_applied)."""
+        target, incarnation = incarnation_path(path)
+        fc = self.trainer.cfg.features
+        self.predictions = PredictionWriter(
+            target,
+            fc.like_task,
+            fc.rating_task,
+            start_seq=self.trainer.events_applied,
+            incarnation=incarnation,
+            restored_from=self.restored_from,
+            history_length=self.trainer.cfg.history.length,
+        )
+        self._predictions_status = {"path": str(target), "rows": 0, "error": None}
+        log.info("per-event predictions of this trainer go to %s", target)
+        return target
+
+    def _write_predictions(self, mb: EventBatch, result: Any) -> None:
+        if self.predictions is None:
+            return
+        try:
+            self.predictions.write(mb, result, self.trainer.events_applied - result.events)
+        except Exception as e:  # the file is a by-product: it never stops the training
+            log.error("per-event predictions stopped (training goes on): %s", e)
+            self._stop_predictions(str(e) if isinstance(e, PredictionsError) else f"{type(e).__name__}: {e}")
+
+    def _stop_predictions(self, error: str | None) -> None:
+        writer, self.predictions = self.predictions, None
+        if writer is None:
+            return
+        try:
+            writer.close()
+        except Exception as e:  # a full disk fails the footer too
+            error = error or f"closing {writer.path} failed: {e}"
+        if self._predictions_status is not None:
+            self._predictions_status.update(rows=writer.rows_written, error=error)
+
+    def close_predictions(self) -> None:
+        """Flush and close the predictions file (readable from then on); idempotent."""
+        with self.lock:
+            self._stop_predictions(None)
 
     # -- training ------------------------------------------------------------------------------
     def apply_unit(self, unit: IngestUnit) -> int:
@@ -184,8 +237,7 @@ class TrainerService:
         fails on its own is not poison but a fault of the trainer: that error is raised.
         """
         try:
-            self.trainer.step(mb)
-            return []
+            result = self.trainer.step(mb)
         except PoisonBatchError as e:
             if len(mb) == 1:
                 self._quarantine(mb, str(e))
@@ -199,6 +251,8 @@ class TrainerService:
                     f"(first error: {e}): a fault of the trainer, not of the data"
                 ) from e
             return bad
+        self._write_predictions(mb, result)
+        return []
 
     def _quarantine(self, one: EventBatch, error: str) -> None:
         p, off = int(one.kafka_partition[0]), int(one.kafka_offset[0])
@@ -363,7 +417,17 @@ class TrainerService:
                 uptime_s=round(time.time() - self.started_at, 3),
                 metrics=finite_or_none(self.trainer.metrics.summary()),
                 health=finite_or_none(self.gate.summary()),
+                slices=finite_or_none(self.trainer.metrics.slice_summary()),
+                predictions=self._predictions_status_now(),
             )
+
+    def _predictions_status_now(self) -> dict[str, Any] | None:
+        if self._predictions_status is None:
+            return None
+        out = dict(self._predictions_status)
+        if self.predictions is not None:  # open: flushed rows plus the buffered ones
+            out["rows"] = self.predictions.rows_written + self.predictions.buffered
+        return out
 
     def stats(self) -> dict[str, Any]:
         with self.lock:

@@ -48,6 +48,7 @@ COMMON_KEYS = {
     "pkm.kl_uniform",
     "lmn.slot_usage",
     "lmn.kl_uniform",
+    "slices",
 }
 # What only `memstream run` adds.
 STREAMING_KEYS = {
@@ -77,6 +78,7 @@ STREAMING_KEYS = {
     "serving",
     "trainer_restarts",
     "restored_from_checkpoint",
+    "predictions",
 }
 
 
