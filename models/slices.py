@@ -169,7 +169,9 @@ class EvidenceCounter:
         return np.minimum(before[inv] + rank, cap)
 
     def export_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        occupied = self.keys != _EMPTY
+        """Entries in key order: equal counts export equal arrays, whatever the table layout."""
+        occupied = np.flatnonzero(self.keys != _EMPTY)
+        occupied = occupied[np.argsort(self.keys[occupied])]
         arrays = {
             "keys": self.keys[occupied].view(np.int64),
             "counts": self.counts[occupied].astype(np.int64),

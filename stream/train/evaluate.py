@@ -188,7 +188,9 @@ def run_eval(
     return build_report(trainer, cfg, duration, rejects, next_offsets)
 
 
-def _train_all(trainer: OnlineTrainer, batches: Iterator[EventBatch], train, total: int, progress: bool) -> float:
+def _train_all(
+    trainer: OnlineTrainer, batches: Iterator[EventBatch], train, total: int, progress: bool
+) -> float:
     """Run `train` on every batch (under a progress bar if asked); returns the seconds."""
     t0 = time.perf_counter()
     if progress:

@@ -77,6 +77,8 @@ def test_counter_state_round_trip():
     arrays, meta = a.export_state()
     assert all(v.dtype == np.int64 for v in arrays.values())
     b = EvidenceCounter.from_state({k: v.copy() for k, v in arrays.items()}, meta)
+    again, _ = b.export_state()  # another layout (capacity, probe order), the same arrays
+    assert all(np.array_equal(again[k], arrays[k]) for k in arrays)
     probe = np.r_[np.arange(1, 70, dtype=np.uint64), np.uint64(2**64 - 1)]
     np.testing.assert_array_equal(b.get(probe), a.get(probe))
     nxt = rng.integers(1, 61, size=50).astype(np.uint64)
