@@ -18,6 +18,11 @@ class JobMetrics:
         g = lambda name, doc, labels=(): Gauge(name, doc, labels, registry=self.registry)
         self.events_applied = g("memstream_events_trained_total", "events trained in this lineage")
         self.events_dlq = g("memstream_events_dlq_total", "events dead-lettered in this lineage")
+        self.events_dlq_category = g(
+            "memstream_events_dlq_category_total",
+            "events dead-lettered in this lineage, by reject category (REJECT_CATEGORIES, poison)",
+            ("category",),
+        )
         self.auc = g("memstream_auc", "prequential AUC (cumulative)", ("task",))
         self.auc_window = g("memstream_auc_window", "prequential AUC over the metrics window", ("task",))
         self.throughput = g("memstream_throughput_events_per_second", "trained events per second")
@@ -58,6 +63,8 @@ class JobMetrics:
         p, m = s.progress, s.progress.metrics
         self.events_applied.set(p.events_applied)
         self.events_dlq.set(p.events_dlq)
+        for category, count in p.rejects_applied.items():
+            self.events_dlq_category.labels(category).set(count)
         if m.get("auc.like") is not None:
             self.auc.labels("like").set(m["auc.like"])
         if m.get("window.auc.like") is not None:
