@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from models.online import OnlineTrainer
     from stream.config import MemstreamConfig
+    from stream.ingest.event_format import EventFormat
     from stream.ingest.events import EventBatch, EventLimits
     from stream.messages import RunReport
 
@@ -34,14 +35,19 @@ def iter_event_batches(
     max_events: int | None = None,
     limits: EventLimits | None = None,
     rejects: Counter | None = None,
+    event_format: EventFormat | None = None,
 ) -> Iterator[EventBatch]:
-    """Decoded micro-batches of `batch_size` valid events in file order (last one may be short)."""
+    """Decoded micro-batches of `batch_size` valid events in file order (last one may be short).
+
+    `event_format` (kafka.event_format) decodes a recording of a team's own format: a
+    recording keeps the raw Kafka values, so the mapping runs here as in the readers."""
     import numpy as np
 
     from stream.ingest.events import EventBatch, EventLimits, decode_batch
     from stream.recordings.recording import iter_recording
 
     limits = limits or EventLimits()
+    mapping = event_format.mapping() if event_format is not None else None
     pending: list[EventBatch] = []
     n_pending = 0
     emitted = 0
@@ -56,6 +62,8 @@ def iter_event_batches(
             kafka_partition=rb.column("partition").to_numpy(zero_copy_only=False),
             kafka_offset=rb.column("offset").to_numpy(zero_copy_only=False),
             kafka_ts_ms=rb.column("timestamp_ms").to_numpy(zero_copy_only=False),
+            mapping=mapping,
+            topic=rb.column("topic")[0].as_py() if mapping is not None and rb.num_rows else "",
         )
         if rejects is not None:
             rejects.update(r.category for r in res.rejects)
@@ -159,7 +167,11 @@ def run_eval(
     total = recording_info(recording).rows
     total = min(total, max_events) if max_events is not None else total
     rejects: Counter = Counter()
-    batches = prefetch(iter_event_batches(recording, cfg.trainer.batch_size, max_events, limits, rejects))
+    batches = prefetch(
+        iter_event_batches(
+            recording, cfg.trainer.batch_size, max_events, limits, rejects, cfg.kafka.event_format
+        )
+    )
     next_offsets: dict[int, int] = {}  # partition -> one past the last offset trained
 
     def note(batch: EventBatch) -> None:
