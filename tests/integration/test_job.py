@@ -9,6 +9,7 @@ import threading
 import time
 
 import httpx
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -60,9 +61,10 @@ def _finish(th, out, timeout=600):
     return out["report"]
 
 
-def test_end_to_end_report_serving_admin(ray_cluster, job_config, ml1m_20k):
+def test_end_to_end_report_serving_admin(ray_cluster, job_config, ml1m_20k, tmp_path):
     cfg = job_config()
-    job = StreamingJob(cfg)
+    predictions = tmp_path / "predictions.parquet"
+    job = StreamingJob(cfg, predictions=str(predictions))
     th, out = _start(job)
     topo = _wait(lambda: getattr(job, "topo", None) and job.topo.admin_url and job.topo, 120, "topology", out)
     admin = httpx.Client(base_url=topo.admin_url, timeout=30)
@@ -132,7 +134,9 @@ def test_end_to_end_report_serving_admin(ray_cluster, job_config, ml1m_20k):
         "/metrics",
     ):
         assert admin.get(path, headers=AUTH).status_code == 200, path
-    assert "memstream_events_trained_total" in admin.get("/metrics", headers=AUTH).text
+    metrics_text = admin.get("/metrics", headers=AUTH).text
+    assert "memstream_events_trained_total" in metrics_text
+    assert 'memstream_slice_events{bucket="0",slice="item_evidence"}' in metrics_text
     report = _finish(th, out)
 
     assert report["events_consumed"] == report["events_trained"] + report["events_dlq"] == EVENTS
@@ -146,6 +150,20 @@ def test_end_to_end_report_serving_admin(ray_cluster, job_config, ml1m_20k):
     assert report["auc.like"] > 0.6
     assert report["freshness_p50_s"] is not None and report["freshness_p99_s"] >= report["freshness_p50_s"]
     assert report["throughput_eps"] > 0
+    # The trainer's per-event predictions: closed at the end (readable), one row per event
+    # trained, and the same slices as the report.
+    assert report["predictions"] == {
+        "path": str(predictions),
+        "rows": report["events_trained"],
+        "error": None,
+    }
+    rows = pq.read_table(predictions)
+    assert rows.num_rows == report["events_trained"] and rows["seq"].to_pylist() == list(range(rows.num_rows))
+    item_evidence = rows["item_evidence"].to_numpy()
+    liked = rows.filter(pc.is_valid(rows["label.like"]))
+    assert report["slices"]["item_evidence"]["0"]["n"] == int((liked["item_evidence"].to_numpy() == 0).sum())
+    assert sum(v["n"] for v in report["slices"]["user_history"].values()) == liked.num_rows
+    assert (item_evidence >= 0).all() and report["slices"]["user_history"]["long"]["auc.like"] is not None
 
 
 def test_trainer_killed_resumes_from_checkpoint_then_job_restart(ray_cluster, job_config):
