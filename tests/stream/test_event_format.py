@@ -3,23 +3,17 @@ not fit rejected with the path that failed (never an exception out of the decode
 
 from __future__ import annotations
 
-import io
 import json
-import struct
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import fastavro
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stream.cli.main import main
 from stream.config import ConfigError, config_from_dict, load_config
+from stream.ingest.avro import LocalSchemaRegistry, encode
 from stream.ingest.event_format import EventFormat, parse_path
 from stream.ingest.events import REJECT_CATEGORIES, EventLimits, decode_batch
 
@@ -319,11 +313,7 @@ def avro_record(i: int, **over) -> dict:
 
 
 def avro_bytes(record: dict, schema=AVRO_SCHEMA, schema_id: int | None = None) -> bytes:
-    out = io.BytesIO()
-    if schema_id is not None:
-        out.write(struct.pack(">bI", 0, schema_id))
-    fastavro.schemaless_writer(out, fastavro.parse_schema(schema), record)
-    return out.getvalue()
+    return encode(record, schema, schema_id)
 
 
 def _avro_format(schema_file=None, registry_url=None, layout=None) -> EventFormat:
@@ -342,50 +332,6 @@ def _avro_format(schema_file=None, registry_url=None, layout=None) -> EventForma
             "item_text": "title",
         }
     )
-
-
-class LocalSchemaRegistry:
-    """A tiny real schema registry over HTTP on localhost: GET /schemas/ids/<id>, as
-    Confluent's answers it (the schema as a JSON string), 404 for an unknown id."""
-
-    def __init__(self, schemas: dict[int, dict]):
-        self.schemas = schemas
-        self.requests: list[str] = []
-        registry = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                registry.requests.append(self.path)
-                prefix = "/schemas/ids/"
-                sid = self.path[len(prefix) :] if self.path.startswith(prefix) else ""
-                schema = registry.schemas.get(int(sid)) if sid.isdigit() else None
-                if schema is None:
-                    body, code = {"error_code": 40403, "message": "Schema not found"}, 404
-                else:
-                    body, code = {"schema": json.dumps(schema)}, 200
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/vnd.schemaregistry.v1+json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    @contextmanager
-    def running(self) -> Iterator[LocalSchemaRegistry]:
-        thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield self
-        finally:
-            self._server.shutdown()
-            self._server.server_close()
-            thread.join(timeout=5)
 
 
 def test_avro_with_a_schema_file(tmp_path):
@@ -422,7 +368,7 @@ def test_avro_paths_are_checked_against_the_schema_at_load(tmp_path):
 
 def test_confluent_wire_format_with_a_local_registry():
     v2 = {**AVRO_SCHEMA, "fields": [*AVRO_SCHEMA["fields"], {"name": "extra", "type": "int", "default": 0}]}
-    with LocalSchemaRegistry({1: AVRO_SCHEMA, 2: v2}).running() as registry:
+    with LocalSchemaRegistry({1: AVRO_SCHEMA, 2: v2}) as registry:
         mapping = _avro_format(registry_url=registry.url).mapping()
         values = [avro_bytes(avro_record(i), schema_id=1) for i in range(5)]
         values.append(avro_bytes(avro_record(9, extra=5), schema=v2, schema_id=2))
@@ -440,7 +386,7 @@ def test_confluent_wire_format_with_a_local_registry():
 def test_an_unreachable_registry_rejects_with_the_reason():
     registry = LocalSchemaRegistry({})
     url = registry.url
-    registry._server.server_close()  # nothing listens there any more
+    registry.close()  # nothing listens there any more
     mapping = _avro_format(registry_url=url).mapping()
     res = decode_batch(
         [avro_bytes(avro_record(1), schema_id=1)], EventLimits(), now_ms=NOW_MS, mapping=mapping
