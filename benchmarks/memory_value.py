@@ -115,14 +115,14 @@ def recording_for(stream: str, data_dir: Path, seed: int) -> Path:
         if not path.exists():
             from stream.recordings.data.movielens import build_movielens_recording
 
-            print(f"[memory_value] building {path} ...", file=sys.stderr, flush=True)
+            log(f"building {path} ...")
             build_movielens_recording(stream, path)
         return path
     path = data_dir / f"{stream}-seed{seed}.parquet"
     if not path.exists():
         from stream.recordings.data.stress import build_stress_recording
 
-        print(f"[memory_value] building {path} ...", file=sys.stderr, flush=True)
+        log(f"building {path} ...")
         build_stress_recording(stream, path, seed=seed)
     return path
 
