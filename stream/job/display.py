@@ -50,6 +50,8 @@ class LiveDisplay:
     def __exit__(self, *exc):
         if self._live is not None:
             self._live.__exit__(*exc)
+            if not self._live.console.is_terminal:  # the last frame ends without a newline there
+                self._live.console.line()
 
     def _rate(self, s: JobSample) -> float | None:
         rate = None
@@ -197,7 +199,9 @@ class ConsoleLog:
 
     def serve_logging(self) -> dict[str, Any]:
         """Serve's `logging_config`: its components and replicas log INFO to their own files
-        (in the Ray session's logs/serve); their console output is routed with the rest."""
+        (in the Ray session's logs/serve); their console output is routed with the rest.
+        Called once ray.serve is imported (its logger gets its stream handler then)."""
+        self.adopt_ray_loggers()
         return {"log_level": "INFO", "enable_access_log": not self.quiet}
 
     def after_ray_init(self, session_dir: str | None) -> None:
