@@ -337,6 +337,9 @@ def create_app(view: JobView, cfg: AdminConfig, token: str) -> FastAPI:
 
     @app.get("/v1/serving", **secured)
     def serving() -> dict[str, Any]:
+        """Every serving replica following this job's store in its Ray cluster, however it
+        was started (the job, `memstream serve`, `serve deploy`): each reports to the
+        store's ledger actor. `replica` is `<Serve app>@host:pid:id`."""
         return {"replicas": scrub(view.serving())}  # refusal reasons name store files
 
     @app.get("/v1/ingest/lag", **secured)
