@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -293,6 +294,10 @@ class RankingDeployment:
         self._wake.set()
 
 
+# The URI schemes pyarrow.fs.FileSystem.from_uri opens ("" = a local path).
+_STORE_SCHEMES = frozenset({"", "file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss"})
+
+
 class ServingAppArgs(BaseModel):
     """The arguments of the serving application (`build_app`), as a Serve config's `args:`.
 
@@ -312,14 +317,13 @@ class ServingAppArgs(BaseModel):
     @field_validator("snapshots")
     @classmethod
     def _store_uri(cls, uri: str) -> str:
-        import pyarrow.fs
-
-        uri = normalize_store_uri(uri)
-        try:
-            pyarrow.fs.FileSystem.from_uri(uri)
-        except (ValueError, OSError) as e:  # an unknown scheme, a malformed URI
-            raise ValueError(f"not a filesystem URI pyarrow can open: {e}") from None
-        return uri
+        # The scheme only: opening the filesystem here would reach the network (s3:// resolves
+        # the bucket's region) wherever the app is built; `memstream serve` opens it itself.
+        scheme = urlparse(uri).scheme if "://" in uri else ""
+        if scheme not in _STORE_SCHEMES:
+            known = ", ".join(f"{s}://" for s in sorted(_STORE_SCHEMES - {""}))
+            raise ValueError(f"unknown filesystem scheme {scheme!r}: a local path or one of {known}")
+        return normalize_store_uri(uri)
 
     def serving_config(self) -> ServingConfig:
         if self.replicas is None:

@@ -263,3 +263,71 @@ def test_any_float_feature_is_200_or_422_never_5xx():
             assert "user_features." in r.json()["detail"][0]["msg"]
 
     run()
+
+
+# -- the application builder's args (Serve config files, RayService, memstream serve) -----
+
+
+def test_builder_args_validate_and_name_the_field():
+    from pydantic import ValidationError
+
+    from stream.serving.app import ServingAppArgs, build_app
+
+    args = ServingAppArgs.model_validate({"snapshots": "runs/x/snapshots", "replicas": 3})
+    assert args.snapshots.startswith("/") and args.snapshots.endswith("runs/x/snapshots")
+    assert args.serving_config().replicas == 3 and args.serving.replicas == 1
+    assert build_app({"snapshots": "s3://bucket/snaps"}) is not None
+    for bad, field in (
+        ({"snapshots": "/s", "serving": {"max_in_flight": 0}}, "max_in_flight"),
+        ({"snapshots": "/s", "replica": 2}, "replica"),
+        ({"snapshots": "nosuchscheme://x"}, "snapshots"),
+        ({}, "snapshots"),
+    ):
+        with pytest.raises(ValidationError, match=field):
+            ServingAppArgs.model_validate(bad)
+
+
+def test_the_ledger_name_depends_on_the_store_alone(tmp_path, monkeypatch):
+    from stream.serving.follower import serving_ledger_name
+
+    absolute = serving_ledger_name(str(tmp_path / "snaps"))
+    monkeypatch.chdir(tmp_path)
+    assert serving_ledger_name("snaps") == absolute  # relative or not, one store, one name
+    assert serving_ledger_name("s3://b/snaps") != serving_ledger_name("s3://b/other")
+
+
+def test_a_ledger_that_appears_late_is_told_the_live_version(monkeypatch):
+    """The reporter's bookkeeping over a stand-in for ray.get_actor (pure logic)."""
+    import ray
+
+    from stream.messages import ServingEvent
+    from stream.serving.follower import ServingReporter
+
+    class Ledger:
+        def __init__(self, actor_id):
+            self._actor_id, self.got = actor_id, []
+            self.report_serving = self
+
+        def remote(self, replica, event):
+            self.got.append((replica, event))
+
+    ledgers: dict = {"now": None}
+
+    def get_actor(name, namespace=None):
+        if ledgers["now"] is None:
+            raise ValueError(name)
+        return ledgers["now"]
+
+    monkeypatch.setattr(ray, "get_actor", get_actor)
+    rep = ServingReporter("memstream-ledger-x", "memstream")
+    rep.resolve_every_s = 0.0
+    live = ServingEvent("activated", 7, 100.0)
+    rep.report("r1", live)  # no job yet: dropped, remembered
+    first = ledgers["now"] = Ledger("a")
+    rep.tick()
+    assert first.got == [("r1", live)]  # the version it went live on, with its own time
+    rep.tick()
+    assert first.got == [("r1", live)]  # the same ledger is not told twice
+    second = ledgers["now"] = Ledger("b")  # the job restarted: a new publisher
+    rep.report("r1", refused := ServingEvent("refused", 8, 101.0, "bad checksum"))
+    assert second.got == [("r1", live), ("r1", refused)]
