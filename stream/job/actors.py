@@ -90,6 +90,9 @@ class PublisherActor:
     def latest_version(self) -> int | None:
         return self.pub.latest_version()
 
+    def changed_since(self, since: int, id_keys: dict[str, str]):
+        return self.pub.changed_since(since, id_keys)
+
     def sizes(self) -> dict[str, int]:
         return {"pid": os.getpid(), **self.pub.sizes()}
 
@@ -250,7 +253,7 @@ class TrainerActor:
         from stream.train.checkpoints import CheckpointManager
         from stream.train.health import ModelHealthGate
         from stream.train.loop import TrainerLoop
-        from stream.train.service import TrainerService
+        from stream.train.service import RESUME_ID_KEYS, TrainerService
 
         self.cfg = config_from_dict(cfg, "job config")
         ck = self.cfg.checkpoints
@@ -264,6 +267,9 @@ class TrainerActor:
             first_version=(latest or 0) + 1,
             gate=ModelHealthGate(self.cfg.snapshots.health),
         )
+        if self.svc.resume_from is not None:  # restored: go on with the store's delta chain
+            since = self.svc.resume_from
+            self.svc.resume_chain(ray.get(publisher.changed_since.remote(since, RESUME_ID_KEYS)))
         if predictions:  # every incarnation (a restart runs this again) opens its own file
             self.svc.open_predictions(predictions)
         self.loop = TrainerLoop(

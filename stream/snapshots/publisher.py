@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from memory_bank.base import DeltaState, FullState
 from stream.messages import ServingEvent
-from stream.snapshots.store import SnapshotStore
+from stream.snapshots.store import SnapshotError, SnapshotStore
 from stream.train.health import HealthGateConfig
 
 
@@ -160,6 +161,20 @@ class FreshnessLedger:
         return np.concatenate(self._samples) if self._samples else np.empty(0)
 
 
+@dataclass(frozen=True)
+class StoredChanges:
+    """What the stored versions after `since` changed, up to `latest` (a restarted trainer
+    re-marks these rows so that its first version is a delta on `latest`, see
+    TrainerService.resume_chain): per memory, the rows of each table, the ids under the
+    keys asked for, and the tombstones."""
+
+    since: int
+    latest: int
+    rows: dict[str, dict[str, np.ndarray]]  # memory -> table -> rows (sorted, unique)
+    ids: dict[str, list[str]]  # memory -> the ids of the key asked for (deduplicated)
+    tombstones: dict[str, list[str]]  # memory -> evicted ids (deduplicated)
+
+
 class SnapshotPublisher:
     """Writes snapshots; keeps the per-replica serving state and freshness."""
 
@@ -197,6 +212,48 @@ class SnapshotPublisher:
             self.published += 1
             self.ledger.written(version, time.time())
         return {"version": version, "kind": manifest["kind"], "write_s": time.time() - t0}
+
+    def changed_since(self, since: int, id_keys: dict[str, str]) -> StoredChanges | str:
+        """The rows the stored versions after `since` changed, or why a delta on the
+        latest version cannot be built from them (a string: the caller publishes full).
+
+        Possible only when `since` is stored and every version after it, up to LATEST, is
+        a delta whose parent is the version before: then the rows changed between `since`
+        and LATEST are exactly those the deltas list. `id_keys` names, per memory, the ids
+        to collect (those keyed by id: history users, bank items), not every id list (a
+        history delta also lists every item of every changed user)."""
+        latest = self.store.latest_version()
+        if latest is None:
+            return "the store has no version"
+        if latest < since:
+            return f"the store's latest version {latest} is older than the checkpoint's {since}"
+        rows: dict[str, dict[str, list[np.ndarray]]] = {}
+        ids: dict[str, dict[str, None]] = {}
+        tombs: dict[str, dict[str, None]] = {}
+        try:
+            self.store.manifest(since)  # it must still be there (retention may have dropped it)
+            for v in range(since + 1, latest + 1):
+                m = self.store.manifest(v)
+                if m["kind"] != "delta" or m.get("parent") != v - 1:
+                    return f"version {v} is {m['kind']} (parent {m.get('parent')}), not a delta on {v - 1}"
+                for mem, d in self.store.load_delta(v).memories.items():
+                    for table, (r, _) in d.tables.items():
+                        rows.setdefault(mem, {}).setdefault(table, []).append(r)
+                    if mem in id_keys:
+                        ids.setdefault(mem, {}).update(dict.fromkeys(d.ids.get(id_keys[mem], [])))
+                    tombs.setdefault(mem, {}).update(dict.fromkeys(d.tombstones))
+        except SnapshotError as e:
+            return f"{type(e).__name__}: {e}"
+        return StoredChanges(
+            since=since,
+            latest=latest,
+            rows={
+                mem: {t: np.unique(np.concatenate(rs)).astype(np.int64) for t, rs in tables.items()}
+                for mem, tables in rows.items()
+            },
+            ids={mem: list(x) for mem, x in ids.items()},
+            tombstones={mem: list(x) for mem, x in tombs.items() if x},
+        )
 
     def publish_base(self, version: int, state: FullState, meta: dict[str, Any]) -> dict[str, Any]:
         """Write the full copy of an already published delta version (off the serving path:

@@ -9,6 +9,13 @@ start the newest complete checkpoint is restored and the readers are sought to
 its offsets, so messages after it are applied again exactly once. Rows below
 `next_offsets` (a reader re-delivering after a seek) are dropped.
 
+Snapshots across a restart: a checkpoint records the version it was cut after
+(`delta_chain`) and every change mark relative to it. A restarted trainer asks the
+store what the versions after that one changed (SnapshotPublisher.changed_since),
+marks those rows too (`resume_chain`), and its first version is a delta on the
+store's latest; only when that chain is broken (the version is gone, a full version
+or a gap came after it, an older checkpoint without the marks) is it full.
+
 Per-event predictions (`open_predictions`): every trained micro-batch's scores go to
 this incarnation's Parquet file (stream/train/predictions.py); a write that fails stops
 the file, never the training.
@@ -26,11 +33,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from safetensors.numpy import load_file as load_marks
+from safetensors.numpy import save_file as save_marks
 
 from memory_bank.base import DeltaState, FullState
 from models.online import OnlineTrainer, PoisonBatchError
 from stream.ingest.events import EventBatch
 from stream.messages import IngestUnit, PoisonedEvent, TrainerProgress, finite_or_none
+from stream.snapshots.publisher import StoredChanges
 from stream.train.checkpoints import CheckpointManager
 from stream.train.health import ModelHealthGate
 from stream.train.predictions import PredictionsError, PredictionWriter, incarnation_path
@@ -38,6 +49,12 @@ from stream.train.predictions import PredictionsError, PredictionWriter, incarna
 log = logging.getLogger(__name__)
 
 POISON = "poison"  # the dead-letter category of events whose training step fails
+# The change marks a checkpoint carries beside the trainer state: the feature builder's
+# touched rows, which its own export_state does not keep (the history's dirty slots, the
+# bank's dirty rows and the delta tracker's marks are in the trainer state already).
+CHAIN_MARKS = "chain_marks.safetensors"
+# Per memory, the ids that key its rows (SnapshotPublisher.changed_since collects them).
+RESUME_ID_KEYS = {"history": "users", "bank": "bank"}
 
 
 class TrainerFault(RuntimeError):
@@ -64,6 +81,7 @@ class PendingCheckpoint:
     offsets: dict[int, int]
     meta: dict[str, Any]
     state: tuple[dict[str, Any], dict[str, Any]]  # OnlineTrainer.capture_state()
+    chain_marks: dict[str, np.ndarray]  # CHAIN_MARKS: the features' touched masks (uint8)
 
 
 class TrainerService:
@@ -95,6 +113,10 @@ class TrainerService:
         # messages the Kafka positions say were consumed (compared with trained + dlq).
         self.lineage_start: dict[int, int] = {}
         self.restored_from: int | None = None
+        # The version the restored checkpoint's change marks are relative to (None: the
+        # first version is full); resume_chain turns it into a delta on the store's latest.
+        self.resume_from: int | None = None
+        self.resumed_chain: dict[str, Any] | None = None  # how the restart's snapshots went on
         self.started_at = time.time()
         ckpt = checkpoints.latest()
         if ckpt is not None:
@@ -105,8 +127,9 @@ class TrainerService:
             self.lineage_start = {int(p): int(o) for p, o in ckpt.meta.get("lineage_start", {}).items()}
             self.restored_from = ckpt.seq
             first_version = max(first_version, int(ckpt.meta.get("snapshot_version", 0)) + 1)
-        # Snapshots: the first one after a (re)start is always full, since the row
-        # tracking of the previous incarnation is gone.
+            self._restore_chain_marks(ckpt.path, ckpt.meta.get("delta_chain"))
+        # Snapshots: the first one after a start is full unless resume_chain continues the
+        # stored chain.
         self.next_version = max(1, first_version)
         self.last_published: int | None = None
         self.chain_open = False  # a full version went out and deltas follow it
@@ -299,18 +322,25 @@ class TrainerService:
                 "lineage_start": {str(p): o for p, o in self.lineage_start.items()},
                 "train_step": self.trainer.steps,
                 "snapshot_version": self.last_published or 0,
+                # The marks below are the changes since this version (None: the chain is
+                # not open, e.g. after a withheld or failed version; a restart goes full).
+                "delta_chain": self.last_published if self.chain_open else None,
             }
             state = self.trainer.capture_state()
+            feats = self.trainer.features
+            marks = {
+                "counters.user": feats.counters.touched_user.astype(np.uint8),
+                "counters.item": feats.counters.touched_item.astype(np.uint8),
+                "affinity": feats.affinity.touched.astype(np.uint8),
+            }
             self.busy["checkpoint_s"] += time.monotonic() - t0
-        return PendingCheckpoint(offsets, meta, state)
+        return PendingCheckpoint(offsets, meta, state, marks)
 
     def write_checkpoint(self, pending: PendingCheckpoint) -> None:
         """Make a captured checkpoint durable (temp dir, fsync, manifest, rename)."""
         t0 = time.monotonic()
         try:
-            self.checkpoints.save(
-                lambda d: OnlineTrainer.write_state(d / "state", *pending.state), pending.meta
-            )
+            self.checkpoints.save(lambda d: _write_checkpoint_dir(d, pending), pending.meta)
         except Exception:
             self.checkpoint_failures += 1
             raise
@@ -321,6 +351,117 @@ class TrainerService:
         pending = self.capture_checkpoint()
         self.write_checkpoint(pending)
         return pending.offsets
+
+    # -- snapshots across a restart ------------------------------------------------------------
+    def _restore_chain_marks(self, path: Path, since: int | None) -> None:
+        """Put back the feature builder's touched rows (its import_state clears them); the
+        other marks came back with the trainer state."""
+        if since is None or not (path / CHAIN_MARKS).exists():
+            log.info(
+                "checkpoint %s carries no delta chain (%s): the first snapshot is full",
+                path.name,
+                "an older checkpoint" if since is not None else "no open chain when it was cut",
+            )
+            return
+        marks = load_marks(str(path / CHAIN_MARKS))
+        feats = self.trainer.features
+        for key, mask in (
+            ("counters.user", feats.counters.touched_user),
+            ("counters.item", feats.counters.touched_item),
+            ("affinity", feats.affinity.touched),
+        ):
+            if key not in marks or marks[key].shape != mask.shape:
+                log.warning(
+                    "checkpoint %s: marks of %s do not fit; the first snapshot is full", path.name, key
+                )
+                return
+            mask |= marks[key].astype(bool)
+        self.resume_from = int(since)
+
+    def resume_chain(self, changes: StoredChanges | str) -> bool:
+        """Continue the store's delta chain after a restart: mark every row the stored
+        versions after the checkpoint's changed (the restored state may differ there from
+        what serving runs), so that the next version is a delta on `changes.latest`.
+
+        `changes` is SnapshotPublisher.changed_since(self.resume_from, RESUME_ID_KEYS), or
+        the reason it could not be had; then (or when the marks do not fit this model) the
+        next version is full, as it always was. Returns whether the chain goes on."""
+        with self.lock:
+            since, self.resume_from = self.resume_from, None
+            if since is None:
+                return False
+            why = changes if isinstance(changes, str) else self._mark_stored_changes(changes)
+            if why is not None:
+                log.warning("restart from version %d: the next snapshot is full (%s)", since, why)
+                self.resumed_chain = {"since": since, "resumed": False, "reason": why}
+                return False
+            self.last_published = changes.latest
+            self.chain_open = True
+            self.next_version = max(self.next_version, changes.latest + 1)
+            rows = sum(len(r) for t in changes.rows.values() for r in t.values())
+            log.info(
+                "restart: snapshots go on as deltas on version %d (checkpoint cut after %d; "
+                "%d rows of the versions between re-marked)",
+                changes.latest,
+                since,
+                rows,
+            )
+            self.resumed_chain = {"since": since, "resumed": True, "latest": changes.latest, "rows": rows}
+            return True
+
+    def _mark_stored_changes(self, changes: StoredChanges) -> str | None:
+        """Mark the rows `changes` lists in this trainer's change tracking; the reason they
+        do not fit (the next version must then be full), else None."""
+        state = self.trainer.state
+        comps = state.components()
+        tracker = {k: v.numpy().copy() for k, v in state.tracker.export_state().items()}
+        feats = self.trainer.features
+        feature_masks = {
+            "counters.user": feats.counters.touched_user,
+            "counters.item": feats.counters.touched_item,
+            "affinity": feats.affinity.touched,
+        }
+        for mem in set(changes.rows) | set(changes.tombstones):
+            if mem not in comps:
+                return f"the stored versions change memory {mem!r}, which this model does not have"
+        for mem, tables in changes.rows.items():
+            for table, rows in tables.items():
+                if mem == "features":
+                    if table == "counters.total":  # one row, shipped in every delta
+                        continue
+                    mask = feature_masks.get(table)
+                elif mem in ("history", "bank"):
+                    continue  # keyed by id: marked below
+                else:
+                    mask = tracker.get(f"{mem}.{table}")
+                if mask is None:
+                    return f"the stored versions change {mem}.{table}, which this trainer does not track"
+                if len(rows) and int(rows.max()) >= len(mask):
+                    return f"{mem}.{table}: stored row {int(rows.max())} is past this model's {len(mask)}"
+                mask[rows] = 1
+        state.tracker.import_state({k: torch.from_numpy(v) for k, v in tracker.items()})
+        if "history" in comps:  # serving keys histories by user: re-ship or drop each user
+            h = self.trainer.history
+            for user in [*changes.ids.get("history", []), *changes.tombstones.get("history", [])]:
+                slot = h.slots.get(user)  # a plain get: the LRU order stays as it is
+                if slot is None:
+                    h.tombstones.append(user)
+                else:
+                    h.dirty[slot] = True
+        if "bank" in comps:  # serving places items at the trainer's rows: re-ship or drop
+            bank = self.trainer.bank
+            for item in [*changes.ids.get("bank", []), *changes.tombstones.get("bank", [])]:
+                row = bank.rows.get(item)
+                if row is None:
+                    bank.tombstones.append(item)
+                else:
+                    bank.dirty[row] = True
+            rows = changes.rows.get("bank", {}).get("bank", np.zeros(0, np.int64))
+            rows = rows[rows < len(bank.row_ids)]
+            bank.dirty[rows[bank.row_ids[rows] != None]] = (
+                True  # an object array: `is not None` would not broadcast
+            )
+        return None
 
     # -- snapshots -----------------------------------------------------------------------------
     def snapshot_payload(self) -> SnapshotPayload | None:
@@ -432,6 +573,11 @@ class TrainerService:
     def stats(self) -> dict[str, Any]:
         with self.lock:
             return self.trainer.stats()
+
+
+def _write_checkpoint_dir(d: Path, pending: PendingCheckpoint) -> None:
+    OnlineTrainer.write_state(d / "state", *pending.state)
+    save_marks(pending.chain_marks, str(d / CHAIN_MARKS))
 
 
 def _event_json(one: EventBatch) -> dict[str, Any]:
