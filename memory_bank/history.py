@@ -28,6 +28,12 @@ class HistoryConfig(BaseModel):
 
     length: int = Field(50, ge=1, le=4096, description="L: events kept per user")
     max_users: int = Field(100_000, ge=1, description="users kept; LRU eviction beyond (~20 bytes * L each)")
+    summary_dim: int = Field(
+        0,
+        ge=0,
+        description="width of each user's long-term summary (a running mean over ALL the user's "
+        "events, not only the last L: the LMN memory loss's target); 0 = none. The model sets it",
+    )
 
 
 class HistoryCapacityError(RuntimeError):
@@ -67,6 +73,9 @@ class UserHistoryStore:
         self.ts_ms = np.zeros((n, L), dtype=np.int64)  # (U, L)
         self.signal = np.zeros((n, L), dtype=np.float32)  # (U, L)
         self.count = np.zeros(n, dtype=np.int64)  # (U,) events ever appended per slot
+        # (U, S) running sum over every event summarised so far, and how many (add_summary).
+        self.summary_sum = np.zeros((n, self.cfg.summary_dim), dtype=np.float32)
+        self.summary_n = np.zeros(n, dtype=np.float32)  # (U,)
         self.slot_user = np.full(n, None, dtype=object)  # (U,) user id of each slot
         self.slots: OrderedDict[str, int] = OrderedDict()  # user -> slot, LRU order (oldest first)
         self.free = list(range(n - 1, -1, -1))  # pop() gives the lowest free slot
@@ -112,6 +121,8 @@ class UserHistoryStore:
         self.ts_ms[s] = 0
         self.signal[s] = 0
         self.count[s] = 0
+        self.summary_sum[s] = 0
+        self.summary_n[s] = 0
         self.slot_user[s] = None
         self.dirty[s] = False
         self.free.append(s)
@@ -163,6 +174,30 @@ class UserHistoryStore:
         self.count[users_in_batch] += run_len
         self.dirty[users_in_batch] = True
         self.appended += n
+
+    def add_summary(self, user_ids, vectors: np.ndarray) -> None:
+        """Add one vector (n, S) per event to its user's long-term summary. The users must be
+        in the store (call after `append` of the same events)."""
+        user_ids = np.asarray(user_ids, dtype=object)
+        if not self.cfg.summary_dim or len(user_ids) == 0:
+            return
+        slot = np.fromiter(
+            map(self.slots.__getitem__, user_ids.tolist()), dtype=np.int64, count=len(user_ids)
+        )
+        np.add.at(self.summary_sum, slot, np.asarray(vectors, dtype=np.float32))
+        np.add.at(self.summary_n, slot, np.float32(1))
+
+    def summary(self, user_ids) -> tuple[np.ndarray, np.ndarray]:
+        """(B,) user ids -> the long-term summaries (B, S) (the mean of every vector added) and
+        how many events they cover (B,); zeros for unknown users. Does not touch the LRU order."""
+        user_ids = np.asarray(user_ids, dtype=object)
+        get = self.slots.get
+        slot = np.fromiter((get(u, -1) for u in user_ids.tolist()), dtype=np.int64, count=len(user_ids))
+        known = slot >= 0
+        s = np.where(known, slot, 0)
+        n = np.where(known, self.summary_n[s], np.float32(0))  # (B,)
+        mean = np.where(known[:, None], self.summary_sum[s] / np.maximum(n, 1)[:, None], np.float32(0))
+        return mean.astype(np.float32), n
 
     # -- read ----------------------------------------------------------------------------------
 
@@ -219,6 +254,8 @@ class UserHistoryStore:
             "ts_ms": torch.from_numpy(self.ts_ms[lru]),
             "signal": torch.from_numpy(self.signal[lru]),
             "count": torch.from_numpy(self.count[lru]),
+            "summary_sum": torch.from_numpy(self.summary_sum[lru]),
+            "summary_n": torch.from_numpy(self.summary_n[lru]),
             "dirty_slots": torch.from_numpy(np.flatnonzero(self.dirty)),
             "free": torch.tensor(self.free, dtype=torch.int64),
         }
@@ -243,6 +280,8 @@ class UserHistoryStore:
         self.ts_ms[lru] = tensors["ts_ms"].numpy()
         self.signal[lru] = tensors["signal"].numpy()
         self.count[lru] = tensors["count"].numpy()
+        self.summary_sum[lru] = tensors["summary_sum"].numpy()
+        self.summary_n[lru] = tensors["summary_n"].numpy()
         self.dirty[tensors["dirty_slots"].numpy()] = True
         self.free = tensors["free"].tolist()
         self.slots = OrderedDict(zip(meta["lru_users"], lru.tolist()))
@@ -257,6 +296,8 @@ class UserHistoryStore:
         "length" (rows, (M,) int64 valid entries); rows = this store's slots.
         ids: "users" (M user ids, row-aligned), "items" (M*L item ids, row-major, "" = padding).
         tombstones: users evicted since the previous call (apply them first).
+        The long-term summaries are not shipped: only training reads them (the LMN memory
+        loss's target); checkpoints carry them (export_state).
         """
         rows = np.flatnonzero(self.dirty)
         self.dirty[:] = False

@@ -46,6 +46,12 @@ class LMNConfig(BaseModel):
         "training reads depend on the batch, eval reads use running statistics",
     )
     memory_loss: Literal["cosine", "mse"] = "cosine"
+    target: Literal["long_term", "recent"] = Field(
+        "long_term",
+        description="what the memory loss makes the read reconstruct: a summary of ALL the user's "
+        "earlier events (long_term: what the last-L history window no longer shows) or of the "
+        "last L only (recent: what the history attention already sees)",
+    )
     usage_window: int = Field(100, ge=1)
     query_reservoir: int = Field(4096, ge=0)
     device: str = "cpu"

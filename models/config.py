@@ -85,6 +85,23 @@ class ModelConfig(_Strict):
     use_lmn: bool = True  # LMN user memory
     use_pkm: bool = True  # MSN product-key memory through a memory gate
     sample_rate: float = Field(0.2, ge=0.0, le=1.0)  # fraction of targets the doc encoder runs on
+    # LEMUR cold start: every item is represented by its id embedding blended with its content
+    # vector (bank / encoder) mapped into the id space, weighted by the item's evidence:
+    # sigmoid(w log(1 + n) + b), initially (n + 1) / (n + 1 + content_blend_prior). The mapping
+    # is also trained to land each item near its own id embedding (`content_align_weight`,
+    # weighted by the same evidence), so a new item starts where similar known items are.
+    content_blend: bool = True
+    # Item content reaches the model through the LEMUR path (doc encoder -> bank) only: with
+    # use_bank=false the model has no item content. True adds the old second path, a mean of
+    # hashed word embeddings of item_text in the content token and the history queries (the
+    # model before the memories carried content; kept to measure against).
+    content_bag: bool = False
+    content_blend_prior: float = Field(5.0, gt=0)
+    content_align_weight: float = Field(1.0, ge=0)
+    # The bank vectors the model reads besides the blend (content token, history queries and
+    # keys/values) are scaled by the same 1 - gate: content is what carries a new item, and for
+    # an item with many events it is mostly noise beside the id embedding.
+    content_fade: bool = True
     # Zero-init the weights that read each memory (LMN read -> user token, bank vectors ->
     # content token / history keys+values / queries / cosine stats): every memory starts
     # with no contribution and the model grows its use only where the loss asks for it.

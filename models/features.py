@@ -206,6 +206,13 @@ class OnlineCounters:
         rating = (rows[:, 2] + self.prior * g_rating) / (rows[:, 3] + self.prior)
         return np.log1p(n), like - g_like, rating - g_rating
 
+    def item_evidence(self, item_idx: np.ndarray, in_batch: bool = True) -> np.ndarray:
+        """(B,) rows -> (B,) float32 log(1 + earlier events of each item), causal in the batch."""
+        n = self.item[item_idx, 0]
+        if in_batch:
+            n = n + exclusive_group_cumsum(item_idx, np.ones((len(item_idx), 1)))[:, 0]
+        return np.log1p(n).astype(np.float32)
+
     def read(
         self,
         user_idx: np.ndarray,
@@ -316,6 +323,9 @@ class FeatureArrays:
     scenario_idx: np.ndarray  # (B,) int64 into the categorical table
     text_idx: np.ndarray  # (B, Lt) int64, 0 = padding
     counters: np.ndarray  # (B, NUM_COUNTER_FEATURES) float32: counters + user-word affinity
+    # log(1 + earlier events of the item), this batch's earlier events included: how much the
+    # item's id embedding has learned (the weight of its content vector, ranker._blend_content).
+    item_evidence: np.ndarray  # (B,) float32
 
 
 NUM_COUNTER_FEATURES = OnlineCounters.NUM_FEATURES + UserWordAffinity.NUM_FEATURES
@@ -413,7 +423,8 @@ class FeatureBuilder:
             counters[:, OnlineCounters.NUM_FEATURES :] = self.affinity.read(
                 user_idx, text_idx, signal, cfg.in_batch_features
             )
-        return FeatureArrays(user_idx, item_idx, cat_idx, num, scenario_idx, text_idx, counters)
+        evidence = self.counters.item_evidence(item_idx, cfg.in_batch_features)
+        return FeatureArrays(user_idx, item_idx, cat_idx, num, scenario_idx, text_idx, counters, evidence)
 
     def learn(self, feats: FeatureArrays, like: np.ndarray, rating: np.ndarray) -> None:
         """Add the batch's labels to the counters (after it was scored)."""

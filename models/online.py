@@ -192,11 +192,14 @@ class OnlineTrainer:
 
     def inputs(self, batch: BatchLike) -> tuple[UserInputs, CandidateInputs]:
         """The model's inputs for a batch as of now, without training: targets read their
-        bank rows (no encoder run). For scoring outside `step` (serving-style checks)."""
+        bank rows, and those not in the bank are encoded, as in serving and in `step` (which
+        also encodes a sample of the others). For scoring outside `step`."""
         fc = self.cfg.features
         u, c, _, _ = self.state.batch_inputs(
             batch, self._labels(batch, fc.like_task), self._labels(batch, fc.rating_task)
         )
+        if self.bank is not None:
+            c.target_vec = self.state.target_vectors(batch.item_id, batch.item_text)
         return u, c
 
     def step(self, batch: BatchLike) -> StepResult:
@@ -221,7 +224,11 @@ class OnlineTrainer:
             if self.bank is not None:
                 # LEMUR sampling: the encoder runs (forward and backward) on a fraction of targets.
                 has_text = np.array([t is not None and t != "" for t in batch.item_text])
-                pick = np.flatnonzero((self.rng.random(n) < self.cfg.sample_rate) & has_text)
+                sampled = self.rng.random(n) < self.cfg.sample_rate
+                # An item not in the bank (new, or evicted) is encoded at once: its content
+                # vector is what carries it until its id embedding has learned.
+                unseen = self.bank.rows_of(batch.item_id) < 0
+                pick = np.flatnonzero((sampled | unseen) & has_text)
                 encoded = len(pick)
                 if encoded:
                     fresh = self.encoder([batch.item_text[i] for i in pick])  # (M, Db)
@@ -250,6 +257,7 @@ class OnlineTrainer:
             self.bank.record_staleness(ids, fresh_d)
             self.bank.write_rows(ids, fresh_d, step=self.steps, now_s=float(batch.ts_ms[pick].max()) / 1000.0)
         self.history.append(batch.user_id, batch.item_id, batch.ts_ms, signal)
+        self.state.summarize_events(batch, feats, signal)
         self.features.learn(feats, like, rating)
         self.events_applied += n
         self._housekeeping(float(batch.ts_ms.max()) / 1000.0)
@@ -281,6 +289,8 @@ class OnlineTrainer:
                 loss = loss + self.cfg.rating_threshold_weight * F.binary_cross_entropy_with_logits(
                     scores.threshold_logits[idx], above, reduction="sum"
                 ) / len(idx)
+        if scores.content_align_loss is not None and self.cfg.content_align_weight > 0:
+            loss = loss + self.cfg.content_align_weight * scores.content_align_loss
         lmn_loss = self.model.lmn_loss(us)
         if lmn_loss is not None and self.cfg.lmn_loss_weight > 0:
             loss = loss + self.cfg.lmn_loss_weight * lmn_loss

@@ -13,7 +13,7 @@ Tokens (T = 6 + Q, each of width D), in semantic order:
   0 user        user id embedding (+ LMN read)
   1 user ctx    categorical / numeric user features, scenario
   2 item        item id embedding, online counters
-  3 content     item text bag of words (+ the LEMUR bank / encoder vector)
+  3 content     the LEMUR bank / doc encoder vector of the item (+ a bag of words: content_bag)
   4 hist stats  cosine(target, history) features over id and bank vectors
   5 task        learned task token + scenario (MDL: scenario and task are tokens)
   6.. 6+Q-1     history query tokens (cross-attention over the history)
@@ -57,18 +57,32 @@ class UserInputs:
     hist_mask: torch.Tensor  # (B, L) bool
     hist_item_idx: torch.Tensor  # (U,) int64 id-embedding row of each distinct item
     hist_bank: torch.Tensor | None  # (U, Db) bank rows (stop-gradient; misses = learned vector)
+    hist_item_evidence: torch.Tensor  # (U,) float32 log(1 + events of each item before the batch)
+    # Training only (LMNConfig.target = long_term): the mean of [unit item embedding, feedback *
+    # unit item embedding] over ALL the user's events before the batch, and how many (B,).
+    user_summary: torch.Tensor | None = None  # (B, 2E)
+    user_summary_n: torch.Tensor | None = None  # (B,)
 
     # Fields indexed by the batch's users (the item table is shared by all of them).
-    PER_USER = ("user_idx", "cat_idx", "num", "scenario_idx", "hist_inverse", "hist_signal", "hist_mask")
+    PER_USER = (
+        "user_idx",
+        "cat_idx",
+        "num",
+        "scenario_idx",
+        "hist_inverse",
+        "hist_signal",
+        "hist_mask",
+        "user_summary",
+        "user_summary_n",
+    )
 
     def select_users(self, fn) -> UserInputs:
         """A copy with fn applied to every per-user field (slicing, expanding), item table shared."""
-        return UserInputs(
-            **{
-                f.name: fn(getattr(self, f.name)) if f.name in self.PER_USER else getattr(self, f.name)
-                for f in fields(self)
-            }
-        )
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = fn(v) if f.name in self.PER_USER and v is not None else v
+        return UserInputs(**out)
 
 
 @dataclass
@@ -77,6 +91,7 @@ class CandidateInputs:
     text_idx: torch.Tensor  # (B, Lt) int64, 0 = padding
     counters: torch.Tensor  # (B, NUM_COUNTER_FEATURES) float32
     target_vec: torch.Tensor | None  # (B, Db): fresh encoder output (grad) or bank row
+    item_evidence: torch.Tensor  # (B,) float32 log(1 + earlier events of the item)
 
 
 @dataclass
@@ -97,6 +112,7 @@ class UserState:
     bias: torch.Tensor  # (B, 2) user bias for (like, rating)
     lmn_read: torch.Tensor | None  # (B, dv) for the memory loss
     lmn_target: torch.Tensor | None  # (B, dv) history summary the read must reconstruct
+    lmn_target_mask: torch.Tensor | None  # (B,) bool: users the target says something about
     ridge_xty: torch.Tensor | None  # (B, E) the user's ridge read: X^T y over the history items
     ridge_chol: torch.Tensor | None  # (B, E, E) and the Cholesky factor of X^T X + lam I
 
@@ -114,6 +130,9 @@ class Scores:
     like_logit: torch.Tensor  # (B,)
     rating: torch.Tensor  # (B,) predicted rating (in label units)
     threshold_logits: torch.Tensor | None = None  # (B, len(cfg.rating_thresholds)): P(rating >= t)
+    # Training only: how far the targets' content vectors, mapped into the id space, are from
+    # their id embeddings (evidence-weighted mean squared error); None without content blend.
+    content_align_loss: torch.Tensor | None = None
 
 
 class Ranker(nn.Module):
@@ -133,14 +152,19 @@ class Ranker(nn.Module):
                 "user_emb": nn.Embedding(fc.user_buckets, E, sparse=True),
                 "item_emb": nn.Embedding(fc.item_buckets, E, sparse=True),
                 "cat_emb": nn.Embedding(fc.cat_buckets, E, sparse=True),
-                "text_emb": nn.EmbeddingBag(fc.text_buckets, E, mode="mean", sparse=True, padding_idx=0),
                 "user_bias": nn.Embedding(fc.user_buckets, 2, sparse=True),
                 "item_bias": nn.Embedding(fc.item_buckets, 2, sparse=True),
             }
         )
+        self._bag = cfg.content_bag
+        if self._bag:
+            self.tables["text_emb"] = nn.EmbeddingBag(
+                fc.text_buckets, E, mode="mean", sparse=True, padding_idx=0
+            )
         t = self.tables
         for name in ("user_emb", "item_emb", "cat_emb", "text_emb"):
-            nn.init.normal_(t[name].weight, std=0.05)
+            if name in t:
+                nn.init.normal_(t[name].weight, std=0.05)
         nn.init.zeros_(t["user_bias"].weight)
         nn.init.zeros_(t["item_bias"].weight)
 
@@ -171,13 +195,23 @@ class Ranker(nn.Module):
 
         # 3. Candidate side.
         self.tok_item = nn.Linear(E + NUM_COUNTER_FEATURES, D)
-        self.tok_content = nn.Linear(E + Db, D)
+        Eb = E if self._bag else 0  # width of the bag of words, when there is one
+        self._bag_width = Eb
+        # Without any content (no bank, no bag) the content token is a learned constant.
+        self.tok_content = nn.Linear(Eb + Db, D) if Eb + Db else None
+        self.no_content = nn.Parameter(torch.zeros(D)) if not Eb + Db else None
+        # LEMUR cold start (ModelConfig.content_blend): content vector -> id embedding space,
+        # and the gate over the item's evidence (w, b) of sigmoid(w log(1 + n) + b).
+        self.content_to_id = self.blend_gate = None
+        if Db and cfg.content_blend:
+            self.content_to_id = nn.Linear(Db, E)
+            self.blend_gate = nn.Parameter(torch.tensor([1.0, -math.log(cfg.content_blend_prior)]))
         n_ridge = NUM_RIDGE_FEATURES if cfg.history_ridge else 0
         n_cos = NUM_COS_FEATURES * (2 if Db else 1) + (NUM_RECENT_FEATURES if self._recency else 0) + n_ridge
         self.tok_hist_stats = nn.Linear(n_cos, D)
         self.task_token = nn.Parameter(torch.randn(D) * 0.02)
         self.tok_task = nn.Linear(E, D)
-        self.query_proj = nn.Linear(E * 3 + Db + NUM_COUNTER_FEATURES, Q * D)
+        self.query_proj = nn.Linear(E * 2 + Eb + Db + NUM_COUNTER_FEATURES, Q * D)
         self.blocks = nn.ModuleList(RankMixerBlock(T, D, cfg.ffn_mult) for _ in range(cfg.num_layers))
         self.pkm = self.pkm_gate = None
         if cfg.use_pkm:
@@ -208,12 +242,15 @@ class Ranker(nn.Module):
         if self.lmn is not None:
             self.tok_user.weight[:, E:].zero_()  # [user emb | LMN read]
         if Db:
-            self.tok_content.weight[:, E:].zero_()  # [text | bank vector]
+            self.tok_content.weight[:, self._bag_width :].zero_()  # [text bag | bank vector]
             self.query_proj.weight[:, -Db:].zero_()  # [..., bank vector]
             self.tok_hist_stats.weight[
                 :, NUM_COS_FEATURES : 2 * NUM_COS_FEATURES
             ].zero_()  # [id cos | bank cos | ..]
             self.history.kv_bank.weight.zero_()
+            if self.content_to_id is not None:  # a new item starts as a shrunk id embedding
+                self.content_to_id.weight.zero_()
+                self.content_to_id.bias.zero_()
 
     # ---- parameter groups for the optimizers ----------------------------------------------
 
@@ -233,6 +270,26 @@ class Ranker(nn.Module):
         sparse = {id(p) for p in self.sparse_parameters()}
         return [p for p in self.parameters() if id(p) not in sparse]
 
+    def _bank_input(self, vec: torch.Tensor) -> torch.Tensor:
+        """A bank / encoder vector as the linear layers read it (RMS-normalised by default)."""
+        if self.cfg.bank_input_norm:
+            return F.normalize(vec, dim=-1) * math.sqrt(vec.shape[-1])
+        return vec
+
+    def _blend_content(
+        self, item: torch.Tensor, content: torch.Tensor, evidence: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """item (N, E) id embeddings, content (N, Db) bank vectors (as `_bank_input`), evidence
+        (N,) log(1 + n) -> the blended item (N, E), the content in id space (N, E), the gate (N, 1).
+
+        An item seen n times has an id embedding trained by n events; its content vector is
+        there from its first event. The gate moves the item from the content's prediction to
+        its own embedding as evidence accumulates: a new item is scored, attended and
+        regressed on (ridge read) where items with similar content are."""
+        pred = self.content_to_id(content)  # (N, E)
+        gate = torch.sigmoid(self.blend_gate[0] * evidence + self.blend_gate[1]).unsqueeze(-1)  # (N, 1)
+        return gate * item + (1.0 - gate) * pred, pred, gate
+
     # ---- 2. user side (UG-Sep: computed once per user) -------------------------------------
 
     def encode_user(self, u: UserInputs) -> UserState:
@@ -240,19 +297,30 @@ class Ranker(nn.Module):
         user = self.tables["user_emb"](u.user_idx)  # (B, E)
         cats = self.tables["cat_emb"](u.cat_idx).reshape(b, -1)  # (B, C*E)
         scen = self.tables["cat_emb"](u.scenario_idx)  # (B, E)
-        lmn_read = lmn_target = None
+        lmn_read = lmn_target = lmn_mask = None
         inv = u.hist_inverse  # (B, L) -> rows of the distinct history items
         item_emb = self.tables["item_emb"](u.hist_item_idx)  # (U, E)
+        bank = bank_unit = None
+        if u.hist_bank is not None:
+            bank_unit = normalize_history(u.hist_bank)  # (U, Db)
+            bank = bank_unit * math.sqrt(bank_unit.shape[-1]) if self.cfg.bank_input_norm else u.hist_bank
+            if self.content_to_id is not None:
+                item_emb, _, hgate = self._blend_content(item_emb, bank, u.hist_item_evidence)  # (U, E)
+                if self.cfg.content_fade:
+                    bank = bank * (1.0 - hgate)  # (U, Db)
         sig = u.hist_signal  # (B, L)
         m = u.hist_mask.to(sig.dtype)
         if self.lmn is not None:
             lmn_read = self.lmn(self.lmn_query(torch.cat([user, cats, scen], dim=1)))  # (B, dv)
-            # Summary of the recent history: mean item embedding and feedback-weighted mean.
-            n = m.sum(1, keepdim=True).clamp_min(1.0)
-            he = item_emb.detach()[inv]  # (B, L, E)
-            summary = torch.cat(
-                [(he * m.unsqueeze(-1)).sum(1) / n, (he * (sig * m).unsqueeze(-1)).sum(1) / n], dim=1
-            )  # (B, 2E)
+            if u.user_summary is not None:  # the user's whole past (LMNConfig.target = long_term)
+                summary, lmn_mask = u.user_summary, u.user_summary_n > 0  # (B, 2E), (B,)
+            else:  # the recent history: mean item embedding and feedback-weighted mean
+                n = m.sum(1, keepdim=True).clamp_min(1.0)
+                he = item_emb.detach()[inv]  # (B, L, E)
+                summary = torch.cat(
+                    [(he * m.unsqueeze(-1)).sum(1) / n, (he * (sig * m).unsqueeze(-1)).sum(1) / n], dim=1
+                )  # (B, 2E)
+                lmn_mask = u.hist_mask.any(1)  # users without history have nothing to remember
             lmn_target = summary @ self.lmn_target_proj  # (B, dv)
             user_tok = self.tok_user(torch.cat([user, lmn_read], dim=1))
         else:
@@ -264,13 +332,6 @@ class Ranker(nn.Module):
             sig_feats = torch.stack([sig, sig.abs(), m, rec], dim=-1)  # (B, L, 4)
         else:
             sig_feats = torch.stack([sig, sig.abs(), m], dim=-1)  # (B, L, 3)
-        bank = bank_unit = None
-        if u.hist_bank is not None:
-            bank = bank_unit = normalize_history(u.hist_bank)  # (U, Db)
-            if self.cfg.bank_input_norm:
-                bank = bank_unit * math.sqrt(bank.shape[-1])
-            else:
-                bank = u.hist_bank
         k, v, kv_mask = self.history.history_kv(item_emb, bank, inv, sig_feats, u.hist_mask)
         ridge_xty = ridge_chol = None
         if self.cfg.history_ridge:
@@ -294,6 +355,7 @@ class Ranker(nn.Module):
             bias=self.tables["user_bias"](u.user_idx),
             lmn_read=lmn_read,
             lmn_target=lmn_target,
+            lmn_target_mask=lmn_mask,
             ridge_xty=ridge_xty,
             ridge_chol=ridge_chol,
         )
@@ -304,13 +366,23 @@ class Ranker(nn.Module):
         b = c.item_idx.shape[0]
         cfg = self.cfg
         item = self.tables["item_emb"](c.item_idx)  # (B, E)
-        text = self.tables["text_emb"](c.text_idx)  # (B, E) mean of word embeddings
+        text = [self.tables["text_emb"](c.text_idx)] if self._bag else []  # (B, E) mean of word embeddings
+        tv = None if c.target_vec is None else self._bank_input(c.target_vec)  # (B, Db)
+        align = None
+        if tv is not None and self.content_to_id is not None:
+            own = item
+            item, pred, gate = self._blend_content(own, tv, c.item_evidence)  # (B, E)
+            if self.training:  # the mapping learns from items whose embedding has learned
+                err = (pred - own.detach()).pow(2).sum(-1)  # (B,)
+                align = (gate.detach().squeeze(-1) * err).mean()
+            if cfg.content_fade:  # the content inputs fade as the id embedding takes over
+                tv = tv * (1.0 - gate)  # (B, Db)
         item_tok = self.tok_item(torch.cat([item, c.counters], dim=1))
-        tv = c.target_vec
-        if tv is not None and self.cfg.bank_input_norm:
-            tv = F.normalize(tv, dim=-1) * math.sqrt(tv.shape[-1])
-        content = [text] if c.target_vec is None else [text, tv]
-        content_tok = self.tok_content(torch.cat(content, dim=1))
+        content = text + ([] if tv is None else [tv])
+        if self.tok_content is None:
+            content_tok = self.no_content.expand(b, -1)  # (B, D)
+        else:
+            content_tok = self.tok_content(torch.cat(content, dim=1))
         cos = [cosine_features(item, us.hist_unit, us.hist_signal, us.hist_mask)]  # (B, 7)
         if c.target_vec is not None and us.hist_bank_unit is not None:
             cos.append(cosine_features(c.target_vec, us.hist_bank_unit, us.hist_signal, us.hist_mask))
@@ -325,7 +397,7 @@ class Ranker(nn.Module):
         task_tok = self.task_token + self.tok_task(us.scen_emb)  # (B, D)
         # History queries from non-sequence features (target-aware; the history never
         # sees the candidate, so k/v above are reusable across candidates).
-        qin = [us.query_ctx, item, text, c.counters] + ([] if c.target_vec is None else [tv])
+        qin = [us.query_ctx, item, *text, c.counters] + ([] if tv is None else [tv])
         q = self.query_proj(torch.cat(qin, dim=1)).view(b, cfg.num_queries, cfg.d_model)  # (B, Q, D)
         hist_toks = self.history.attend(q, us.k, us.v, us.kv_mask)  # (B, Q, D)
         x = torch.cat(
@@ -349,6 +421,7 @@ class Ranker(nn.Module):
             like_logit=out[:, 0],
             rating=fc.rating_center + fc.rating_scale * out[:, 1],
             threshold_logits=out[:, :1] + thr if thr.shape[1] else None,
+            content_align_loss=align,
         )
 
     def forward(self, u: UserInputs, c: CandidateInputs) -> tuple[Scores, UserState]:
@@ -358,5 +431,4 @@ class Ranker(nn.Module):
     def lmn_loss(self, us: UserState) -> torch.Tensor | None:
         if self.lmn is None or us.lmn_read is None:
             return None
-        has_hist = us.hist_mask.any(1)  # (B,) users without history have nothing to remember
-        return self.lmn.memory_loss(us.lmn_read, us.lmn_target, mask=has_hist)
+        return self.lmn.memory_loss(us.lmn_read, us.lmn_target, mask=us.lmn_target_mask)

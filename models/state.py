@@ -85,7 +85,11 @@ class RankingState:
         self.cfg = cfg
         self.device = torch.device(device)
         self.features = FeatureBuilder(cfg.features)
-        self.history = UserHistoryStore(cfg.history)
+        # The LMN memory loss's long-term target: a running summary per user (2E wide).
+        long_term = cfg.use_lmn and cfg.lmn.target == "long_term"
+        self.history = UserHistoryStore(
+            cfg.history.model_copy(update={"summary_dim": 2 * cfg.emb_dim if long_term else 0})
+        )
         self.bank = None
         self.encoder = None
         bank_dim = 0
@@ -228,17 +232,26 @@ class RankingState:
 
     # ---- 4. the read path -----------------------------------------------------------------------
 
-    def target_vectors(self, item_ids: np.ndarray) -> torch.Tensor:
-        """The bank rows of the targets (B, Db), the learned missing vector where absent.
+    def target_vectors(self, item_ids: np.ndarray, item_text: np.ndarray | None = None) -> torch.Tensor:
+        """The bank rows of the targets (B, Db), the learned missing vector where absent; with
+        `item_text`, targets absent from the bank that have a text are encoded now (a new
+        item's content vector is what carries it: training encodes them the same way).
 
         Not `bank.read`: that counts toward the bank's coverage, which is defined over
-        history lookups (LEMUR: `ItemMemoryBank.lookup_history`), and targets are not history. Read-only: the bank's
-        LRU order is not touched.
+        history lookups (LEMUR: `ItemMemoryBank.lookup_history`), and targets are not
+        history. Read-only: the bank's LRU order is not touched, nothing is written.
         """
         bank = self.bank
-        rows_t = torch.from_numpy(bank.rows_of(item_ids)).to(bank.bank.device)
+        rows = bank.rows_of(item_ids)  # (B,)
+        rows_t = torch.from_numpy(rows).to(bank.bank.device)
         hit = (rows_t >= 0).unsqueeze(1)  # (B, 1)
-        return torch.where(hit, bank.bank.index_select(0, rows_t.clamp(min=0)), bank.missing)
+        vec = torch.where(hit, bank.bank.index_select(0, rows_t.clamp(min=0)), bank.missing)
+        if item_text is not None:
+            cold = [i for i in np.flatnonzero(rows < 0).tolist() if item_text[i]]
+            if cold:
+                fresh = self.encoder([item_text[i] for i in cold])  # (M, Db)
+                vec = vec.index_put((torch.tensor(cold, device=vec.device),), fresh)
+        return vec
 
     def batch_inputs(
         self, batch: BatchLike, like: np.ndarray, rating: np.ndarray
@@ -257,7 +270,22 @@ class RankingState:
             )
         target_vec = None if self.bank is None else self.target_vectors(batch.item_id)  # (B, Db)
         u, c = self.model_inputs(feats, hist_items, hist_signal, hist_mask, target_vec)
+        if self.history.cfg.summary_dim:  # before the batch: no event's own label is in it
+            summary, n = self.history.summary(batch.user_id)
+            u.user_summary = torch.from_numpy(summary).to(self.device)
+            u.user_summary_n = torch.from_numpy(n).to(self.device)
         return u, c, feats, signal
+
+    @torch.no_grad()
+    def summarize_events(self, batch: BatchLike, feats: FeatureArrays, signal: np.ndarray) -> None:
+        """Add a trained batch's events to their users' long-term summaries: [e, signal * e] of
+        each event's item, e its unit id embedding (call after `history.append`)."""
+        if not self.history.cfg.summary_dim:
+            return
+        w = self.ranker.tables["item_emb"].weight
+        e = torch.nn.functional.normalize(w[torch.from_numpy(feats.item_idx).to(w.device)], dim=-1)
+        e = e.cpu().numpy()  # (B, E)
+        self.history.add_summary(batch.user_id, np.concatenate([e, signal[:, None] * e], axis=1))
 
     def model_inputs(
         self,
@@ -283,6 +311,7 @@ class RankingState:
         key = np.where(hist_mask, emb_row * (np.int64(self.cfg.bank.capacity) + 1) + bank_row + 1, -1)
         uniq, inverse = np.unique(key, return_inverse=True)  # (U,), (B*L,); padding -> key -1
         real = uniq >= 0
+        hist_rows = np.where(real, uniq // (self.cfg.bank.capacity + 1), 0)  # (U,) id-embedding rows
         hist_bank = None
         if self.bank is not None:
             hist_bank = self.bank.vectors_of_rows(uniq % (self.cfg.bank.capacity + 1) - 1, real)  # (U, Db)
@@ -294,13 +323,15 @@ class RankingState:
             hist_inverse=tt(inverse.reshape(hist_mask.shape)),
             hist_signal=tt(hist_signal, torch.float32),
             hist_mask=tt(hist_mask, torch.bool),
-            hist_item_idx=tt(np.where(real, uniq // (self.cfg.bank.capacity + 1), 0)),
+            hist_item_idx=tt(hist_rows),
             hist_bank=hist_bank,
+            hist_item_evidence=tt(np.log1p(self.features.counters.item[hist_rows, 0]), torch.float32),
         )
         c = CandidateInputs(
             item_idx=tt(feats.item_idx),
             text_idx=tt(feats.text_idx),
             counters=tt(feats.counters, torch.float32),
             target_vec=target_vec,
+            item_evidence=tt(feats.item_evidence, torch.float32),
         )
         return u, c

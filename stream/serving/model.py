@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import fields
 from typing import Any
 
 import numpy as np
@@ -106,7 +107,8 @@ class ServedModel:
         with self._lock:
             feats = st.features.build(batch)
             hist = st.history.get(batch.user_id[:1])  # (1, L): the user side once
-        target_vec = None if st.bank is None else self._candidate_vectors(batch)  # (N, Db)
+        # (N, Db) bank rows; unseen items with text are encoded now (cold start)
+        target_vec = None if st.bank is None else st.target_vectors(batch.item_id, batch.item_text)
         u, c = st.model_inputs(
             feats, hist.item_ids, hist.signal, hist.mask, target_vec, user_rows=slice(0, 1)
         )
@@ -117,10 +119,7 @@ class ServedModel:
             rows = []
             for i in range(n):
                 ci = CandidateInputs(
-                    *(
-                        None if x is None else x[i : i + 1]
-                        for x in (c.item_idx, c.text_idx, c.counters, c.target_vec)
-                    )
+                    **{f.name: None if (x := getattr(c, f.name)) is None else x[i : i + 1] for f in fields(c)}
                 )
                 rows.append(m.score_candidates(m.encode_user(u), ci))
             scores = type(rows[0])(
@@ -134,13 +133,3 @@ class ServedModel:
             },
             "item_ids": [c.item_id for c in req.candidates],
         }
-
-    def _candidate_vectors(self, batch: EventBatch) -> torch.Tensor:
-        """Bank rows of the candidates; unseen items with text are encoded now (cold start)."""
-        st = self.state
-        vec = st.target_vectors(batch.item_id)  # (N, Db), read-only: the bank's LRU stays as it is
-        cold = [i for i in np.flatnonzero(st.bank.rows_of(batch.item_id) < 0).tolist() if batch.item_text[i]]
-        if cold:
-            fresh = st.encoder([batch.item_text[i] for i in cold])
-            vec = vec.index_put((torch.tensor(cold, device=vec.device),), fresh)
-        return vec

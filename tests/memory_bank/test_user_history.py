@@ -135,3 +135,32 @@ def test_matches_a_reference_of_deques(batches):
     want = [[None] * (L - len(ref.get(u, []))) + list(ref.get(u, [])) for u in users]
     assert serve.get(_obj(users)).item_ids.tolist() == want  # (reads touch the LRU: serve first)
     assert h.get(_obj(users)).item_ids.tolist() == want
+
+
+def test_long_term_summary_covers_every_event_not_only_the_last_L():
+    """The summary (the LMN memory loss's long-term target) is the mean over ALL a user's
+    events, also those the L-window no longer holds; it goes through export/import and
+    is cleared with an evicted user."""
+    cfg = HistoryConfig(length=2, max_users=2, summary_dim=3)
+    h = UserHistoryStore(cfg)
+    _append(h, [("a", "x", 1, 1.0), ("a", "y", 2, 1.0), ("a", "z", 3, 1.0), ("b", "w", 4, 0.0)])
+    h.add_summary(_obj(["a", "a", "a", "b"]), np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [2, 2, 2]]))
+    assert h.get(_obj(["a"])).item_ids.tolist() == [["y", "z"]]  # the window lost x ...
+    mean, n = h.summary(_obj(["a", "b", "nobody"]))
+    np.testing.assert_allclose(mean, [[1 / 3, 1 / 3, 1 / 3], [2, 2, 2], [0, 0, 0]])  # ... the summary did not
+    assert n.tolist() == [3, 1, 0]
+    copy = UserHistoryStore(cfg)
+    copy.import_state(*h.export_state())
+    np.testing.assert_array_equal(copy.summary(_obj(["a", "b"]))[0], h.summary(_obj(["a", "b"]))[0])
+    h.get(_obj(["a"]))  # b is now the least recently used
+    _append(h, [("c", "v", 5, 0.0)])  # evicts b
+    _append(h, [("b", "u", 6, 0.0)])  # b comes back (evicting a): no summary of its past left
+    assert h.summary(_obj(["b"]))[1].tolist() == [0]
+
+
+def test_no_summary_unless_configured():
+    h = UserHistoryStore(HistoryConfig(length=2, max_users=2))
+    _append(h, [("a", "x", 1, 1.0)])
+    h.add_summary(_obj(["a"]), np.zeros((1, 0)))
+    mean, n = h.summary(_obj(["a"]))
+    assert mean.shape == (1, 0) and n.tolist() == [0]

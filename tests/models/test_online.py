@@ -148,6 +148,7 @@ def test_history_items_computed_once_per_distinct_item_equal_per_position(ml1m_2
         hist_inverse=torch.arange(B * L).view(B, L),
         hist_item_idx=u.hist_item_idx[flat],
         hist_bank=None if u.hist_bank is None else u.hist_bank[flat],
+        hist_item_evidence=u.hist_item_evidence[flat],
     )
     from models.ranker import UserInputs
 
