@@ -403,10 +403,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.assemble:
         for part in args.assemble.split(","):
             for stream, res in json.loads(Path(part).read_text())["streams"].items():
+                # A stream met again (e.g. extra variants run later) gets its own table:
+                # "x all-off" compares rows of one run only.
+                key = next(
+                    k for k in (stream, *(f"{stream}, run {n}" for n in range(2, 99))) if k not in results
+                )
                 rows = [Row(r["name"], r["set"], r["report"]) for r in res["rows"]]
                 table = curve_table if args.pkm_curve else stream_table
-                sections += table(stream, Path(res["recording"]), rows)
-                results[stream] = res
+                sections += table(key, Path(res["recording"]), rows)
+                results[key] = res
         streams = []
         write(out, args, argv, sections, results)
     for stream in streams:

@@ -138,7 +138,9 @@ def test_a_tiny_run_end_to_end_and_assembled(tmp_path):
     assert sum(b["n"] for b in rows[0]["report"]["slices"]["item_evidence"].values()) == 400
 
     again = tmp_path / "again.md"
-    assert (
-        mv.main(["--assemble", str(out.with_suffix(".json")), "--out", str(again), "--commit", "abc123"]) == 0
-    )
-    assert "| all-off |" in again.read_text()
+    part = str(out.with_suffix(".json"))
+    assert mv.main(["--assemble", f"{part},{part}", "--out", str(again), "--commit", "abc123"]) == 0
+    text = again.read_text()
+    assert text.count("| all-off |") == 2 and "## stress-cold-items, run 2" in text
+    streams = json.loads(again.with_suffix(".json").read_text())["streams"]
+    assert list(streams) == ["stress-cold-items", "stress-cold-items, run 2"]
