@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -401,8 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     sections: list[str] = []
     results: dict[str, Any] = {}
     if args.assemble:
+        commands = []
         for part in args.assemble.split(","):
-            for stream, res in json.loads(Path(part).read_text())["streams"].items():
+            data = json.loads(Path(part).read_text())
+            commands.append(f"`{data['command']}` (commit {data['commit']})")
+            for stream, res in data["streams"].items():
                 # A stream met again (e.g. extra variants run later) gets its own table:
                 # "x all-off" compares rows of one run only.
                 key = next(
@@ -413,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
                 sections += table(key, Path(res["recording"]), rows)
                 results[key] = res
         streams = []
+        args.note = "\n".join(
+            [args.note, "", "Assembled from the runs:", *(f"- {c}" for c in commands)]
+        ).strip()
         write(out, args, argv, sections, results)
     for stream in streams:
         recording = recording_for(stream, data_dir, args.seed)
@@ -429,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(out: Path, args, argv: list[str] | None, sections: list[str], results: dict) -> None:
-    command = "python benchmarks/memory_value.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/memory_value.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     title = (
         "PKM slots: AUC against capacity" if args.pkm_curve else "Memory value: each memory off, per slice"
     )
