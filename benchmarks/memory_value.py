@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -59,6 +60,8 @@ STRESS = ["stress-cold-items", "stress-long-taste", "stress-capacity"]
 DEFAULT_STREAMS = ["ml-100k", *STRESS, "ml-1m"]
 PKM_SIZES = [64, 128, 256, 512, 1024]
 RIVER = "river"
+ORACLE = "oracle"
+ROW_TITLES = {RIVER: "River LR SGD(0.05) (peer)", ORACLE: "oracle: the true P(like)"}
 SLICE_COLUMNS: list[tuple[str, str, str]] = [  # (slice, bucket, column header)
     ("item_evidence", "0", "item 0"),
     ("item_evidence", "1-4", "item 1-4"),
@@ -147,6 +150,36 @@ def run_peer(recording: Path, max_events: int | None, history_length: int) -> di
     return run_river(str(recording), max_events, history_length=history_length)
 
 
+def oracle_row(stream: str, recording: Path, events: int, history_length: int) -> Row | None:
+    """A stress stream's ceiling: its true P(like) per event (the generator's latents,
+    regenerated from the recording's size and the seed in its name), scored like the other
+    rows (same slices); None for a real stream or a recording not named `<stream>-seed<S>`."""
+    m = re.fullmatch(rf"{re.escape(stream)}-seed(\d+)\.parquet", recording.name)
+    if stream not in STRESS or m is None or not recording.exists():
+        return None
+    import numpy as np
+
+    from models.metrics import auc_exact, logloss_from_logits
+    from models.slices import EvidenceSlices
+    from stream.recordings.data.stress import generate
+    from stream.recordings.recording import recording_info
+
+    s = generate(stream, recording_info(recording).rows, seed=int(m.group(1)))
+    p, y = np.clip(s.oracle_p[:events], 1e-7, 1 - 1e-7), s.like[:events]
+    logit = np.log(p) - np.log1p(-p)
+    slices = EvidenceSlices(history_length)
+    users = np.asarray(s.user_ids, dtype=object)[s.event_user[:events]]
+    slices.update(logit, y, users, np.asarray(s.item_ids, dtype=object)[s.event_item[:events]])
+    report = {
+        "events": len(y),
+        "auc.like": auc_exact(p, y),
+        "logloss.like": float(logloss_from_logits(logit, y).mean()),
+        "throughput_eps": None,
+        "slices": slices.summary(),
+    }
+    return Row(ORACLE, [], report)
+
+
 def history_length(config: str | None, extra: list[str]) -> int:
     from stream.config import load_config
 
@@ -170,7 +203,17 @@ def run_stream(args, stream: str, recording: Path) -> list[Row]:
         rep = run_peer(recording, args.max_events, history_length(args.config, args.overrides))
         log(f"{stream}: river: auc {fmt(rep['auc.like'])}")
         rows.append(Row(RIVER, [], rep))
-    return rows
+    return with_oracle(rows, stream, recording, history_length(args.config, args.overrides))
+
+
+def with_oracle(rows: list[Row], stream: str, recording: Path, history_length: int) -> list[Row]:
+    """`rows` plus the stress stream's oracle row over as many events, unless there is one."""
+    if not rows or any(r.name == ORACLE for r in rows):
+        return rows
+    rep = rows[0].report
+    events = int(rep.get("events_trained", rep.get("events")) or 0)
+    oracle = oracle_row(stream, recording, events, history_length)
+    return rows if oracle is None else [*rows, oracle]
 
 
 def run_curve(args, stream: str, recording: Path) -> list[Row]:
@@ -216,7 +259,7 @@ def stream_table(stream: str, recording: Path, rows: list[Row]) -> list[str]:
         events = rep.get("events_trained", rep.get("events"))
         ratio = speed_ratio(r, rows)
         cells = [
-            r.name if r.name != RIVER else "River LR SGD(0.05) (peer)",
+            ROW_TITLES.get(r.name, r.name),
             " ".join(r.overrides) or "-",
             fmt(events),
             fmt(rep.get("auc.like")),
@@ -413,6 +456,13 @@ def main(argv: list[str] | None = None) -> int:
                     k for k in (stream, *(f"{stream}, run {n}" for n in range(2, 99))) if k not in results
                 )
                 rows = [Row(r["name"], r["set"], r["report"]) for r in res["rows"]]
+                if not args.pkm_curve:  # parts run before the oracle row existed get it here
+                    length = history_length(args.config, args.overrides)
+                    rows = with_oracle(rows, stream, Path(res["recording"]), length)
+                    res = {
+                        **res,
+                        "rows": [{"name": r.name, "set": r.overrides, "report": r.report} for r in rows],
+                    }
                 table = curve_table if args.pkm_curve else stream_table
                 sections += table(key, Path(res["recording"]), rows)
                 results[key] = res

@@ -132,7 +132,14 @@ def test_a_tiny_run_end_to_end_and_assembled(tmp_path):
     assert "| all-off |" in text and "| River LR SGD(0.05) (peer) |" in text
     data = json.loads(out.with_suffix(".json").read_text())
     rows = data["streams"]["stress-cold-items"]["rows"]
-    assert [r["name"] for r in rows] == ["all-off", "river"]
+    assert [r["name"] for r in rows] == ["all-off", "river", "oracle"]
+    assert "| oracle: the true P(like) |" in text
+    # The oracle (the generator's true P(like)) is sliced by the same evidence as the model.
+    model_n, oracle_n = (
+        {s: {b: v["n"] for b, v in bs.items()} for s, bs in r["report"]["slices"].items()}
+        for r in (rows[0], rows[2])
+    )
+    assert model_n == oracle_n and rows[2]["report"]["auc.like"] > 0.8
     assert rows[0]["report"]["events_trained"] == 400 and "config" not in rows[0]["report"]
     assert rows[1]["report"]["slices"]["item_evidence"]["0"]["n"] > 0  # River's own slices
     assert sum(b["n"] for b in rows[0]["report"]["slices"]["item_evidence"].values()) == 400
