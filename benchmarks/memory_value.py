@@ -413,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory_value_pkm.md with --pkm-curve); the reports go to the same name .json",
     )
     ap.add_argument("--note", default="", help="a line put under the header (e.g. what the table is for)")
+    ap.add_argument("--note-file", default=None, help="the note read from this Markdown file instead")
     ap.add_argument(
         "--commit",
         default=None,
@@ -427,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         "parallel processes), in the order given",
     )
     args = ap.parse_args(argv)
+    if args.note_file:
+        args.note = Path(args.note_file).read_text().strip()
     if args.commit:
         global COMMIT_LABEL
         COMMIT_LABEL = args.commit
