@@ -49,7 +49,9 @@ def _assert_one_line(code: int, lines: list[str], took: float, *words: str) -> N
     assert lines[0].startswith("memstream run: error: "), lines
     for w in words:
         assert w in lines[0], lines
-    assert took < 15, f"{took:.1f} s"  # Ray never started (it alone takes longer here)
+    # Ray never started (the one line says so too). The bound leaves room for the interpreter's
+    # imports on a loaded 2-core machine (seen: 15 s with two benchmarks beside the suite).
+    assert took < 30, f"{took:.1f} s"
 
 
 @pytest.mark.timeout(60)
