@@ -194,6 +194,22 @@ class RankingState:
     def stats(self) -> dict[str, Any]:
         return {name: comp.stats() for name, comp in self.components().items()}
 
+    def usage(self) -> dict[str, dict[str, float | None]]:
+        """The few numbers per memory a dashboard follows (cheap: no percentile over the bank):
+        slot usage and KL from uniform of the last usage window (pkm, lmn), coverage of the
+        recent history lookups and fill fraction (bank)."""
+        out: dict[str, dict[str, float | None]] = {}
+        for name in ("pkm", "lmn"):
+            mem = getattr(self.ranker, name)
+            if mem is not None:
+                w = mem.stats()["window"]
+                out[name] = {"slot_usage": w["slot_usage"], "kl_uniform": w["kl_uniform"]}
+        if self.bank is not None:
+            b = self.bank
+            hits, n = sum(h for h, _ in b.coverage_recent), sum(k for _, k in b.coverage_recent)
+            out["bank"] = {"coverage": hits / n if n else None, "fill": len(b) / b.cfg.capacity}
+        return out
+
     # ---- 3. dense tensors ---------------------------------------------------------------------
 
     def _dense_tensors(self) -> dict[str, torch.Tensor]:

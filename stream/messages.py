@@ -99,6 +99,9 @@ class TrainerProgress:
     metrics: dict[str, Any]  # JSON-safe summary of the streaming metrics
     health: dict[str, Any]  # the health gate's last verdict (stream/train/health.py)
     slices: dict[str, Any] = field(default_factory=dict)  # StreamingMetrics.slice_summary(), JSON-safe
+    # RankingState.usage(): per memory its slot usage and KL from uniform over the last usage
+    # window (pkm, lmn) or its coverage of history lookups and fill (bank), JSON-safe.
+    memory_usage: dict[str, Any] = field(default_factory=dict)
     # This incarnation's per-event predictions file (on the trainer's filesystem): path,
     # rows written, and the error that stopped it, if one did; None when not asked for.
     predictions: dict[str, Any] | None = None

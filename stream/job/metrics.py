@@ -52,6 +52,15 @@ class JobMetrics:
         self.slice_auc = g("memstream_slice_auc", "prequential like AUC of a slice (cumulative)", per_slice)
         self.slice_logloss = g("memstream_slice_logloss", "prequential like logloss of a slice", per_slice)
         self.slice_events = g("memstream_slice_events", "like events scored in a slice", per_slice)
+        # The memories (RankingState.usage): memory = pkm or lmn; the bank has its own two.
+        self.memory_slot_usage = g(
+            "memstream_memory_slot_usage", "fraction of slots read in the last usage window", ("memory",)
+        )
+        self.memory_kl_uniform = g(
+            "memstream_memory_kl_uniform", "KL of the slot reads from uniform, last window", ("memory",)
+        )
+        self.bank_coverage = g("memstream_bank_coverage", "history lookups the bank answered, recent")
+        self.bank_fill = g("memstream_bank_fill", "bank rows in use / capacity")
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -90,6 +99,18 @@ class JobMetrics:
                 for gauge, key in ((self.slice_auc, "auc.like"), (self.slice_logloss, "logloss.like")):
                     if v[key] is not None:
                         gauge.labels(name, bucket).set(v[key])
+        for name, u in p.memory_usage.items():
+            if name == "bank":
+                for gauge, key in ((self.bank_coverage, "coverage"), (self.bank_fill, "fill")):
+                    if u.get(key) is not None:
+                        gauge.set(u[key])
+                continue
+            for gauge, key in (
+                (self.memory_slot_usage, "slot_usage"),
+                (self.memory_kl_uniform, "kl_uniform"),
+            ):
+                if u.get(key) is not None:
+                    gauge.labels(name).set(u[key])
         for r in serving or []:
             if r.get("version") is not None:
                 self.serving_version.labels(r["replica"]).set(r["version"])

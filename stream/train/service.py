@@ -559,6 +559,7 @@ class TrainerService:
                 metrics=finite_or_none(self.trainer.metrics.summary()),
                 health=finite_or_none(self.gate.summary()),
                 slices=finite_or_none(self.trainer.metrics.slice_summary()),
+                memory_usage=finite_or_none(self.trainer.state.usage()),
                 predictions=self._predictions_status_now(),
             )
 

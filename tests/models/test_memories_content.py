@@ -90,3 +90,17 @@ def test_lmn_target_is_the_long_term_summary_of_every_earlier_event(ml1m_20k):
     np.testing.assert_array_equal(u.user_summary_n.numpy() > 0, known)
     recent = OnlineTrainer(*_cfgs(tiny_config(**{"model.lmn.target": "recent"})))
     assert recent.history.cfg.summary_dim == 0
+
+
+def test_usage_reports_each_memory_for_the_dashboard(ml1m_20k):
+    """RankingState.usage(): what /metrics exports per memory (memstream_memory_slot_usage,
+    memstream_bank_coverage...), filled once the memories have been read."""
+    cfg = tiny_config()
+    t = OnlineTrainer(cfg.model, cfg.trainer)
+    for b in _batches(ml1m_20k, 256):
+        t.step(b)
+    u = t.state.usage()
+    assert set(u) == {"pkm", "lmn", "bank"}
+    for name in ("pkm", "lmn"):
+        assert 0 < u[name]["slot_usage"] <= 1
+    assert 0 < u["bank"]["fill"] <= 1 and 0 <= u["bank"]["coverage"] <= 1
