@@ -40,6 +40,12 @@ class SnapshotConfig(BaseModel):
 
 _MAX_VERSIONS_KEPT = 10_000  # first activations remembered (a day of 1 s versions is 86k)
 _MAX_VERSIONS_PENDING = 1_000  # versions waiting for a first activation
+# ... and the events they hold (16 bytes each: Kafka and trained timestamps). A bound in
+# versions alone is no bound in memory: with serving off nothing is activated, and the
+# 30-minute soak's publisher held every event of the run (1,000 versions of ~4,000
+# events, 78 MB more after the warm-up). 1M events is 16 MB; the freshness of a replica
+# further behind than that is not measured (its events count as never activated).
+_MAX_EVENTS_PENDING = 1_000_000
 
 
 class FreshnessLedger:
@@ -54,9 +60,11 @@ class FreshnessLedger:
 
     LEGS = ("train", "tick", "write", "swap")
 
-    def __init__(self, max_samples: int = 2_000_000):
+    def __init__(self, max_samples: int = 2_000_000, max_pending_events: int = _MAX_EVENTS_PENDING):
         # version -> (kafka ts (s), trained at (s) or None, cut at (s) or None)
         self._pending: dict[int, tuple[np.ndarray, np.ndarray | None, float | None]] = {}
+        self._pending_events = 0  # events held in _pending
+        self._max_pending_events = max_pending_events
         self._written_at: dict[int, float] = {}
         self._samples: list[np.ndarray] = []
         self._legs: list[np.ndarray] = []  # (n, 4) per activated version, when known
@@ -82,11 +90,17 @@ class FreshnessLedger:
         keep = ts > 0  # 0 = no Kafka timestamp
         trained = None if trained_at_s is None else np.asarray(trained_at_s, np.float64)[keep]
         self._pending[version] = (ts[keep] / 1000.0, trained, cut_at_s)
+        self._pending_events += int(keep.sum())
         # Versions no replica ever activates (serving off, or every replica refusing) must
-        # not pile up: past the bound the oldest are dropped, counted as never activated.
-        while len(self._pending) > _MAX_VERSIONS_PENDING:
+        # not pile up: past either bound the oldest are dropped, counted as never activated
+        # (the newest version is always kept: a replica may still activate it).
+        while len(self._pending) > _MAX_VERSIONS_PENDING or (
+            self._pending_events > self._max_pending_events and len(self._pending) > 1
+        ):
             old = min(self._pending)
-            self.never_activated += len(self._pending.pop(old)[0])
+            dropped = len(self._pending.pop(old)[0])
+            self._pending_events -= dropped
+            self.never_activated += dropped
             self._written_at.pop(old, None)
 
     def written(self, version: int, at_s: float) -> None:
@@ -102,6 +116,7 @@ class FreshnessLedger:
         live = [v for v in self._pending if v <= version]
         for v in sorted(live):
             ts, trained, cut = self._pending.pop(v)
+            self._pending_events -= len(ts)
             written = self._written_at.pop(v, None)
             if v not in self.first_activation:
                 self.first_activation[v] = at_s
@@ -288,6 +303,7 @@ class SnapshotPublisher:
             return {
                 "freshness_samples": led._count,
                 "freshness_pending_versions": len(led._pending),
+                "freshness_pending_events": led._pending_events,
                 "first_activations": len(led.first_activation),
                 "replicas": len(self.replicas),
             }
