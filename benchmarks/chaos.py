@@ -639,8 +639,13 @@ def problems(r: ChaosResult) -> list[str]:
             )
     if r.checkpoint_failures:
         out.append(f"{r.checkpoint_failures} checkpoint saves failed")
-    if r.full_versions != 1:
-        out.append(f"{r.full_versions} full snapshot versions (restarts should go on with deltas)")
+    # The first version is full; a restart may go full safely when the killed trainer's last
+    # publish lands after the new one read the store (PRODUCTION.md), but not every restart.
+    if r.full_versions < 1 or r.full_versions > max(1, r.trainer_restarts):
+        out.append(
+            f"{r.full_versions} full snapshot versions for {r.trainer_restarts} restarts "
+            "(restarts should go on with deltas)"
+        )
     return out
 
 

@@ -40,5 +40,7 @@ def test_short_chaos_run_loses_nothing_applies_nothing_twice(ray_cluster, tmp_pa
     assert r.poison_in_ledger == 1 and r.poison_dlq_copies >= 1
     assert r.damaged_checkpoint is not None and r.damaged_quarantined and r.saves_after_fallback >= 1
     assert r.checkpoint_failures == 0 and r.checkpoint_quarantined >= 1
-    assert r.full_versions == 1 and r.delta_versions > 0
+    # One full version, plus at most one per restart whose killed trainer published late (a
+    # race under load, safe: the chain restarts); never every restart.
+    assert 1 <= r.full_versions <= r.trainer_restarts and r.delta_versions > 0, table(r)
     assert problems(r) == []
