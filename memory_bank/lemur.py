@@ -289,12 +289,15 @@ class ItemMemoryBank(nn.Module):
         out = [(self.row_ids[live[j]], float(s)) for s, j in zip(sims[0], at[0]) if j >= 0 and live[j] != r]
         return out[:k]
 
+    def recent_coverage(self) -> float | None:
+        """Share of the last `coverage_window` history lookups' items the bank held."""
+        n = sum(k for _, k in self.coverage_recent)
+        return sum(h for h, _ in self.coverage_recent) / n if n else None
+
     def stats(self, now_s: float | None = None) -> dict[str, Any]:
         """size, capacity, coverage (window / cumulative), staleness_cos, age (steps, s), evictions."""
         now_s = self.last_now_s if now_s is None else now_s
         live = np.flatnonzero(self.row_ids != None)
-        win_hits = sum(h for h, _ in self.coverage_recent)
-        win_n = sum(n for _, n in self.coverage_recent)
         age: dict[str, float | None] = dict.fromkeys(
             ("steps_p50", "steps_p90", "steps_max", "s_p50", "s_p90", "s_max")
         )
@@ -312,7 +315,7 @@ class ItemMemoryBank(nn.Module):
             "size": len(self.rows),
             "capacity": self.cfg.capacity,
             "coverage": {
-                "window": win_hits / win_n if win_n else None,
+                "window": self.recent_coverage(),
                 "cumulative": self.hits_total / self.lookups_total if self.lookups_total else None,
                 "lookups": int(self.lookups_total),
             },

@@ -185,6 +185,7 @@ class OnlineCounters:
     """
 
     NUM_FEATURES = 8  # per event: user (log n, like rate, mean rating), item (same), 2 crosses
+    ITEM_LOG_COUNT = 3  # the column of read() holding log(1 + earlier events of the item)
 
     def __init__(self, user_buckets: int, item_buckets: int, prior: float, rating_center: float) -> None:
         self.prior = prior
@@ -423,7 +424,10 @@ class FeatureBuilder:
             counters[:, OnlineCounters.NUM_FEATURES :] = self.affinity.read(
                 user_idx, text_idx, signal, cfg.in_batch_features
             )
-        evidence = self.counters.item_evidence(item_idx, cfg.in_batch_features)
+        if cfg.use_counters:  # read() has it already
+            evidence = counters[:, OnlineCounters.ITEM_LOG_COUNT].copy()
+        else:
+            evidence = self.counters.item_evidence(item_idx, cfg.in_batch_features)
         return FeatureArrays(user_idx, item_idx, cat_idx, num, scenario_idx, text_idx, counters, evidence)
 
     def learn(self, feats: FeatureArrays, like: np.ndarray, rating: np.ndarray) -> None:

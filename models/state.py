@@ -206,8 +206,7 @@ class RankingState:
                 out[name] = {"slot_usage": w["slot_usage"], "kl_uniform": w["kl_uniform"]}
         if self.bank is not None:
             b = self.bank
-            hits, n = sum(h for h, _ in b.coverage_recent), sum(k for _, k in b.coverage_recent)
-            out["bank"] = {"coverage": hits / n if n else None, "fill": len(b) / b.cfg.capacity}
+            out["bank"] = {"coverage": b.recent_coverage(), "fill": len(b) / b.cfg.capacity}
         return out
 
     # ---- 3. dense tensors ---------------------------------------------------------------------
