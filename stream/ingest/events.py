@@ -29,6 +29,8 @@ from pydantic import (
     model_validator,
 )
 
+from models.ids import MAX_WORDS, EventCodes, default_encoder
+
 if TYPE_CHECKING:
     from stream.ingest.event_format import EventMapping
 
@@ -172,6 +174,9 @@ class EventBatch:
     labels[task] is float64 with NaN where the event has no label for that task.
     user_cat[name] is object (str or None); user_num[name] float64 (NaN = missing).
     kafka_* are -1 when the batch did not come from Kafka.
+    codes: the ids as integers (models.ids), computed where the batch is decoded (ingest,
+    the eval reader) and carried with it; `id_codes()` computes them for a batch built
+    elsewhere (a serving request, a test).
     """
 
     event_id: np.ndarray  # (n,) object
@@ -187,6 +192,7 @@ class EventBatch:
     kafka_partition: np.ndarray | None = None  # (n,) int32
     kafka_offset: np.ndarray | None = None  # (n,) int64
     kafka_ts_ms: np.ndarray | None = None  # (n,) int64
+    codes: EventCodes | None = None
 
     def __post_init__(self) -> None:
         n = len(self.event_id)
@@ -199,6 +205,14 @@ class EventBatch:
 
     def __len__(self) -> int:
         return len(self.event_id)
+
+    def id_codes(self) -> EventCodes:
+        """The integer ids of this batch (computed once, then carried)."""
+        if self.codes is None:
+            self.codes = default_encoder().encode(
+                self.user_id, self.item_id, self.scenario, self.item_text, self.user_cat
+            )
+        return self.codes
 
     @classmethod
     def empty(cls) -> EventBatch:
@@ -264,6 +278,7 @@ class EventBatch:
             kafka_partition=self.kafka_partition[idx],
             kafka_offset=self.kafka_offset[idx],
             kafka_ts_ms=self.kafka_ts_ms[idx],
+            codes=None if self.codes is None else self.codes.take(idx),
         )
 
     @classmethod
@@ -300,6 +315,9 @@ class EventBatch:
             kafka_partition=cat(lambda b: b.kafka_partition, np.int32, -1),
             kafka_offset=cat(lambda b: b.kafka_offset, np.int64, -1),
             kafka_ts_ms=cat(lambda b: b.kafka_ts_ms, np.int64, -1),
+            codes=EventCodes.concat([b.id_codes() for b in batches])
+            if any(b.codes is not None for b in batches)
+            else None,
         )
 
     # Arrow round trip: how batches cross process boundaries (Ray object store).
@@ -322,6 +340,15 @@ class EventBatch:
             cols[f"ucat.{k}"] = pa.array(v, type=pa.string())
         for k, v in self.user_num.items():
             cols[f"unum.{k}"] = pa.array(v, type=pa.float64())
+        if self.codes is not None:  # integers cross with the strings: the trainer hashes nothing
+            c = self.codes
+            for name in EventCodes.COLUMNS:
+                if name != "words":
+                    cols[f"code.{name}"] = pa.array(getattr(c, name), type=pa.int64())
+            flat = pa.array(c.words.reshape(-1), type=pa.int64())
+            cols["code.words"] = pa.FixedSizeListArray.from_arrays(flat, MAX_WORDS)
+            for k, v in c.user_cat.items():
+                cols[f"code.ucat.{k}"] = pa.array(v, type=pa.int64())
         return pa.table(cols)
 
     @classmethod
@@ -333,6 +360,14 @@ class EventBatch:
             return table.column(name).to_numpy(zero_copy_only=False).astype(dt, copy=False)
 
         prefixed = lambda p: [c for c in table.column_names if c.startswith(p)]
+        codes = None
+        if "code.user" in table.column_names:
+            words = table.column("code.words").combine_chunks().flatten()
+            codes = EventCodes(
+                **{n: num(f"code.{n}", np.int64) for n in EventCodes.COLUMNS if n != "words"},
+                words=words.to_numpy().astype(np.int64, copy=False).reshape(-1, MAX_WORDS),
+                user_cat={c[len("code.ucat.") :]: num(c, np.int64) for c in prefixed("code.ucat.")},
+            )
         return cls(
             event_id=obj("event_id"),
             ts_ms=num("ts_ms", np.int64),
@@ -347,6 +382,7 @@ class EventBatch:
             kafka_partition=num("kafka_partition", np.int32),
             kafka_offset=num("kafka_offset", np.int64),
             kafka_ts_ms=num("kafka_ts_ms", np.int64),
+            codes=codes,
         )
 
 
@@ -615,4 +651,5 @@ def decode_batch(
         kafka_offset=pick(kafka_offset),
         kafka_ts_ms=pick(kafka_ts_ms),
     )
+    batch.id_codes()  # ids become integers here, once (the trainer's step hashes nothing)
     return DecodeResult(batch, rejects, ok, np.asarray(pos_bad, dtype=np.int64))
