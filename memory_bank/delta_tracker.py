@@ -8,6 +8,10 @@ updates exactly those rows, so the marks are the rows that changed. `take(owner)
 one component's changed rows over (and clears them); `clear()` starts a new delta
 chain (after a full snapshot). The marks are boolean masks on the table's device:
 nothing is copied to the host until a delta is cut.
+
+A trainer that learns whether its step is usable only after the backward (one check,
+one sync) calls `hold()` before it: the backward's marks wait for `commit()` (the
+optimizers stepped) or `discard()` (a poisoned batch changed nothing).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ class DeltaTracker:
     def __init__(self) -> None:
         self._tables: dict[str, dict[str, nn.Parameter]] = {}  # owner -> table -> weight
         self._marks: dict[str, dict[str, torch.Tensor]] = {}  # owner -> table -> (N,) bool
+        self._held: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (mark, rows) until commit
 
     def track(self, owner: str, table: str, weight: nn.Parameter) -> None:
         """Register `weight` (N, ...) as `owner`'s table `table`; its gradients mark rows."""
@@ -35,12 +40,34 @@ class DeltaTracker:
         self._marks.setdefault(owner, {})[table] = mark
         weight.register_hook(lambda grad, mark=mark: self._mark(mark, grad))
 
+    def _mark(self, mark: torch.Tensor, grad: torch.Tensor) -> None:
+        # A sparse gradient's row indices, or a dense gradient's rows with any non-zero entry.
+        rows = grad._indices()[0] if grad.is_sparse else grad.reshape(grad.shape[0], -1).ne(0).any(dim=1)
+        if self._held is not None:
+            self._held.append((mark, rows))
+        else:
+            self._set(mark, rows)
+
     @staticmethod
-    def _mark(mark: torch.Tensor, grad: torch.Tensor) -> None:
-        if grad.is_sparse:
-            mark[grad._indices()[0]] = True
-        else:  # a dense gradient: the rows with any non-zero entry
-            mark |= grad.reshape(grad.shape[0], -1).ne(0).any(dim=1)
+    def _set(mark: torch.Tensor, rows: torch.Tensor) -> None:
+        if rows.dtype == torch.bool:
+            mark |= rows
+        else:
+            mark[rows] = True
+
+    def hold(self) -> None:
+        """The marks of the backwards until `commit()` / `discard()` wait."""
+        self._held = []
+
+    def commit(self) -> None:
+        """The held marks count (the optimizers changed those rows)."""
+        for mark, rows in self._held or []:
+            self._set(mark, rows)
+        self._held = None
+
+    def discard(self) -> None:
+        """The held marks are dropped (the step changed nothing)."""
+        self._held = None
 
     def owners(self) -> list[str]:
         return list(self._tables)

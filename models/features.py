@@ -1,21 +1,19 @@
-"""Raw event columns -> integer ids and numbers (numpy side of the tokenization).
+"""A batch's integer columns -> the model's feature tensors, on the model's device.
 
-The model never sees strings. This module turns a batch (any object with
-EventBatch's attributes: `models` does not import `stream`) into fixed-layout
-arrays: hashed ids for the user, the item, every categorical user feature
-(salted by its name so equal values of different fields do not collide),
-the scenario and the words of the item text; transformed numeric features;
-and online counters read BEFORE the batch's labels are added (so no event's
-label reaches its own score: progressive validation stays honest).
-
-Hashing is crc32 of the UTF-8 bytes (stable across processes, unlike hash()),
-memoised in a bounded dict because ids repeat constantly in a stream.
+The model never sees strings: ids arrive as integers (models.ids, `batch.id_codes()`,
+computed where the batch was decoded). This module packs a batch (any object with
+EventBatch's attributes: `models` does not import `stream`) into one host array, copies
+it to the device once (`StagingBuffer`), and derives everything there with tensor ops:
+table rows for the user, the item, every categorical user feature (the slot layout is
+the one piece of host logic: names -> slots), the scenario and the words of the item
+text; transformed numeric features; and online counters and the user x word affinity,
+read BEFORE the batch's labels are added (so no event's label reaches its own score:
+progressive validation stays honest), causal within the batch.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import zlib
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,6 +23,7 @@ import torch
 
 from memory_bank.base import MemoryDelta
 from models.config import FeatureConfig
+from models.ids import MAX_WORDS, EventCodes, crc_code
 
 
 class BatchLike(Protocol):
@@ -41,6 +40,8 @@ class BatchLike(Protocol):
     user_num: dict[str, np.ndarray]
 
     def __len__(self) -> int: ...
+
+    def id_codes(self) -> EventCodes: ...
 
 
 class FeatureLayoutError(ValueError):
@@ -78,107 +79,97 @@ class StableHasher:
         return np.array(out, dtype=np.int64).reshape(xs.shape)
 
 
-_WORD = re.compile(r"[a-z0-9']+")
-
-
-class TextHasher:
-    """item_text -> up to `max_tokens` hashed word ids (+1; 0 is padding), memoised per text."""
-
-    def __init__(self, buckets: int, max_tokens: int, cache_size: int = 1 << 16) -> None:
-        self.words = StableHasher(buckets - 1, "word")
-        self.max_tokens = max_tokens
-        self.cache: dict[str, np.ndarray] = {}
-        self.cache_size = cache_size
-
-    def one(self, text: str | None) -> np.ndarray:
-        if not text:
-            return np.zeros(0, dtype=np.int64)
-        ids = self.cache.get(text)
-        if ids is None:
-            if len(self.cache) >= self.cache_size:
-                self.cache.clear()
-            words = _WORD.findall(text.lower())[: self.max_tokens]
-            ids = np.array([self.words.one(w) + 1 for w in words], dtype=np.int64)
-            self.cache[text] = ids
-        return ids
-
-    def many(self, texts: np.ndarray) -> np.ndarray:
-        """(B,) texts -> (B, max_tokens) int64, 0 = padding."""
-        out = np.zeros((len(texts), self.max_tokens), dtype=np.int64)
-        for i, t in enumerate(texts):
-            ids = self.one(t)
-            out[i, : len(ids)] = ids
-        return out
-
-
-def signed_log(x: np.ndarray) -> np.ndarray:
+def signed_log(x: torch.Tensor) -> torch.Tensor:
     """Numeric features of unknown scale: sign(x) * log1p(|x|); NaN -> 0."""
-    x = np.nan_to_num(np.asarray(x, dtype=np.float64), nan=0.0)
-    return np.sign(x) * np.log1p(np.abs(x))
+    x = torch.nan_to_num(x, nan=0.0)
+    return torch.sign(x) * torch.log1p(x.abs())
 
 
-def exclusive_group_cumsum(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+def exclusive_group_cumsum(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """For each row j: the sum of values[i] over i < j with keys[i] == keys[j].
 
-    keys (B,), values (B, K) -> (B, K). Stable sort by key, cumulative sum, minus the
-    sum at the start of each key's run, minus the row itself.
+    keys (B,), values (B, K) -> (B, K). Stable sort by key, exclusive cumulative sum, minus
+    the sum at the start of each key's run. Tensor ops only, no host sync (the run starts
+    come from a cummax, not from a data-dependent index).
     """
-    if len(keys) == 0:  # e.g. no word of any item text in the batch (item_text is optional)
-        return np.zeros_like(values)
-    order = np.argsort(keys, kind="stable")
-    v = values[order]
-    csum = np.cumsum(v, axis=0) - v  # exclusive over the sorted rows
-    k = keys[order]
-    starts = np.r_[0, np.flatnonzero(k[1:] != k[:-1]) + 1]
-    run_len = np.diff(np.r_[starts, len(k)])
-    out_sorted = csum - np.repeat(csum[starts], run_len, axis=0)
-    out = np.empty_like(out_sorted)
-    out[order] = out_sorted
-    return out
+    n = keys.shape[0]
+    if n == 0:  # e.g. no word of any item text in the batch (item_text is optional)
+        return torch.zeros_like(values)
+    k, order = torch.sort(keys, stable=True)  # (B,)
+    v = values.index_select(0, order)
+    csum = v.cumsum(0) - v  # exclusive over the sorted rows
+    pos = torch.arange(n, device=keys.device)
+    starts = torch.ones(n, dtype=torch.bool, device=keys.device)
+    starts[1:] = k[1:] != k[:-1]
+    run_start = torch.where(starts, pos, 0).cummax(0).values  # (B,) first sorted row of each run
+    out_sorted = csum - csum.index_select(0, run_start)
+    return torch.empty_like(out_sorted).index_copy_(0, order, out_sorted)
+
+
+def group_rank(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """keys (B,) in event order -> (rank (B,): earlier rows with the same key, first (B,): the
+    row index, in sorted order, where the key's run starts) and the sort order (B,)."""
+    n = keys.shape[0]
+    k, order = torch.sort(keys, stable=True)
+    pos = torch.arange(n, device=keys.device)
+    starts = torch.ones(n, dtype=torch.bool, device=keys.device)
+    starts[1:] = k[1:] != k[:-1]
+    run_start = torch.where(starts, pos, 0).cummax(0).values  # (B,) sorted
+    rank = torch.empty_like(pos).index_copy_(0, order, pos - run_start)
+    first = torch.empty_like(pos).index_copy_(0, order, run_start)
+    return rank, first, order
 
 
 def causal_batch_history(
-    item_ids: np.ndarray,
-    signal: np.ndarray,
-    mask: np.ndarray,
-    user_ids: np.ndarray,
-    batch_items: np.ndarray,
-    batch_signal: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    stored: dict[str, torch.Tensor],
+    mask: torch.Tensor,
+    user_keys: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Histories as each event of the batch would see them: stored history + the same
-    user's earlier events of this batch (their items and feedback), last L kept.
+    user's earlier events of this batch, last L kept.
 
-    item_ids (B, L) object, signal (B, L), mask (B, L) (the store's view before the
-    batch, most recent last); user_ids, batch_items, batch_signal (B,) in event order.
-    Event j with r earlier same-user events in the batch sees the window
-    combined[r : r + L] of combined = stored (L) ++ those events (positions c >= L).
+    stored[name] (B, L) per-position columns of the store's view before the batch (most
+    recent last), mask (B, L); user_keys (B,) in event order; batch[name] (B,) the same
+    columns of the batch's own events. Event j with r earlier same-user events in the
+    batch sees the window combined[r : r + L] of combined = stored (L) ++ those events
+    (positions c >= L). Tensor ops only (no host sync): a batch with no repeated user
+    gets its stored view back through the same gathers.
     """
-    b, L = item_ids.shape
-    codes = np.unique(user_ids, return_inverse=True)[1].reshape(-1)
-    order = np.argsort(codes, kind="stable")
-    k = codes[order]
-    starts = np.r_[0, np.flatnonzero(k[1:] != k[:-1]) + 1]
-    run_len = np.diff(np.r_[starts, b])
-    start_sorted = np.repeat(starts, run_len)  # (B,) run start of each sorted row
-    rank = np.empty(b, dtype=np.int64)
-    rank[order] = np.arange(b) - start_sorted
-    if not rank.any():
-        return item_ids, signal, mask
-    first = np.empty(b, dtype=np.int64)
-    first[order] = start_sorted
-    c = np.arange(L)[None, :] + rank[:, None]  # (B, L) combined index
-    stored = c < L
-    rows = np.arange(b)[:, None]
-    cs = np.minimum(c, L - 1)
-    pos = order[np.minimum(first[:, None] + np.maximum(c - L, 0), b - 1)]  # batch row of c >= L
-    new_items = np.where(stored, item_ids[rows, cs], batch_items[pos])
-    new_signal = np.where(stored, signal[rows, cs], batch_signal[pos]).astype(np.float32)
-    new_mask = np.where(stored, mask[rows, cs], True)
-    return new_items, new_signal, new_mask
+    b, L = mask.shape
+    rank, first, order = group_rank(user_keys)
+    c = torch.arange(L, device=mask.device)[None, :] + rank[:, None]  # (B, L) combined index
+    from_store = c < L
+    cs = torch.clamp(c, max=L - 1)
+    pos = order[torch.clamp(first[:, None] + torch.clamp(c - L, min=0), max=b - 1)]  # batch row of c >= L
+    out = {name: torch.where(from_store, col.gather(1, cs), batch[name][pos]) for name, col in stored.items()}
+    return out, torch.where(from_store, mask.gather(1, cs), True)
+
+
+def feedback_signal(like: torch.Tensor, rating: torch.Tensor, center: float, scale: float) -> torch.Tensor:
+    """What an event says about the user's taste: centred rating, else +-1 like, else 0 (float32)."""
+    sig = (rating - center) / max(scale, 1e-6)
+    like_sig = torch.where(torch.isnan(like), 0.0, 2.0 * like - 1.0)
+    return torch.where(torch.isnan(sig), like_sig, sig).to(torch.float32)
+
+
+def _increments(like: torch.Tensor, rating: torch.Tensor) -> torch.Tensor:
+    """(B,) labels (float64, NaN = missing) -> (B, 4): count, likes, rating sum, rating count."""
+    has_like, has_rating = ~torch.isnan(like), ~torch.isnan(rating)
+    return torch.stack(
+        [
+            torch.ones_like(like),
+            torch.where(has_like, like, 0.0),
+            torch.where(has_rating, rating, 0.0),
+            has_rating.to(like.dtype),
+        ],
+        dim=1,
+    )
 
 
 class OnlineCounters:
-    """Per user / per item running counts, like rate and mean rating (hashed rows).
+    """Per user / per item running counts, like rate and mean rating (hashed rows), as
+    float64 tensors on the model's device.
 
     read() is called before update() for the same batch: features only ever
     contain labels of strictly earlier events.
@@ -187,85 +178,76 @@ class OnlineCounters:
     NUM_FEATURES = 8  # per event: user (log n, like rate, mean rating), item (same), 2 crosses
     ITEM_LOG_COUNT = 3  # the column of read() holding log(1 + earlier events of the item)
 
-    def __init__(self, user_buckets: int, item_buckets: int, prior: float, rating_center: float) -> None:
+    def __init__(
+        self,
+        user_buckets: int,
+        item_buckets: int,
+        prior: float,
+        rating_center: float,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.prior = prior
         self.rating_center = rating_center
+        f64 = {"dtype": torch.float64, "device": device}
         # columns: count, likes, rating sum, rating count
-        self.user = np.zeros((user_buckets, 4), dtype=np.float64)
-        self.item = np.zeros((item_buckets, 4), dtype=np.float64)
-        self.total = np.zeros(4, dtype=np.float64)
+        self.user = torch.zeros((user_buckets, 4), **f64)
+        self.item = torch.zeros((item_buckets, 4), **f64)
+        self.total = torch.zeros(4, **f64)
         # Rows updated since the last take (snapshot deltas ship only those).
-        self.touched_user = np.zeros(user_buckets, dtype=bool)
-        self.touched_item = np.zeros(item_buckets, dtype=bool)
+        self.touched_user = torch.zeros(user_buckets, dtype=torch.bool, device=device)
+        self.touched_item = torch.zeros(item_buckets, dtype=torch.bool, device=device)
 
-    def _rates(self, rows: np.ndarray, total: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _rates(self, rows: torch.Tensor, total: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """rows (B, 4), total (B, 4) global counts -> log count, smoothed like rate and mean rating."""
         g_like = (total[:, 1] + 1.0) / (total[:, 0] + 2.0)
-        g_rating = np.where(total[:, 3] > 0, total[:, 2] / np.maximum(total[:, 3], 1.0), self.rating_center)
+        g_rating = torch.where(
+            total[:, 3] > 0, total[:, 2] / torch.clamp(total[:, 3], min=1.0), self.rating_center
+        )
         n = rows[:, 0]
         like = (rows[:, 1] + self.prior * g_like) / (n + self.prior)
         rating = (rows[:, 2] + self.prior * g_rating) / (rows[:, 3] + self.prior)
-        return np.log1p(n), like - g_like, rating - g_rating
+        return torch.log1p(n), like - g_like, rating - g_rating
 
-    def item_evidence(self, item_idx: np.ndarray, in_batch: bool = True) -> np.ndarray:
+    def item_evidence(self, item_idx: torch.Tensor, in_batch: bool = True) -> torch.Tensor:
         """(B,) rows -> (B,) float32 log(1 + earlier events of each item), causal in the batch."""
         n = self.item[item_idx, 0]
         if in_batch:
-            n = n + exclusive_group_cumsum(item_idx, np.ones((len(item_idx), 1)))[:, 0]
-        return np.log1p(n).astype(np.float32)
+            n = n + exclusive_group_cumsum(item_idx, torch.ones_like(n)[:, None])[:, 0]
+        return torch.log1p(n).to(torch.float32)
 
     def read(
         self,
-        user_idx: np.ndarray,
-        item_idx: np.ndarray,
-        like: np.ndarray,
-        rating: np.ndarray,
+        user_idx: torch.Tensor,
+        item_idx: torch.Tensor,
+        like: torch.Tensor,
+        rating: torch.Tensor,
         in_batch: bool = True,
-    ) -> np.ndarray:
+    ) -> torch.Tensor:
         """(B,) rows -> (B, 8) float32 features, causal within the batch.
 
         Event j sees the counts before the batch plus the labels of the batch's events
         before j (exclusive prefix sums per user / item): exactly what a per-event
         learner would know, and never j's own label.
         """
-        upd = self._increments(like, rating)  # (B, 4)
+        upd = _increments(like, rating)  # (B, 4)
         if not in_batch:  # counts as of before the batch only
-            upd = np.zeros_like(upd)
+            upd = torch.zeros_like(upd)
         users = self.user[user_idx] + exclusive_group_cumsum(user_idx, upd)
         items = self.item[item_idx] + exclusive_group_cumsum(item_idx, upd)
-        total = self.total + np.cumsum(upd, axis=0) - upd  # (B, 4)
+        total = self.total + upd.cumsum(0) - upd  # (B, 4)
         un, ul, ur = self._rates(users, total)
         in_, il, ir = self._rates(items, total)
-        return np.stack([un, ul, ur, in_, il, ir, ul * il, ur + ir], axis=1).astype(np.float32)
-
-    @staticmethod
-    def _increments(like: np.ndarray, rating: np.ndarray) -> np.ndarray:
-        has_like, has_rating = ~np.isnan(like), ~np.isnan(rating)
-        return np.stack(
-            [
-                np.ones(len(like)),
-                np.where(has_like, like, 0.0),
-                np.where(has_rating, rating, 0.0),
-                has_rating.astype(np.float64),
-            ],
-            axis=1,
-        )  # (B, 4): count, likes, rating sum, rating count
+        return torch.stack([un, ul, ur, in_, il, ir, ul * il, ur + ir], dim=1).to(torch.float32)
 
     def update(
-        self, user_idx: np.ndarray, item_idx: np.ndarray, like: np.ndarray, rating: np.ndarray
+        self, user_idx: torch.Tensor, item_idx: torch.Tensor, like: torch.Tensor, rating: torch.Tensor
     ) -> None:
-        upd = self._increments(like, rating)
-        np.add.at(self.user, user_idx, upd)
-        np.add.at(self.item, item_idx, upd)
+        upd = _increments(like, rating)
+        self.user.index_add_(0, user_idx, upd)
+        self.item.index_add_(0, item_idx, upd)
         self.total += upd.sum(0)
         self.touched_user[user_idx] = True
         self.touched_item[item_idx] = True
-
-
-def feedback_signal(like: np.ndarray, rating: np.ndarray, center: float, scale: float) -> np.ndarray:
-    """What an event says about the user's taste: centred rating, else +-1 like, else 0."""
-    sig = np.where(np.isnan(rating), np.nan, (rating - center) / max(scale, 1e-6))
-    return np.where(np.isnan(sig), np.where(np.isnan(like), 0.0, 2.0 * like - 1.0), sig).astype(np.float32)
 
 
 class UserWordAffinity:
@@ -274,74 +256,114 @@ class UserWordAffinity:
     A hashed (user, word) table of (feedback sum, count). For a target item the
     features are the user's smoothed mean feedback over the item's words and the
     log evidence: "this user rates comedies high" as a number the model gets for
-    free, causal within the batch like the counters.
+    free, causal within the batch like the counters. Tensors on the model's device.
     """
 
     NUM_FEATURES = 2
 
-    def __init__(self, buckets: int, prior: float) -> None:
+    def __init__(self, buckets: int, prior: float, device: torch.device | str = "cpu") -> None:
         self.prior = prior
-        self.table = np.zeros((buckets, 2), dtype=np.float64)  # feedback sum, count
-        self.touched = np.zeros(buckets, dtype=bool)  # rows updated since the last take
+        self.table = torch.zeros((buckets, 2), dtype=torch.float64, device=device)  # feedback sum, count
+        # Rows updated since the last take (uint8: a scatter-max of the batch's valid words).
+        self.touched = torch.zeros(buckets, dtype=torch.uint8, device=device)
 
-    def _keys(self, user_idx: np.ndarray, text_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _keys(self, user_idx: torch.Tensor, text_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,), (B, Lt) -> keys (B, Lt), valid (B, Lt): each distinct word of a row once."""
-        words = np.sort(text_idx, axis=1)  # word order does not matter; duplicates adjacent
+        words = torch.sort(text_idx, dim=1).values  # word order does not matter; duplicates adjacent
         valid = words > 0
         valid[:, 1:] &= words[:, 1:] != words[:, :-1]
-        keys = (user_idx[:, None] * 1_000_003 + words) % len(self.table)
+        keys = (user_idx[:, None] * 1_000_003 + words) % self.table.shape[0]
         return keys, valid
 
+    @staticmethod
+    def _increments(valid: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
+        """(B, Lt, 2): (signal, 1) where the word is valid, zeros elsewhere (adding 0 is exact)."""
+        v = valid.to(torch.float64)
+        return torch.stack([signal.to(torch.float64)[:, None] * v, v], dim=-1)
+
     def read(
-        self, user_idx: np.ndarray, text_idx: np.ndarray, signal: np.ndarray, in_batch: bool
-    ) -> np.ndarray:
+        self, user_idx: torch.Tensor, text_idx: torch.Tensor, signal: torch.Tensor, in_batch: bool
+    ) -> torch.Tensor:
         keys, valid = self._keys(user_idx, text_idx)
         got = self.table[keys] * valid[..., None]  # (B, Lt, 2)
-        if in_batch:
-            flat_keys = keys[valid]  # event-major: a key's earlier entries are earlier events
-            inc = np.stack([np.repeat(signal, valid.sum(1)), np.ones(len(flat_keys))], axis=1)
-            got[valid] += exclusive_group_cumsum(flat_keys, inc)
+        if in_batch:  # row-major flattening is event-major: a key's earlier entries are earlier events
+            inc = self._increments(valid, signal)
+            earlier = exclusive_group_cumsum(keys.reshape(-1), inc.reshape(-1, 2)).view_as(got)
+            got = got + earlier * valid[..., None]
         ssum, cnt = got[..., 0].sum(1), got[..., 1].sum(1)  # (B,)
-        return np.stack([ssum / (cnt + self.prior), np.log1p(cnt)], axis=1).astype(np.float32)
+        return torch.stack([ssum / (cnt + self.prior), torch.log1p(cnt)], dim=1).to(torch.float32)
 
-    def update(self, user_idx: np.ndarray, text_idx: np.ndarray, signal: np.ndarray) -> None:
+    def update(self, user_idx: torch.Tensor, text_idx: torch.Tensor, signal: torch.Tensor) -> None:
         keys, valid = self._keys(user_idx, text_idx)
-        inc = np.stack(
-            [np.broadcast_to(signal[:, None], keys.shape)[valid], np.ones(int(valid.sum()))], axis=1
-        )
-        np.add.at(self.table, keys[valid], inc)
-        self.touched[keys[valid]] = True
+        flat = keys.reshape(-1)
+        self.table.index_add_(0, flat, self._increments(valid, signal).reshape(-1, 2))
+        self.touched.scatter_reduce_(0, flat, valid.reshape(-1).to(torch.uint8), reduce="amax")
 
 
 @dataclass
 class FeatureArrays:
-    """One batch as fixed-layout arrays (B = batch size)."""
+    """One batch as fixed-layout tensors on the model's device (B = batch size): what the
+    one host-to-device copy of the step brought, and what was derived from it there."""
 
-    user_idx: np.ndarray  # (B,) int64
-    item_idx: np.ndarray  # (B,) int64
-    cat_idx: np.ndarray  # (B, C) int64, C = max_user_cat (missing fields hash "<none>")
-    num: np.ndarray  # (B, 2*N) float32: signed log value and a missing flag per slot
-    scenario_idx: np.ndarray  # (B,) int64 into the categorical table
-    text_idx: np.ndarray  # (B, Lt) int64, 0 = padding
-    counters: np.ndarray  # (B, NUM_COUNTER_FEATURES) float32: counters + user-word affinity
+    user_idx: torch.Tensor  # (B,) int64
+    item_idx: torch.Tensor  # (B,) int64
+    cat_idx: torch.Tensor  # (B, C) int64, C = max_user_cat (missing fields hash "slot<j>=")
+    num: torch.Tensor  # (B, 2*N) float32: signed log value and a missing flag per slot
+    scenario_idx: torch.Tensor  # (B,) int64 into the categorical table
+    text_idx: torch.Tensor  # (B, Lt) int64, 0 = padding
+    counters: torch.Tensor  # (B, NUM_COUNTER_FEATURES) float32: counters + user-word affinity
     # log(1 + earlier events of the item), this batch's earlier events included: how much the
     # item's id embedding has learned (the weight of its content vector, ranker._blend_content).
-    item_evidence: np.ndarray  # (B,) float32
+    item_evidence: torch.Tensor  # (B,) float32
+    like: torch.Tensor  # (B,) float64, NaN = no label (FeatureConfig.like_task)
+    rating: torch.Tensor  # (B,) float64, NaN = no label (FeatureConfig.rating_task)
+    signal: torch.Tensor  # (B,) float32 what each event says about its user's taste (feedback_signal)
+    user_key: torch.Tensor  # (B,) int64 (models.ids): the history slot's identity
+    item_key: torch.Tensor  # (B,) int64: the item's bank identity
+    item_code: torch.Tensor  # (B,) int64 crc32 item code (history entries)
+    ts_ms: torch.Tensor  # (B,) int64
 
 
 NUM_COUNTER_FEATURES = OnlineCounters.NUM_FEATURES + UserWordAffinity.NUM_FEATURES
 _RECENT_DROPS = 32  # distinct dropped names kept for the admin API and reports
 
 
-class FeatureBuilder:
-    """Stateful (slot layout, counters, hash caches) batch -> FeatureArrays."""
+class StagingBuffer:
+    """The one host-to-device copy of a step: a host array into a reused (pinned, on CUDA)
+    buffer, then one non-blocking copy. Reuse is safe: the step's single blocking read
+    comes after the copy, so the previous copy is complete when the next one is staged."""
 
-    def __init__(self, cfg: FeatureConfig) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._pinned: torch.Tensor | None = None
+
+    def to_device(self, host: np.ndarray) -> torch.Tensor:
+        src = torch.from_numpy(host)
+        if self.device.type != "cuda":
+            return src
+        n = src.numel()
+        if self._pinned is None or self._pinned.numel() < n:
+            self._pinned = torch.empty(max(n, 1 << 16), dtype=src.dtype).pin_memory()
+        staged = self._pinned[:n].view(src.shape)
+        staged.copy_(src)
+        return staged.to(self.device, non_blocking=True)
+
+
+class FeatureBuilder:
+    """Stateful (slot layout, counters) batch -> FeatureArrays. Ids arrive as integers
+    (models.ids, `batch.id_codes()`): the builder packs the batch's columns into one host
+    array, copies it to the device once, and derives every feature there."""
+
+    def __init__(self, cfg: FeatureConfig, device: torch.device | str = "cpu") -> None:
+        if cfg.max_text_tokens > MAX_WORDS:
+            raise FeatureLayoutError(
+                f"max_text_tokens={cfg.max_text_tokens} > {MAX_WORDS} (models.ids.MAX_WORDS)"
+            )
         self.cfg = cfg
-        self.users = StableHasher(cfg.user_buckets, "user")
-        self.items = StableHasher(cfg.item_buckets, "item")
-        self.cats = StableHasher(cfg.cat_buckets, "cat")
-        self.text = TextHasher(cfg.text_buckets, cfg.max_text_tokens)
+        self.device = torch.device(device)
+        self.staging = StagingBuffer(self.device)
+        # What a categorical slot without a value hashes as (one code per slot).
+        self._empty_slot = np.array([crc_code(f"slot{j}=", "cat") for j in range(cfg.max_user_cat)], np.int64)
         # Slot layout: name -> slot; fixed names from config, otherwise first seen
         # (sorted within the batch) and then frozen. Saved with the trainer state.
         self.cat_slots: dict[str, int] = {n: i for i, n in enumerate(cfg.user_cat)}
@@ -357,10 +379,10 @@ class FeatureBuilder:
         self.dropped_total = 0  # (batch, name) pairs whose values were dropped
         self.dropped_recent: list[str] = []  # the last few distinct names dropped
         self.counters = OnlineCounters(
-            cfg.user_buckets, cfg.item_buckets, cfg.counter_prior, cfg.rating_center
+            cfg.user_buckets, cfg.item_buckets, cfg.counter_prior, cfg.rating_center, self.device
         )
         self.affinity = UserWordAffinity(
-            cfg.affinity_buckets if cfg.use_word_affinity else 1, cfg.counter_prior
+            cfg.affinity_buckets if cfg.use_word_affinity else 1, cfg.counter_prior, self.device
         )
 
     def _slot(self, slots: dict[str, int], name: str, cap: int, fixed: bool, seen: int) -> int | None:
@@ -384,64 +406,101 @@ class FeatureBuilder:
             self.dropped_recent = [*self.dropped_recent[-(_RECENT_DROPS - 1) :], name]
         return None
 
-    def build(self, batch: BatchLike) -> FeatureArrays:
+    # Columns of the packed host array: int64 ids, then float64 values (as their bits).
+    _INT_COLS = ("user", "item", "scenario", "user_key", "item_key", "ts_ms")
+
+    def _pack(self, batch: BatchLike) -> np.ndarray:
+        """The batch's columns as one (B, K) int64 host array (floats as their bits): ids,
+        categorical slots, words, then like, rating and the numeric slots."""
         cfg = self.cfg
-        b = len(batch)
-        user_idx = self.users.many(batch.user_id)
-        item_idx = self.items.many(batch.item_id)
-        cat_idx = np.empty((b, cfg.max_user_cat), dtype=np.int64)
-        cat_idx[:] = [self.cats.one(f"slot{j}=") for j in range(cfg.max_user_cat)]
+        b, C, N, Lt = len(batch), cfg.max_user_cat, cfg.max_user_num, cfg.max_text_tokens
+        codes = batch.id_codes()
+        n_int = len(self._INT_COLS) + C + Lt
+        host = np.empty((b, n_int + 2 + N), dtype=np.int64)
+        for j, col in enumerate((codes.user, codes.item, codes.scenario, codes.user_key, codes.item_key)):
+            host[:, j] = col
+        host[:, 5] = batch.ts_ms
+        cat = host[:, len(self._INT_COLS) : len(self._INT_COLS) + C]
+        cat[:] = self._empty_slot
         self.events_in_window += b
         if self.events_in_window >= cfg.admission_window_events:
             self.events_in_window, self.admitted_in_window = 0, 0
         for name in sorted(batch.user_cat):
-            seen = sum(v is not None for v in batch.user_cat[name])
-            s = self._slot(self.cat_slots, name, cfg.max_user_cat, bool(cfg.user_cat), seen)
+            col = codes.user_cat[name]
+            present = col >= 0
+            s = self._slot(self.cat_slots, name, C, bool(cfg.user_cat), int(present.sum()))
             if s is not None:
-                vals = batch.user_cat[name]
-                cat_idx[:, s] = [self.cats.one(f"{name}={v}" if v is not None else f"slot{s}=") for v in vals]
-        num = np.zeros((b, 2 * cfg.max_user_num), dtype=np.float32)
-        num[:, 1::2] = 1.0  # missing flag set until a value arrives
-        for name in sorted(batch.user_num):
-            seen = int((~np.isnan(batch.user_num[name])).sum())
-            s = self._slot(self.num_slots, name, cfg.max_user_num, bool(cfg.user_num), seen)
-            if s is not None:
-                v = batch.user_num[name]
-                num[:, 2 * s] = signed_log(v)
-                num[:, 2 * s + 1] = np.isnan(v)
-        scenario_idx = self.cats.many(np.array([f"scenario={s}" for s in batch.scenario], dtype=object))
-        text_idx = self.text.many(batch.item_text)
+                cat[:, s] = np.where(present, col, self._empty_slot[s])
+        host[:, n_int - Lt : n_int] = codes.words[:, :Lt]
+        floats = host[:, n_int:].view(np.float64)  # (B, 2 + N)
         nan = np.full(b, np.nan)
-        like = batch.labels.get(cfg.like_task, nan)
-        rating = batch.labels.get(cfg.rating_task, nan)
-        counters = np.zeros((b, NUM_COUNTER_FEATURES), dtype=np.float32)
+        floats[:, 0] = batch.labels.get(cfg.like_task, nan)
+        floats[:, 1] = batch.labels.get(cfg.rating_task, nan)
+        floats[:, 2:] = np.nan  # a slot without a value: missing
+        for name in sorted(batch.user_num):
+            v = batch.user_num[name]
+            s = self._slot(self.num_slots, name, N, bool(cfg.user_num), int((~np.isnan(v)).sum()))
+            if s is not None:
+                floats[:, 2 + s] = v
+        return host
+
+    def build(self, batch: BatchLike) -> FeatureArrays:
+        cfg = self.cfg
+        C, Lt = cfg.max_user_cat, cfg.max_text_tokens
+        t = self.staging.to_device(self._pack(batch))  # (B, K): the step's one H2D copy
+        n_int = len(self._INT_COLS) + C + Lt
+        user_idx = t[:, 0] % cfg.user_buckets
+        item_idx = t[:, 1] % cfg.item_buckets
+        scenario_idx = t[:, 2] % cfg.cat_buckets
+        cat_idx = t[:, len(self._INT_COLS) : len(self._INT_COLS) + C] % cfg.cat_buckets
+        words = t[:, n_int - Lt : n_int]
+        text_idx = torch.where(words >= 0, words % (cfg.text_buckets - 1) + 1, 0)
+        floats = t[:, n_int:].view(torch.float64)  # (B, 2 + N)
+        like, rating, num_raw = floats[:, 0], floats[:, 1], floats[:, 2:]
+        num = torch.stack([signed_log(num_raw), torch.isnan(num_raw).to(num_raw.dtype)], dim=2)
+        num = num.reshape(len(t), -1).to(torch.float32)  # (B, 2N): value, missing flag per slot
+        signal = feedback_signal(like, rating, cfg.rating_center, cfg.rating_scale)
+        counters = torch.zeros((len(t), NUM_COUNTER_FEATURES), dtype=torch.float32, device=t.device)
         if cfg.use_counters:
             counters[:, : OnlineCounters.NUM_FEATURES] = self.counters.read(
                 user_idx, item_idx, like, rating, cfg.in_batch_features
             )
         if cfg.use_word_affinity:
-            signal = feedback_signal(like, rating, cfg.rating_center, cfg.rating_scale)
             counters[:, OnlineCounters.NUM_FEATURES :] = self.affinity.read(
                 user_idx, text_idx, signal, cfg.in_batch_features
             )
         if cfg.use_counters:  # read() has it already
-            evidence = counters[:, OnlineCounters.ITEM_LOG_COUNT].copy()
+            evidence = counters[:, OnlineCounters.ITEM_LOG_COUNT].clone()
         else:
             evidence = self.counters.item_evidence(item_idx, cfg.in_batch_features)
-        return FeatureArrays(user_idx, item_idx, cat_idx, num, scenario_idx, text_idx, counters, evidence)
+        return FeatureArrays(
+            user_idx=user_idx,
+            item_idx=item_idx,
+            cat_idx=cat_idx,
+            num=num,
+            scenario_idx=scenario_idx,
+            text_idx=text_idx,
+            counters=counters,
+            item_evidence=evidence,
+            like=like,
+            rating=rating,
+            signal=signal,
+            user_key=t[:, 3],
+            item_key=t[:, 4],
+            item_code=t[:, 1],
+            ts_ms=t[:, 5],
+        )
 
-    def learn(self, feats: FeatureArrays, like: np.ndarray, rating: np.ndarray) -> None:
+    def learn(self, feats: FeatureArrays) -> None:
         """Add the batch's labels to the counters (after it was scored)."""
-        cfg = self.cfg
-        self.counters.update(feats.user_idx, feats.item_idx, like, rating)
-        if cfg.use_word_affinity:
-            signal = feedback_signal(like, rating, cfg.rating_center, cfg.rating_scale)
-            self.affinity.update(feats.user_idx, feats.text_idx, signal)
+        self.counters.update(feats.user_idx, feats.item_idx, feats.like, feats.rating)
+        if self.cfg.use_word_affinity:
+            self.affinity.update(feats.user_idx, feats.text_idx, feats.signal)
 
     # ---- state (memory_bank.base.Stateful) ----------------------------------------------
 
-    def _arrays(self) -> dict[str, np.ndarray]:
-        """The live state arrays, by their names in export_state."""
+    def _arrays(self) -> dict[str, torch.Tensor]:
+        """The live state tensors, by their names in export_state."""
         c = self.counters
         return {
             "counters.user": c.user,
@@ -472,36 +531,62 @@ class FeatureBuilder:
         }
 
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Copies of the counters and the affinity table, and the slot layout."""
-        return {k: torch.from_numpy(v.copy()) for k, v in self._arrays().items()}, self._meta()
+        """Copies of the counters and the affinity table (cpu), and the slot layout."""
+        return {k: v.detach().cpu().clone() for k, v in self._arrays().items()}, self._meta()
 
-    def _take_touched(self) -> dict[str, np.ndarray]:
-        """Rows of each state array updated since the previous call (then cleared)."""
-        c, a = self.counters, self.affinity
-        out = {
-            "counters.user": np.flatnonzero(c.touched_user),
-            "counters.item": np.flatnonzero(c.touched_item),
-            "counters.total": np.zeros(1, dtype=np.int64),
-            "affinity": np.flatnonzero(a.touched),
+    def _touched(self) -> dict[str, torch.Tensor]:
+        """The live masks of rows updated since the last take, by state tensor name."""
+        c = self.counters
+        return {
+            "counters.user": c.touched_user,
+            "counters.item": c.touched_item,
+            "affinity": self.affinity.touched,
         }
-        for mask in (c.touched_user, c.touched_item, a.touched):
-            mask[:] = False
+
+    def export_marks(self) -> dict[str, np.ndarray]:
+        """Copies of the touched-row masks (uint8, host): a checkpoint keeps them so that a
+        restarted trainer's next delta still covers rows changed before it."""
+        return {k: m.to(torch.uint8).cpu().numpy() for k, m in self._touched().items()}
+
+    def mark_rows(self, table: str, rows: np.ndarray) -> str | None:
+        """Mark `rows` of state tensor `table` as touched (a 0/1 mask of the table's length is
+        taken as a mask); the reason they do not fit this builder, else None."""
+        mask = self._touched().get(table)
+        if mask is None:
+            return f"features.{table}: not a tracked table of this model"
+        rows = np.asarray(rows)
+        if rows.dtype != np.int64 and rows.shape == mask.shape:  # a saved mask
+            rows = np.flatnonzero(rows)
+        if len(rows) and int(rows.max()) >= len(mask):
+            return f"features.{table}: row {int(rows.max())} is past this model's {len(mask)}"
+        mask[torch.from_numpy(rows.astype(np.int64)).to(mask.device)] = 1
+        return None
+
+    def _take_touched(self) -> dict[str, torch.Tensor]:
+        """Rows of each state tensor updated since the previous call (then cleared)."""
+        touched = self._touched()
+        out = {k: m.nonzero().squeeze(1) for k, m in touched.items()}
+        out["counters.total"] = torch.zeros(1, dtype=torch.int64, device=self.device)  # in every delta
+        for mask in touched.values():
+            mask.zero_()
         return out
 
     def take_delta(self) -> MemoryDelta:
-        """The counter and affinity rows updated since the previous call (a 1-D array is one
+        """The counter and affinity rows updated since the previous call (a 1-D tensor is one
         row), and the slot layout as JSON in ids["meta"]."""
         layout = {"cat_slots": self.cat_slots, "num_slots": self.num_slots}  # what serving reads
         d = MemoryDelta(ids={"meta": [json.dumps(layout, sort_keys=True)]})
         arrays = self._arrays()
         for k, rows in self._take_touched().items():
-            d.tables[k] = (rows, torch.from_numpy(np.ascontiguousarray(_as_rows(arrays[k])[rows])))
+            d.tables[k] = (rows.cpu().numpy(), _as_rows(arrays[k]).index_select(0, rows).cpu())
         return d
 
+    @torch.no_grad()
     def apply_delta(self, delta: MemoryDelta) -> None:
         arrays = self._arrays()
         for k, (rows, vals) in delta.tables.items():
-            _as_rows(arrays[k])[rows] = vals.numpy()  # a view: writes land in the live array
+            dst = _as_rows(arrays[k])  # a view: writes land in the live tensor
+            dst.index_copy_(0, torch.as_tensor(rows, device=dst.device), vals.to(dst))
         if delta.ids.get("meta"):
             self._set_meta(json.loads(delta.ids["meta"][0]))
 
@@ -517,20 +602,18 @@ class FeatureBuilder:
             self.dropped_total = int(meta["dropped_total"])
             self.dropped_recent = list(meta["dropped_recent"])
 
+    @torch.no_grad()
     def import_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        arr = {
-            k: np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v).copy() for k, v in tensors.items()
-        }
-        self.counters.user = arr["counters.user"]
-        self.counters.item = arr["counters.item"]
-        self.counters.total = arr["counters.total"]
-        self.affinity.table = arr["affinity"]
-        self.counters.touched_user = np.zeros(len(self.counters.user), dtype=bool)
-        self.counters.touched_item = np.zeros(len(self.counters.item), dtype=bool)
-        self.affinity.touched = np.zeros(len(self.affinity.table), dtype=bool)
+        for k, dst in self._arrays().items():
+            src = torch.as_tensor(tensors[k])
+            if src.shape != dst.shape:
+                raise FeatureLayoutError(f"features.{k}: saved {tuple(src.shape)}, have {tuple(dst.shape)}")
+            dst.copy_(src)
+        for mask in self._touched().values():
+            mask.zero_()
         self._set_meta(meta)
 
 
-def _as_rows(a: np.ndarray) -> np.ndarray:
-    """A 1-D state array is one row; tables keep their rows (a view either way)."""
+def _as_rows(a: torch.Tensor) -> torch.Tensor:
+    """A 1-D state tensor is one row; tables keep their rows (a view either way)."""
     return a.reshape(1, -1) if a.ndim == 1 else a

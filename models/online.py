@@ -71,8 +71,32 @@ class StepResult:
     user_evidence: np.ndarray  # (B,) int64
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to("cpu", torch.float32).numpy()
+@dataclass(frozen=True)
+class _HostRead:
+    """What the host reads of a step, in one device-to-host copy."""
+
+    loss: float
+    like_logit: np.ndarray  # (B,) float32
+    rating: np.ndarray  # (B,) float32
+
+
+def _label_loss(fn, pred: torch.Tensor, target: torch.Tensor, present: np.ndarray, total: bool = False):
+    """`fn(pred, target)` averaged over the events whose label is present. `present` is the
+    label mask on the host: it decides without a device sync. A batch where every event has
+    the label takes fn's own reduction (the float order of the indexed version before);
+    otherwise the per-event losses are masked. total: sum over each event's K terms, mean
+    over events (the ordinal heads)."""
+    n = int(present.sum())
+    if n == len(present):
+        # Through an index of every row, as when the rows were picked on the host: the same
+        # gradient float order (metrics bit-identical to the host-indexed version), no sync.
+        pred = pred[torch.arange(n, device=pred.device)]
+        return fn(pred, target, reduction="sum") / n if total else fn(pred, target)
+    per = fn(pred, target, reduction="none")  # (B,) or (B, K)
+    if total:
+        per = per.sum(1)
+    mask = torch.from_numpy(present).to(per.device, per.dtype)  # rare: a batch of mixed labels
+    return (per * mask).sum() / n
 
 
 def keep_freed_memory_mapped() -> bool:
@@ -194,10 +218,7 @@ class OnlineTrainer:
         """The model's inputs for a batch as of now, without training: targets read their
         bank rows, and those not in the bank are encoded, as in serving and in `step` (which
         also encodes a sample of the others). For scoring outside `step`."""
-        fc = self.cfg.features
-        u, c, _, _ = self.state.batch_inputs(
-            batch, self._labels(batch, fc.like_task), self._labels(batch, fc.rating_task)
-        )
+        u, c, _ = self.state.batch_inputs(batch)
         if self.bank is not None:
             c.target_vec = self.state.target_vectors(batch.item_id, batch.item_text)
         return u, c
@@ -217,8 +238,9 @@ class OnlineTrainer:
         # backward. Nothing is updated until all of it is known to be finite: a poisoned
         # batch leaves the model as it was (PoisonBatchError).
         saved = [t.clone() for t in self._norm_stats]
+        self.state.tracker.hold()  # the backward's row marks count once the step is known good
         try:
-            u, c, feats, signal = self.state.batch_inputs(batch, like, rating)
+            u, c, feats = self.state.batch_inputs(batch)
             encoded = 0
             fresh = None
             if self.bank is not None:
@@ -233,21 +255,24 @@ class OnlineTrainer:
                 if encoded:
                     fresh = self.encoder([batch.item_text[i] for i in pick])  # (M, Db)
                     c.target_vec = c.target_vec.index_put((torch.from_numpy(pick).to(dev),), fresh)
-            scores, loss = self._forward_backward(u, c, like, rating)
+            scores, host = self._forward_backward(u, c, feats, like, rating)
         except Exception as e:
             with torch.no_grad():
                 for t, v in zip(self._norm_stats, saved):
                     t.copy_(v)
             self.opt_dense.zero_grad(set_to_none=True)
             self.opt_sparse.zero_grad(set_to_none=True)
+            self.state.tracker.discard()
             if isinstance(e, PoisonBatchError):
                 raise
             raise PoisonBatchError(f"{type(e).__name__}: {e}") from e
-        # The metrics see the scores of the model as it was before this batch.
-        like_logit, rating_pred = _np(scores.like_logit), _np(scores.rating)
+        # The metrics see the scores of the model as it was before this batch (read on the host
+        # with the finiteness check: the step's one blocking device-to-host copy).
+        like_logit, rating_pred = host.like_logit, host.rating
         evidence = self.metrics.update(like_logit, like, rating_pred, rating, batch.user_id, batch.item_id)
         self.opt_dense.step()
         self.opt_sparse.step()  # the DeltaTracker marked the rows it updates (gradient hooks)
+        self.state.tracker.commit()
 
         # 5. Memories and counters take this batch.
         self.steps += 1
@@ -256,68 +281,73 @@ class OnlineTrainer:
             fresh_d = fresh.detach()
             self.bank.record_staleness(ids, fresh_d)
             self.bank.write_rows(ids, fresh_d, step=self.steps, now_s=float(batch.ts_ms[pick].max()) / 1000.0)
-        self.history.append(batch.user_id, batch.item_id, batch.ts_ms, signal)
-        self.state.summarize_events(batch, feats, signal)
-        self.features.learn(feats, like, rating)
+        self.history.append(batch.user_id, batch.item_id, batch.ts_ms, feats.signal.cpu().numpy())
+        self.state.summarize_events(batch, feats)
+        self.features.learn(feats)
         self.events_applied += n
         self._housekeeping(float(batch.ts_ms.max()) / 1000.0)
         seconds = time.perf_counter() - t0
         return StepResult(
-            n, float(loss.detach()), like_logit, rating_pred, encoded, seconds, evidence.item, evidence.user
+            n, host.loss, like_logit, rating_pred, encoded, seconds, evidence.item, evidence.user
         )
 
-    def _forward_backward(self, u, c, like: np.ndarray, rating: np.ndarray):
-        """The training forward and backward of a batch; raises PoisonBatchError on a
-        non-finite loss or gradient (the gradients are then left for the caller to drop)."""
-        dev = self.device
+    def _forward_backward(self, u, c, feats, like: np.ndarray, rating: np.ndarray) -> tuple[Any, _HostRead]:
+        """The training forward and backward of a batch, and one device-to-host read of what
+        the host needs: the loss, the scores, and whether the loss and every gradient are
+        finite. Raises PoisonBatchError when they are not (the gradients are then left for
+        the caller to drop). `like` / `rating` (host copies of feats.like / feats.rating)
+        only decide, without a sync, which loss terms the batch has."""
         self.model.train()
         scores, us = self.model(u, c)
         loss = scores.like_logit.new_zeros(())
         has_like = ~np.isnan(like)
         if has_like.any():
-            idx = torch.from_numpy(np.flatnonzero(has_like)).to(dev)
-            y = torch.from_numpy(like[has_like]).to(dev, torch.float32)
-            loss = loss + F.binary_cross_entropy_with_logits(scores.like_logit[idx], y)
+            y = torch.nan_to_num(feats.like).to(torch.float32)  # (B,) 0 where there is no like
+            bce = F.binary_cross_entropy_with_logits
+            loss = loss + _label_loss(bce, scores.like_logit, y, has_like)
         has_rating = ~np.isnan(rating)
         if has_rating.any():
-            idx = torch.from_numpy(np.flatnonzero(has_rating)).to(dev)
-            y = torch.from_numpy(rating[has_rating]).to(dev, torch.float32)  # (R,)
+            y = torch.nan_to_num(feats.rating).to(torch.float32)  # (B,) 0 where there is no rating
             if self.cfg.rating_loss_weight > 0:
-                loss = loss + self.cfg.rating_loss_weight * F.mse_loss(scores.rating[idx], y)
+                mse = _label_loss(F.mse_loss, scores.rating, y, has_rating)
+                loss = loss + self.cfg.rating_loss_weight * mse
             if scores.threshold_logits is not None:
-                above = (y[:, None] >= self._rating_thresholds).float()  # (R, K)
-                loss = loss + self.cfg.rating_threshold_weight * F.binary_cross_entropy_with_logits(
-                    scores.threshold_logits[idx], above, reduction="sum"
-                ) / len(idx)
+                above = (y[:, None] >= self._rating_thresholds).float()  # (B, K)
+                ordinal = _label_loss(
+                    F.binary_cross_entropy_with_logits, scores.threshold_logits, above, has_rating, total=True
+                )
+                loss = loss + self.cfg.rating_threshold_weight * ordinal
         if scores.content_align_loss is not None and self.cfg.content_align_weight > 0:
             loss = loss + self.cfg.content_align_weight * scores.content_align_loss
         lmn_loss = self.model.lmn_loss(us)
         if lmn_loss is not None and self.cfg.lmn_loss_weight > 0:
             loss = loss + self.cfg.lmn_loss_weight * lmn_loss
-        if not torch.isfinite(loss):
-            raise PoisonBatchError(f"non-finite loss {float(loss.detach())}")
         self.opt_dense.zero_grad(set_to_none=True)
         self.opt_sparse.zero_grad(set_to_none=True)
+        # Backward even if the loss is not finite: asking first would be a sync of its own; the
+        # optimizers step only after the one check below.
         loss.backward()
         dense = [p for g in self.opt_dense.param_groups for p in g["params"] if p.grad is not None]
-        try:  # also the check of the dense gradients: their norm is finite or it raises
-            torch.nn.utils.clip_grad_norm_(dense, self.tcfg.grad_clip, error_if_nonfinite=True)
-        except RuntimeError as e:
-            raise PoisonBatchError(f"non-finite gradient: {e}") from None
-        # One check (one host sync on a GPU) over every row-sparse table's gradient values: the
-        # sum of each is finite iff every value is (a NaN or an infinity reaches the sum; a sum
-        # of finite values overflowing float32 would need values ~1e32, poison anyway). One pass
-        # over the values; torch.isfinite took three full-size passes plus temporaries, ~10% of
-        # a CPU step on the PKM's (B * heads * k, dim) gradient.
+        norm = torch.nn.utils.clip_grad_norm_(dense, self.tcfg.grad_clip, error_if_nonfinite=False)
+        # The sum of each row-sparse table's gradient values is finite iff every value is (a NaN
+        # or an infinity reaches the sum; a sum of finite values overflowing float32 would need
+        # values ~1e32, poison anyway). One pass over the values; torch.isfinite took three
+        # full-size passes plus temporaries, ~10% of a CPU step on the PKM's gradient.
         grads = [p.grad for g in self.opt_sparse.param_groups for p in g["params"] if p.grad is not None]
-        if (
-            grads
-            and not torch.isfinite(
-                torch.stack([(x._values() if x.is_sparse else x).sum() for x in grads])
-            ).all()
-        ):
+        sums = [(x._values() if x.is_sparse else x).sum().to(torch.float32) for x in grads]
+        checks = torch.stack([loss.detach().to(torch.float32), norm.to(torch.float32), *sums])
+        # The step's one blocking read: checks (loss, dense grad norm, sparse sums) and scores.
+        read = torch.cat([checks, scores.like_logit.detach().float(), scores.rating.detach().float()]).cpu()
+        read = read.numpy()
+        k, b = len(checks), len(like)
+        host = _HostRead(float(read[0]), read[k : k + b], read[k + b : k + 2 * b])
+        if not np.isfinite(read[0]):
+            raise PoisonBatchError(f"non-finite loss {read[0]}")
+        if not np.isfinite(read[1]):
+            raise PoisonBatchError(f"non-finite gradient: the total norm of the dense gradients is {read[1]}")
+        if not np.isfinite(read[2:k]).all():
             raise PoisonBatchError("non-finite gradient of a row-sparse table")
-        return scores, loss
+        return scores, host
 
     def _housekeeping(self, stream_now_s: float) -> None:
         """Bank TTL on the stream's clock (replays evict as the live run did) and, every

@@ -29,13 +29,8 @@ from memory_bank.base import DeltaState, FullState, MemoryDelta, Stateful
 from memory_bank.delta_tracker import DeltaTracker
 from memory_bank.history import UserHistoryStore
 from models.config import ModelConfig
-from models.features import (
-    BatchLike,
-    FeatureArrays,
-    FeatureBuilder,
-    causal_batch_history,
-    feedback_signal,
-)
+from models.features import BatchLike, FeatureArrays, FeatureBuilder
+from models.ids import default_encoder
 from models.ranker import CandidateInputs, Ranker, UserInputs
 
 EMBEDDINGS = "embeddings"  # the component of the id tables (and the doc encoder's word table)
@@ -84,7 +79,7 @@ class RankingState:
         # ---- 1. the parts (creation order fixes the parameters' initial values) ---------------
         self.cfg = cfg
         self.device = torch.device(device)
-        self.features = FeatureBuilder(cfg.features)
+        self.features = FeatureBuilder(cfg.features, self.device)
         # The LMN memory loss's long-term target: a running summary per user (2E wide).
         long_term = cfg.use_lmn and cfg.lmn.target == "long_term"
         self.history = UserHistoryStore(
@@ -268,20 +263,17 @@ class RankingState:
                 vec = vec.index_put((torch.tensor(cold, device=vec.device),), fresh)
         return vec
 
-    def batch_inputs(
-        self, batch: BatchLike, like: np.ndarray, rating: np.ndarray
-    ) -> tuple[UserInputs, CandidateInputs, FeatureArrays, np.ndarray]:
+    def batch_inputs(self, batch: BatchLike) -> tuple[UserInputs, CandidateInputs, FeatureArrays]:
         """Features, histories and bank vectors of a training batch as of before it (+ its
-        earlier events when `in_batch_features`); also the features and each event's
-        feedback signal, for the updates after the step."""
+        earlier events when `in_batch_features`); also the features (labels, each event's
+        feedback signal), for the updates after the step."""
         fc = self.cfg.features
         feats = self.features.build(batch)
         hist = self.history.get(batch.user_id)
-        signal = feedback_signal(like, rating, fc.rating_center, fc.rating_scale)  # (B,) what each event adds
         hist_items, hist_signal, hist_mask = hist.item_ids, hist.signal, hist.mask
         if fc.in_batch_features:  # + the same user's earlier events of this batch
-            hist_items, hist_signal, hist_mask = causal_batch_history(
-                hist_items, hist_signal, hist_mask, batch.user_id, batch.item_id, signal
+            hist_items, hist_signal, hist_mask = _causal_string_history(
+                hist_items, hist_signal, hist_mask, batch.user_id, batch.item_id, feats.signal.cpu().numpy()
             )
         target_vec = None if self.bank is None else self.target_vectors(batch.item_id)  # (B, Db)
         u, c = self.model_inputs(feats, hist_items, hist_signal, hist_mask, target_vec)
@@ -289,17 +281,18 @@ class RankingState:
             summary, n = self.history.summary(batch.user_id)
             u.user_summary = torch.from_numpy(summary).to(self.device)
             u.user_summary_n = torch.from_numpy(n).to(self.device)
-        return u, c, feats, signal
+        return u, c, feats
 
     @torch.no_grad()
-    def summarize_events(self, batch: BatchLike, feats: FeatureArrays, signal: np.ndarray) -> None:
+    def summarize_events(self, batch: BatchLike, feats: FeatureArrays) -> None:
         """Add a trained batch's events to their users' long-term summaries: [e, signal * e] of
         each event's item, e its unit id embedding (call after `history.append`)."""
         if not self.history.cfg.summary_dim:
             return
         w = self.ranker.tables["item_emb"].weight
-        e = torch.nn.functional.normalize(w[torch.from_numpy(feats.item_idx).to(w.device)], dim=-1)
+        e = torch.nn.functional.normalize(w[feats.item_idx], dim=-1)
         e = e.cpu().numpy()  # (B, E)
+        signal = feats.signal.cpu().numpy()
         self.history.add_summary(batch.user_id, np.concatenate([e, signal[:, None] * e], axis=1))
 
     def model_inputs(
@@ -315,11 +308,17 @@ class RankingState:
         `feats` and the histories given (serving passes one user's row for N candidates),
         the candidate side from every row. History items read their bank vectors here."""
         dev = self.device
-        tt = lambda a, dt=torch.int64: torch.from_numpy(np.ascontiguousarray(a)).to(dev, dt)
+
+        def tt(a, dt=torch.int64) -> torch.Tensor:
+            if isinstance(a, torch.Tensor):
+                return a.to(dev, dt)
+            return torch.from_numpy(np.ascontiguousarray(a)).to(dev, dt)
+
         # The distinct history items: an item is its id-embedding row and its bank row (two
         # ids hashed to one embedding row can still hold different bank rows).
         hist_mask = np.asarray(hist_mask, dtype=bool)
-        emb_row = self.features.items.many(hist_items)  # (B, L)
+        emb_row = default_encoder().item.many(hist_items.ravel()).reshape(hist_mask.shape)
+        emb_row %= self.cfg.features.item_buckets  # (B, L)
         bank_row = np.full(hist_mask.shape, -1, np.int64)
         if self.bank is not None:  # counts the lookups toward the bank's coverage
             bank_row = self.bank.lookup_history(hist_items, hist_mask)  # (B, L), -1 = miss / padding
@@ -340,7 +339,7 @@ class RankingState:
             hist_mask=tt(hist_mask, torch.bool),
             hist_item_idx=tt(hist_rows),
             hist_bank=hist_bank,
-            hist_item_evidence=tt(np.log1p(self.features.counters.item[hist_rows, 0]), torch.float32),
+            hist_item_evidence=torch.log1p(self.features.counters.item[tt(hist_rows), 0]).to(torch.float32),
         )
         c = CandidateInputs(
             item_idx=tt(feats.item_idx),
@@ -350,3 +349,30 @@ class RankingState:
             item_evidence=tt(feats.item_evidence, torch.float32),
         )
         return u, c
+
+
+def _causal_string_history(item_ids, signal, mask, user_ids, batch_items, batch_signal):
+    """Histories as each event of the batch sees them (stored ++ the same user's earlier
+    events of this batch, last L kept), for a store of item id strings."""
+    b, L = item_ids.shape
+    codes = np.unique(user_ids, return_inverse=True)[1].reshape(-1)
+    order = np.argsort(codes, kind="stable")
+    k = codes[order]
+    starts = np.r_[0, np.flatnonzero(k[1:] != k[:-1]) + 1]
+    run_len = np.diff(np.r_[starts, b])
+    start_sorted = np.repeat(starts, run_len)
+    rank = np.empty(b, dtype=np.int64)
+    rank[order] = np.arange(b) - start_sorted
+    if not rank.any():
+        return item_ids, signal, mask
+    first = np.empty(b, dtype=np.int64)
+    first[order] = start_sorted
+    c = np.arange(L)[None, :] + rank[:, None]
+    stored = c < L
+    rows = np.arange(b)[:, None]
+    cs = np.minimum(c, L - 1)
+    pos = order[np.minimum(first[:, None] + np.maximum(c - L, 0), b - 1)]
+    new_items = np.where(stored, item_ids[rows, cs], batch_items[pos])
+    new_signal = np.where(stored, signal[rows, cs], batch_signal[pos]).astype(np.float32)
+    new_mask = np.where(stored, mask[rows, cs], True)
+    return new_items, new_signal, new_mask

@@ -327,12 +327,7 @@ class TrainerService:
                 "delta_chain": self.last_published if self.chain_open else None,
             }
             state = self.trainer.capture_state()
-            feats = self.trainer.features
-            marks = {
-                "counters.user": feats.counters.touched_user.astype(np.uint8),
-                "counters.item": feats.counters.touched_item.astype(np.uint8),
-                "affinity": feats.affinity.touched.astype(np.uint8),
-            }
+            marks = self.trainer.features.export_marks()
             self.busy["checkpoint_s"] += time.monotonic() - t0
         return PendingCheckpoint(offsets, meta, state, marks)
 
@@ -365,17 +360,15 @@ class TrainerService:
             return
         marks = load_marks(str(path / CHAIN_MARKS))
         feats = self.trainer.features
-        for key, mask in (
-            ("counters.user", feats.counters.touched_user),
-            ("counters.item", feats.counters.touched_item),
-            ("affinity", feats.affinity.touched),
-        ):
+        expected = feats.export_marks()
+        for key, mask in expected.items():
             if key not in marks or marks[key].shape != mask.shape:
                 log.warning(
                     "checkpoint %s: marks of %s do not fit; the first snapshot is full", path.name, key
                 )
                 return
-            mask |= marks[key].astype(bool)
+        for key in expected:
+            feats.mark_rows(key, marks[key])
         self.resume_from = int(since)
 
     def resume_chain(self, changes: StoredChanges | str) -> bool:
@@ -416,11 +409,6 @@ class TrainerService:
         comps = state.components()
         tracker = {k: v.numpy().copy() for k, v in state.tracker.export_state().items()}
         feats = self.trainer.features
-        feature_masks = {
-            "counters.user": feats.counters.touched_user,
-            "counters.item": feats.counters.touched_item,
-            "affinity": feats.affinity.touched,
-        }
         for mem in set(changes.rows) | set(changes.tombstones):
             if mem not in comps:
                 return f"the stored versions change memory {mem!r}, which this model does not have"
@@ -429,7 +417,10 @@ class TrainerService:
                 if mem == "features":
                     if table == "counters.total":  # one row, shipped in every delta
                         continue
-                    mask = feature_masks.get(table)
+                    why = feats.mark_rows(table, rows)
+                    if why is not None:
+                        return f"the stored versions change {why}"
+                    continue
                 elif mem in ("history", "bank"):
                     continue  # keyed by id: marked below
                 else:

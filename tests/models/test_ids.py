@@ -1,10 +1,12 @@
 """Ids become integers at decode time (models.ids): the same rows as the model's hashers."""
 
 import json
+import re
+import zlib
 
 import numpy as np
 
-from models.features import StableHasher, TextHasher
+from models.features import StableHasher
 from models.ids import MAX_WORDS, NO_CODE, EventCodes, IdEncoder, key64
 from stream.ingest.events import EventBatch, decode_batch
 
@@ -32,8 +34,12 @@ def test_codes_give_the_hashers_rows():
     assert (c.item % 77 == StableHasher(77, "item").many(batch.item_id)).all()
     scen = np.array([f"scenario={s}" for s in batch.scenario], dtype=object)
     assert (c.scenario % 500 == StableHasher(500, "cat").many(scen)).all()
-    words = np.where(c.words >= 0, c.words % (4096 - 1) + 1, 0)
-    assert (words == TextHasher(4096, MAX_WORDS).many(batch.item_text)).all()
+    words = StableHasher(4096 - 1, "word")
+    for row, text in zip(c.words, batch.item_text):  # the lowercased [a-z0-9'] runs, salted "word"
+        want = [words.one(w) for w in re.findall(r"[a-z0-9']+", (text or "").lower())][:MAX_WORDS]
+        assert (row[row >= 0] % (4096 - 1)).tolist() == want
+        assert (row[len(want) :] == NO_CODE).all()
+    assert c.words[0, 0] == zlib.crc32(b"toy", zlib.crc32(b"word")) or not batch.item_text[0]
     g = c.user_cat["gender"]
     present = np.array([v is not None for v in batch.user_cat["gender"]])
     assert (g[~present] == NO_CODE).all()

@@ -84,8 +84,7 @@ def test_lmn_target_is_the_long_term_summary_of_every_earlier_event(ml1m_20k):
     np.testing.assert_array_equal(n, counts)  # every event, far more than L for some users
     assert counts.max() > L
     last = batches[-1]
-    like, rating = last.labels["like"], last.labels["rating"]
-    u, _, _, _ = t.state.batch_inputs(last, like, rating)
+    u, _, _ = t.state.batch_inputs(last)
     known = np.isin(last.user_id, users)
     np.testing.assert_array_equal(u.user_summary_n.numpy() > 0, known)
     recent = OnlineTrainer(*_cfgs(tiny_config(**{"model.lmn.target": "recent"})))

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from models.metrics import ExactAUC, StreamingMetrics, auc_exact, logloss_from_logits
 
@@ -98,33 +99,49 @@ def test_exclusive_group_cumsum_matches_loop():
     rng = np.random.default_rng(4)
     keys = rng.integers(0, 5, size=40)
     vals = rng.normal(size=(40, 3))
-    out = exclusive_group_cumsum(keys, vals)
+    out = exclusive_group_cumsum(torch.from_numpy(keys), torch.from_numpy(vals)).numpy()
     for j in range(40):
         expect = vals[:j][keys[:j] == keys[j]].sum(0)
         np.testing.assert_allclose(out[j], expect, atol=1e-12)
+    assert exclusive_group_cumsum(torch.zeros(0, dtype=torch.int64), torch.zeros(0, 2)).shape == (0, 2)
 
 
 def test_causal_batch_history_matches_per_event_appends():
-    """Event j sees exactly what the store would hold had events before j been appended one by one."""
-    from memory_bank.history import HistoryConfig, UserHistoryStore
+    """Event j sees exactly what the store would hold had events before j been appended one by
+    one: every per-position column, and the mask."""
     from models.features import causal_batch_history
 
     rng = np.random.default_rng(5)
-    L = 4
-    store = UserHistoryStore(HistoryConfig(length=L, max_users=50))
-    ref = UserHistoryStore(HistoryConfig(length=L, max_users=50))
+    L, B = 4, 12
+    stored: dict[int, list[tuple[int, float]]] = {}  # user -> (item, signal) events, oldest first
+
+    def view(users):
+        item = np.full((len(users), L), -1, np.int64)
+        sig = np.zeros((len(users), L), np.float32)
+        mask = np.zeros((len(users), L), bool)
+        for r, u in enumerate(users):
+            last = stored.get(int(u), [])[-L:]
+            for c, (i, s) in enumerate(last):
+                item[r, L - len(last) + c], sig[r, L - len(last) + c], mask[r, L - len(last) + c] = i, s, True
+        return item, sig, mask
+
     for step in range(6):
-        users = np.array([f"u{x}" for x in rng.integers(0, 4, size=12)], dtype=object)
-        items = np.array([f"i{step}_{j}" for j in range(12)], dtype=object)
-        sig = rng.normal(size=12).astype(np.float32)
-        h = store.get(users)
-        it, sg, mk = causal_batch_history(h.item_ids, h.signal, h.mask, users, items, sig)
-        for j in range(12):  # reference: per-event get, then append
-            r = ref.get(users[j : j + 1])
-            assert list(it[j][mk[j]]) == list(r.item_ids[0][r.mask[0]])
-            np.testing.assert_array_equal(sg[j][mk[j]], r.signal[0][r.mask[0]])
-            ref.append(users[j : j + 1], items[j : j + 1], np.zeros(1, np.int64), sig[j : j + 1])
-        store.append(users, items, np.zeros(12, np.int64), sig)
+        users = rng.integers(0, 4, size=B) * 1_000_003  # keys, not small rows
+        items = step * 100 + np.arange(B)
+        sig = rng.normal(size=B).astype(np.float32)
+        item, s, mask = view(users)
+        cols, m = causal_batch_history(
+            {"item": torch.from_numpy(item), "signal": torch.from_numpy(s)},
+            torch.from_numpy(mask),
+            torch.from_numpy(users),
+            {"item": torch.from_numpy(items), "signal": torch.from_numpy(sig)},
+        )
+        for j in range(B):  # reference: per-event view, then append
+            ri, rs, rm = view(users[j : j + 1])
+            assert m[j].tolist() == rm[0].tolist()
+            assert cols["item"][j][m[j]].tolist() == ri[0][rm[0]].tolist()
+            np.testing.assert_array_equal(cols["signal"][j][m[j]].numpy(), rs[0][rm[0]])
+            stored.setdefault(int(users[j]), []).append((int(items[j]), float(sig[j])))
 
 
 def test_user_word_affinity_in_batch_equals_per_event_updates():
@@ -133,16 +150,17 @@ def test_user_word_affinity_in_batch_equals_per_event_updates():
     rng = np.random.default_rng(6)
     batched, ref = UserWordAffinity(4096, prior=2.0), UserWordAffinity(4096, prior=2.0)
     for _ in range(4):
-        users = rng.integers(0, 3, size=10)
-        text = rng.integers(0, 6, size=(10, 5))  # 0 = padding, repeated words in a row
-        sig = rng.normal(size=10).astype(np.float32)
+        users = torch.from_numpy(rng.integers(0, 3, size=10))
+        text = torch.from_numpy(rng.integers(0, 6, size=(10, 5)))  # 0 = padding, repeated words in a row
+        sig = torch.from_numpy(rng.normal(size=10).astype(np.float32))
         got = batched.read(users, text, sig, in_batch=True)
         for j in range(10):
-            np.testing.assert_allclose(
-                got[j], ref.read(users[j : j + 1], text[j : j + 1], sig[j : j + 1], False)[0], rtol=1e-6
-            )
+            one = ref.read(users[j : j + 1], text[j : j + 1], sig[j : j + 1], False)[0]
+            np.testing.assert_allclose(got[j].numpy(), one.numpy(), rtol=1e-6)
             ref.update(users[j : j + 1], text[j : j + 1], sig[j : j + 1])
         batched.update(users, text, sig)
+    assert torch.equal(batched.touched, ref.touched)
+    np.testing.assert_allclose(batched.table.numpy(), ref.table.numpy(), rtol=1e-12)
 
 
 def test_auc_summary_is_bounded_with_its_error_stated():
