@@ -2,7 +2,8 @@
 
 They stay undecorated here on purpose: a module decorates them when it is executed,
 so the interpreted copy of a kernel module (see kernels/dispatch.py) gets interpreted
-helpers and the compiled one compiled helpers.
+helpers and the compiled one compiled helpers. `launch` (host side) runs an autotuned
+kernel with one fixed config in deterministic mode.
 """
 
 from __future__ import annotations
@@ -22,3 +23,18 @@ def cast_rne(x, dtype: tl.constexpr):
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)
+
+
+def launch(kernel, grid, *args, fixed, **kwargs) -> None:
+    """Run an @triton.autotune kernel: autotuned, or with the config `fixed` in deterministic mode.
+
+    `kernel.fn` is the @jit function under the autotuner: calling it with one config's
+    meta-parameters skips the timing runs, so the same shape always gets the same block
+    sizes, hence the same order of every sum (kernels.dispatch.set_deterministic).
+    """
+    from kernels.dispatch import deterministic
+
+    if deterministic():
+        kernel.fn[grid](*args, **kwargs, **fixed.all_kwargs())
+    else:
+        kernel[grid](*args, **kwargs)

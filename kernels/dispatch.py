@@ -22,6 +22,13 @@ per test).
 
 No Triton module is executed before an op is dispatched to Triton: a process that
 only takes the torch path (the rest of the test suite, CPU training) never loads one.
+
+Deterministic mode (`set_deterministic`, set by the trainer from `trainer.deterministic`):
+every Triton kernel runs one fixed config per shape instead of the config that
+`triton.autotune` found fastest by timing (timings vary between runs, and a different
+block size sums in a different order), and the sparse gather's values gradient takes
+the atomic-free variant. One process-wide flag here, read at each call, so the compiled
+and the interpreted copy of a kernel module (both read it) agree.
 """
 
 from __future__ import annotations
@@ -35,9 +42,20 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["backend_for", "triton_module"]
+__all__ = ["backend_for", "deterministic", "set_deterministic", "triton_module"]
 
 _LOCK = threading.Lock()
+_DETERMINISTIC = False
+
+
+def set_deterministic(on: bool) -> None:
+    """Fixed Triton configs (no timing autotune) and the atomic-free gather backward."""
+    global _DETERMINISTIC
+    _DETERMINISTIC = bool(on)
+
+
+def deterministic() -> bool:
+    return _DETERMINISTIC
 
 
 def _triton_available() -> bool:

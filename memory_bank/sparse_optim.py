@@ -17,6 +17,20 @@ of exp_avg / exp_avg_sq / row_step. Rows absent from the gradient keep their
 value and their optimizer state bit for bit (no decay of absent rows' moments).
 Dense gradients are accepted too (rows = the rows with a non-zero gradient).
 
+No host sync on an accelerator (a GPU step never waits for the device): how many
+distinct rows a gradient has is not counted on the host there. A sparse gradient of E
+entries into N rows is summed into S = min(E, N) slots (one sort, a segment sum),
+slot g < R holding the g-th distinct row; the S - R slots past them are inert: each
+is given a distinct row that the gradient does not touch (the (g - R)-th such row,
+found by a searchsorted) and writes back that row's own values and state. So every
+write of a step goes to a different row (no duplicate-index writes, no races) and has
+a size the host knows. The price is the work on S instead of R rows, which on a CPU
+(where reading a tensor on the host costs nothing) made the step ~3x slower: CPU
+parameters keep the compacting step (boolean-mask compaction to the R rows). Both
+give the touched rows the same update bit for bit (same sort, same sums in the same
+order, same elementwise ops; tests/memory_bank/test_sparse_row_adam.py);
+`sync_free=True/False` forces one.
+
 State is saved with `export_state()` (tensors for safetensors + JSON meta, no
 pickle) and restored bit-exactly with `import_state()`.
 """
@@ -42,6 +56,13 @@ class SparseOptimConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0, description="decoupled (AdamW), touched rows only")
 
 
+def _kept(live: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Live slots take `new`; inert ones (see the module docstring) write `old` back."""
+    if live is None:  # the compacting step: every row is live
+        return new
+    return torch.where(live.view((-1,) + (1,) * (new.dim() - 1)), new, old)
+
+
 class SparseOptimStateError(ValueError):
     """import_state got tensors that do not match the parameters."""
 
@@ -54,6 +75,7 @@ class SparseRowAdam(torch.optim.Optimizer):
 
     Per parameter p (N, *): state moments (N, 2, *) (exp_avg, exp_avg_sq), row_step (N,) int64.
     Which rows changed (for snapshot deltas) is the DeltaTracker's record, not this one's.
+    A step reads nothing on the host (see the module docstring).
     """
 
     def __init__(
@@ -63,7 +85,10 @@ class SparseRowAdam(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        sync_free: bool | None = None,
     ):
+        # None: sync-free for parameters off the CPU (see the module docstring)
+        self.sync_free = sync_free
         cfg = SparseOptimConfig(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay)
         defaults = {
             "lr": cfg.lr,
@@ -96,9 +121,10 @@ class SparseRowAdam(torch.optim.Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     @staticmethod
-    def _rows_and_values(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _compact(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """grad (sparse COO or dense, (N, *)) -> (sorted unique rows (R,), summed grad rows (R, *)).
 
+        Boolean-mask compaction: R is read on the host (free on a CPU, a sync on a GPU).
         Sparse: one sort of the row indices and a sorted segment sum (index_add_ over sorted
         segment ids), several times cheaper on CPU than `coalesce()` for the ~65k-entry
         gradients of a PKM batch.
@@ -106,17 +132,52 @@ class SparseRowAdam(torch.optim.Optimizer):
         if grad.is_sparse:
             if grad.is_coalesced():
                 return grad.indices()[0], grad.values()
-            idx, vals = grad._indices()[0], grad._values()  # (E,), (E, *)
-            sorted_idx, perm = idx.sort()  # (E,)
-            first = torch.ones_like(sorted_idx, dtype=torch.bool)
-            first[1:] = sorted_idx[1:] != sorted_idx[:-1]  # (E,) start of each row's segment
-            segment = first.cumsum(0) - 1  # (E,) output row of each entry
+            sorted_idx, first, segment, vals = SparseRowAdam._sorted_segments(grad)
             rows = sorted_idx[first]  # (R,)
-            summed = vals.new_zeros((rows.numel(),) + tuple(vals.shape[1:]))
-            return rows, summed.index_add_(0, segment, vals.index_select(0, perm))  # (R, *)
+            summed = vals.new_zeros((rows.numel(), *vals.shape[1:]))
+            return rows, summed.index_add_(0, segment, vals)
         nonzero = grad.reshape(grad.shape[0], -1).ne(0).any(dim=1)  # (N,)
         rows = nonzero.nonzero().squeeze(1)
         return rows, grad.index_select(0, rows)
+
+    @staticmethod
+    def _sorted_segments(grad: torch.Tensor):
+        """Uncoalesced sparse grad (E entries) -> sorted row indices (E,), first of each
+        row (E,) bool, slot of each entry (E,) (0.. in row order), entry values in that order."""
+        idx, vals = grad._indices()[0], grad._values()  # (E,), (E, *)
+        sorted_idx, perm = idx.sort()  # (E,)
+        first = torch.ones_like(sorted_idx, dtype=torch.bool)
+        first[1:] = sorted_idx[1:] != sorted_idx[:-1]  # (E,) start of each row's segment
+        return sorted_idx, first, first.cumsum(0) - 1, vals.index_select(0, perm)
+
+    @staticmethod
+    def _slots(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """grad (sparse COO or dense, (N, *)) -> (rows (S,) distinct, summed grad (S, *), live (S,)).
+
+        Sizes from shapes only: live slots hold the distinct rows of the gradient (sorted
+        for an uncoalesced sparse gradient), the others distinct rows it does not touch.
+        """
+        N = grad.shape[0]
+        if not grad.is_sparse:  # every row is a slot; live = the rows with a non-zero entry
+            rows = torch.arange(N, device=grad.device)
+            return rows, grad, grad.reshape(N, -1).ne(0).any(dim=1)
+        idx = grad._indices()[0]
+        if grad.is_coalesced():
+            return idx, grad._values(), torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
+        E = idx.numel()
+        S = min(E, N)
+        sorted_idx, _, segment, vals = SparseRowAdam._sorted_segments(grad)
+        summed = vals.new_zeros((S, *vals.shape[1:])).index_add_(0, segment, vals)
+        slot = torch.arange(S, device=idx.device)
+        start = torch.searchsorted(segment, slot)  # (S,) first entry of each slot; E when inert
+        live = start < E
+        real = sorted_idx[start.clamp(max=E - 1)]  # (S,) the distinct rows, ascending, while live
+        # Inert slot g takes the k-th row absent from the gradient, k = g - R (R live slots):
+        # that row is k + #{i : real[i] - i <= k} (real[i] - i = absent rows below real[i]).
+        absent_below = torch.where(live, real - slot, N)  # (S,) non-decreasing
+        k = (slot - live.sum()).clamp(min=0)
+        spare = k + torch.searchsorted(absent_below, k, right=True)
+        return torch.where(live, real, spare), summed, live
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -128,30 +189,34 @@ class SparseRowAdam(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
             for p in group["params"]:
-                if p.grad is None:
+                if p.grad is None or (p.grad.is_sparse and p.grad._nnz() == 0):
                     continue
-                rows, g = self._rows_and_values(p.grad)  # (R,), (R, *)
-                if rows.numel() == 0:
-                    continue
+                sync_free = p.device.type != "cpu" if self.sync_free is None else self.sync_free
+                if sync_free:
+                    rows, g, live = self._slots(p.grad)  # (S,), (S, *), (S,)
+                else:
+                    (rows, g), live = self._compact(p.grad), None  # (R,), (R, *)
+                    if rows.numel() == 0:
+                        continue
                 g = g.to(p.dtype)
                 st = self._init_state(p)
-                mv = st["moments"].index_select(0, rows)  # (R, 2, *)
-                m, v = mv[:, 0], mv[:, 1]  # (R, *) views
+                old_mv = st["moments"].index_select(0, rows)  # (S, 2, *)
+                mv = old_mv if live is None else old_mv.clone()
+                m, v = mv[:, 0], mv[:, 1]  # (S, *) views
                 m.mul_(beta1).add_(g, alpha=1 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                t = st["row_step"].index_select(0, rows) + 1  # (R,)
-                st["moments"].index_copy_(0, rows, mv)
-                st["row_step"].index_copy_(0, rows, t)
+                old_t = st["row_step"].index_select(0, rows)  # (S,)
+                t = old_t + 1
+                st["moments"].index_copy_(0, rows, _kept(live, mv, old_mv))
+                st["row_step"].index_copy_(0, rows, _kept(live, t, old_t))
                 # Per-row bias correction: p -= lr/b1 * m / (sqrt(v/b2) + eps), b = 1 - beta^t_row.
-                tf = t.to(p.dtype).view((-1,) + (1,) * (p.dim() - 1))  # (R, 1...)
-                step_size = (1 - torch.pow(beta1, tf)).reciprocal_().mul_(-lr)  # (R, 1...)
-                inv_sqrt_b2 = (1 - torch.pow(beta2, tf)).rsqrt_()  # (R, 1...)
-                denom = v.sqrt().mul_(inv_sqrt_b2).add_(eps)  # (R, *)
-                new = p.index_select(0, rows)
-                if wd:
-                    new.mul_(1 - lr * wd)
-                new.addcdiv_(m * step_size, denom)
-                p.index_copy_(0, rows, new)
+                tf = t.to(p.dtype).view((-1,) + (1,) * (p.dim() - 1))  # (S, 1...)
+                step_size = (1 - torch.pow(beta1, tf)).reciprocal_().mul_(-lr)  # (S, 1...)
+                inv_sqrt_b2 = (1 - torch.pow(beta2, tf)).rsqrt_()  # (S, 1...)
+                denom = v.sqrt().mul_(inv_sqrt_b2).add_(eps)  # (S, *)
+                old = p.index_select(0, rows)
+                new = (old.mul(1 - lr * wd) if wd else old).addcdiv(m * step_size, denom)
+                p.index_copy_(0, rows, _kept(live, new, old))
         return loss
 
     # -- save / load without pickle ----------------------------------------------------------

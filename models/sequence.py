@@ -147,7 +147,11 @@ def ridge_user_read(
     with torch.no_grad():
         xd = x.detach()
         eye = torch.eye(hist.shape[-1], dtype=hist.dtype, device=hist.device)
-        chol = torch.linalg.cholesky(xd.transpose(1, 2) @ xd + lam * eye)  # (B, E, E), SPD for lam > 0
+        # SPD for lam > 0, so the factorisation cannot fail on finite input; cholesky_ex
+        # skips the info check, which on a GPU is a host sync per call. Non-finite input
+        # (a poisoned batch) gives a non-finite factor, hence a non-finite loss, which the
+        # trainer rejects as before.
+        chol = torch.linalg.cholesky_ex(xd.transpose(1, 2) @ xd + lam * eye).L  # (B, E, E)
     return xty, chol
 
 

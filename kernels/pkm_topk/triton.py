@@ -41,6 +41,10 @@ and indices as sets where values tie. NaN inputs are not supported.
      huge row.
    - k > 2048: torch.topk.
 
+Configs: the fused kernel is autotuned by timing, except in deterministic mode
+(kernels.dispatch.set_deterministic), where it runs one fixed config per shape; the
+row top-k kernels take fixed configs always. No host sync anywhere here.
+
 Like every kernels/<op>/triton.py, this file is executed once per backend in use:
 normally for CUDA tensors, and as an interpreted copy for CPU ones (kernels/dispatch.py).
 """
@@ -54,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_common import cast_rne
+from kernels._triton_common import cast_rne, launch
 from kernels.pkm_topk.reference import pkm_topk_ref
 
 __all__ = ["pkm_topk_triton"]
@@ -344,7 +348,9 @@ def pkm_topk_triton(q1, q2, keys1, keys2, k: int):
     ci_t, cj_t, C = _staircase_on(k, kk, q1.device)
     BLOCK_DK = max(triton.next_power_of_2(dk), 16)
     grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), H)
-    _pkm_topk_kernel[grid](
+    launch(
+        _pkm_topk_kernel,
+        grid,
         q1,
         q2,
         keys1,
@@ -363,6 +369,9 @@ def pkm_topk_triton(q1, q2, keys1, keys2, k: int):
         C=C,
         KF=triton.next_power_of_2(k),
         USE_DOT=True,
+        # deterministic mode: the first config that fits KP (the selection is exact
+        # either way; fixed block sizes also fix the order of the fp32 score sums)
+        fixed=_prune_pkm(_pkm_configs(), None, KP=KP)[0],
     )
     return scores, slots
 

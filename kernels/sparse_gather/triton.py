@@ -9,28 +9,37 @@ Backward
     dw[b, j] = <dout[b], V[idx[b, j]]>                                  dense (B, K)
     dV[r]    = sum_{(b, j): idx[b, j] = r} w[b, j] * dout[b]           only the rows used
 
-dV is produced compactly, one row per unique index (U, D), and handed to autograd
-as a coalesced sparse COO tensor (indices = sorted unique rows), i.e. the same
-kind of gradient `F.embedding_bag(sparse=True)` gives, so it feeds the same
-sparse optimizer. Two ways to compute it, both start from one sort of the B*K
-indices (stable, so positions of a row stay in (b, j) order):
+No host sync: every size in the backward comes from shapes the host knows (E = B*K
+positions, N rows), never from the data. dV is produced in S = min(E, N) slots, one
+per distinct row in sorted row order; the unique rows U <= S are not counted on the
+host, so the S - U slots past the last distinct row are inert: they repeat the last
+row with values -0.0 (x + -0.0 == x exactly, for every x). It is handed to autograd as
+a sparse COO tensor of S entries, sorted, not coalesced (the inert entries duplicate a
+row): coalescing it gives exactly the gradient `F.embedding_bag(sparse=True)` gives,
+and the sparse optimizer (SparseRowAdam) sums duplicates without syncing either. Two
+ways to compute it, both start from one stable sort of the E indices (positions of a
+row stay in (b, j) order), slot bounds by searchsorted over the sorted segment ids:
 
-- "reverse": reverse index. The sorted (row, position) pairs are cut into pieces
+- "reverse": reverse index. Each slot's segment of sorted positions is cut into pieces
   of at most PIECE positions (a hot row used 100k times becomes many pieces, so no
-  program walks a giant segment alone); each piece is a segmented sum
-  sum_p w[p] * dout[p // K] written to its own partial row; rows that got several
-  pieces are summed by the same kernel over the partials (a second level). No
-  atomics, deterministic.
+  program walks a giant segment alone); the piece count is bounded by S + E / PIECE.
+  Level 1 sums each piece, sum_p w[p] * dout[p // K], straight into its slot when it
+  is its row's only piece, else into a partial row; level 2 sums the partial rows of
+  the rows that got several pieces (and writes -0.0 into the inert slots). No atomics,
+  a fixed order of every sum: deterministic.
 - "atomic": the kernel that computes dw (it reads V[idx] and dout[b] anyway) also
-  does tl.atomic_add of w * dout[b] into the compact (U, D) fp32 buffer at
-  inverse[b, j]. One pass less over B*K*D, but contended atomics serialise on hot
-  rows, and the order of the fp32 sums is not fixed.
+  does tl.atomic_add of w * dout[b] into the (S, D) fp32 buffer at the position's
+  slot. One pass less over E*D, but contended atomics serialise on hot rows, and the
+  order of the fp32 sums is not fixed.
 
-Heuristic (`choose_backward`): atomics when duplicates are rare, i.e. the mean
-multiplicity B*K/U <= 4 and the hottest row is used <= 64 times (few colliding
-adds per address); reverse index otherwise (hot rows repeat a lot). The numbers
-are a first guess to be tuned on the GPU; `MEMSTREAM_GATHER_BWD=atomic|reverse`
-overrides it.
+Choice (`choose_backward`, from shapes only: a look at the multiplicities would be a
+sync): "reverse" in deterministic mode (kernels.dispatch.set_deterministic) and when
+the mean multiplicity is surely above ATOMIC_MAX_MEAN_DUP (E > ATOMIC_MAX_MEAN_DUP * N);
+"atomic" otherwise. Hot rows cannot be seen from shapes: for a skewed access pattern
+set `MEMSTREAM_GATHER_BWD=reverse` (or `atomic` to force the other).
+
+Configs: every kernel is autotuned by timing, except in deterministic mode, where each
+runs one fixed config per shape (`kernels._triton_common.launch`).
 
 The naive torch version of the same function is `sparse_gather_ref` in reference.py
 beside this file (F.embedding_bag with per_sample_weights). This file is executed twice
@@ -47,23 +56,28 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_common import cast_rne
+from kernels._triton_common import cast_rne, launch
+from kernels.dispatch import deterministic
 
 __all__ = ["PIECE", "SparseGather", "choose_backward", "sparse_gather_triton"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _cast = triton.jit(cast_rne)  # decorated here, see kernels/_triton_common.py
 
-# Longest run of sorted positions one program of the segmented sum walks.
+# Longest run of sorted positions one program of the level-1 segmented sum walks.
 PIECE = 256
 ATOMIC_MAX_MEAN_DUP = 4.0
-ATOMIC_MAX_DUP = 64
 
 
 def _configs(block_ks, warps):
     if _INTERPRET:  # no timing under the interpreter: one small config
         return [triton.Config({"BLOCK_K": 16}, num_warps=1)]
     return [triton.Config({"BLOCK_K": bk}, num_warps=nw) for bk in block_ks for nw in warps]
+
+
+def _fixed(block_k: int, warps: int = 4) -> triton.Config:
+    """The one config of deterministic mode (the interpreter's own under TRITON_INTERPRET)."""
+    return _configs([block_k], [warps])[0]
 
 
 # ---------------------------------------------------------------------------------
@@ -107,7 +121,7 @@ def _gather_fwd_kernel(
     # BLOCK_K = 64 spills on sm_90 at D = 128 (tests/kernels/test_kernel_compile_sm90.py)
     configs=_configs([8, 16, 32], [4, 8]),
     key=["K", "D", "COMPUTE_DW", "ATOMIC_DV"],
-    reset_to_zero=["DVC"],  # timing runs must not leave their atomic adds behind
+    restore_value=["DVC"],  # timing runs must not leave their atomic adds behind
 )
 @triton.jit
 def _gather_bwd_rows_kernel(
@@ -116,8 +130,8 @@ def _gather_bwd_rows_kernel(
     W,  # (B, K)
     DOUT,  # (B, D) contiguous
     DW,  # (B, K) ACC out (COMPUTE_DW)
-    INV,  # (B, K) int64: position of idx[b, j] among the unique rows (ATOMIC_DV)
-    DVC,  # (U, D) ACC, zero-initialised compact dV (ATOMIC_DV)
+    INV,  # (B, K) int64: slot of idx[b, j] among the sorted distinct rows (ATOMIC_DV)
+    DVC,  # (S, D) ACC, -0.0-initialised dV slots (ATOMIC_DV)
     K,
     D,
     stride_v,
@@ -151,38 +165,54 @@ def _gather_bwd_rows_kernel(
             tl.store(DW + b * K + offs_k, dw, mask=m_k)
 
 
-@triton.autotune(configs=_configs([16, 32, 64], [2, 4, 8]), key=["D"])
+@triton.autotune(configs=_configs([16, 32, 64], [2, 4, 8]), key=["D", "SPLIT", "SKIP_SINGLE"])
 @triton.jit
 def _segment_sum_kernel(
-    SRC,  # (S, D) rows to sum, row stride stride_src
+    SRC,  # (R, D) rows to sum, row stride stride_src
     GROW,  # (P,) int64: source row of sorted position p
     GW,  # (P,) ACC: weight of sorted position p
     START,  # (G,) int64: first sorted position of segment g
     END,  # (G,) int64: one past its last
-    OUT,  # (G, D) ACC
+    OUT,  # (S, D) ACC: the slots
+    PART,  # (G, D) ACC: partial rows (SPLIT)
+    DEST,  # (G,) int64: slot of segment g when it is its row's only piece, else -1 (SPLIT)
     D,
     stride_src,
+    SPLIT: tl.constexpr,  # level 1: store into OUT[DEST[g]] or, when DEST[g] < 0, PART[g]
+    SKIP_SINGLE: tl.constexpr,  # level 2: a segment of one partial row was stored by level 1
     ACC: tl.constexpr,  # accumulation dtype: fp32 (fp64 only for fp64 values: gradcheck)
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # OUT[g] = sum_{p in [START[g], END[g])} GW[p] * SRC[GROW[p]]
+    # sum_{p in [START[g], END[g])} GW[p] * SRC[GROW[p]], from -0.0: an empty segment (an
+    # inert slot) stores -0.0, and -0.0 + x == x keeps every other sum exact
     g = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = offs_d < D
     start = tl.load(START + g)
     end = tl.load(END + g)
-    acc = tl.zeros([BLOCK_D], dtype=ACC)
-    for p0 in range(start, end, BLOCK_K):
-        offs_p = p0 + tl.arange(0, BLOCK_K)
-        m_p = offs_p < end
-        r = tl.load(GROW + offs_p, mask=m_p, other=0).to(tl.int64)
-        gw = tl.load(GW + offs_p, mask=m_p, other=0.0)
-        x = tl.load(
-            SRC + r[:, None] * stride_src + offs_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.0
-        )
-        acc += tl.sum(x.to(ACC) * gw[:, None].to(ACC), axis=0)
-    tl.store(OUT + g * D + offs_d, acc, mask=m_d)
+    work = end >= start  # always: a segment ends at or after its start
+    if SKIP_SINGLE:
+        work = end - start != 1
+    if work:
+        acc = tl.full([BLOCK_D], -0.0, dtype=ACC)
+        for p0 in range(start, end, BLOCK_K):
+            offs_p = p0 + tl.arange(0, BLOCK_K)
+            m_p = offs_p < end
+            r = tl.load(GROW + offs_p, mask=m_p, other=0).to(tl.int64)
+            gw = tl.load(GW + offs_p, mask=m_p, other=0.0)
+            x = tl.load(
+                SRC + r[:, None] * stride_src + offs_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.0
+            )
+            acc += tl.sum(x.to(ACC) * gw[:, None].to(ACC), axis=0)
+        if SPLIT:
+            dest = tl.load(DEST + g)
+            if dest >= 0:
+                tl.store(OUT + dest * D + offs_d, acc, mask=m_d)
+            else:
+                tl.store(PART + g * D + offs_d, acc, mask=m_d)
+        else:
+            tl.store(OUT + g * D + offs_d, acc, mask=m_d)
 
 
 # ---------------------------------------------------------------------------------
@@ -211,110 +241,158 @@ def _forward(values, idx, weights):
         return out.zero_()
     BLOCK_D = _block_d(D)
     grid = (B, triton.cdiv(D, BLOCK_D))
-    _gather_fwd_kernel[grid](
-        values, idx, weights, out, K, D, values.stride(0), ACC=_acc(values)[1], BLOCK_D=BLOCK_D
+    launch(
+        _gather_fwd_kernel,
+        grid,
+        values,
+        idx,
+        weights,
+        out,
+        K,
+        D,
+        values.stride(0),
+        ACC=_acc(values)[1],
+        BLOCK_D=BLOCK_D,
+        fixed=_fixed(32 if K >= 32 else 16),
     )
     return out
 
 
-class _ReverseIndex:
-    """One stable sort of the flat indices, shared by both backward variants."""
+class _SortedIndex:
+    """One stable sort of the E flat indices and the slots of their distinct rows.
 
-    def __init__(self, flat_idx: torch.Tensor):
-        sorted_idx, self.perm = torch.sort(flat_idx, stable=True)  # (B*K,)
-        self.uniq, self.inv_sorted, self.counts = torch.unique_consecutive(
-            sorted_idx, return_inverse=True, return_counts=True
-        )  # (U,), (B*K,), (U,)
+    Every tensor has a size the host knows (E, or S = min(E, N) slots): slot g < U holds
+    the g-th distinct row, the others are inert (start = end = E, row = the last row).
+    """
 
-    def inverse(self) -> torch.Tensor:  # (B*K,): position of idx[p] in uniq
-        return torch.empty_like(self.inv_sorted).scatter_(0, self.perm, self.inv_sorted)
+    def __init__(self, flat_idx: torch.Tensor, num_rows: int):
+        E = flat_idx.numel()
+        self.positions, self.slots = E, min(E, num_rows)
+        sorted_idx, self.perm = torch.sort(flat_idx, stable=True)  # (E,)
+        first = torch.ones(E, dtype=torch.bool, device=flat_idx.device)
+        first[1:] = sorted_idx[1:] != sorted_idx[:-1]
+        self.slot_sorted = torch.cumsum(first, 0) - 1  # (E,) slot of sorted position p
+        ids = torch.arange(self.slots, device=flat_idx.device)
+        self.start = torch.searchsorted(self.slot_sorted, ids)  # (S,); E for an inert slot
+        self.end = torch.searchsorted(self.slot_sorted, ids, right=True)  # (S,)
+        self.rows = sorted_idx[self.start.clamp(max=max(E - 1, 0))]  # (S,) sorted, inert = last
+
+    def inverse(self) -> torch.Tensor:  # (E,): slot of idx[p]
+        return torch.empty_like(self.slot_sorted).scatter_(0, self.perm, self.slot_sorted)
 
 
-def choose_backward(rev: _ReverseIndex, total: int) -> str:
+def choose_backward(total: int, num_rows: int) -> str:
+    """The dV variant for E = `total` positions into `num_rows` rows, from shapes only."""
     forced = os.environ.get("MEMSTREAM_GATHER_BWD", "auto").lower()
     if forced in ("atomic", "reverse"):
         return forced
-    u = rev.uniq.numel()
-    if u == 0:
+    if deterministic() or total > ATOMIC_MAX_MEAN_DUP * num_rows:
         return "reverse"
-    mean_dup = total / u
-    max_dup = int(rev.counts.max())
-    return "atomic" if (mean_dup <= ATOMIC_MAX_MEAN_DUP and max_dup <= ATOMIC_MAX_DUP) else "reverse"
+    return "atomic"
 
 
-def _segment_sum(src, grow, gw, start, end, D):
-    out = torch.empty((start.numel(), D), dtype=gw.dtype, device=src.device)
-    if start.numel() == 0:
-        return out
+def _segment_sum(src, grow, gw, start, end, out, D, part=None, dest=None, skip_single=False):
+    """out (or part) rows = the weighted segment sums, one program per (segment, D block)."""
+    G = start.numel()
+    if G == 0:
+        return
     BLOCK_D = _block_d(D)
-    grid = (start.numel(), triton.cdiv(D, BLOCK_D))
-    acc = tl.float64 if gw.dtype == torch.float64 else tl.float32
-    _segment_sum_kernel[grid](src, grow, gw, start, end, out, D, src.stride(0), ACC=acc, BLOCK_D=BLOCK_D)
-    return out
-
-
-def _pieces(starts: torch.Tensor, counts: torch.Tensor, piece: int):
-    """Cut segments [starts, starts + counts) into pieces of <= piece positions.
-
-    Returns (piece_start, piece_end, pieces_per_segment)."""
-    npieces = (counts + piece - 1) // piece  # (G,)
-    total = int(npieces.sum())
-    owner = torch.repeat_interleave(
-        torch.arange(counts.numel(), device=counts.device), npieces, output_size=total
+    acc = tl.float64 if out.dtype == torch.float64 else tl.float32
+    split = part is not None
+    launch(
+        _segment_sum_kernel,
+        (G, triton.cdiv(D, BLOCK_D)),
+        src,
+        grow,
+        gw,
+        start,
+        end,
+        out,
+        part if split else out,
+        dest if split else start,
+        D,
+        src.stride(0),
+        SPLIT=split,
+        SKIP_SINGLE=skip_single,
+        ACC=acc,
+        BLOCK_D=BLOCK_D,
+        fixed=_fixed(32),
     )
-    first = torch.cumsum(npieces, 0) - npieces  # (G,) first piece of each segment
-    local = torch.arange(total, device=counts.device) - first[owner]
-    pstart = starts[owner] + local * piece
-    pend = torch.minimum(pstart + piece, starts[owner] + counts[owner])
-    return pstart, pend, npieces
 
 
-def _dv_reverse(rev: _ReverseIndex, weights, dout, K, D, acc_t, piece=None):
-    piece = piece or PIECE  # module global, so tests can shrink it to force several levels
+def _pieces(start: torch.Tensor, end: torch.Tensor, positions: int, piece: int):
+    """Cut the slots' segments [start, end) of sorted positions into pieces of <= piece.
+
+    Returns (piece_start, piece_end, piece_slot, first_piece, pieces) with P = S +
+    cdiv(positions, piece) pieces (a bound: sum ceil(c / piece) <= U + positions / piece);
+    the pieces past the real ones are empty and belong to no slot (piece_slot = -1)."""
+    S = start.numel()
+    P = S + triton.cdiv(positions, piece)
+    counts = end - start  # (S,)
+    pieces = (counts + piece - 1) // piece  # (S,)
+    last = torch.cumsum(pieces, 0)  # (S,) one past the last piece of each slot
+    first = last - pieces
+    q = torch.arange(P, device=start.device)
+    owner = torch.searchsorted(last, q, right=True)  # (P,) slot of piece q; S past the real ones
+    real = owner < S
+    owner_c = owner.clamp(max=S - 1)
+    pstart = start[owner_c] + (q - first[owner_c]) * piece
+    pend = torch.minimum(pstart + piece, end[owner_c])
+    pstart, pend = torch.where(real, pstart, 0), torch.where(real, pend, 0)
+    return pstart, pend, torch.where(real, owner_c, -1), first, pieces
+
+
+def _dv_reverse(rev: _SortedIndex, weights, dout, K, D, acc_t, piece=None):
+    piece = piece or PIECE  # module global, so tests can shrink it to force many pieces
+    dev = dout.device
+    out = torch.empty((rev.slots, D), dtype=acc_t, device=dev)
     # level 1: every sorted position p contributes w[perm[p]] * dout[perm[p] // K]
-    grow = rev.perm // K  # (B*K,)
-    gw = weights.reshape(-1).to(acc_t)[rev.perm]  # (B*K,)
-    starts = torch.cumsum(rev.counts, 0) - rev.counts  # (U,)
-    pstart, pend, npieces = _pieces(starts, rev.counts, piece)
-    part = _segment_sum(dout, grow, gw, pstart, pend, D)  # (P, D) fp32
-    # further levels: sum the partial rows of each unique row (pieces are in row order)
-    while part.shape[0] != rev.uniq.numel():
-        starts = torch.cumsum(npieces, 0) - npieces
-        pstart, pend, npieces = _pieces(starts, npieces, piece)
-        ones = torch.ones(part.shape[0], dtype=part.dtype, device=part.device)
-        ar = torch.arange(part.shape[0], device=part.device)
-        part = _segment_sum(part, ar, ones, pstart, pend, D)
-    return part  # (U, D) in acc_t
+    grow = rev.perm // K  # (E,)
+    gw = weights.reshape(-1).to(acc_t)[rev.perm]  # (E,)
+    pstart, pend, pslot, first, pieces = _pieces(rev.start, rev.end, rev.positions, piece)
+    alone = pslot >= 0
+    alone &= pieces[pslot.clamp(min=0)] == 1
+    dest = torch.where(alone, pslot, -1)  # (P,) a row's only piece goes straight to its slot
+    part = torch.empty((pstart.numel(), D), dtype=acc_t, device=dev)
+    _segment_sum(dout, grow, gw, pstart, pend, out, D, part=part, dest=dest)
+    # level 2: rows of several pieces sum their partial rows (contiguous, in piece order);
+    # inert slots (no piece) store -0.0; rows of one piece were stored by level 1
+    ar = torch.arange(part.shape[0], device=dev)
+    ones = torch.ones(part.shape[0], dtype=acc_t, device=dev)
+    _segment_sum(part, ar, ones, first, first + pieces, out, D, skip_single=True)
+    return out  # (S, D) in acc_t
 
 
 def _backward(values, idx, weights, dout, need_dv, need_dw, variant="auto"):
     B, K = idx.shape
-    D = values.shape[1]
+    N, D = values.shape
     dout = dout.contiguous()
     acc_t, acc_tl = _acc(values)
     dw = torch.zeros((B, K), dtype=acc_t, device=values.device) if need_dw else None
     dvc, rev = None, None
+    if need_dv:
+        rev = _SortedIndex(idx.reshape(-1), N)
     if B * K == 0 or D == 0:
         if need_dv:
-            rev = _ReverseIndex(idx.reshape(-1))
-            dvc = torch.zeros((0, D), dtype=acc_t, device=values.device)
+            dvc = torch.full((rev.slots, D), -0.0, dtype=acc_t, device=values.device)
         return rev, dvc, dw, "none"
     if need_dv:
-        rev = _ReverseIndex(idx.reshape(-1))
         if variant == "auto":
-            variant = choose_backward(rev, B * K)
+            variant = choose_backward(B * K, N)
     else:
         variant = "none"
     atomic = variant == "atomic"
     if atomic:
-        dvc = torch.zeros((rev.uniq.numel(), D), dtype=acc_t, device=values.device)
+        dvc = torch.full((rev.slots, D), -0.0, dtype=acc_t, device=values.device)
         inv = rev.inverse().view(B, K)
     else:
         dvc_dummy = dw if dw is not None else dout  # unused pointers
         inv = idx
     if need_dw or atomic:
         BLOCK_D = _block_d(D)
-        _gather_bwd_rows_kernel[(B,)](
+        launch(
+            _gather_bwd_rows_kernel,
+            (B,),
             values,
             idx,
             weights,
@@ -329,6 +407,7 @@ def _backward(values, idx, weights, dout, need_dv, need_dw, variant="auto"):
             ATOMIC_DV=atomic,
             ACC=acc_tl,
             BLOCK_D=BLOCK_D,
+            fixed=_fixed(16),
         )
     if need_dv and not atomic:
         dvc = _dv_reverse(rev, weights, dout, K, D, acc_t)
@@ -358,12 +437,12 @@ class SparseGather(torch.autograd.Function):
         if need_dv:
             N, D = values.shape
             rows = dvc.to(values.dtype)
-            if ctx.sparse_grad:
+            if ctx.sparse_grad:  # S entries, sorted; inert ones repeat the last row with -0.0
                 dv = torch.sparse_coo_tensor(
-                    rev.uniq.unsqueeze(0), rows, (N, D), is_coalesced=True, check_invariants=False
+                    rev.rows.unsqueeze(0), rows, (N, D), is_coalesced=False, check_invariants=False
                 )
-            else:
-                dv = torch.zeros_like(values).index_copy_(0, rev.uniq, rows)
+            else:  # an add, not a copy: inert slots add -0.0 to their row, a no-op
+                dv = torch.zeros_like(values).index_add_(0, rev.rows, rows)
         if need_dw:
             dw = dw.to(weights.dtype)
         return dv, None, dw, None, None

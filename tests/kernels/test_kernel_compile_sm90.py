@@ -95,11 +95,13 @@ CASES = [
         (
             0,
             "_segment_sum_kernel",
-            f"SRC:*{dt} GROW:*i64 GW:*fp32 START:*i64 END:*i64 OUT:*fp32 D:i32 stride_src:i32",
-            ACC,
+            f"SRC:*{dt} GROW:*i64 GW:*fp32 START:*i64 END:*i64 OUT:*fp32 PART:*fp32 DEST:*i64 "
+            "D:i32 stride_src:i32",
+            {"SPLIT": split, "SKIP_SINGLE": skip, **ACC},
             4,
         )
         for dt in ("fp32", "bf16")
+        for split, skip in ((True, False), (False, True))
     ],
     (
         1,
@@ -135,7 +137,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[1]}-{c[2].split()[0]}-{c[3].get('ATOMIC_DV', '')}")
+@pytest.mark.parametrize(
+    "case",
+    CASES,
+    ids=lambda c: f"{c[1]}-{c[2].split()[0]}-{c[3].get('ATOMIC_DV', '')}{c[3].get('SPLIT', '')}",
+)
 def test_kernel_compiles_for_sm90_without_spills(compiled_modules, case):
     mod_i, name, sig, consts, warps = case
     _regs, stack = compile_sm90(getattr(compiled_modules[mod_i], name), _sig(sig), consts, warps)

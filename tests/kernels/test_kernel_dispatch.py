@@ -62,22 +62,24 @@ def test_each_op_reaches_the_backend_of_the_mode(monkeypatch, op, mode):
 
 @pytest.mark.parametrize("forced", ["atomic", "reverse"])
 def test_gather_backward_variant_can_be_forced(monkeypatch, forced):
-    """MEMSTREAM_GATHER_BWD overrides the heuristic, through the op's backward."""
+    """MEMSTREAM_GATHER_BWD overrides the shape rule, through the op's backward."""
     mod = triton_module("sparse_gather", torch.zeros(1))
-    hot = torch.zeros(8, 16, dtype=torch.int64)  # one row used 128 times: auto says reverse
-    unique = torch.randperm(1000)[:64].reshape(8, 8)  # no duplicates: auto says atomic
-    for idx, auto in ((hot, "reverse"), (unique, "atomic")):
-        rev = mod._ReverseIndex(idx.reshape(-1))
-        assert mod.choose_backward(rev, idx.numel()) == auto
+    # (positions, rows): 128 positions into 8 rows: mean multiplicity 16, auto says reverse;
+    # 64 into 1000: auto says atomic
+    for total, rows, auto in ((128, 8, "reverse"), (64, 1000, "atomic")):
+        assert mod.choose_backward(total, rows) == auto
         monkeypatch.setenv("MEMSTREAM_GATHER_BWD", forced)
-        assert mod.choose_backward(rev, idx.numel()) == forced
+        assert mod.choose_backward(total, rows) == forced
         monkeypatch.delenv("MEMSTREAM_GATHER_BWD")
     monkeypatch.setenv("MEMSTREAM_GATHER_BWD", forced)
     reversed_ = []
     dv_reverse = mod._dv_reverse
     monkeypatch.setattr(mod, "_dv_reverse", lambda *a: reversed_.append(1) or dv_reverse(*a))
-    V = torch.randn(1000, 4, requires_grad=True)
-    for idx in (hot, unique):
+    for N, idx in (
+        (8, torch.zeros(8, 16, dtype=torch.int64)),
+        (1000, torch.randperm(1000)[:64].reshape(8, 8)),
+    ):
+        V = torch.randn(N, 4, requires_grad=True)
         kernels.sparse_gather(V, idx, torch.rand(idx.shape)).sum().backward()
     assert len(reversed_) == (2 if forced == "reverse" else 0)
 
@@ -180,3 +182,24 @@ def test_pkm_topk_selects_from_given_sub_key_scores_on_the_torch_path(monkeypatc
     assert torch.equal(got[1], want[1])
     # the scores are what decides: other scores, other slots
     assert not torch.equal(kernels.pkm_topk(q1, q2, keys1, keys2, 6, scores=(-s1, s2))[1], want[1])
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_deterministic_mode_runs_fixed_configs_not_the_autotuner(monkeypatch, on):
+    """set_deterministic(True): every autotuned kernel is launched with its one fixed config
+    (the autotuner, which picks by timing, is not entered); off: the autotuner runs."""
+    from triton.runtime.autotuner import Autotuner
+
+    from kernels import dispatch
+
+    tuned = []
+    run = Autotuner.run
+    monkeypatch.setattr(Autotuner, "run", lambda self, *a, **k: tuned.append(1) or run(self, *a, **k))
+    monkeypatch.setattr(dispatch, "_DETERMINISTIC", False)
+    dispatch.set_deterministic(on)
+    assert dispatch.deterministic() is on
+    V, idx, w = _op_inputs("sparse_gather")
+    V.requires_grad_()
+    kernels.sparse_gather(V, idx, w).sum().backward()
+    kernels.pkm_topk(*_op_inputs("pkm_topk"))
+    assert (len(tuned) == 0) is on

@@ -13,12 +13,13 @@ def _sparse_step(table, opt, rows):
     opt.zero_grad()
 
 
-def test_only_selected_rows_and_their_state_change():
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_only_selected_rows_and_their_state_change(sync_free):
     torch.manual_seed(0)
     table = torch.nn.Parameter(torch.randn(20, 4))
     tracker = DeltaTracker()  # how production learns which rows the optimizer changed
     tracker.track("embeddings", "t", table)
-    opt = SparseRowAdam([table], lr=0.1)
+    opt = SparseRowAdam([table], lr=0.1, sync_free=sync_free)
     _sparse_step(table, opt, [1, 2, 3])
     before = table.detach().clone()
     st = {k: v.clone() for k, v in opt.export_state()[0].items()}
@@ -107,3 +108,34 @@ def test_group_added_later_gets_state_and_its_own_lr():
     assert set(opt.export_state()[0]) == {
         f"p{i}.{n}" for i in (0, 1) for n in ("exp_avg", "exp_avg_sq", "row_step")
     }
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+@pytest.mark.parametrize("shape", [(50, 8), (1000, 64), (40,)])  # E > N, E < N, a 1-D table
+def test_sync_free_step_is_bitwise_the_compacting_one(shape, wd):
+    """The sync-free step (fixed-size slots, the GPU default) against the compacting one
+    (the CPU default): sparse (duplicates, E > N and E < N), coalesced and dense gradients,
+    several steps: the same rows get the same update, bit for bit, and the others stay."""
+    gen = torch.Generator().manual_seed(7)
+    init = torch.randn(shape, generator=gen)
+    a, b = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    fast = SparseRowAdam([a], lr=0.05, weight_decay=wd, sync_free=True)
+    ref = SparseRowAdam([b], lr=0.05, weight_decay=wd, sync_free=False)
+    N = shape[0]
+    for step in range(8):
+        E = (3 * N // 2, N // 3, 1, 2 * N)[step % 4]
+        idx = torch.randint(0, N, (E,), generator=gen)
+        idx[: E // 2] = idx[0]  # a hot row
+        vals = torch.randn((E, *shape[1:]), generator=gen)
+        grad = torch.sparse_coo_tensor(idx[None], vals, shape, check_invariants=True)
+        if step == 5:
+            grad = grad.coalesce()
+        if step == 6:
+            grad = grad.to_dense()
+        a.grad, b.grad = grad.clone(), grad.clone()
+        fast.step()
+        ref.step()
+        assert torch.equal(a, b), step
+        for name, t in fast.export_state()[0].items():
+            assert torch.equal(t, ref.export_state()[0][name]), (step, name)
