@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 import torch.utils.deterministic
 from safetensors.torch import load_file, save_file
 
+from kernels.dispatch import set_deterministic
 from memory_bank.sparse_optim import SparseRowAdam
 from models.config import ModelConfig, TrainerConfig
 from models.features import BatchLike
@@ -130,7 +132,19 @@ class OnlineTrainer:
         # Process-wide settings: the trainer owns its process (serving copies do not set them).
         torch.set_num_threads(tcfg.threads)
         keep_freed_memory_mapped()
+        # The kernels' switch: one fixed Triton config per shape (no timing autotune), the
+        # atomic-free gather backward.
+        set_deterministic(tcfg.deterministic)
         if tcfg.deterministic:
+            # cuBLAS GEMMs are repeatable only with a fixed workspace config, which torch reads
+            # at the process's first cuBLAS call: set before this trainer touches the GPU (an
+            # operator's own setting wins).
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            # warn_only=True, on CUDA too: torch flags ops by name, not by input, and the step
+            # has ops it flags that are exact whatever their order (the float cumsums of the
+            # integer-valued counters in models/features.py); raising would stop every run of
+            # the default config on a GPU. torch still warns once per such op, and the
+            # save -> load -> continue test checks the result bit for bit.
             torch.use_deterministic_algorithms(True, warn_only=True)
             # Deterministic mode also fills every new tensor with NaN (to expose reads of
             # uninitialised memory); nothing here reads before writing, and the fills cost
@@ -401,6 +415,8 @@ class OnlineTrainer:
         put("opt_sparse.", sparse_t)
         put("tracker.", self.state.tracker.export_state())
         tensors["torch_rng"] = torch.get_rng_state()
+        if self.device.type == "cuda":  # the generator of the trainer's GPU (dropout, sampling)
+            tensors["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         meta.update(
             model_config=self.cfg.model_dump(mode="json"),
             trainer_config=self.tcfg.model_dump(mode="json"),
@@ -444,6 +460,9 @@ class OnlineTrainer:
         self.opt_sparse.import_state(take("opt_sparse."), meta["opt_sparse"])
         self.state.tracker.import_state(take("tracker."))
         torch.set_rng_state(tensors["torch_rng"])
+        # A state saved on a CPU has no CUDA generator: the GPU keeps the one seeded at start.
+        if self.device.type == "cuda" and "cuda_rng" in tensors:
+            torch.cuda.set_rng_state(tensors["cuda_rng"], self.device)
         self.rng.bit_generator.state = meta["rng"]
         self.steps = meta["steps"]
         self.events_applied = meta["events_applied"]
