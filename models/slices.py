@@ -234,8 +234,8 @@ class EvidenceSlices:
         """Count every event of the batch (labelled or not) and add the like events to
         their slices; returns each event's evidence as read before it."""
         ev = Evidence(
-            item=self.items.count_then_add(self.hasher.many(item_id)),
-            user=self.users.count_then_add(self.hasher.many(user_id)),
+            item=self.items.count_then_add(self._keys(item_id)),
+            user=self.users.count_then_add(self._keys(user_id)),
         )
         ok = ~np.isnan(like_label)
         if ok.any():
@@ -251,6 +251,14 @@ class EvidenceSlices:
                     if hit.any():
                         sl.update(z[hit], y[hit])
         return ev
+
+    def _keys(self, ids: np.ndarray) -> np.ndarray:
+        """String ids -> their blake2b keys; integer ids (models.ids keys, what the trainer
+        passes: nothing to hash) as they are, 0 moved to 1 (0 marks a free slot)."""
+        if np.issubdtype(np.asarray(ids).dtype, np.integer):
+            keys = np.asarray(ids).astype(np.uint64)
+            return np.where(keys == 0, np.uint64(1), keys)
+        return self.hasher.many(ids)
 
     def summary(self) -> dict[str, dict[str, dict[str, Any]]]:
         """{slice: {bucket: {"n", "auc.like", "logloss.like"}}}; None where undefined."""

@@ -185,3 +185,20 @@ def test_metrics_without_ids_skip_the_slices_and_an_old_state_loads():
     old = StreamingMetrics()
     old.import_state({k: v for k, v in arrays.items() if not k.startswith("slices.")}, meta)
     assert old.summary()["n.like"] == m.summary()["n.like"] and not math.isnan(old.summary()["auc.like"])
+
+
+def test_integer_keys_count_like_the_ids_they_stand_for():
+    """The trainer passes models.ids keys (no hashing in the step): same evidence as strings."""
+    from models.ids import key64
+
+    users = np.array(["u1", "u2", "u1", "u3", "u1"], dtype=object)
+    items = np.array(["a", "a", "b", "a", "c"], dtype=object)
+    z, y = np.zeros(5, np.float32), np.array([1.0, 0.0, 1.0, 0.0, 1.0])
+    by_id, by_key = EvidenceSlices(history_length=2), EvidenceSlices(history_length=2)
+    for _ in range(2):
+        a = by_id.update(z, y, users, items)
+        keys = lambda xs: np.array([key64(x) for x in xs], dtype=np.int64)
+        b = by_key.update(z, y, keys(users), keys(items))
+        np.testing.assert_array_equal(a.item, b.item)
+        np.testing.assert_array_equal(a.user, b.user)
+    assert by_key.summary() == by_id.summary()
