@@ -44,6 +44,18 @@ def test_bank_update_matches_reference(gen, poison, shape, bank_dtype, vec_dtype
         assert int(stamps[r]) == step
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bank_update_without_returning_rows_writes_the_same(gen, monkeypatch, backend):
+    monkeypatch.setenv("MEMSTREAM_KERNELS", backend)
+    bank, stamps, rows, vectors = _case(gen, 60, 9, 40, torch.float32, torch.float32, True)
+    rb, rs = bank.clone(), stamps.clone()
+    assert kernels.bank_update(bank, stamps, rows, vectors, 11, return_rows=False) is None
+    bank_update_ref(rb, rs, rows, vectors, 11)
+    assert torch.allclose(bank, rb, equal_nan=True, rtol=0, atol=0) and torch.equal(stamps, rs)
+    empty = torch.zeros(0, dtype=torch.int64)
+    assert kernels.bank_update(bank, stamps, empty, torch.zeros(0, 9), 12, return_rows=False) is None
+
+
 def test_bank_update_empty_and_dispatch(monkeypatch):
     bank = torch.zeros(4, 3)
     stamps = torch.zeros(4, dtype=torch.int64)

@@ -130,7 +130,9 @@ CASES = [
     (
         2,
         "_bank_update_kernel",
-        ("BANK:*bf16 STAMPS:*i64 UNIQ:*i64 SRC:*i64 VEC:*fp32 step:i64 D:i32 stride_bank:i32 stride_vec:i32"),
+        (
+            "BANK:*bf16 STAMPS:*i64 ROWS:*i64 SRC:*i64 VEC:*fp32 M:i32 step:i64 D:i32 stride_bank:i32 stride_vec:i32"
+        ),
         {"BLOCK_D": 128},
         4,
     ),

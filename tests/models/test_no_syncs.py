@@ -77,6 +77,22 @@ def test_sparse_gather_triton_backward_takes_no_sync(monkeypatch, variant):
     torch.testing.assert_close(dw, ref_w, rtol=1e-5, atol=1e-5)
 
 
+def test_bank_update_triton_takes_no_sync_unless_asked_for_its_rows(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("MEMSTREAM_KERNELS", "triton")
+    mod = triton_module("bank_update", torch.zeros(1))
+    bank, stamps = torch.zeros(20, 4), torch.zeros(20, dtype=torch.int64)
+    rows, vectors = torch.tensor([3, 7, 3, 12]), torch.randn(4, 4)
+    mod.bank_update_triton(bank, stamps, rows, vectors, 1)  # compile / cache outside the count
+    syncs = {}
+    for return_rows in (False, True):
+        with SyncCounter() as c:
+            mod.bank_update_triton(bank, stamps, rows, vectors, 2, return_rows)
+        syncs[return_rows] = c.total
+    assert syncs == {False: 0, True: 1}  # the unique rows' count is the one sync
+    assert torch.equal(bank[3], vectors[2]) and stamps[[3, 7, 12]].tolist() == [2, 2, 2]
+
+
 def test_pkm_training_forward_backward_takes_no_sync():
     torch.manual_seed(0)
     pkm = ProductKeyMemory(PKMConfig(in_dim=12, n_sub_keys=8, heads=2, k=4, key_dim=8, value_dim=6))
