@@ -10,6 +10,7 @@ import torch
 
 from kernels.dispatch import triton_module
 from kernels.sparse_gather.reference import sparse_gather_ref
+from memory_bank.lmn import LMNConfig, UserMemory
 from memory_bank.pkm import PKMConfig, ProductKeyMemory
 from memory_bank.sparse_optim import SparseRowAdam
 from models.sequence import ridge_features, ridge_user_read
@@ -93,15 +94,26 @@ def test_bank_update_triton_takes_no_sync_unless_asked_for_its_rows(monkeypatch)
     assert torch.equal(bank[3], vectors[2]) and stamps[[3, 7, 12]].tolist() == [2, 2, 2]
 
 
-def test_pkm_training_forward_backward_takes_no_sync():
+@pytest.mark.parametrize("memory", ["pkm", "lmn"])
+def test_memory_training_forward_backward_takes_no_sync(memory):
+    """The PKM layer's training read (slot and sub-key usage counted on the device, the
+    query ring written with tensor ops), and the LMN read with its masked memory loss."""
     torch.manual_seed(0)
-    pkm = ProductKeyMemory(PKMConfig(in_dim=12, n_sub_keys=8, heads=2, k=4, key_dim=8, value_dim=6))
-    pkm.train()
     x = torch.randn(16, 12)
+    if memory == "pkm":
+        mem = ProductKeyMemory(PKMConfig(in_dim=12, n_sub_keys=8, heads=2, k=4, key_dim=8, value_dim=6))
+        values = mem.values
+        loss = lambda: mem(x).pow(2).sum()
+    else:
+        mem = UserMemory(LMNConfig(query_dim=12, n_sub_keys=8, k=4, key_dim=8, value_dim=6))
+        values = mem.memory.values
+        target, mask = torch.randn(16, 6), torch.rand(16) < 0.5
+        loss = lambda: mem.memory_loss(mem(x), target, mask)
+    mem.train()
     with SyncCounter() as c:
-        pkm(x).pow(2).sum().backward()
-    assert c.total == 0, c.syncs
-    assert pkm.values.grad.is_sparse
+        loss().backward()
+    assert c.total == 0 and c.ops > 20, (c.syncs, c.ops)
+    assert values.grad.is_sparse
 
 
 def test_ridge_read_takes_no_sync():
