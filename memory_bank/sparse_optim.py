@@ -25,7 +25,7 @@ is given a distinct row that the gradient does not touch (the (g - R)-th such ro
 found by a searchsorted) and writes back that row's own values and state. So every
 write of a step goes to a different row (no duplicate-index writes, no races) and has
 a size the host knows. The price is the work on S instead of R rows, which on a CPU
-(where reading a tensor on the host costs nothing) made the step ~3x slower: CPU
+(where reading a tensor on the host costs nothing) made the step 3-4x slower: CPU
 parameters keep the compacting step (boolean-mask compaction to the R rows). Both
 give the touched rows the same update bit for bit (same sort, same sums in the same
 order, same elementwise ops; tests/memory_bank/test_sparse_row_adam.py);
