@@ -7,7 +7,9 @@ interpreted copy of each Triton module (`kernels/<op>/triton.py`) for CPU tensor
 whether triton was imported before. The dispatch (`backend_for`) only picks Triton for CPU tensors
 while TRITON_INTERPRET=1 and MEMSTREAM_KERNELS=triton are set; the autouse fixture
 below sets both for each test of this folder and monkeypatch restores them after, so
-every other test of a `pytest tests/` session keeps the torch path.
+every other test of a `pytest tests/` session keeps the torch path. The kernels'
+deterministic switch starts off in each test (a trainer built earlier in the session,
+with trainer.deterministic, leaves it on: it is process-wide).
 
 Random inputs are fresh each run: the seed comes from os.urandom (or
 MEMSTREAM_TEST_SEED to replay) and is printed, so pytest shows it for a failure.
@@ -20,12 +22,15 @@ import os
 import pytest
 import torch
 
+from kernels import dispatch
+
 
 @pytest.fixture(autouse=True)
 def triton_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("MEMSTREAM_KERNELS", "triton")
     monkeypatch.delenv("MEMSTREAM_GATHER_BWD", raising=False)
+    monkeypatch.setattr(dispatch, "_DETERMINISTIC", False)
     yield
 
 
