@@ -609,7 +609,6 @@ def _kernel_tables(ck: Check) -> None:
 
 def section_parity(ck: Check) -> None:
     import numpy as np
-    import torch
 
     from models.online import OnlineTrainer
 
@@ -625,10 +624,10 @@ def section_parity(ck: Check) -> None:
         cfg_d = load([], ck.smoke, device)
         run = runs[label] = {"logits": [], "loss": [], "error": None, "init_diff": None}
         trainer = OnlineTrainer(cfg_d.model, cfg_d.trainer)
-        params = {k: v.detach().to("cpu", torch.float64) for k, v in trainer.model.state_dict().items()}
+        params = _initial_weights(trainer)
         if init is None:
             init = params
-        else:
+        elif params is not None:
             run["init_diff"] = max(
                 (float((params[k] - init[k]).abs().max()) for k in init if init[k].numel() and k in params),
                 default=0.0,
@@ -675,10 +674,21 @@ def section_parity(ck: Check) -> None:
         f"difference: {_e(b['init_diff']) if b['init_diff'] is not None else 'n/a'}",
         f"- no NaN in {len(rows)} steps: {'**FAIL**' if nan else 'PASS'}"
         + ("" if complete else f"; **incomplete**: {a['error'] or b['error'] or 'runs of unequal length'}"),
-        "- later steps drift apart by design of floating point (different reduction orders feed "
-        "back through the optimizer); only step 1 is held to the tolerance.",
+        "- later steps may drift apart: CPU and CUDA sum in different orders, and each step "
+        "feeds its rounding back through the optimizer; only step 1 is held to the tolerance.",
         "",
     )
+
+
+def _initial_weights(trainer) -> dict | None:
+    """The ranker's parameters and buffers as float64 on the CPU (None if it has no `.model`:
+    a diagnostic, not part of the check's contract with the trainer)."""
+    import torch
+
+    model = getattr(trainer, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        return None
+    return {k: v.detach().to("cpu", torch.float64) for k, v in model.state_dict().items()}
 
 
 # --------------------------------------------------------------------------- throughput

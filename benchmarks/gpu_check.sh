@@ -44,18 +44,18 @@ if [[ -n ${OUT:-} ]]; then
     exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 fi
 
-# The project's packages that the image lacks: from the carried wheels, into /tmp/site.
+# The project's packages that the image lacks: from the carried wheels, into /tmp/site (not
+# into this repo's .venv, a python 3.11 here: the wheels are the GPU image's cp312).
+if [[ $py != .venv/bin/python ]] && compgen -G ".whl/*.whl" >/dev/null; then
+    echo "installing $(ls .whl/*.whl | wc -l) wheels from .whl/ into /tmp/site"
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 if ! "$py" -c 'import pydantic, fastapi, yaml, pyarrow, safetensors' 2>/dev/null; then
-    if compgen -G ".whl/*.whl" >/dev/null; then
-        echo "installing $(ls .whl/*.whl | wc -l) wheels from .whl/ into /tmp/site"
-        "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target /tmp/site .whl/*.whl
-        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-    else
-        echo "gpu_check.sh: $py lacks the project's packages and there is no .whl/: run" \
-            "'bash benchmarks/gpu_wheels.sh' where pip works and carry .whl and .gpu_data" >&2
-        exit 2
-    fi
+    echo "gpu_check.sh: $py lacks the project's packages: run 'bash benchmarks/gpu_wheels.sh' where" \
+        "pip works and carry .whl and .gpu_data (benchmarks/README.md)" >&2
+    exit 2
 fi
 
 if [[ -z $out ]]; then
