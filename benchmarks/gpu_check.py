@@ -914,9 +914,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.section == "imports":
             print(" ".join(imported_distributions()))
             return 0
-        if args.section == "out-path":
-            print(args.out or default_out(args.device, args.smoke))
-            return 0
         if args.section == "cpu-reference":
             print(json.dumps(cpu_reference(_recording(args), CPU_REFERENCE), indent=2))
             return 0
@@ -931,6 +928,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise GpuCheckError(
                     "no CUDA device visible to torch: run on a GPU, or use --device cpu --smoke"
                 )
+        if args.section == "out-path":  # after the device checks: no table named after no GPU
+            print(args.out or default_out(args.device, args.smoke))
+            return 0
         margin = min(15.0, args.budget_s / 4)
         ck = Check(
             device=args.device,
