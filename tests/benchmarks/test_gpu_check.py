@@ -108,3 +108,6 @@ def test_refusals_say_what_to_do(tmp_path, capsys):
     run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--bogus"], capture_output=True,
                          text=True, timeout=30)  # fmt: skip
     assert run.returncode == 2 and "unknown argument '--bogus'" in run.stderr and "usage:" in run.stderr
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--smoke",
+                          "--only", "kernels,bogus"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 2 and "--only: no section 'bogus'" in run.stderr
