@@ -44,6 +44,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -188,12 +189,12 @@ def device_slug() -> str:
 
 
 def default_out(device: str, smoke: bool) -> Path:
-    """$OUT/gpu_check.md on the device machine, else benchmarks/results/gpu_<device>.md;
-    a smoke run (whose numbers mean nothing) goes to the temp dir, never into results/."""
-    if smoke:
-        return Path(os.environ.get("TMPDIR", "/tmp")) / f"gpu_check_{device}_smoke.md"
+    """$OUT/gpu_check.md on the device machine, else benchmarks/results/gpu_<device>.md; a smoke
+    run elsewhere (its numbers mean nothing) goes to the temp dir, never into results/."""
     if os.environ.get("OUT"):
         return Path(os.environ["OUT"]) / "gpu_check.md"
+    if smoke:
+        return Path(os.environ.get("TMPDIR", "/tmp")) / f"gpu_check_{device}_smoke.md"
     return ROOT / "benchmarks" / "results" / f"gpu_{device_slug()}.md"
 
 
@@ -807,6 +808,9 @@ def section_eval(ck: Check) -> None:
             killed = True
         if proc.returncode == 0 and report.is_file():
             results[label] = (json.loads(report.read_text()), "run now")
+            if os.environ.get("OUT"):  # the whole report comes back from the device machine too
+                name = re.sub(r"[^a-z0-9]+", "_", label).strip("_")
+                shutil.copyfile(report, Path(os.environ["OUT"]) / f"gpu_check_eval_{name}.json")
         elif killed:
             results[label] = (None, ck.skipped("stopped before its end"))
         else:
