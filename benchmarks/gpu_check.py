@@ -173,7 +173,13 @@ def source_commit() -> str:
             timeout=10,
         )
         if sha.returncode == 0 and sha.stdout.strip():
-            return sha.stdout.strip()
+            dirty = subprocess.run(
+                ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.count("\n")
+            return sha.stdout.strip() + (f" + {dirty} modified files" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
     if SOURCE_NOTE.is_file():
@@ -260,7 +266,8 @@ def section_versions(ck: Check) -> None:
         raise GpuCheckError(
             "the project's modules do not import here: "
             + "; ".join(missing)
-            + " (a missing package: add it to benchmarks/gpu_wheels.sh and carry .whl)"
+            + " (a missing package: rerun `bash benchmarks/gpu_wheels.sh` where pip works, which carries "
+            "what these modules import, and carry .whl)"
         )
 
 
