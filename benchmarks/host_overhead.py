@@ -60,6 +60,12 @@ integers where the decoder does that, is the ingest's work and is not timed):
   counted). Not counted: what torch.optim does with the step counters of AdamW (neither
   capturable nor fused, torch keeps them on the CPU: their .item() is no device sync).
   `--sources N` lists the N most frequent call sites (file:line of the project's code).
+  Where the code takes another path on a GPU and lets a CPU run take it (a `sync_free`
+  switch: SparseRowAdam compacts rows with a boolean mask on CPU, where reading a size
+  costs nothing, and has a sync-free step for accelerators), a CPU run counts
+  `--gpu-path-steps` more steps with the switch on: the row's sync numbers are those of
+  the GPU's path (`sync_path` says which), the CPU path's are kept under `cpu_path`. The
+  host times are always those of the CPU path (the GPU path is slower on a CPU).
   On CUDA `cuda_sync_warnings_per_step` counts the warnings of
   torch.cuda.set_sync_debug_mode("warn") as well, the ground truth for the blocking ones
   (a pageable H2D copy without non_blocking is one of them).
@@ -198,10 +204,11 @@ class StepCounter(TorchDispatchMode):
         self.suppress = 0
         self.sources: Counter[tuple[str, str]] | None = Counter() if sources else None
 
-    def count(self, kind: str, n: int = 1) -> None:
+    def count(self, kind: str, n: int, what: str) -> None:
+        """n syncs of `kind` made by `what` (an aten op, a patched entry point)."""
         self.kinds[kind] += n
         if self.sources is not None:
-            self.sources[(kind, call_site())] += n
+            self.sources[(kind, f"{call_site()} ({what})")] += n
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -209,7 +216,7 @@ class StepCounter(TorchDispatchMode):
         if kind == "scalar_read" and args[0].data_ptr() in self.host_resident:
             kind = None
         if kind is not None and not (self.suppress and kind in H2D_KINDS + ("d2h",)):
-            self.count(kind)
+            self.count(kind, 1, str(func))
         self.ops += 1
         t0 = self.clock()
         out = func(*args, **kwargs)
@@ -286,7 +293,7 @@ def host_transfer_hooks(counter: StepCounter, device_type: str) -> Iterator[None
             found = transfers(*args, **kwargs)
             if found is None or called_from_torch_optim():
                 return original(*args, **kwargs)
-            counter.count(*found)
+            counter.count(*found, f"{getattr(owner, '__name__', owner)}.{name}")
             counter.suppress += 1  # the copies it makes at the dispatcher are counted here
             try:
                 return original(*args, **kwargs)
@@ -393,9 +400,50 @@ def calibrate_op_overhead(clock: Callable[[], float], calls: int = 2000) -> dict
     return {"min": min(per_kind), "median": statistics.median(per_kind), "max": max(per_kind)}
 
 
-def measure(cfg, batches: list, warmup: int, steps: int, top_sources: int = 0) -> dict[str, Any]:
+def gpu_path_switches(trainer) -> list[str]:
+    """The trainer's parts that take another code path on a GPU and let a CPU run take it:
+    those with a `sync_free` attribute (memory_bank.sparse_optim.SparseRowAdam: `None` picks
+    the path by device, `True` forces the accelerator's sync-free step). By attribute name."""
+    return [name for name, part in vars(trainer).items() if hasattr(part, "sync_free")]
+
+
+@contextmanager
+def gpu_path(trainer, switches: list[str]) -> Iterator[None]:
+    """The `switches` (gpu_path_switches) forced onto the GPU's path, put back on exit."""
+    saved = {name: getattr(trainer, name).sync_free for name in switches}
+    try:
+        for name in switches:
+            getattr(trainer, name).sync_free = True
+        yield
+    finally:
+        for name, value in saved.items():
+            getattr(trainer, name).sync_free = value
+
+
+def sync_summary(kinds: Counter[str], steps: int, sites: Counter, top_sources: int) -> dict[str, Any]:
+    """Per-step sync numbers of `steps` counted steps (kinds, and sites when recorded)."""
+    per_step = {k: kinds[k] / steps for k in SYNC_KINDS}
+    out: dict[str, Any] = {
+        "syncs_per_step": round(sum(per_step[k] for k in SYNC_KINDS if k != "h2d_pinned"), 2),
+        "blocking_syncs_per_step": round(sum(per_step[k] for k in BLOCKING_KINDS), 2),
+        "h2d_copies_per_step": round(sum(per_step[k] for k in H2D_KINDS), 2),
+        "sync_kinds_per_step": {k: round(v, 2) for k, v in per_step.items()},
+    }
+    if top_sources:
+        out["sync_sources"] = [
+            {"kind": kind, "site": site, "per_step": round(c / steps, 2)}
+            for (kind, site), c in sites.most_common(top_sources)
+        ]
+    return out
+
+
+def measure(
+    cfg, batches: list, warmup: int, steps: int, top_sources: int = 0, gpu_path_steps: int = 0
+) -> dict[str, Any]:
     """One row: a fresh trainer over `batches` (warmup, then interleaved plain / instrumented
-    steps); with `top_sources`, the call sites of the most frequent syncs.
+    steps, then on CPU `gpu_path_steps` counted steps on the GPU's code path where the
+    trainer has one: the row's sync numbers are theirs, the CPU path's are kept beside);
+    with `top_sources`, the call sites of the most frequent syncs.
 
     The host time of a pair (a plain step, the instrumented step after it): the plain step's
     time (step_clock) minus the instrumented step's op time less the mode's own share of it (ops x the
@@ -426,7 +474,6 @@ def measure(cfg, batches: list, warmup: int, steps: int, top_sources: int = 0) -
         kinds.update(counter.kinds)
         sites.update(counter.sources or {})
     n = len(op_s)
-    per_step = {k: kinds[k] / n for k in SYNC_KINDS}
     wall_s, op_med = statistics.median(plain), statistics.median(op_s)
     boxing = calibrate_op_overhead(step_clock(trainer.device.type))
     pairs = list(zip(plain_clock, op_s, ops))
@@ -437,9 +484,6 @@ def measure(cfg, batches: list, warmup: int, steps: int, top_sources: int = 0) -
         "host_us_per_event": round(host_s / b * 1e6, 2),
         "host_us_per_event_uncorrected": round(host_uncorrected_s / b * 1e6, 2),
         "mode_us_per_op": {k: round(v * 1e6, 3) for k, v in boxing.items()},
-        "syncs_per_step": round(sum(per_step[k] for k in SYNC_KINDS if k != "h2d_pinned"), 2),
-        "blocking_syncs_per_step": round(sum(per_step[k] for k in BLOCKING_KINDS), 2),
-        "h2d_copies_per_step": round(sum(per_step[k] for k in H2D_KINDS), 2),
         "torch_ops_per_step": round(statistics.mean(ops), 1),
         "events_per_s": round(b / wall_s, 1),
         "events_per_clock_s": round(b / statistics.median(plain_clock), 1),
@@ -448,18 +492,31 @@ def measure(cfg, batches: list, warmup: int, steps: int, top_sources: int = 0) -
         "clock": "process CPU time" if trainer.device.type == "cpu" else "wall",
         "instrumented_step_ms": round(statistics.median(counted_wall) * 1e3, 2),
         "torch_op_ms_per_step": round(op_med * 1e3, 2),
-        "sync_kinds_per_step": {k: round(v, 2) for k, v in per_step.items()},
         "device": str(trainer.device),
         "plain_steps": len(plain),
         "instrumented_steps": n,
     }
     if trainer.device.type == "cuda":
         row["cuda_sync_warnings_per_step"] = round(statistics.mean(warns), 2)
-    if top_sources:
-        row["sync_sources"] = [
-            {"kind": kind, "site": site, "per_step": round(c / n, 2)}
-            for (kind, site), c in sites.most_common(top_sources)
-        ]
+    counted = sync_summary(kinds, n, sites, top_sources)
+    switches = gpu_path_switches(trainer) if trainer.device.type == "cpu" else []
+    extra = batches[warmup + 2 * steps : warmup + 2 * steps + gpu_path_steps]
+    if switches and extra:
+        gpu_kinds: Counter[str] = Counter()
+        gpu_sites: Counter[tuple[str, str]] = Counter()
+        with gpu_path(trainer, switches):
+            for batch in extra:
+                _, counter, _ = counted_step(trainer, batch, top_sources > 0, resident)
+                gpu_kinds.update(counter.kinds)
+                gpu_sites.update(counter.sources or {})
+        row.update(sync_summary(gpu_kinds, len(extra), gpu_sites, top_sources))
+        row["sync_path"] = (
+            f"GPU path ({', '.join(f'{s}.sync_free=True' for s in switches)}), {len(extra)} steps"
+        )
+        row["cpu_path"] = counted
+    else:
+        row.update(counted)
+        row["sync_path"] = "the code path of the device measured"
     return row
 
 
@@ -539,15 +596,19 @@ def markdown(doc: dict[str, Any]) -> str:
         "Syncs per step by kind (blocking: " + ", ".join(BLOCKING_KINDS) + "; copies to the device: "
         "h2d, h2d_pinned)" + (", and CUDA sync-debug warnings:" if cuda else ":"),
         "",
-        "| label | B | " + " | ".join(SYNC_KINDS) + (" | cuda sync warnings |" if cuda else " |"),
-        "|---|---:|" + "---:|" * (len(SYNC_KINDS) + cuda),
+        "| label | B | path | " + " | ".join(SYNC_KINDS) + (" | cuda sync warnings |" if cuda else " |"),
+        "|---|---:|---|" + "---:|" * (len(SYNC_KINDS) + cuda),
     ]
     for r in rows:
-        cells = [f"{r['sync_kinds_per_step'].get(k, 0):.1f}" for k in SYNC_KINDS]
-        if cuda:
-            w = r.get("cuda_sync_warnings_per_step")
-            cells.append("-" if w is None else f"{w:.1f}")
-        lines.append(f"| {r['label']} | {r['batch_size']} | " + " | ".join(cells) + " |")
+        paths = [(r.get("sync_path", "-"), r)]
+        if "cpu_path" in r:  # the CPU's own path beside the GPU path's counts
+            paths.append(("CPU path (timed steps)", r["cpu_path"]))
+        for path, counts in paths:
+            cells = [f"{counts['sync_kinds_per_step'].get(k, 0):.1f}" for k in SYNC_KINDS]
+            if cuda:
+                w = r.get("cuda_sync_warnings_per_step")
+                cells.append("-" if w is None else f"{w:.1f}")
+            lines.append(f"| {r['label']} | {r['batch_size']} | {path} | " + " | ".join(cells) + " |")
     for r in rows:
         if r.get("sync_sources") and r["batch_size"] == min(x["batch_size"] for x in rows):
             lines += [
@@ -595,11 +656,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps per batch size")
     ap.add_argument("--steps", type=int, default=30, help="plain steps, and as many instrumented")
     ap.add_argument("--sources", type=int, default=15, help="call sites of the most frequent syncs listed")
+    ap.add_argument(
+        "--gpu-path-steps", type=int, default=5, help="CPU: steps counted on the GPU's code path (0: none)"
+    )
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
-    if args.steps < 1 or args.warmup < 1:
+    if args.steps < 1 or args.warmup < 1 or args.gpu_path_steps < 0:
         raise SystemExit(
-            "--steps and --warmup must be >= 1 (the optimizers' state is made at the first step)"
+            "--steps and --warmup must be >= 1 (the optimizers' state is made at the first step), --gpu-path-steps >= 0"
         )
 
     from benchmarks.memory_value import git_commit
@@ -613,8 +677,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.set)
     rows = []
     for b in (int(x) for x in args.batch_sizes.split(",")):
-        batches = decoded_batches(rec, b, args.warmup + 2 * args.steps)
-        rows.append(measure(cfg, batches, args.warmup, args.steps, args.sources))
+        batches = decoded_batches(rec, b, args.warmup + 2 * args.steps + args.gpu_path_steps)
+        rows.append(measure(cfg, batches, args.warmup, args.steps, args.sources, args.gpu_path_steps))
         print(f"[host_overhead] {args.label} B={b}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
 
     out = Path(args.out_dir)
