@@ -174,3 +174,16 @@ def test_before_and_after_runs_share_one_file(tmp_path):
     assert set(doc["runs"]) == {"before", "after"} and doc["device"] == "cpu"
     md = (tmp_path / "host_overhead.md").read_text()
     assert "| before | 32 |" in md and "| after | 32 |" in md
+
+
+def test_gpu_path_switches_are_forced_and_put_back():
+    from memory_bank.sparse_optim import SparseRowAdam
+
+    table = torch.nn.Parameter(torch.zeros(8, 2))
+    trainer = SimpleNamespace(opt_sparse=SparseRowAdam([table]), other=table)
+    assert ho.gpu_path_switches(trainer) == ["opt_sparse"]
+    assert trainer.opt_sparse.sync_free is None  # by device: the CPU's compacting step
+    with pytest.raises(RuntimeError), ho.gpu_path(trainer, ["opt_sparse"]):
+        assert trainer.opt_sparse.sync_free is True
+        raise RuntimeError
+    assert trainer.opt_sparse.sync_free is None
