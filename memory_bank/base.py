@@ -22,9 +22,12 @@ import torch
 class MemoryDelta:
     """Rows changed since the previous `take_delta()` of one component.
 
-    tables[name] = (rows (M,) int64, values (M, ...) cpu tensor), row-aligned;
-    ids[name] = the string key of each row where rows are keyed by id (the bank);
-    tombstones = ids evicted since the previous delta (serving must drop them).
+    tables[name] = (rows (M,) int64, values (M, ...) cpu tensor), row-aligned; the components
+    keyed by integer keys (the item bank, the user histories) ship their keys as tables too,
+    and the rows they freed as a "freed" table (serving mirrors their row numbers);
+    ids[name] = strings a component ships beside its tables (the feature layout);
+    tombstones = string ids evicted since the previous delta, for a component keyed by
+    string ids (serving must drop them first).
     """
 
     tables: dict[str, tuple[np.ndarray, torch.Tensor]] = field(default_factory=dict)
@@ -36,6 +39,53 @@ class MemoryDelta:
 
     def is_empty(self) -> bool:
         return self.num_rows() == 0 and not self.tombstones
+
+
+class RowChanges:
+    """What a component whose rows hold integer keys (the item bank, the user histories)
+    changed since its last delta: rows written (`dirty`) and rows freed, with the key each
+    held (-1 unknown). A serving copy mirrors the trainer's row numbers, so the delta ships
+    rows, and the freed ones as a "freed" table: (rows (F,), keys (F,) int64)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.dirty = np.zeros(n, dtype=bool)  # (N,) written since the last take
+        self.freed: dict[int, int] = {}  # row -> key it held, freed since the last take
+
+    def free(self, rows: np.ndarray, keys: np.ndarray) -> None:
+        self.dirty[rows] = False
+        self.freed.update(zip(np.asarray(rows).tolist(), np.asarray(keys).tolist()))
+
+    def _freed_array(self) -> np.ndarray:
+        return np.asarray(list(self.freed.items()), dtype=np.int64).reshape(-1, 2)  # (F, [row, key])
+
+    def take(self) -> tuple[np.ndarray, tuple[np.ndarray, torch.Tensor]]:
+        """(rows written (M,), the "freed" table) since the previous take; clears both."""
+        rows, freed = np.flatnonzero(self.dirty), self._freed_array()
+        self.dirty[:] = False
+        self.freed = {}
+        return rows, (freed[:, 0].copy(), torch.from_numpy(freed[:, 1].copy()))
+
+    def mark_changed(self, rows: np.ndarray, held_keys: np.ndarray) -> None:
+        """Rows a serving copy may hold differently (a restarted trainer's: the versions
+        published after its checkpoint changed them): re-ship the live ones (`held_keys`
+        (N,) >= 0), free the others."""
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        rows = rows[(rows >= 0) & (rows < self.n)]
+        live = held_keys[rows] >= 0
+        self.dirty[rows[live]] = True
+        self.freed.update(dict.fromkeys(rows[~live].tolist(), -1))
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        return {
+            "dirty_rows": torch.from_numpy(np.flatnonzero(self.dirty)),
+            "freed": torch.from_numpy(self._freed_array()),
+        }
+
+    def import_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.dirty[:] = False
+        self.dirty[tensors["dirty_rows"].numpy()] = True
+        self.freed = dict(tensors["freed"].tolist())
 
 
 @runtime_checkable

@@ -1,13 +1,20 @@
-"""Per-user history: a ring buffer of the last L (item id, event time, signal) per user.
+"""Per-user history: a ring buffer of the last L events per user, as tensors on the device.
 
-The model builds the user's history sequence from it every step (item vectors
-come from the item memory bank, never re-encoded). Storage is one set of
-(max_users, L) arrays; a user owns one row (a "slot"); `count[slot]` is the
-number of events ever appended, so the next write goes to column count % L and
-a read gathers columns (count - L + j) % L, j = 0..L-1, most recent last.
+The model builds the user's history sequence from it every step (item vectors come
+from the item memory bank, never re-encoded). Storage is one set of (max_users, L)
+tensors on the store's device; a user owns one row (a "slot"); `count[slot]` is the
+number of events ever appended, so the next write goes to column count % L and a
+read gathers columns (count - L + j) % L, j = 0..L-1, most recent last.
+
+Everything is an integer: users are keyed by `user_key` and entries hold the item's
+crc32 code (the model derives the id-embedding row from it), its 63-bit key and the
+bank row it had when appended (validated against the bank's `row_key` when read: see
+`ItemMemoryBank.lookup_history`). Only the user -> slot map is on the host (a dict,
+one operation per event's user); every per-position operation (B x L) is a tensor op.
 
 Users are bounded: when a new user arrives and every slot is taken, the least
-recently used user (append or get) is evicted and reported as a tombstone.
+recently used user (append or get) is evicted; its slot is freed in the next delta.
+A serving copy mirrors the trainer's slots (deltas ship slots, keys and ring rows).
 """
 
 from __future__ import annotations
@@ -20,20 +27,21 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from memory_bank.base import MemoryDelta
+from memory_bank.base import MemoryDelta, RowChanges
 
 
 class HistoryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     length: int = Field(50, ge=1, le=4096, description="L: events kept per user")
-    max_users: int = Field(100_000, ge=1, description="users kept; LRU eviction beyond (~20 bytes * L each)")
+    max_users: int = Field(100_000, ge=1, description="users kept; LRU eviction beyond (~36 bytes * L each)")
     summary_dim: int = Field(
         0,
         ge=0,
         description="width of each user's long-term summary (a running mean over ALL the user's "
         "events, not only the last L: the LMN memory loss's target); 0 = none. The model sets it",
     )
+    device: str = "cpu"  # RankingState sets the model's device
 
 
 class HistoryCapacityError(RuntimeError):
@@ -44,57 +52,71 @@ class HistoryStateError(ValueError):
     """import_state / apply_delta got data that does not fit this store."""
 
 
+# The per-entry ring tables, (U, L) each, and what a padded position holds.
+RING = {"item_code": -1, "item_key": -1, "bank_row": -1, "ts_ms": 0, "signal": 0.0}
+
+
 @dataclass
 class HistoryView:
-    """Histories of B users, most recent event last, left-padded.
+    """Histories of B users as (B, L) tensors on the store's device, most recent event last,
+    left-padded: item_code, item_key, bank_row (int64, -1 padded), ts_ms (int64, 0 padded),
+    signal (float32, 0 padded), mask (bool, True = a real event)."""
 
-    item_ids (B, L) object (None where padded), ts_ms (B, L) int64 (0 padded),
-    signal (B, L) float32 (0 padded), mask (B, L) bool (True = a real event).
-    """
-
-    item_ids: np.ndarray
-    ts_ms: np.ndarray
-    signal: np.ndarray
-    mask: np.ndarray
+    item_code: torch.Tensor
+    item_key: torch.Tensor
+    bank_row: torch.Tensor
+    ts_ms: torch.Tensor
+    signal: torch.Tensor
+    mask: torch.Tensor
 
 
 class UserHistoryStore:
-    """`append(user_ids, item_ids, ts_ms, signal)`, `get(user_ids) -> HistoryView`, plus the
-    shared memory API: stats / export_state / import_state / take_delta / apply_delta."""
+    """`append(user_keys, item_codes, item_keys, bank_rows, ts_ms, signal)`,
+    `get(user_keys) -> HistoryView`, `summary` / `add_summary`, plus the shared memory
+    API: stats / export_state / import_state / take_delta / apply_delta / mark_changed."""
 
     def __init__(self, cfg: HistoryConfig | None = None):
         self.cfg = cfg or HistoryConfig()
+        self.device = torch.device(self.cfg.device)
         self._reset()
 
     def _reset(self) -> None:
         """Every slot empty, no user, no pending delta."""
-        n, L = self.cfg.max_users, self.cfg.length
-        self.items = np.full((n, L), None, dtype=object)  # (U, L) ring of item ids
-        self.ts_ms = np.zeros((n, L), dtype=np.int64)  # (U, L)
-        self.signal = np.zeros((n, L), dtype=np.float32)  # (U, L)
-        self.count = np.zeros(n, dtype=np.int64)  # (U,) events ever appended per slot
+        n, L, dev = self.cfg.max_users, self.cfg.length, self.device
+        self.ring = {
+            name: torch.full(
+                (n, L), pad, dtype=torch.float32 if name == "signal" else torch.int64, device=dev
+            )
+            for name, pad in RING.items()
+        }
+        self.count = torch.zeros(n, dtype=torch.int64, device=dev)  # (U,) events ever appended
         # (U, S) running sum over every event summarised so far, and how many (add_summary).
-        self.summary_sum = np.zeros((n, self.cfg.summary_dim), dtype=np.float32)
-        self.summary_n = np.zeros(n, dtype=np.float32)  # (U,)
-        self.slot_user = np.full(n, None, dtype=object)  # (U,) user id of each slot
-        self.slots: OrderedDict[str, int] = OrderedDict()  # user -> slot, LRU order (oldest first)
+        self.summary_sum = torch.zeros(n, self.cfg.summary_dim, dtype=torch.float32, device=dev)
+        self.summary_n = torch.zeros(n, dtype=torch.float32, device=dev)  # (U,)
+        self.slot_user = np.full(n, -1, dtype=np.int64)  # (U,) user key of each slot, -1 free
+        self.slots: OrderedDict[int, int] = OrderedDict()  # user key -> slot, LRU order (oldest first)
         self.free = list(range(n - 1, -1, -1))  # pop() gives the lowest free slot
-        self.dirty = np.zeros(n, dtype=bool)  # (U,) changed since take_delta
-        self.tombstones: list[str] = []
+        self.changes = RowChanges(n)  # slots changed / freed since take_delta
         self.evictions = 0
         self.appended = 0
 
     def __len__(self) -> int:
         return len(self.slots)
 
+    def _tensor(self, a, dtype=torch.int64) -> torch.Tensor:
+        """A host array (read-only ones too: arrow's) or a tensor -> a tensor on the device."""
+        if isinstance(a, torch.Tensor):
+            return a.to(self.device, dtype)
+        return torch.tensor(np.asarray(a), dtype=dtype, device=self.device)
+
     # -- write ---------------------------------------------------------------------------------
 
-    def _slots_for(self, user_ids: np.ndarray) -> np.ndarray:
-        """(n,) user ids -> (n,) slots, allocating (and LRU-evicting) for new users."""
+    def _slots_for(self, user_keys: np.ndarray) -> np.ndarray:
+        """(n,) user keys -> (n,) slots, allocating (and LRU-evicting) for new users."""
         slots, get, touch = self.slots, self.slots.get, self.slots.move_to_end
-        out = np.empty(len(user_ids), dtype=np.int64)
-        new: dict[str, list[int]] = {}
-        for i, u in enumerate(user_ids.tolist()):
+        out = np.empty(len(user_keys), dtype=np.int64)
+        new: dict[int, list[int]] = {}
+        for i, u in enumerate(user_keys.tolist()):
             s = get(u)
             if s is None:
                 new.setdefault(u, []).append(i)
@@ -107,6 +129,7 @@ class UserHistoryStore:
                 raise HistoryCapacityError(
                     f"max_users={self.cfg.max_users} < {len(new) + len(np.unique(known))} users in one call"
                 )
+        fresh = []
         for u, positions in new.items():
             if not self.free:
                 self._evict_oldest()
@@ -114,121 +137,137 @@ class UserHistoryStore:
             slots[u] = s
             self.slot_user[s] = u
             out[positions] = s
+            fresh.append(s)
+        if fresh:
+            self._clear_slots(np.asarray(fresh, dtype=np.int64))
         return out
 
-    def _clear_slot(self, s: int) -> None:
-        self.items[s] = None
-        self.ts_ms[s] = 0
-        self.signal[s] = 0
-        self.count[s] = 0
-        self.summary_sum[s] = 0
-        self.summary_n[s] = 0
-        self.slot_user[s] = None
-        self.dirty[s] = False
-        self.free.append(s)
+    def _clear_slots(self, slots: np.ndarray) -> None:
+        """Slots back to empty on the device (their host bookkeeping is the caller's)."""
+        s = self._tensor(slots)
+        for name, pad in RING.items():
+            self.ring[name].index_fill_(0, s, pad)
+        for t in (self.count, self.summary_sum, self.summary_n):
+            t.index_fill_(0, s, 0)
 
     def _evict_oldest(self) -> None:
         user, s = self.slots.popitem(last=False)
-        self._clear_slot(s)
-        self.tombstones.append(user)
+        self.slot_user[s] = -1
+        self.free.append(s)
+        self.changes.free(np.asarray([s]), np.asarray([user]))
         self.evictions += 1
 
-    def append(self, user_ids, item_ids, ts_ms, signal) -> None:
+    def append(self, user_keys, item_codes, item_keys, bank_rows, ts_ms, signal) -> None:
         """Append n events given in event order (a user's events land in that order).
 
-        user_ids (n,) str, item_ids (n,) str, ts_ms (n,) int, signal (n,) float.
+        user_keys (n,) int64; item_codes, item_keys, bank_rows (n,) int64 (host arrays or
+        device tensors); ts_ms (n,) int; signal (n,) float. bank_rows: each item's bank row
+        now (-1 none), checked against the bank's row_key when the entry is read.
         """
-        user_ids = np.asarray(user_ids, dtype=object)
-        n = len(user_ids)
+        user_keys = np.asarray(user_keys, dtype=np.int64)
+        n = len(user_keys)
         if n == 0:
             return
-        item_ids = np.asarray(item_ids, dtype=object)
-        ts = np.asarray(ts_ms, dtype=np.int64)
-        sig = np.asarray(signal, dtype=np.float32)
-        if not (len(item_ids) == len(ts) == len(sig) == n):
-            raise ValueError(
-                f"append: lengths differ (user_ids {n}, item_ids {len(item_ids)}, "
-                f"ts_ms {len(ts)}, signal {len(sig)})"
-            )
+        cols = {
+            "item_code": item_codes,
+            "item_key": item_keys,
+            "bank_row": bank_rows,
+            "ts_ms": ts_ms,
+            "signal": signal,
+        }
+        lengths = {name: len(v) for name, v in cols.items()}
+        if any(m != n for m in lengths.values()):
+            raise ValueError(f"append: lengths differ (user_keys {n}, {lengths})")
         L = self.cfg.length
-        slot = self._slots_for(user_ids)  # (n,)
+        slot = self._slots_for(user_keys)  # (n,)
         # Rank of each event among its user's events in this batch (stable: event order).
         order = np.argsort(slot, kind="stable")  # (n,)
         s_sorted = slot[order]
         starts = np.r_[0, np.flatnonzero(s_sorted[1:] != s_sorted[:-1]) + 1]  # first of each run
         run_len = np.diff(np.r_[starts, n])  # (U',) events per user in this batch
-        rank_sorted = np.arange(n) - np.repeat(starts, run_len)  # (n,)
         rank = np.empty(n, dtype=np.int64)
-        rank[order] = rank_sorted
+        rank[order] = np.arange(n) - np.repeat(starts, run_len)
         per_user = np.empty(n, dtype=np.int64)
         per_user[order] = np.repeat(run_len, run_len)
         # Only a user's last L events of this batch survive; dropping the others keeps the
-        # fancy assignment below free of duplicate targets.
-        keep = rank >= per_user - L  # (n,)
-        col = (self.count[slot] + rank) % L  # (n,)
-        s_k, c_k = slot[keep], col[keep]
-        self.items[s_k, c_k] = item_ids[keep]
-        self.ts_ms[s_k, c_k] = ts[keep]
-        self.signal[s_k, c_k] = sig[keep]
+        # scatter below free of duplicate targets.
+        keep = np.flatnonzero(rank >= per_user - L)  # (k,)
+        keep_t = self._tensor(keep)
+        s_k = self._tensor(slot[keep])
+        c_k = (self.count.index_select(0, s_k) + self._tensor(rank[keep])) % L  # (k,) ring columns
+        for name, values in cols.items():
+            t = self.ring[name]
+            v = self._tensor(values, t.dtype).index_select(0, keep_t)
+            t.index_put_((s_k, c_k), v)
         users_in_batch = s_sorted[starts]  # (U',)
-        self.count[users_in_batch] += run_len
-        self.dirty[users_in_batch] = True
+        self.count.index_add_(0, self._tensor(users_in_batch), self._tensor(run_len))
+        self.changes.dirty[users_in_batch] = True
         self.appended += n
 
-    def add_summary(self, user_ids, vectors: np.ndarray) -> None:
+    def add_summary(self, user_keys, vectors: torch.Tensor) -> None:
         """Add one vector (n, S) per event to its user's long-term summary. The users must be
         in the store (call after `append` of the same events)."""
-        user_ids = np.asarray(user_ids, dtype=object)
-        if not self.cfg.summary_dim or len(user_ids) == 0:
+        user_keys = np.asarray(user_keys, dtype=np.int64)
+        if not self.cfg.summary_dim or len(user_keys) == 0:
             return
-        slot = np.fromiter(
-            map(self.slots.__getitem__, user_ids.tolist()), dtype=np.int64, count=len(user_ids)
+        slot = self._tensor(
+            np.fromiter(map(self.slots.__getitem__, user_keys.tolist()), dtype=np.int64, count=len(user_keys))
         )
-        np.add.at(self.summary_sum, slot, np.asarray(vectors, dtype=np.float32))
-        np.add.at(self.summary_n, slot, np.float32(1))
+        self.summary_sum.index_add_(0, slot, self._tensor(vectors, torch.float32))
+        self.summary_n.index_add_(0, slot, torch.ones(len(user_keys), device=self.device))
 
-    def summary(self, user_ids) -> tuple[np.ndarray, np.ndarray]:
-        """(B,) user ids -> the long-term summaries (B, S) (the mean of every vector added) and
-        how many events they cover (B,); zeros for unknown users. Does not touch the LRU order."""
-        user_ids = np.asarray(user_ids, dtype=object)
+    def _slots_of(self, user_keys) -> np.ndarray:
+        """(B,) user keys -> (B,) slots, -1 for unknown users; no LRU touch."""
+        keys = np.asarray(user_keys, dtype=np.int64).tolist()
         get = self.slots.get
-        slot = np.fromiter((get(u, -1) for u in user_ids.tolist()), dtype=np.int64, count=len(user_ids))
+        return np.fromiter((get(u, -1) for u in keys), dtype=np.int64, count=len(keys))
+
+    def summary(self, user_keys) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) user keys -> the long-term summaries (B, S) (the mean of every vector added) and
+        how many events they cover (B,); zeros for unknown users. Does not touch the LRU order."""
+        slot = self._tensor(self._slots_of(user_keys))
         known = slot >= 0
-        s = np.where(known, slot, 0)
-        n = np.where(known, self.summary_n[s], np.float32(0))  # (B,)
-        mean = np.where(known[:, None], self.summary_sum[s] / np.maximum(n, 1)[:, None], np.float32(0))
-        return mean.astype(np.float32), n
+        s = slot.clamp(min=0)
+        n = torch.where(known, self.summary_n.index_select(0, s), 0.0)  # (B,)
+        mean = self.summary_sum.index_select(0, s) / n.clamp(min=1)[:, None]
+        return torch.where(known[:, None], mean, 0.0), n
 
     # -- read ----------------------------------------------------------------------------------
 
-    def get(self, user_ids) -> HistoryView:
-        """(B,) user ids -> HistoryView of (B, L) arrays, most recent last; unknown users empty."""
-        user_ids = np.asarray(user_ids, dtype=object)
-        B, L = len(user_ids), self.cfg.length
-        get, touch = self.slots.get, self.slots.move_to_end
-        slot = np.full(B, -1, dtype=np.int64)  # (B,)
-        for i, u in enumerate(user_ids.tolist()):
+    def _read(self, slot: torch.Tensor) -> HistoryView:
+        """slots (B,) on the device, -1 = none -> their histories (B, L); no LRU touch."""
+        L = self.cfg.length
+        known = slot >= 0
+        s = slot.clamp(min=0)
+        count = torch.where(known, self.count.index_select(0, s), 0)
+        event = count[:, None] - L + torch.arange(L, device=self.device)  # (B, L) event index
+        mask = event >= 0
+        idx = (s[:, None], event % L)
+        cols = {name: torch.where(mask, self.ring[name][idx], pad) for name, pad in RING.items()}
+        return HistoryView(**cols, mask=mask)
+
+    def get(self, user_keys, touch: bool = True) -> HistoryView:
+        """(B,) user keys -> HistoryView of (B, L) tensors, most recent last; unknown users empty.
+        A read counts as a use of the user (LRU) unless touch=False (admin queries)."""
+        if not touch:
+            return self._read(self._tensor(self._slots_of(user_keys)))
+        keys = np.asarray(user_keys, dtype=np.int64).tolist()
+        get, move_to_end = self.slots.get, self.slots.move_to_end
+        slot = np.full(len(keys), -1, dtype=np.int64)  # (B,)
+        for i, u in enumerate(keys):
             s = get(u)
             if s is not None:
-                touch(u)
+                move_to_end(u)
                 slot[i] = s
-        known = slot >= 0
-        s = np.where(known, slot, 0)  # (B,)
-        event = np.where(known, self.count[s], 0)[:, None] - L + np.arange(L)  # (B, L) event index
-        mask = event >= 0  # (B, L)
-        col = event % L  # (B, L)
-        rows = s[:, None]
-        items = self.items[rows, col]  # (B, L)
-        items[~mask] = None
-        ts = np.where(mask, self.ts_ms[rows, col], 0)
-        sig = np.where(mask, self.signal[rows, col], np.float32(0))
-        return HistoryView(item_ids=items, ts_ms=ts, signal=sig, mask=mask)
+        return self._read(self._tensor(slot))
 
     # -- stats / state -------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        live = np.fromiter(self.slots.values(), dtype=np.int64, count=len(self.slots))
-        lengths = np.minimum(self.count[live], self.cfg.length) if len(live) else np.zeros(1)
+        live = self._tensor(np.fromiter(self.slots.values(), dtype=np.int64, count=len(self.slots)))
+        lengths = self.count.index_select(0, live).clamp(max=self.cfg.length).double()
+        if not len(live):
+            lengths = torch.zeros(1, dtype=torch.float64)
         return {
             "users": len(self.slots),
             "max_users": self.cfg.max_users,
@@ -236,118 +275,110 @@ class UserHistoryStore:
             "events_appended": int(self.appended),
             "evictions": int(self.evictions),
             "mean_filled": float(lengths.mean()),
-            "full_fraction": float((lengths >= self.cfg.length).mean()),
+            "full_fraction": float((lengths >= self.cfg.length).double().mean()),
         }
 
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The ring rows of live users only (free slots are all-empty), bit-exact, in LRU order;
-        item ids interned into `meta['item_vocab']` (codes -1 = empty)."""
-        lru = np.fromiter(self.slots.values(), dtype=np.int64, count=len(self.slots))  # (U',) oldest first
-        items = self.items[lru]  # (U', L)
-        present = items != None
-        vocab: dict[str, int] = {}
-        codes = np.full(items.shape, -1, dtype=np.int64)
-        codes[present] = [vocab.setdefault(x, len(vocab)) for x in items[present].tolist()]
-        tensors = {
-            "lru_slots": torch.from_numpy(lru),
-            "item_codes": torch.from_numpy(codes),
-            "ts_ms": torch.from_numpy(self.ts_ms[lru]),
-            "signal": torch.from_numpy(self.signal[lru]),
-            "count": torch.from_numpy(self.count[lru]),
-            "summary_sum": torch.from_numpy(self.summary_sum[lru]),
-            "summary_n": torch.from_numpy(self.summary_n[lru]),
-            "dirty_slots": torch.from_numpy(np.flatnonzero(self.dirty)),
-            "free": torch.tensor(self.free, dtype=torch.int64),
-        }
+        """The ring rows of live users only (free slots are all-empty), bit-exact, in LRU order
+        (oldest first), with their user keys; free list and pending freed slots as they are."""
+        lru = np.fromiter(self.slots.values(), dtype=np.int64, count=len(self.slots))  # (U',)
+        lru_t = self._tensor(lru)
+        tensors = {f"ring.{name}": t.index_select(0, lru_t).cpu() for name, t in self.ring.items()}
+        tensors.update(
+            lru_slots=torch.from_numpy(lru),
+            lru_users=torch.tensor(list(self.slots.keys()), dtype=torch.int64),
+            count=self.count.index_select(0, lru_t).cpu(),
+            summary_sum=self.summary_sum.index_select(0, lru_t).cpu(),
+            summary_n=self.summary_n.index_select(0, lru_t).cpu(),
+            **self.changes.export_state(),
+            free=torch.tensor(self.free, dtype=torch.int64),
+        )
         meta = {
-            "config": self.cfg.model_dump(),
-            "item_vocab": list(vocab),
-            "lru_users": list(self.slots.keys()),
-            "tombstones": list(self.tombstones),
+            "config": self.cfg.model_dump(exclude={"device"}),
             "evictions": self.evictions,
             "appended": self.appended,
         }
         return tensors, meta
 
     def import_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        saved = HistoryConfig(**meta["config"])
-        if saved != self.cfg:
-            raise HistoryStateError(f"config: saved {saved.model_dump()}, have {self.cfg.model_dump()}")
+        mine = self.cfg.model_dump(exclude={"device"})
+        if meta["config"] != mine:
+            raise HistoryStateError(f"config: saved {meta['config']}, have {mine}")
+        if "lru_users" not in tensors:
+            raise HistoryStateError("a history saved by an older release (users by string id): start fresh")
         self._reset()  # every slot empty, then the live ones filled
         lru = tensors["lru_slots"].numpy()
-        vocab = np.asarray([*meta["item_vocab"], None], dtype=object)  # code -1 -> None
-        self.items[lru] = vocab[tensors["item_codes"].numpy()]
-        self.ts_ms[lru] = tensors["ts_ms"].numpy()
-        self.signal[lru] = tensors["signal"].numpy()
-        self.count[lru] = tensors["count"].numpy()
-        self.summary_sum[lru] = tensors["summary_sum"].numpy()
-        self.summary_n[lru] = tensors["summary_n"].numpy()
-        self.dirty[tensors["dirty_slots"].numpy()] = True
+        lru_t = self._tensor(lru)
+        for name, t in self.ring.items():
+            t.index_copy_(0, lru_t, tensors[f"ring.{name}"].to(self.device))
+        for name in ("count", "summary_sum", "summary_n"):
+            getattr(self, name).index_copy_(0, lru_t, tensors[name].to(self.device))
+        users = tensors["lru_users"].tolist()
+        self.slots = OrderedDict(zip(users, lru.tolist()))
+        self.slot_user[lru] = users
+        self.changes.import_state(tensors)
         self.free = tensors["free"].tolist()
-        self.slots = OrderedDict(zip(meta["lru_users"], lru.tolist()))
-        self.slot_user[lru] = np.asarray(meta["lru_users"], dtype=object)
-        self.tombstones = list(meta["tombstones"])
         self.evictions, self.appended = int(meta["evictions"]), int(meta["appended"])
 
     def take_delta(self) -> MemoryDelta:
-        """Users whose history changed since the previous call, as full rows (most recent last).
+        """The slots changed since the previous call, and the slots freed since then.
 
-        tables: "ts_ms" (rows, (M, L) int64), "signal" (rows, (M, L) float32),
-        "length" (rows, (M,) int64 valid entries); rows = this store's slots.
-        ids: "users" (M user ids, row-aligned), "items" (M*L item ids, row-major, "" = padding).
-        tombstones: users evicted since the previous call (apply them first).
+        tables (rows = this store's slots): "user_key" (M,), "count" (M,), and each ring table
+        ("item_code", "item_key", "bank_row", "ts_ms", "signal": (M, L), the raw ring row);
+        "freed" (slots (F,), (F,) the user keys they held, -1 unknown). A serving copy mirrors
+        the trainer's slots: it frees the "freed" slots first, then copies each changed one.
         The long-term summaries are not shipped: only training reads them (the LMN memory
         loss's target); checkpoints carry them (export_state).
         """
-        rows = np.flatnonzero(self.dirty)
-        self.dirty[:] = False
-        users = self.slot_user[rows].tolist()
-        delta = MemoryDelta(tombstones=list(dict.fromkeys(self.tombstones)))  # evicted twice: once
-        self.tombstones = []
-        if len(rows):
-            # Read without touching the LRU order: the delta is not a use.
-            L = self.cfg.length
-            event = self.count[rows][:, None] - L + np.arange(L)  # (M, L)
-            mask = event >= 0
-            col = event % L
-            items = self.items[rows[:, None], col]
-            items[~mask] = ""
-            delta.tables["ts_ms"] = (
-                rows,
-                torch.from_numpy(np.where(mask, self.ts_ms[rows[:, None], col], 0)),
-            )
-            delta.tables["signal"] = (
-                rows,
-                torch.from_numpy(np.where(mask, self.signal[rows[:, None], col], np.float32(0))),
-            )
-            delta.tables["length"] = (rows, torch.from_numpy(mask.sum(1).astype(np.int64)))
-            delta.ids["users"] = users
-            delta.ids["items"] = items.ravel().tolist()
+        rows, freed = self.changes.take()
+        delta = MemoryDelta()
+        delta.tables["freed"] = freed
+        rows_t = self._tensor(rows)
+        delta.tables["user_key"] = (rows, torch.from_numpy(self.slot_user[rows].copy()))
+        delta.tables["count"] = (rows, self.count.index_select(0, rows_t).cpu())
+        for name, t in self.ring.items():
+            delta.tables[name] = (rows, t.index_select(0, rows_t).cpu())
         return delta
 
     def apply_delta(self, delta: MemoryDelta) -> None:
-        """Serving copy: drop the tombstoned users, then set each changed user's history.
-
-        The copy keys by user id (its own slots); afterwards `get` answers as the trainer's.
-        """
-        for user in delta.tombstones:
-            s = self.slots.pop(user, None)
-            if s is not None:
-                self._clear_slot(s)
-        if "users" not in delta.ids:
+        """Serving copy: free the slots the trainer freed, then set each changed slot as the
+        trainer has it; afterwards `get` answers as the trainer's."""
+        freed, _ = delta.tables.get("freed", (np.zeros(0, dtype=np.int64), None))
+        self._free_slots(freed)
+        rows, keys = delta.tables.get("user_key", (np.zeros(0, dtype=np.int64), None))
+        if len(rows) == 0:
             return
-        users = np.asarray(delta.ids["users"], dtype=object)
-        L = self.cfg.length
-        if delta.tables["ts_ms"][1].shape[1] != L:
-            raise HistoryStateError(f"length: delta has {delta.tables['ts_ms'][1].shape[1]}, store has {L}")
-        slot = self._slots_for(users)  # (M,)
-        lengths = delta.tables["length"][1].numpy()
-        items = np.asarray(delta.ids["items"], dtype=object).reshape(len(users), L)
-        mask = np.arange(L) >= (L - lengths)[:, None]  # (M, L)
-        items[~mask] = None
-        # Stored with count = length: the most recent event sits in column length-1 (mod L).
-        col = (np.arange(L)[None, :] - (L - lengths)[:, None]) % L  # (M, L) ring column of each entry
-        self.items[slot[:, None], col] = items
-        self.ts_ms[slot[:, None], col] = delta.tables["ts_ms"][1].numpy()
-        self.signal[slot[:, None], col] = delta.tables["signal"][1].numpy()
-        self.count[slot] = lengths
+        if rows.max() >= self.cfg.max_users or delta.tables["item_code"][1].shape[1] != self.cfg.length:
+            raise HistoryStateError(
+                f"delta slots/length do not fit max_users={self.cfg.max_users}, length={self.cfg.length}"
+            )
+        keys = keys.numpy()
+        held = self.slot_user[rows]
+        self._free_slots(rows[(held >= 0) & (held != keys)])  # reused without being freed here
+        for u, s in zip(keys.tolist(), rows.tolist()):
+            old = self.slots.get(u)
+            if old is not None and old != s:  # moved: free its old slot
+                self._free_slots(np.asarray([old]))
+            self.slots[u] = s
+        self.slot_user[rows] = keys
+        rows_t = self._tensor(rows)
+        for name, t in self.ring.items():
+            t.index_copy_(0, rows_t, delta.tables[name][1].to(self.device, t.dtype))
+        self.count.index_copy_(0, rows_t, delta.tables["count"][1].to(self.device))
+        self.free = np.flatnonzero(self.slot_user < 0)[::-1].tolist()
+
+    def _free_slots(self, slots: np.ndarray) -> None:
+        """A serving copy's slots emptied (their users dropped), as the trainer freed them."""
+        slots = np.unique(slots[self.slot_user[slots] >= 0]) if len(slots) else slots
+        if not len(slots):
+            return
+        for u in self.slot_user[slots].tolist():
+            del self.slots[u]
+        self.slot_user[slots] = -1
+        self._clear_slots(slots)
+        self.free.extend(slots.tolist())
+
+    def mark_changed(self, slots: np.ndarray) -> None:
+        """Slots a serving copy may hold differently from this store (a restarted trainer's):
+        the next delta re-ships the live ones and frees the others."""
+        self.changes.mark_changed(slots, self.slot_user)

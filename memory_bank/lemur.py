@@ -8,11 +8,16 @@ of every history every step is too expensive. So:
   `vectors_of_rows`): reads are stop-gradient, unknown items read a learned `missing`
   vector and count as misses;
 - the bank is bounded (capacity rows, LRU eviction) with an optional TTL; every
-  eviction becomes a tombstone in the next `take_delta()` so serving drops it.
+  eviction frees its row in the next `take_delta()` so serving drops it too.
 
-Layout: `bank` (capacity, dim) and `stamps` (capacity,) live on the device (they
-are what reads gather from and `kernels.bank_update` writes); the bookkeeping
-(write time, hits, last access, id of each row) lives in numpy on the host.
+Items are keyed by `item_key` (models.ids.key64: 63-bit integers computed where events
+are decoded), never by their string ids. Layout: `bank` (capacity, dim), `stamps`
+(capacity,) and `row_key` (capacity,) live on the device: `row_key[row]` is the key of
+the item a row holds (-1 = free), so a history entry that stored a bank row is
+validated there (`row_key[row] == key`) with two gathers and a compare, no host lookup
+(an evicted and reused row reads as a miss from an old entry). The history read's
+coverage and per-row hit counts are device tensors too (read only by `stats`). The
+bookkeeping of allocation (key -> row dict, write time, LRU clock) lives on the host.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 import kernels
-from memory_bank.base import MemoryDelta
+from memory_bank.base import MemoryDelta, RowChanges
 
 
 class BankConfig(BaseModel):
@@ -60,17 +65,27 @@ class UnknownItemError(KeyError):
 
 
 class ItemMemoryBank(nn.Module):
-    """item id (str) -> row of a (capacity, dim) buffer of the latest encoder outputs.
+    """item key (int64) -> row of a (capacity, dim) buffer of the latest encoder outputs.
 
-    write_rows(item_ids (M,), vectors (M, dim), step, now_s) -> rows written
-    lookup_history(item_ids (B, L), mask (B, L)) -> rows (B, L) (-1 = miss / padding), then
-    vectors_of_rows(rows (n,), real (n,)) -> (n, dim): the history read the model makes
-    (`read` does both in one call); rows_of(item_ids) -> rows, read-only (the targets' read)
-    evict_expired(now_s) -> evicted ids;  record_staleness(item_ids, fresh_vectors)
-    lookup(item_id) -> dict | None;  neighbors(item_id, k) -> [(item_id, cosine)]
-    stats / export_state / import_state / take_delta / apply_delta.
+    write_rows(item_keys (M,), vectors (M, dim), step, now_s, item_ids=None) -> rows written
+    lookup_history(item_keys, bank_rows, mask) (B, L) device tensors -> rows (B, L) (-1 = miss
+    or padding), then vectors_of_rows(rows (n,), real (n,)) -> (n, dim): the history read the
+    model makes; rows_of(item_keys) -> rows, read-only; read_targets(item_keys) -> rows, the
+    trainer's read of its targets (refreshes their LRU recency)
+    evict_expired(now_s) -> evicted keys;  record_staleness(item_keys, fresh_vectors)
+    lookup(item_key) -> dict | None;  neighbors(item_key, k) -> [(item_id, cosine)]
+    stats / export_state / import_state / take_delta / apply_delta / mark_changed.
+
+    LRU recency is a host clock advanced by what the host knows without asking the
+    device: writes and the targets' reads. History reads happen on the device (B x L
+    rows validated against `row_key`); refreshing recency from them would need their
+    hit rows on the host, one blocking sync per step, so they no longer do. An item
+    that users keep reading but that is never a target again ages out first; with the
+    default capacity (200k rows) a bank that never fills evicts nothing either way.
 
     `missing` (dim,) is the only parameter (dense gradient, the model's optimizer).
+    `names` keeps the string id of the items written with one (the admin API answers by
+    them), bounded by capacity: a name is dropped with its row.
     """
 
     def __init__(self, cfg: BankConfig | None = None):
@@ -80,23 +95,26 @@ class ItemMemoryBank(nn.Module):
         n = cfg.capacity
         self.missing = nn.Parameter(torch.randn(cfg.dim, device=dev) * cfg.missing_init_std)
         # Non-persistent: the bank is saved by export_state, not by the model's state_dict.
+        i64 = {"dtype": torch.int64, "device": dev}
         self.register_buffer("bank", torch.zeros(n, cfg.dim, device=dev), persistent=False)
-        self.register_buffer("stamps", torch.full((n,), -1, dtype=torch.int64, device=dev), persistent=False)
+        self.register_buffer("stamps", torch.full((n,), -1, **i64), persistent=False)
+        self.register_buffer("row_key", torch.full((n,), -1, **i64), persistent=False)  # -1 = free
+        self.register_buffer("hits", torch.zeros(n, **i64), persistent=False)  # history reads found
+        # [hits, lookups] of every history read, and of each of the last coverage_window reads.
+        self.register_buffer("coverage_total", torch.zeros(2, **i64), persistent=False)
+        self.register_buffer("coverage_recent", torch.zeros(cfg.coverage_window, 2, **i64), persistent=False)
+        self.history_reads = 0  # lookup_history calls (the ring position of coverage_recent)
+        self.keys = np.full(n, -1, dtype=np.int64)  # (N,) host mirror of row_key
         self.write_time = np.zeros(n, dtype=np.float64)  # (N,) wall time of the last write
-        self.hits = np.zeros(n, dtype=np.int64)  # (N,) history reads that found the row
-        self.last_access = np.zeros(n, dtype=np.int64)  # (N,) logical clock of last read/write (LRU)
-        self.row_ids = np.full(n, None, dtype=object)  # (N,) item id of each row, None = free
-        self.rows: dict[str, int] = {}  # item id -> row
+        self.last_access = np.zeros(n, dtype=np.int64)  # (N,) logical clock of last write / target read
+        self.rows: dict[int, int] = {}  # item key -> row
+        self.names: dict[int, str] = {}  # item key -> item id, for the admin API
         self.free = list(range(n - 1, -1, -1))  # pop() gives the lowest free row
-        self.dirty = np.zeros(n, dtype=bool)  # (N,) written since take_delta
-        self.tombstones: list[str] = []
+        self.changes = RowChanges(n)  # rows written / freed since take_delta
         self.clock = 0
         self.last_step = 0
         self.last_now_s = 0.0
         self.evictions = {"lru": 0, "ttl": 0}
-        self.lookups_total = 0
-        self.hits_total = 0
-        self.coverage_recent: deque[tuple[int, int]] = deque(maxlen=cfg.coverage_window)  # (hits, n)
         self.staleness_recent: deque[float] = deque(maxlen=cfg.staleness_window)
         self.staleness_sum = 0.0
         self.staleness_n = 0
@@ -106,40 +124,57 @@ class ItemMemoryBank(nn.Module):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def rows_of(self, item_ids: np.ndarray) -> np.ndarray:
-        """(n,) item ids -> (n,) int64 rows, -1 where absent. Read-only: no hit, no LRU touch."""
-        ids = item_ids.tolist()
-        return np.fromiter(map(self.rows.get, ids, repeat(-1)), dtype=np.int64, count=len(ids))
+    def rows_of(self, item_keys) -> np.ndarray:
+        """(n,) item keys -> (n,) int64 rows, -1 where absent. Read-only: no hit, no LRU touch."""
+        keys = np.asarray(item_keys, dtype=np.int64).tolist()
+        return np.fromiter(map(self.rows.get, keys, repeat(-1)), dtype=np.int64, count=len(keys))
+
+    def read_targets(self, item_keys) -> np.ndarray:
+        """rows_of for the trainer's targets, which also refreshes their LRU recency."""
+        rows = self.rows_of(item_keys)
+        self.clock += 1
+        self.last_access[rows[rows >= 0]] = self.clock
+        return rows
+
+    def name_of(self, item_key: int) -> str:
+        """The item's string id when the bank was told it, else the key in decimal."""
+        return self.names.get(int(item_key), str(int(item_key)))
 
     # -- write ---------------------------------------------------------------------------------
 
     def _clear_rows(self, rows: np.ndarray) -> None:
         """Rows back to their never-written state (so a free row holds nothing to save)."""
-        self.row_ids[rows] = None
+        self.keys[rows] = -1
         self.write_time[rows] = 0.0
-        self.hits[rows] = 0
         self.last_access[rows] = 0
-        self.dirty[rows] = False
-        rows_t = torch.as_tensor(rows, device=self.bank.device)
+        rows_t = torch.as_tensor(rows, dtype=torch.int64).to(self.bank.device)
         self.bank.index_fill_(0, rows_t, 0.0)
-        self.stamps.index_fill_(0, rows_t, -1)
+        for t in (self.stamps, self.row_key):
+            t.index_fill_(0, rows_t, -1)
+        self.hits.index_fill_(0, rows_t, 0)
 
-    def _evict(self, rows: np.ndarray, reason: str) -> list[str]:
-        ids = self.row_ids[rows].tolist()
-        for item in ids:
-            del self.rows[item]
+    def _free_rows(self, rows: np.ndarray) -> list[int]:
+        """Drop the items of `rows` (keys, names, contents); returns their keys."""
+        keys = self.keys[rows].tolist()
+        for k in keys:
+            del self.rows[k]
+            self.names.pop(k, None)
         self._clear_rows(rows)
         self.free.extend(rows.tolist())
-        self.tombstones.extend(ids)
-        self.evictions[reason] = self.evictions.get(reason, 0) + len(ids)
         self._version += 1
-        return ids
+        return keys
 
-    def _allocate(self, new_ids: list[str], protect: np.ndarray) -> None:
-        """Give each new id a row, evicting least recently used rows (not in `protect`)."""
-        short = len(new_ids) - len(self.free)
+    def _evict(self, rows: np.ndarray, reason: str) -> list[int]:
+        keys = self._free_rows(rows)
+        self.changes.free(rows, keys)
+        self.evictions[reason] = self.evictions.get(reason, 0) + len(keys)
+        return keys
+
+    def _allocate(self, new_keys: list[int], protect: np.ndarray) -> None:
+        """Give each new key a row, evicting least recently used rows (not in `protect`)."""
+        short = len(new_keys) - len(self.free)
         if short > 0:
-            n_batch = len(new_ids) + len(np.unique(protect))
+            n_batch = len(new_keys) + len(np.unique(protect))
             if n_batch > self.cfg.capacity:
                 raise BankCapacityError(
                     f"capacity={self.cfg.capacity} < {n_batch} distinct items in one write"
@@ -149,90 +184,95 @@ class ItemMemoryBank(nn.Module):
             recency[protect] = np.iinfo(np.int64).max  # rows of this write are never victims
             victims = np.argpartition(recency, short - 1)[:short]
             self._evict(np.sort(victims), "lru")
-        for item in new_ids:
-            r = self.free.pop()
-            self.rows[item] = r
-            self.row_ids[r] = item
+        rows = [self.free.pop() for _ in new_keys]
+        self.rows.update(zip(new_keys, rows))
+        rows_np = np.asarray(rows, dtype=np.int64)
+        self.keys[rows_np] = new_keys
+        dev = self.row_key.device
+        self.row_key.index_copy_(0, torch.from_numpy(rows_np).to(dev), torch.tensor(new_keys, device=dev))
 
-    def write_rows(self, item_ids, vectors: torch.Tensor, step: int, now_s: float) -> int:
-        """Overwrite the rows of `item_ids` (M,) with `vectors` (M, dim) (detached); last writer wins.
+    def write_rows(self, item_keys, vectors: torch.Tensor, step: int, now_s: float, item_ids=None) -> int:
+        """Overwrite the rows of `item_keys` (M,) with `vectors` (M, dim) (detached); last writer
+        wins. `item_ids` (M,) strings, optional: remembered as the items' names (admin API).
 
-        New ids get rows (LRU eviction when full). Returns the number of distinct rows written.
+        New keys get rows (LRU eviction when full). Returns the number of distinct rows written.
         """
-        item_ids = np.asarray(item_ids, dtype=object)
-        if vectors.shape != (len(item_ids), self.cfg.dim):
-            raise ValueError(f"vectors: shape {tuple(vectors.shape)}, want ({len(item_ids)}, {self.cfg.dim})")
-        if len(item_ids) == 0:
+        keys = np.asarray(item_keys, dtype=np.int64)
+        if vectors.shape != (len(keys), self.cfg.dim):
+            raise ValueError(f"vectors: shape {tuple(vectors.shape)}, want ({len(keys)}, {self.cfg.dim})")
+        if len(keys) == 0:
             return 0
-        rows = self.rows_of(item_ids)  # (M,)
+        rows = self.rows_of(keys)  # (M,)
         new_at = np.flatnonzero(rows < 0)
         if len(new_at):
-            new_ids = list(dict.fromkeys(item_ids[new_at].tolist()))  # distinct, first-seen order
-            self._allocate(new_ids, protect=rows[rows >= 0])
-            rows[new_at] = [self.rows[x] for x in item_ids[new_at].tolist()]
+            new_keys = list(dict.fromkeys(keys[new_at].tolist()))  # distinct, first-seen order
+            self._allocate(new_keys, protect=rows[rows >= 0])
+            rows[new_at] = [self.rows[k] for k in keys[new_at].tolist()]
+        if item_ids is not None:
+            self.names.update(zip(keys.tolist(), np.asarray(item_ids, dtype=object).tolist()))
         rows_t = torch.from_numpy(rows).to(self.bank.device)
         with torch.no_grad():
             fresh = vectors.detach().to(self.bank.device, self.bank.dtype)  # (M, dim)
-            written = kernels.bank_update(self.bank, self.stamps, rows_t, fresh, int(step))
-        written = written.cpu().numpy()  # sorted unique rows
+            kernels.bank_update(self.bank, self.stamps, rows_t, fresh, int(step))
+        written = np.unique(rows)  # what bank_update wrote, known here without reading it back
         self.clock += 1
         self.write_time[written] = now_s
         self.last_access[written] = self.clock
-        self.dirty[written] = True
+        self.changes.dirty[written] = True
         self.last_step, self.last_now_s = int(step), float(now_s)
         self._version += 1
         return len(written)
 
-    def evict_expired(self, now_s: float) -> list[str]:
-        """Evict rows written more than ttl_s before now_s; returns their ids (tombstoned)."""
+    def evict_expired(self, now_s: float) -> list[int]:
+        """Evict rows written more than ttl_s before now_s; returns their keys (freed in the delta)."""
         if self.cfg.ttl_s is None:
             return []
-        live = self.row_ids != None
-        expired = np.flatnonzero(live & (self.write_time < now_s - self.cfg.ttl_s))
+        expired = np.flatnonzero((self.keys >= 0) & (self.write_time < now_s - self.cfg.ttl_s))
         return self._evict(expired, "ttl") if len(expired) else []
 
     # -- read ----------------------------------------------------------------------------------
 
-    def lookup_history(self, item_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """History ids (B, L) object, mask (B, L) -> their rows (B, L) int64, -1 at misses and
-        padding. This is the history lookup the bank's coverage and LRU recency count."""
-        B, L = item_ids.shape
-        mask = np.asarray(mask, dtype=bool)
-        found = self.rows_of(item_ids[mask])  # (n,) rows of the ids at real positions
-        row = np.full((B, L), -1, dtype=np.int64)
-        row[mask] = found  # -1 at padding and misses
-        hit_rows = found[found >= 0]
-        self.clock += 1
-        np.add.at(self.hits, hit_rows, 1)
-        self.last_access[hit_rows] = self.clock
-        n_hit = len(hit_rows)
-        self.lookups_total += len(found)
-        self.hits_total += n_hit
-        self.coverage_recent.append((n_hit, len(found)))
-        return row
+    def lookup_history(
+        self, item_keys: torch.Tensor, bank_rows: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """History entries (B, L) on the device: the item keys, the bank rows they stored when
+        appended (-1 none), mask (True = real) -> rows (B, L) int64, -1 at misses and padding.
 
-    def vectors_of_rows(self, rows: np.ndarray, real: np.ndarray) -> torch.Tensor:
+        An entry hits when its row still holds its item (`row_key[row] == key`): a row evicted
+        and given to another item since reads as a miss. Coverage and per-row hits accumulate
+        on the device (no host sync); the LRU recency is not touched (see the class doc).
+        """
+        dev = self.row_key.device
+        stored = bank_rows.to(dev)
+        valid = mask.to(dev) & (stored >= 0)
+        valid = valid & (
+            self.row_key.index_select(0, stored.clamp(min=0).reshape(-1)).view_as(stored) == item_keys.to(dev)
+        )
+        rows = torch.where(valid, stored, -1)  # (B, L)
+        hit = valid.reshape(-1).to(torch.int64)
+        self.hits.index_add_(0, rows.clamp(min=0).reshape(-1), hit)
+        counts = torch.stack([hit.sum(), mask.to(dev).sum().to(torch.int64)])  # [hits, lookups]
+        self.coverage_total += counts
+        self.coverage_recent[self.history_reads % self.cfg.coverage_window] = counts
+        self.history_reads += 1
+        return rows
+
+    def vectors_of_rows(self, rows: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """rows (n,) int64 from `lookup_history`, real (n,) bool (False = padding) -> (n, dim):
         bank rows (stop-gradient), `missing` (with gradient) at misses, zeros at padding."""
         dev = self.bank.device
-        row_t = torch.from_numpy(rows).to(dev)  # (n,)
-        vectors = self.bank.index_select(0, row_t.clamp(min=0))  # (n, dim), no grad
-        # Padding -> zeros, misses -> `missing` (in place: the graph holds only the miss rows).
-        vectors.index_fill_(0, torch.from_numpy(np.flatnonzero(~real)).to(dev), 0.0)
-        miss_at = np.flatnonzero(real & (rows < 0))  # (n_miss,)
-        if len(miss_at):
-            miss_t = torch.from_numpy(miss_at).to(dev)
-            vectors = vectors.index_put((miss_t,), self.missing.expand(len(miss_at), -1))
-        return vectors
+        rows, real = torch.as_tensor(rows).to(dev), torch.as_tensor(real).to(dev)
+        vectors = self.bank.index_select(0, rows.clamp(min=0))  # (n, dim), no grad
+        vectors = vectors.masked_fill(~real.unsqueeze(1), 0.0)  # padding
+        return torch.where((real & (rows < 0)).unsqueeze(1), self.missing, vectors)  # misses
 
-    def record_staleness(self, item_ids, fresh_vectors: torch.Tensor) -> float | None:
+    def record_staleness(self, item_keys, fresh_vectors: torch.Tensor) -> float | None:
         """Cosine between fresh encodings (M, dim) and the cached rows, before they are overwritten.
 
-        Call it before `write_rows`. Samples at most `staleness_sample` of the ids present.
-        Returns the mean cosine of this call (None when no id was cached).
+        Call it before `write_rows`. Samples at most `staleness_sample` of the items present.
+        Returns the mean cosine of this call (None when no item was cached).
         """
-        item_ids = np.asarray(item_ids, dtype=object)
-        rows = self.rows_of(item_ids)  # (M,)
+        rows = self.rows_of(item_keys)  # (M,)
         at = np.flatnonzero(rows >= 0)
         if len(at) == 0:
             return None
@@ -250,15 +290,16 @@ class ItemMemoryBank(nn.Module):
 
     # -- admin queries -------------------------------------------------------------------------
 
-    def lookup(self, item_id: str, now_s: float | None = None, n_values: int = 8) -> dict | None:
+    def lookup(self, item_key: int, now_s: float | None = None, n_values: int = 8) -> dict | None:
         """What the bank holds for one item (None if absent); read-only (no hit counted)."""
-        r = self.rows.get(item_id)
+        r = self.rows.get(int(item_key))
         if r is None:
             return None
         vec = self.bank[r].detach().cpu()
         now_s = self.last_now_s if now_s is None else now_s
         return {
-            "item_id": item_id,
+            "item_id": self.name_of(item_key),
+            "item_key": int(item_key),
             "present": True,
             "row": int(r),
             "write_step": int(self.stamps[r]),
@@ -270,15 +311,15 @@ class ItemMemoryBank(nn.Module):
             "values": vec[:n_values].tolist(),
         }
 
-    def neighbors(self, item_id: str, k: int = 10) -> list[tuple[str, float]]:
-        """k nearest items by cosine over live rows (faiss IndexFlatIP, rebuilt lazily)."""
+    def neighbors(self, item_key: int, k: int = 10) -> list[tuple[str, float]]:
+        """k nearest items (their names) by cosine over live rows (faiss IndexFlatIP, rebuilt lazily)."""
         import faiss
 
-        r = self.rows.get(item_id)
+        r = self.rows.get(int(item_key))
         if r is None:
-            raise UnknownItemError(item_id)
+            raise UnknownItemError(item_key)
         if self._faiss is None or self._faiss[0] != self._version:
-            live = np.flatnonzero(self.row_ids != None)
+            live = np.flatnonzero(self.keys >= 0)
             x = F.normalize(self.bank[torch.from_numpy(live).to(self.bank.device)].float(), dim=-1)
             index = faiss.IndexFlatIP(self.cfg.dim)
             index.add(np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32))
@@ -286,18 +327,22 @@ class ItemMemoryBank(nn.Module):
         _, index, live = self._faiss
         q = F.normalize(self.bank[r].float(), dim=-1).cpu().numpy()[None, :].astype(np.float32)
         sims, at = index.search(q, min(k + 1, len(live)))
-        out = [(self.row_ids[live[j]], float(s)) for s, j in zip(sims[0], at[0]) if j >= 0 and live[j] != r]
+        out = [
+            (self.name_of(self.keys[live[j]]), float(s))
+            for s, j in zip(sims[0], at[0])
+            if j >= 0 and live[j] != r
+        ]
         return out[:k]
 
     def recent_coverage(self) -> float | None:
         """Share of the last `coverage_window` history lookups' items the bank held."""
-        n = sum(k for _, k in self.coverage_recent)
-        return sum(h for h, _ in self.coverage_recent) / n if n else None
+        hits, n = self.coverage_recent.sum(0).tolist()
+        return hits / n if n else None
 
     def stats(self, now_s: float | None = None) -> dict[str, Any]:
         """size, capacity, coverage (window / cumulative), staleness_cos, age (steps, s), evictions."""
         now_s = self.last_now_s if now_s is None else now_s
-        live = np.flatnonzero(self.row_ids != None)
+        live = np.flatnonzero(self.keys >= 0)
         age: dict[str, float | None] = dict.fromkeys(
             ("steps_p50", "steps_p90", "steps_max", "s_p50", "s_p90", "s_max")
         )
@@ -311,13 +356,14 @@ class ItemMemoryBank(nn.Module):
                     float(p90),
                     float(a.max()),
                 )
+        hits_total, lookups_total = self.coverage_total.tolist()
         return {
             "size": len(self.rows),
             "capacity": self.cfg.capacity,
             "coverage": {
                 "window": self.recent_coverage(),
-                "cumulative": self.hits_total / self.lookups_total if self.lookups_total else None,
-                "lookups": int(self.lookups_total),
+                "cumulative": hits_total / lookups_total if lookups_total else None,
+                "lookups": int(lookups_total),
             },
             "staleness_cos": {
                 "window": float(np.mean(self.staleness_recent)) if self.staleness_recent else None,
@@ -335,30 +381,32 @@ class ItemMemoryBank(nn.Module):
         """Live rows only (free rows are in their never-written state): a bank of 4k items in
         200k rows saves 1 MB, not 51 MB. Row numbers, free-list order and LRU clocks are kept,
         so an imported copy evicts and allocates exactly as this one would."""
-        live = np.flatnonzero(self.row_ids != None)
+        live = np.flatnonzero(self.keys >= 0)
         live_t = torch.from_numpy(live).to(self.bank.device)
+        named = [k for k in self.keys[live].tolist() if k in self.names]
         tensors = {
             "live_rows": torch.from_numpy(live),
+            "live_keys": torch.from_numpy(self.keys[live].copy()),
             "vectors": self.bank.index_select(0, live_t).cpu(),
             "stamps": self.stamps.index_select(0, live_t).cpu(),
+            "hits": self.hits.index_select(0, live_t).cpu(),
             "write_time": torch.from_numpy(self.write_time[live]),
-            "hits": torch.from_numpy(self.hits[live]),
             "last_access": torch.from_numpy(self.last_access[live]),
-            "dirty_rows": torch.from_numpy(np.flatnonzero(self.dirty)),
+            **self.changes.export_state(),
             "free": torch.tensor(self.free, dtype=torch.int64),
+            "named_keys": torch.tensor(named, dtype=torch.int64),
+            "coverage_total": self.coverage_total.cpu(),
+            "coverage_recent": self.coverage_recent.cpu(),
             "missing": self.missing.detach().cpu(),
         }
         meta = {
             "config": self.cfg.model_dump(exclude={"device"}),
-            "live_ids": self.row_ids[live].tolist(),
-            "tombstones": list(self.tombstones),
+            "names": [self.names[k] for k in named],
+            "history_reads": self.history_reads,
             "clock": self.clock,
             "last_step": self.last_step,
             "last_now_s": self.last_now_s,
             "evictions": dict(self.evictions),
-            "lookups_total": self.lookups_total,
-            "hits_total": self.hits_total,
-            "coverage_recent": [list(x) for x in self.coverage_recent],
             "staleness_recent": list(self.staleness_recent),
             "staleness_sum": self.staleness_sum,
             "staleness_n": self.staleness_n,
@@ -369,81 +417,97 @@ class ItemMemoryBank(nn.Module):
         mine = self.cfg.model_dump(exclude={"device"})
         if meta["config"] != mine:
             raise BankStateError(f"config: saved {meta['config']}, have {mine}")
-        live = tensors["live_rows"].numpy()
+        if "live_keys" not in tensors:
+            raise BankStateError("a bank saved by an older release (items by string id): start fresh")
+        live, keys = tensors["live_rows"].numpy(), tensors["live_keys"].numpy()
         n = self.cfg.capacity
-        self.row_ids = np.full(n, None, dtype=object)
         self._clear_rows(np.arange(n))
-        live_t = torch.from_numpy(live).to(self.bank.device)
+        dev = self.bank.device
+        live_t = torch.from_numpy(live).to(dev)
         with torch.no_grad():
             self.bank.index_copy_(0, live_t, tensors["vectors"].to(self.bank))
-            self.stamps.index_copy_(0, live_t, tensors["stamps"].to(self.stamps.device))
+            self.stamps.index_copy_(0, live_t, tensors["stamps"].to(dev))
+            self.row_key.index_copy_(0, live_t, tensors["live_keys"].to(dev))
+            self.hits.index_copy_(0, live_t, tensors["hits"].to(dev))
+            self.coverage_total.copy_(tensors["coverage_total"])
+            self.coverage_recent.copy_(tensors["coverage_recent"])
             self.missing.copy_(tensors["missing"])
+        self.keys[live] = keys
         self.write_time[live] = tensors["write_time"].numpy()
-        self.hits[live] = tensors["hits"].numpy()
         self.last_access[live] = tensors["last_access"].numpy()
-        self.dirty[tensors["dirty_rows"].numpy()] = True
+        self.changes.import_state(tensors)
         self.free = tensors["free"].tolist()
-        self.row_ids[live] = np.asarray(meta["live_ids"], dtype=object)
-        self.rows = dict(zip(meta["live_ids"], live.tolist()))
-        self.tombstones = list(meta["tombstones"])
+        self.rows = dict(zip(keys.tolist(), live.tolist()))
+        self.names = dict(zip(tensors["named_keys"].tolist(), meta["names"]))
+        self.history_reads = meta["history_reads"]
         self.clock, self.last_step, self.last_now_s = meta["clock"], meta["last_step"], meta["last_now_s"]
         self.evictions = dict(meta["evictions"])
-        self.lookups_total, self.hits_total = meta["lookups_total"], meta["hits_total"]
-        self.coverage_recent = deque(
-            (tuple(x) for x in meta["coverage_recent"]), maxlen=self.cfg.coverage_window
-        )
         self.staleness_recent = deque(meta["staleness_recent"], maxlen=self.cfg.staleness_window)
         self.staleness_sum, self.staleness_n = meta["staleness_sum"], meta["staleness_n"]
         self._version += 1
 
     def take_delta(self) -> MemoryDelta:
-        """Rows written since the previous call + tombstones of the evictions since then.
+        """Rows written since the previous call, and the rows freed since then.
 
         tables: "bank" (rows (M,), vectors (M, dim)), "stamps" (rows, (M,) int64 write steps),
-        "write_time" (rows, (M,) float64); ids["bank"]: the M item ids. Apply tombstones first.
+        "write_time" (rows, (M,) float64), "keys" (rows, (M,) int64 item keys); "freed" (rows
+        (F,), (F,) int64 keys they held, -1 unknown). A serving copy mirrors the trainer's row
+        numbers (a bank row stored in a history entry means the same there): it frees the
+        "freed" rows first, then places each written row where the trainer has it.
         """
-        rows = np.flatnonzero(self.dirty)
-        self.dirty[:] = False
+        rows, freed = self.changes.take()
         rows_t = torch.from_numpy(rows).to(self.bank.device)
-        delta = MemoryDelta(tombstones=list(dict.fromkeys(self.tombstones)))  # evicted twice: once
-        self.tombstones = []
+        delta = MemoryDelta()
+        delta.tables["freed"] = freed
         delta.tables["bank"] = (rows, self.bank.index_select(0, rows_t).cpu())
         delta.tables["stamps"] = (rows, self.stamps.index_select(0, rows_t).cpu())
         delta.tables["write_time"] = (rows, torch.from_numpy(self.write_time[rows].copy()))
-        delta.ids["bank"] = self.row_ids[rows].tolist()
+        delta.tables["keys"] = (rows, torch.from_numpy(self.keys[rows].copy()))
         return delta
 
     def apply_delta(self, delta: MemoryDelta) -> None:
-        """Serving copy: drop tombstoned ids, then place each changed row at the trainer's row."""
-        gone = sorted({self.rows[x] for x in delta.tombstones if x in self.rows})  # an id may repeat
-        if gone:
-            self._evict(np.asarray(gone, dtype=np.int64), "tombstone")
-            self.tombstones.clear()  # a serving copy does not re-publish them
+        """Serving copy: free the rows the trainer freed, then place each written row (its key,
+        vector, stamp) at the trainer's row number."""
+        freed, _ = delta.tables.get("freed", (np.zeros(0, dtype=np.int64), None))
+        gone = np.unique(freed[self.keys[freed] >= 0]) if len(freed) else freed
+        if len(gone):
+            self.evictions["tombstone"] = self.evictions.get("tombstone", 0) + len(gone)
+            self._free_rows(gone)
         rows, vecs = delta.tables.get("bank", (np.zeros(0, dtype=np.int64), None))
         if len(rows) == 0:
             return
+        if "keys" not in delta.tables:
+            raise BankStateError("a bank delta without item keys (written by an older release)")
         if vecs.shape[1] != self.cfg.dim or rows.max() >= self.cfg.capacity:
             raise BankStateError(
                 f"delta rows/dim do not fit capacity={self.cfg.capacity}, dim={self.cfg.dim}"
             )
-        for item, r in zip(delta.ids["bank"], rows.tolist()):
-            old_row = self.rows.get(item)
+        keys = delta.tables["keys"][1].numpy()
+        held = self.keys[rows]
+        stale = np.flatnonzero((held >= 0) & (held != keys))  # reused without its row freed here
+        if len(stale):
+            self._free_rows(rows[stale])
+        for k, r in zip(keys.tolist(), rows.tolist()):
+            old_row = self.rows.get(k)
             if old_row is not None and old_row != r:  # moved: free its old row
-                self._clear_rows(np.asarray([old_row]))
-            holder = self.row_ids[r]
-            if holder is not None and holder != item:  # row reused without a tombstone seen
-                del self.rows[holder]
-            self.rows[item] = r
-            self.row_ids[r] = item
+                self._free_rows(np.asarray([old_row]))
+            self.rows[k] = r
+        self.keys[rows] = keys
         dev = self.bank.device
         rows_t = torch.from_numpy(rows).to(dev)
         with torch.no_grad():
             self.bank.index_copy_(0, rows_t, vecs.to(dev, self.bank.dtype))
             self.stamps.index_copy_(0, rows_t, delta.tables["stamps"][1].to(dev))
+            self.row_key.index_copy_(0, rows_t, torch.from_numpy(keys).to(dev))
         self.write_time[rows] = delta.tables["write_time"][1].numpy()
-        self.free = np.flatnonzero(self.row_ids == None)[::-1].tolist()
+        self.free = np.flatnonzero(self.keys < 0)[::-1].tolist()
         self.last_step = max(self.last_step, int(delta.tables["stamps"][1].max()))
         self._version += 1
+
+    def mark_changed(self, rows: np.ndarray) -> None:
+        """Rows a serving copy may hold differently from this bank (a restarted trainer's):
+        the next delta re-ships the live ones and frees the others."""
+        self.changes.mark_changed(rows, self.keys)
 
 
 # ---------------------------------------------------------------------------------------------

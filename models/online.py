@@ -46,8 +46,9 @@ from models.ranker import CandidateInputs, UserInputs
 from models.state import EMBEDDINGS, ENCODER_WORDS, RankingState
 
 # 2: the model state as RankingState components (id tables in one component, the row
-# marks of one DeltaTracker); states of version 1 are refused.
-STATE_VERSION = 2
+# marks of one DeltaTracker). 3: the bank and the histories keyed by integer keys
+# (models.ids), histories on the device. States of other versions are refused.
+STATE_VERSION = 3
 
 
 class TrainerStateError(ValueError):
@@ -234,7 +235,7 @@ class OnlineTrainer:
         also encodes a sample of the others). For scoring outside `step`."""
         u, c, _ = self.state.batch_inputs(batch)
         if self.bank is not None:
-            c.target_vec = self.state.target_vectors(batch.item_id, batch.item_text)
+            c.target_vec = self.state.target_vectors(batch.id_codes().item_key, batch.item_text)
         return u, c
 
     def step(self, batch: BatchLike) -> StepResult:
@@ -247,6 +248,7 @@ class OnlineTrainer:
         fc = self.cfg.features
         like = self._labels(batch, fc.like_task)  # (B,) NaN = missing
         rating = self._labels(batch, fc.rating_task)
+        codes = batch.id_codes()  # the ids as integers (computed where the batch was decoded)
 
         # 1-4. Inputs as of before this batch, the encoder on sampled targets, forward, losses,
         # backward. Nothing is updated until all of it is known to be finite: a poisoned
@@ -263,7 +265,7 @@ class OnlineTrainer:
                 sampled = self.rng.random(n) < self.cfg.sample_rate
                 # An item not in the bank (new, or evicted) is encoded at once: its content
                 # vector is what carries it until its id embedding has learned.
-                unseen = self.bank.rows_of(batch.item_id) < 0
+                unseen = self.bank.rows_of(codes.item_key) < 0
                 pick = np.flatnonzero((sampled | unseen) & has_text)
                 encoded = len(pick)
                 if encoded:
@@ -291,12 +293,16 @@ class OnlineTrainer:
 
         # 5. Memories and counters take this batch.
         self.steps += 1
+        bank_rows = np.full(n, -1, np.int64)
         if fresh is not None:
-            ids = batch.item_id[pick]
+            keys = codes.item_key[pick]
             fresh_d = fresh.detach()
-            self.bank.record_staleness(ids, fresh_d)
-            self.bank.write_rows(ids, fresh_d, step=self.steps, now_s=float(batch.ts_ms[pick].max()) / 1000.0)
-        self.history.append(batch.user_id, batch.item_id, batch.ts_ms, feats.signal.cpu().numpy())
+            self.bank.record_staleness(keys, fresh_d)
+            now_s = float(batch.ts_ms[pick].max()) / 1000.0
+            self.bank.write_rows(keys, fresh_d, step=self.steps, now_s=now_s, item_ids=batch.item_id[pick])
+        if self.bank is not None:  # the targets' rows after this step's writes: what the entries keep
+            bank_rows = self.bank.rows_of(codes.item_key)
+        self.history.append(codes.user_key, codes.item, codes.item_key, bank_rows, batch.ts_ms, feats.signal)
         self.state.summarize_events(batch, feats)
         self.features.learn(feats)
         self.events_applied += n

@@ -27,10 +27,9 @@ from torch import nn
 
 from memory_bank.base import DeltaState, FullState, MemoryDelta, Stateful
 from memory_bank.delta_tracker import DeltaTracker
-from memory_bank.history import UserHistoryStore
+from memory_bank.history import HistoryView, UserHistoryStore
 from models.config import ModelConfig
-from models.features import BatchLike, FeatureArrays, FeatureBuilder
-from models.ids import default_encoder
+from models.features import BatchLike, FeatureArrays, FeatureBuilder, causal_batch_history
 from models.ranker import CandidateInputs, Ranker, UserInputs
 
 EMBEDDINGS = "embeddings"  # the component of the id tables (and the doc encoder's word table)
@@ -83,7 +82,9 @@ class RankingState:
         # The LMN memory loss's long-term target: a running summary per user (2E wide).
         long_term = cfg.use_lmn and cfg.lmn.target == "long_term"
         self.history = UserHistoryStore(
-            cfg.history.model_copy(update={"summary_dim": 2 * cfg.emb_dim if long_term else 0})
+            cfg.history.model_copy(
+                update={"summary_dim": 2 * cfg.emb_dim if long_term else 0, "device": str(self.device)}
+            )
         )
         self.bank = None
         self.encoder = None
@@ -242,17 +243,20 @@ class RankingState:
 
     # ---- 4. the read path -----------------------------------------------------------------------
 
-    def target_vectors(self, item_ids: np.ndarray, item_text: np.ndarray | None = None) -> torch.Tensor:
+    def target_vectors(
+        self, item_keys: np.ndarray, item_text: np.ndarray | None = None, rows: np.ndarray | None = None
+    ) -> torch.Tensor:
         """The bank rows of the targets (B, Db), the learned missing vector where absent; with
         `item_text`, targets absent from the bank that have a text are encoded now (a new
         item's content vector is what carries it: training encodes them the same way).
+        `rows`: the targets' bank rows when the caller has them (`bank.read_targets`).
 
-        Not `bank.read`: that counts toward the bank's coverage, which is defined over
-        history lookups (LEMUR: `ItemMemoryBank.lookup_history`), and targets are not
-        history. Read-only: the bank's LRU order is not touched, nothing is written.
+        Not `bank.lookup_history`: that counts toward the bank's coverage, which is defined
+        over history lookups (LEMUR), and targets are not history. Read-only (`rows_of`):
+        the bank's LRU order is not touched, nothing is written.
         """
         bank = self.bank
-        rows = bank.rows_of(item_ids)  # (B,)
+        rows = bank.rows_of(item_keys) if rows is None else rows  # (B,)
         rows_t = torch.from_numpy(rows).to(bank.bank.device)
         hit = (rows_t >= 0).unsqueeze(1)  # (B, 1)
         vec = torch.where(hit, bank.bank.index_select(0, rows_t.clamp(min=0)), bank.missing)
@@ -266,21 +270,29 @@ class RankingState:
     def batch_inputs(self, batch: BatchLike) -> tuple[UserInputs, CandidateInputs, FeatureArrays]:
         """Features, histories and bank vectors of a training batch as of before it (+ its
         earlier events when `in_batch_features`); also the features (labels, each event's
-        feedback signal), for the updates after the step."""
+        feedback signal), for the updates after the step. The targets' bank read refreshes
+        their LRU recency (`bank.read_targets`)."""
         fc = self.cfg.features
+        codes = batch.id_codes()
         feats = self.features.build(batch)
-        hist = self.history.get(batch.user_id)
-        hist_items, hist_signal, hist_mask = hist.item_ids, hist.signal, hist.mask
+        hist = self.history.get(codes.user_key)
+        target_rows = (
+            np.full(len(batch), -1, np.int64) if self.bank is None else self.bank.read_targets(codes.item_key)
+        )
         if fc.in_batch_features:  # + the same user's earlier events of this batch
-            hist_items, hist_signal, hist_mask = _causal_string_history(
-                hist_items, hist_signal, hist_mask, batch.user_id, batch.item_id, feats.signal.cpu().numpy()
-            )
-        target_vec = None if self.bank is None else self.target_vectors(batch.item_id)  # (B, Db)
-        u, c = self.model_inputs(feats, hist_items, hist_signal, hist_mask, target_vec)
+            on_dev = lambda a: torch.tensor(a, dtype=torch.int64, device=self.device)  # copies
+            cols = ("item_code", "item_key", "bank_row", "ts_ms", "signal")
+            own = (codes.item, codes.item_key, target_rows, batch.ts_ms)
+            batch_cols = {**dict(zip(cols, map(on_dev, own))), "signal": feats.signal}
+            stored = {name: getattr(hist, name) for name in cols}
+            merged, mask = causal_batch_history(stored, hist.mask, on_dev(codes.user_key), batch_cols)
+            hist = HistoryView(**merged, mask=mask)
+        target_vec = (
+            None if self.bank is None else self.target_vectors(codes.item_key, rows=target_rows)
+        )  # (B, Db)
+        u, c = self.model_inputs(feats, hist, target_vec)
         if self.history.cfg.summary_dim:  # before the batch: no event's own label is in it
-            summary, n = self.history.summary(batch.user_id)
-            u.user_summary = torch.from_numpy(summary).to(self.device)
-            u.user_summary_n = torch.from_numpy(n).to(self.device)
+            u.user_summary, u.user_summary_n = self.history.summary(codes.user_key)
         return u, c, feats
 
     @torch.no_grad()
@@ -290,17 +302,14 @@ class RankingState:
         if not self.history.cfg.summary_dim:
             return
         w = self.ranker.tables["item_emb"].weight
-        e = torch.nn.functional.normalize(w[feats.item_idx], dim=-1)
-        e = e.cpu().numpy()  # (B, E)
-        signal = feats.signal.cpu().numpy()
-        self.history.add_summary(batch.user_id, np.concatenate([e, signal[:, None] * e], axis=1))
+        e = torch.nn.functional.normalize(w[feats.item_idx], dim=-1)  # (B, E)
+        sig = feats.signal.to(w.device, torch.float32)[:, None]
+        self.history.add_summary(batch.id_codes().user_key, torch.cat([e, sig * e], dim=1))
 
     def model_inputs(
         self,
         feats: FeatureArrays,
-        hist_items: np.ndarray,
-        hist_signal: np.ndarray,
-        hist_mask: np.ndarray,
+        hist: HistoryView,
         target_vec: torch.Tensor | None,
         user_rows: slice = slice(None),
     ) -> tuple[UserInputs, CandidateInputs]:
@@ -315,31 +324,32 @@ class RankingState:
             return torch.from_numpy(np.ascontiguousarray(a)).to(dev, dt)
 
         # The distinct history items: an item is its id-embedding row and its bank row (two
-        # ids hashed to one embedding row can still hold different bank rows).
-        hist_mask = np.asarray(hist_mask, dtype=bool)
-        emb_row = default_encoder().item.many(hist_items.ravel()).reshape(hist_mask.shape)
-        emb_row %= self.cfg.features.item_buckets  # (B, L)
-        bank_row = np.full(hist_mask.shape, -1, np.int64)
-        if self.bank is not None:  # counts the lookups toward the bank's coverage
-            bank_row = self.bank.lookup_history(hist_items, hist_mask)  # (B, L), -1 = miss / padding
-        key = np.where(hist_mask, emb_row * (np.int64(self.cfg.bank.capacity) + 1) + bank_row + 1, -1)
-        uniq, inverse = np.unique(key, return_inverse=True)  # (U,), (B*L,); padding -> key -1
+        # items whose codes share an embedding row still hold different bank rows). Tensor
+        # ops on the device; torch.unique is the one host sync of this read (its size).
+        mask = hist.mask.to(dev)
+        emb_row = hist.item_code.to(dev) % self.cfg.features.item_buckets  # (B, L), StableHasher's rows
+        bank_row = torch.full_like(emb_row, -1)
+        if self.bank is not None:  # validated against the bank's row_key; counts toward its coverage
+            bank_row = self.bank.lookup_history(hist.item_key, hist.bank_row, mask)  # (B, L), -1 = miss
+        span = self.cfg.bank.capacity + 1
+        key = torch.where(mask, emb_row * span + bank_row + 1, -1)
+        uniq, inverse = torch.unique(key.reshape(-1), return_inverse=True)  # (U,), (B*L,); padding -> -1
         real = uniq >= 0
-        hist_rows = np.where(real, uniq // (self.cfg.bank.capacity + 1), 0)  # (U,) id-embedding rows
+        hist_rows = torch.where(real, uniq // span, 0)  # (U,) id-embedding rows
         hist_bank = None
         if self.bank is not None:
-            hist_bank = self.bank.vectors_of_rows(uniq % (self.cfg.bank.capacity + 1) - 1, real)  # (U, Db)
+            hist_bank = self.bank.vectors_of_rows(uniq % span - 1, real)  # (U, Db)
         u = UserInputs(
             user_idx=tt(feats.user_idx[user_rows]),
             cat_idx=tt(feats.cat_idx[user_rows]),
             num=tt(feats.num[user_rows], torch.float32),
             scenario_idx=tt(feats.scenario_idx[user_rows]),
-            hist_inverse=tt(inverse.reshape(hist_mask.shape)),
-            hist_signal=tt(hist_signal, torch.float32),
-            hist_mask=tt(hist_mask, torch.bool),
-            hist_item_idx=tt(hist_rows),
+            hist_inverse=inverse.reshape(mask.shape),
+            hist_signal=hist.signal.to(dev, torch.float32),
+            hist_mask=mask,
+            hist_item_idx=hist_rows,
             hist_bank=hist_bank,
-            hist_item_evidence=torch.log1p(self.features.counters.item[tt(hist_rows), 0]).to(torch.float32),
+            hist_item_evidence=torch.log1p(self.features.counters.item[hist_rows, 0]).to(torch.float32),
         )
         c = CandidateInputs(
             item_idx=tt(feats.item_idx),
@@ -349,30 +359,3 @@ class RankingState:
             item_evidence=tt(feats.item_evidence, torch.float32),
         )
         return u, c
-
-
-def _causal_string_history(item_ids, signal, mask, user_ids, batch_items, batch_signal):
-    """Histories as each event of the batch sees them (stored ++ the same user's earlier
-    events of this batch, last L kept), for a store of item id strings."""
-    b, L = item_ids.shape
-    codes = np.unique(user_ids, return_inverse=True)[1].reshape(-1)
-    order = np.argsort(codes, kind="stable")
-    k = codes[order]
-    starts = np.r_[0, np.flatnonzero(k[1:] != k[:-1]) + 1]
-    run_len = np.diff(np.r_[starts, b])
-    start_sorted = np.repeat(starts, run_len)
-    rank = np.empty(b, dtype=np.int64)
-    rank[order] = np.arange(b) - start_sorted
-    if not rank.any():
-        return item_ids, signal, mask
-    first = np.empty(b, dtype=np.int64)
-    first[order] = start_sorted
-    c = np.arange(L)[None, :] + rank[:, None]
-    stored = c < L
-    rows = np.arange(b)[:, None]
-    cs = np.minimum(c, L - 1)
-    pos = order[np.minimum(first[:, None] + np.maximum(c - L, 0), b - 1)]
-    new_items = np.where(stored, item_ids[rows, cs], batch_items[pos])
-    new_signal = np.where(stored, signal[rows, cs], batch_signal[pos]).astype(np.float32)
-    new_mask = np.where(stored, mask[rows, cs], True)
-    return new_items, new_signal, new_mask

@@ -98,6 +98,64 @@ class JobView(Protocol):
     def metrics_text(self) -> bytes: ...
 
 
+# -- the trainer's answers (stream/job/actors.py calls these under the trainer's lock) ----------
+# The memories are keyed by integer keys (models.ids.key64 of the string id); the API
+# answers by the string ids its clients know.
+
+
+def bank_item(bank, item_id: str) -> dict[str, Any] | None:
+    """What the item bank holds for `item_id` (None when absent)."""
+    from models.ids import key64
+
+    return None if bank is None else bank.lookup(key64(item_id))
+
+
+def bank_neighbors(bank, item_id: str, k: int) -> list[dict[str, Any]] | None:
+    """The k nearest items of `item_id` in the bank by cosine (None when it is absent).
+    Items the bank never learned the name of are shown by their key in decimal."""
+    from models.ids import key64
+
+    key = key64(item_id)
+    if bank is None or bank.lookup(key) is None:
+        return None
+    return [{"item_id": i, "cosine": float(c)} for i, c in bank.neighbors(key, k)]
+
+
+def user_history(history, bank, user_id: str, limit: int) -> dict[str, Any] | None:
+    """`user_id`'s last `limit` events, most recent first (None for an unknown user): each
+    item's id (its key in decimal when the bank does not know its name), its key, whether
+    its bank row still holds it, the event time and the feedback signal."""
+    import numpy as np
+
+    from models.ids import key64
+
+    key = key64(user_id)
+    if key not in history.slots:
+        return None
+    view = history.get(np.array([key], dtype=np.int64), touch=False)  # a look, not a use
+    cols = {f: getattr(view, f)[0].cpu().numpy() for f in ("item_key", "bank_row", "ts_ms", "signal", "mask")}
+    held = np.full(len(cols["mask"]), False)
+    if bank is not None:
+        rows = cols["bank_row"]
+        held = (rows >= 0) & (bank.keys[np.maximum(rows, 0)] == cols["item_key"])
+    keep = np.flatnonzero(cols["mask"])[::-1][:limit]  # most recent first
+    name = bank.name_of if bank is not None else (lambda k: str(int(k)))
+    return {
+        "user_id": user_id,
+        "length": int(cols["mask"].sum()),
+        "items": [
+            {
+                "item_id": name(cols["item_key"][j]),
+                "item_key": int(cols["item_key"][j]),
+                "in_bank": bool(held[j]),
+                "ts_ms": int(cols["ts_ms"][j]),
+                "signal": float(cols["signal"][j]),
+            }
+            for j in keep.tolist()
+        ],
+    }
+
+
 def resolve_token(cfg: AdminConfig, work_dir: Path | None) -> str:
     token = cfg.token or os.environ.get("MEMSTREAM_ADMIN_TOKEN", "")
     if token:

@@ -350,17 +350,17 @@ class TrainerActor:
 
     @ray.method(concurrency_group="query")
     def bank_item(self, item_id: str):
+        from stream.admin import app
+
         with self.svc.lock:
-            bank = self.svc.trainer.bank
-            return None if bank is None else bank.lookup(item_id)
+            return app.bank_item(self.svc.trainer.bank, item_id)
 
     @ray.method(concurrency_group="query")
     def bank_neighbors(self, item_id: str, k: int):
+        from stream.admin import app
+
         with self.svc.lock:
-            bank = self.svc.trainer.bank
-            if bank is None or bank.lookup(item_id) is None:
-                return None
-            return [{"item_id": i, "cosine": float(c)} for i, c in bank.neighbors(item_id, k)]
+            return app.bank_neighbors(self.svc.trainer.bank, item_id, k)
 
     @ray.method(concurrency_group="query")
     def sizes(self) -> dict[str, int]:
@@ -400,23 +400,7 @@ class TrainerActor:
 
     @ray.method(concurrency_group="query")
     def user_history(self, user_id: str, limit: int):
-        import numpy as np
+        from stream.admin import app
 
         with self.svc.lock:
-            h = self.svc.trainer.history
-            if user_id not in h.slots:
-                return None
-            view = h.get(np.array([user_id], dtype=object))
-        keep = np.flatnonzero(view.mask[0])[::-1][:limit]  # most recent first
-        return {
-            "user_id": user_id,
-            "length": int(view.mask[0].sum()),
-            "items": [
-                {
-                    "item_id": view.item_ids[0, j],
-                    "ts_ms": int(view.ts_ms[0, j]),
-                    "signal": float(view.signal[0, j]),
-                }
-                for j in keep.tolist()
-            ],
-        }
+            return app.user_history(self.svc.trainer.history, self.svc.trainer.bank, user_id, limit)

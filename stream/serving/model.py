@@ -104,14 +104,13 @@ class ServedModel:
         st = self.state
         batch = self._as_batch(req)
         n = len(batch)
+        codes = batch.id_codes()
         with self._lock:
             feats = st.features.build(batch)
-            hist = st.history.get(batch.user_id[:1])  # (1, L): the user side once
+            hist = st.history.get(codes.user_key[:1])  # (1, L): the user side once
         # (N, Db) bank rows; unseen items with text are encoded now (cold start)
-        target_vec = None if st.bank is None else st.target_vectors(batch.item_id, batch.item_text)
-        u, c = st.model_inputs(
-            feats, hist.item_ids, hist.signal, hist.mask, target_vec, user_rows=slice(0, 1)
-        )
+        target_vec = None if st.bank is None else st.target_vectors(codes.item_key, batch.item_text)
+        u, c = st.model_inputs(feats, hist, target_vec, user_rows=slice(0, 1))
         m = st.ranker
         if reuse_user_side:
             scores = m.score_candidates(m.encode_user(u).expand(n), c)

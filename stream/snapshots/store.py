@@ -46,9 +46,11 @@ from safetensors.torch import save as st_save
 from memory_bank.base import DeltaState, FullState, MemoryDelta
 
 # 2: the memories are the model state's components (models/state.py): the id tables and
-# the doc encoder's word table are one component, "embeddings". Versions of format 1 are
-# refused with a message that says so (serving keeps what it has).
-FORMAT_VERSION = 2
+# the doc encoder's word table are one component, "embeddings". 3: the item bank and the
+# user histories keyed by integer keys (models.ids), their deltas by row / slot number
+# (serving mirrors them). Versions of other formats are refused with a message that says
+# so (serving keeps what it has).
+FORMAT_VERSION = 3
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
 BASE = "base"  # v<version>/base/: a full copy of a delta version

@@ -53,8 +53,9 @@ POISON = "poison"  # the dead-letter category of events whose training step fail
 # touched rows, which its own export_state does not keep (the history's dirty slots, the
 # bank's dirty rows and the delta tracker's marks are in the trainer state already).
 CHAIN_MARKS = "chain_marks.safetensors"
-# Per memory, the ids that key its rows (SnapshotPublisher.changed_since collects them).
-RESUME_ID_KEYS = {"history": "users", "bank": "bank"}
+# Per memory, the ids that key its rows (SnapshotPublisher.changed_since collects them):
+# none since the bank and the histories ship their rows by number (serving mirrors them).
+RESUME_ID_KEYS: dict[str, str] = {}
 
 
 class TrainerFault(RuntimeError):
@@ -422,7 +423,7 @@ class TrainerService:
                         return f"the stored versions change {why}"
                     continue
                 elif mem in ("history", "bank"):
-                    continue  # keyed by id: marked below
+                    continue  # their own row marks: below
                 else:
                     mask = tracker.get(f"{mem}.{table}")
                 if mask is None:
@@ -431,27 +432,10 @@ class TrainerService:
                     return f"{mem}.{table}: stored row {int(rows.max())} is past this model's {len(mask)}"
                 mask[rows] = 1
         state.tracker.import_state({k: torch.from_numpy(v) for k, v in tracker.items()})
-        if "history" in comps:  # serving keys histories by user: re-ship or drop each user
-            h = self.trainer.history
-            for user in [*changes.ids.get("history", []), *changes.tombstones.get("history", [])]:
-                slot = h.slots.get(user)  # a plain get: the LRU order stays as it is
-                if slot is None:
-                    h.tombstones.append(user)
-                else:
-                    h.dirty[slot] = True
-        if "bank" in comps:  # serving places items at the trainer's rows: re-ship or drop
-            bank = self.trainer.bank
-            for item in [*changes.ids.get("bank", []), *changes.tombstones.get("bank", [])]:
-                row = bank.rows.get(item)
-                if row is None:
-                    bank.tombstones.append(item)
-                else:
-                    bank.dirty[row] = True
-            rows = changes.rows.get("bank", {}).get("bank", np.zeros(0, np.int64))
-            rows = rows[rows < len(bank.row_ids)]
-            bank.dirty[rows[bank.row_ids[rows] != None]] = (
-                True  # an object array: `is not None` would not broadcast
-            )
+        for mem in ("history", "bank"):  # serving mirrors their slots / rows: re-ship or free each
+            if mem in comps:
+                tables = changes.rows.get(mem, {})
+                comps[mem].mark_changed(np.concatenate([np.zeros(0, np.int64), *tables.values()]))
         return None
 
     # -- snapshots -----------------------------------------------------------------------------

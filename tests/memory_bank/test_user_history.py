@@ -1,91 +1,138 @@
+"""UserHistoryStore: ring buffers of integer entries on the device, keyed by user key.
+
+The tests speak in string ids and map them as the batches do (models.ids: the user's and
+the item's key64, the item's crc32 code); `_items` reads a view back as item names.
+"""
+
 from collections import OrderedDict, deque
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memory_bank.history import HistoryCapacityError, HistoryConfig, UserHistoryStore
+from models.ids import crc_code, key64
+
+NAMES = {key64(f"{p}{k}"): f"{p}{k}" for p in ("i", "") for k in range(50)}
+NAMES.update({key64(x): x for x in "abcdefghijklmnopqrstuvwxyz"})
 
 
-def _obj(xs):
-    return np.asarray(xs, dtype=object)
+def _keys(users):
+    return np.array([key64(u) for u in users], dtype=np.int64)
 
 
-def _append(store, events):
+def _append(store, events, bank_rows=None):
     """events: list of (user, item, ts, signal)."""
     u, i, t, s = zip(*events)
-    store.append(_obj(u), _obj(i), np.asarray(t), np.asarray(s))
+    rows = np.full(len(u), -1, np.int64) if bank_rows is None else np.asarray(bank_rows, np.int64)
+    store.append(
+        _keys(u), np.array([crc_code(x, "item") for x in i]), _keys(i), rows, np.asarray(t), np.asarray(s)
+    )
+
+
+def _items(view):
+    """(B, L) item names, None where padded."""
+    keys, mask = view.item_key.cpu().numpy(), view.mask.cpu().numpy()
+    return [[NAMES[k] if m else None for k, m in zip(kr, mr)] for kr, mr in zip(keys.tolist(), mask.tolist())]
 
 
 def test_order_most_recent_last_with_several_events_per_user_in_one_batch():
     h = UserHistoryStore(HistoryConfig(length=4, max_users=10))
-    _append(h, [("u1", "a", 1, 1.0), ("u2", "x", 2, 5.0), ("u1", "b", 3, 2.0)])
+    _append(h, [("u1", "a", 1, 1.0), ("u2", "x", 2, 5.0), ("u1", "b", 3, 2.0)], bank_rows=[7, 8, 9])
     _append(h, [("u1", "c", 4, 3.0), ("u1", "d", 5, 4.0), ("u1", "e", 6, 0.5)])  # wraps the ring
-    v = h.get(_obj(["u1", "u2", "nobody"]))
-    assert v.item_ids.tolist() == [["b", "c", "d", "e"], [None, None, None, "x"], [None] * 4]
+    v = h.get(_keys(["u1", "u2", "nobody"]))
+    assert _items(v) == [["b", "c", "d", "e"], [None, None, None, "x"], [None] * 4]
     assert v.ts_ms.tolist() == [[3, 4, 5, 6], [0, 0, 0, 2], [0] * 4]
-    assert v.signal.dtype == np.float32 and v.signal[0].tolist() == [2.0, 3.0, 4.0, 0.5]
+    assert v.signal.dtype == torch.float32 and v.signal[0].tolist() == [2.0, 3.0, 4.0, 0.5]
     assert v.mask.tolist() == [[True] * 4, [False, False, False, True], [False] * 4]
-    assert v.ts_ms.dtype == np.int64 and v.mask.dtype == bool
+    assert v.bank_row.tolist() == [[9, -1, -1, -1], [-1, -1, -1, 8], [-1] * 4]
+    assert v.item_code[1, 3] == crc_code("x", "item") and v.item_code[2].tolist() == [-1] * 4
+    assert v.ts_ms.dtype == torch.int64 and v.mask.dtype == torch.bool
 
 
 def test_more_than_L_events_of_one_user_in_one_batch_keeps_the_last_L():
     h = UserHistoryStore(HistoryConfig(length=3, max_users=4))
     _append(h, [("u", f"i{k}", k, float(k)) for k in range(8)])
-    assert h.get(_obj(["u"])).item_ids.tolist() == [["i5", "i6", "i7"]]
+    assert _items(h.get(_keys(["u"]))) == [["i5", "i6", "i7"]]
 
 
-def test_lru_eviction_emits_tombstones_and_get_counts_as_use():
+def test_lru_eviction_frees_the_slot_in_the_delta_and_get_counts_as_use():
     h = UserHistoryStore(HistoryConfig(length=2, max_users=2))
     _append(h, [("a", "x", 1, 0.0), ("b", "y", 2, 0.0)])
-    h.get(_obj(["a"]))  # a is now more recent than b
+    h.get(_keys(["a"]))  # a is now more recent than b
+    h.get(_keys(["b"]), touch=False)  # a look, not a use
     _append(h, [("c", "z", 3, 0.0)])
-    assert set(h.slots) == {"a", "c"}
+    assert set(h.slots) == set(_keys(["a", "c"]).tolist())
     delta = h.take_delta()
-    assert delta.tombstones == ["b"]
-    assert sorted(delta.ids["users"]) == ["a", "c"]  # b's change is dropped with b
-    assert not h.get(_obj(["b"])).mask.any()
+    freed_slots, freed_keys = delta.tables["freed"]
+    assert freed_slots.tolist() == [1] and freed_keys.tolist() == [key64("b")]  # b's slot, now c's
+    assert sorted(delta.tables["user_key"][1].tolist()) == sorted(_keys(["a", "c"]).tolist())
+    assert not h.get(_keys(["b"])).mask.any()
     with pytest.raises(HistoryCapacityError, match="max_users"):
-        _append(h, [("d", "1", 1, 0.0), ("e", "1", 1, 0.0), ("f", "1", 1, 0.0)])
+        _append(h, [("d", "i1", 1, 0.0), ("e", "i1", 1, 0.0), ("f", "i1", 1, 0.0)])
     with pytest.raises(HistoryCapacityError, match="max_users"):  # a, c known + one new > 2
-        _append(h, [("a", "1", 1, 0.0), ("c", "1", 1, 0.0), ("g", "1", 1, 0.0)])
+        _append(h, [("a", "i1", 1, 0.0), ("c", "i1", 1, 0.0), ("g", "i1", 1, 0.0)])
 
 
-def test_delta_makes_a_serving_copy_equal(through_files):
+def _same_views(a, b):
+    for f in ("item_code", "item_key", "bank_row", "ts_ms", "signal", "mask"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
+
+
+def test_delta_makes_a_serving_copy_that_mirrors_the_slots(through_files):
+    """The serving copy holds each user in the trainer's slot, with the same raw ring rows:
+    a bank row an entry stored means the same on both (the bank mirrors its rows too)."""
     cfg = HistoryConfig(length=3, max_users=3)
     train, serve = UserHistoryStore(cfg), UserHistoryStore(cfg)
     rng = np.random.default_rng(0)
     users = [f"u{k}" for k in range(5)]
     for step in range(6):
         ev = [(users[rng.integers(5)], f"i{rng.integers(9)}", step * 10 + j, float(j)) for j in range(3)]
-        _append(train, ev)
+        _append(train, ev, bank_rows=rng.integers(-1, 4, size=3))
         if step % 2:
             serve.apply_delta(train.take_delta())
     serve.apply_delta(train.take_delta())
     assert train.take_delta().is_empty()
-    q = _obj(users)
-    a, b = train.get(q), serve.get(q)
-    for f in ("item_ids", "ts_ms", "signal", "mask"):
-        assert np.array_equal(getattr(a, f), getattr(b, f)), f
-    assert set(train.slots) == set(serve.slots)
+    q = _keys(users)
+    _same_views(train.get(q, touch=False), serve.get(q, touch=False))
+    assert dict(train.slots) == dict(serve.slots)  # same slot for each user
+    live = torch.tensor(sorted(train.slots.values()))
+    for name in train.ring:
+        assert torch.equal(train.ring[name][live], serve.ring[name][live]), name
 
 
-def test_export_import_round_trip(through_files, same_tensors):
-    cfg = HistoryConfig(length=3, max_users=3)
+def test_export_import_round_trip_bit_exact(through_files, same_tensors):
+    cfg = HistoryConfig(length=3, max_users=3, summary_dim=2)
     h = UserHistoryStore(cfg)
-    _append(h, [("a", "x", 1, 1.0), ("b", "y", 2, 2.0), ("a", "z", 3, 3.0), ("c", "w", 4, 4.0)])
+    _append(
+        h, [("a", "x", 1, 1.0), ("b", "y", 2, 2.0), ("a", "z", 3, 3.0), ("c", "w", 4, 4.0)], [1, 2, 3, -1]
+    )
+    h.add_summary(_keys("abac"), torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6], [0.7, 0.8]]))
     _append(h, [("d", "v", 5, 5.0)])  # evicts b
     tensors, meta = through_files(h.export_state())
     g = UserHistoryStore(cfg)
     g.import_state(tensors, meta)
     same_tensors(h.export_state()[0], g.export_state()[0])
     assert h.export_state()[1] == g.export_state()[1]
-    # Continues identically (LRU order included).
+    # Continues identically (LRU order, free list and pending freed slots included).
     for s in (h, g):
         _append(s, [("e", "q", 6, 0.0), ("a", "r", 7, 0.0)])
     assert list(h.slots.items()) == list(g.slots.items())
-    assert np.array_equal(h.get(_obj(list("abcde"))).item_ids, g.get(_obj(list("abcde"))).item_ids)
+    _same_views(h.get(_keys("abcde")), g.get(_keys("abcde")))
+    dh, dg = h.take_delta(), g.take_delta()
+    assert dh.tables.keys() == dg.tables.keys()
+    for name, (rows, vals) in dh.tables.items():
+        assert np.array_equal(rows, dg.tables[name][0]) and torch.equal(vals, dg.tables[name][1]), name
+
+
+def test_an_older_state_is_refused_with_a_clear_error():
+    h = UserHistoryStore(HistoryConfig(length=2, max_users=2))
+    tensors, meta = h.export_state()
+    del tensors["lru_users"]
+    with pytest.raises(ValueError, match="older release"):
+        UserHistoryStore(HistoryConfig(length=2, max_users=2)).import_state(tensors, meta)
 
 
 def test_config_errors_name_the_field():
@@ -113,7 +160,7 @@ def test_matches_a_reference_of_deques(batches):
         ev = []
         for u, i in batch:
             t += 1
-            ev.append((f"u{u}", f"i{i}", t, float(i)))
+            ev.append((f"{u}", f"i{i}", t, float(i)))
         users_in_batch = list(dict.fromkeys(e[0] for e in ev))
         if len(users_in_batch) > U:
             continue
@@ -131,10 +178,10 @@ def test_matches_a_reference_of_deques(batches):
         if len(batch) % 2:
             serve.apply_delta(h.take_delta())
     serve.apply_delta(h.take_delta())
-    users = [f"u{k}" for k in range(6)]
+    users = [f"{k}" for k in range(6)]
     want = [[None] * (L - len(ref.get(u, []))) + list(ref.get(u, [])) for u in users]
-    assert serve.get(_obj(users)).item_ids.tolist() == want  # (reads touch the LRU: serve first)
-    assert h.get(_obj(users)).item_ids.tolist() == want
+    assert _items(serve.get(_keys(users))) == want
+    assert _items(h.get(_keys(users))) == want
 
 
 def test_long_term_summary_covers_every_event_not_only_the_last_L():
@@ -144,23 +191,23 @@ def test_long_term_summary_covers_every_event_not_only_the_last_L():
     cfg = HistoryConfig(length=2, max_users=2, summary_dim=3)
     h = UserHistoryStore(cfg)
     _append(h, [("a", "x", 1, 1.0), ("a", "y", 2, 1.0), ("a", "z", 3, 1.0), ("b", "w", 4, 0.0)])
-    h.add_summary(_obj(["a", "a", "a", "b"]), np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [2, 2, 2]]))
-    assert h.get(_obj(["a"])).item_ids.tolist() == [["y", "z"]]  # the window lost x ...
-    mean, n = h.summary(_obj(["a", "b", "nobody"]))
+    h.add_summary(_keys("aaab"), torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [2, 2, 2]]))
+    assert _items(h.get(_keys(["a"]))) == [["y", "z"]]  # the window lost x ...
+    mean, n = h.summary(_keys(["a", "b", "nobody"]))
     np.testing.assert_allclose(mean, [[1 / 3, 1 / 3, 1 / 3], [2, 2, 2], [0, 0, 0]])  # ... the summary did not
     assert n.tolist() == [3, 1, 0]
     copy = UserHistoryStore(cfg)
     copy.import_state(*h.export_state())
-    np.testing.assert_array_equal(copy.summary(_obj(["a", "b"]))[0], h.summary(_obj(["a", "b"]))[0])
-    h.get(_obj(["a"]))  # b is now the least recently used
+    assert torch.equal(copy.summary(_keys("ab"))[0], h.summary(_keys("ab"))[0])
+    h.get(_keys(["a"]))  # b is now the least recently used
     _append(h, [("c", "v", 5, 0.0)])  # evicts b
     _append(h, [("b", "u", 6, 0.0)])  # b comes back (evicting a): no summary of its past left
-    assert h.summary(_obj(["b"]))[1].tolist() == [0]
+    assert h.summary(_keys(["b"]))[1].tolist() == [0]
 
 
 def test_no_summary_unless_configured():
     h = UserHistoryStore(HistoryConfig(length=2, max_users=2))
     _append(h, [("a", "x", 1, 1.0)])
-    h.add_summary(_obj(["a"]), np.zeros((1, 0)))
-    mean, n = h.summary(_obj(["a"]))
+    h.add_summary(_keys(["a"]), torch.zeros((1, 0)))
+    mean, n = h.summary(_keys(["a"]))
     assert mean.shape == (1, 0) and n.tolist() == [0]

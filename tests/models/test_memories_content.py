@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from models.ids import key64
 from models.online import OnlineTrainer
 from stream.train.evaluate import iter_event_batches
 from tests.models.conftest import tiny_config
@@ -25,7 +26,7 @@ def test_new_items_are_encoded_on_first_sight(ml1m_20k):
     res = t.step(b)
     with_text = {i for i, x in zip(b.item_id.tolist(), b.item_text.tolist()) if x}
     assert with_text and res.encoded == sum(1 for x in b.item_text if x)  # each occurrence, first sight
-    assert (t.bank.rows_of(np.array(sorted(with_text), dtype=object)) >= 0).all()
+    assert (t.bank.rows_of([key64(i) for i in sorted(with_text)]) >= 0).all()
     res = t.step(b)  # the same items again: known now, nothing sampled, nothing encoded
     assert res.encoded == 0
 
@@ -80,7 +81,7 @@ def test_lmn_target_is_the_long_term_summary_of_every_earlier_event(ml1m_20k):
     for b in batches[:-1]:
         t.step(b)
     users, counts = np.unique(np.concatenate([b.user_id for b in batches[:-1]]), return_counts=True)
-    _, n = t.history.summary(users)
+    _, n = t.history.summary([key64(u) for u in users])
     np.testing.assert_array_equal(n, counts)  # every event, far more than L for some users
     assert counts.max() > L
     last = batches[-1]

@@ -42,9 +42,12 @@ def _assert_same(a: RankingState, b: RankingState) -> None:
         ta, tb = fa.memories[name][0], fb.memories[name][0]
         for k in ta if keys is None else keys & set(ta):
             assert torch.equal(ta[k], tb[k]), f"{name}.{k}"
-    users = np.array(sorted(a.history.slots), dtype=object)
-    ha, hb = a.history.get(users), b.history.get(users)
-    assert np.array_equal(ha.item_ids, hb.item_ids) and np.array_equal(ha.signal, hb.signal)
+    users = np.array(sorted(a.history.slots), dtype=np.int64)
+    ha, hb = a.history.get(users, touch=False), b.history.get(users, touch=False)
+    for f in ("item_code", "item_key", "bank_row", "signal", "mask"):
+        assert torch.equal(getattr(ha, f), getattr(hb, f)), f
+    assert dict(a.history.slots) == dict(b.history.slots)  # the copy mirrors the slots
+    assert torch.equal(a.bank.row_key, b.bank.row_key)  # ... and the bank's rows
     for k in fa.dense:
         assert torch.equal(fa.dense[k], fb.dense[k]), k
 
@@ -76,7 +79,7 @@ def test_delta_carries_the_rows_that_changed(ml1m_20k):
     words, _ = emb[ENCODER_WORDS]
     assert 0 < len(words) < t.encoder.tok.weight.shape[0]  # only the words of the texts seen
     assert d["pkm"].tables["values"][0].size > 0 and d["lmn"].tables["values"][0].size > 0
-    assert len(d["bank"].ids["bank"]) > 0 and len(d["history"].ids["users"]) > 0
+    assert len(d["bank"].tables["keys"][0]) > 0 and len(d["history"].tables["user_key"][0]) > 0
     again = t.state.take_delta().memories  # the tracking was cleared
     assert all(r.size == 0 for r, _ in again[EMBEDDINGS].tables.values())
     assert again["pkm"].tables["values"][0].size == 0
@@ -120,3 +123,43 @@ def test_a_state_of_another_model_is_refused(ml1m_20k):
     with pytest.raises(RankingStateError, match="dense tensors do not fit|components"):
         other.load_full(t.state.full_snapshot())
     assert np.isfinite(t.step(next(iter(iter_event_batches(ml1m_20k, 64, 64)))).loss)
+
+
+def test_items_whose_codes_share_an_id_row_stay_distinct_in_the_history():
+    """Two items whose crc32 codes hash to one id-embedding row are still two history items:
+    the distinct-items table keys them by (id row, bank row), so each reads its own bank
+    vector (and both share the id row's embedding)."""
+    from models.ids import crc_code, key64
+    from stream.ingest.events import EventBatch
+
+    buckets = 8
+    cfg = tiny_config(**{"model.features.item_buckets": str(buckets)}).model
+    torch.manual_seed(0)
+    st = RankingState(cfg)
+    names = [f"m{k}" for k in range(64)]
+    row = {n: crc_code(n, "item") % buckets for n in names}
+    p = names[0]
+    q = next(n for n in names[1:] if row[n] == row[p])  # a collision of id rows
+    keys = np.array([key64(p), key64(q)])
+    st.bank.write_rows(keys, torch.stack([torch.ones(cfg.bank.dim), -torch.ones(cfg.bank.dim)]), 1, 0.0)
+    bank_rows = st.bank.rows_of(keys)
+    assert bank_rows[0] != bank_rows[1]
+    user = key64("u")
+    codes = np.array([crc_code(p, "item"), crc_code(q, "item")])
+    st.history.append(np.array([user, user]), codes, keys, bank_rows, np.array([1, 2]), np.array([1.0, -1.0]))
+    batch = EventBatch(
+        event_id=np.array(["e"], dtype=object),
+        ts_ms=np.array([3], dtype=np.int64),
+        user_id=np.array(["u"], dtype=object),
+        item_id=np.array(["other"], dtype=object),
+        scenario=np.array(["feed"], dtype=object),
+        item_text=np.array([None], dtype=object),
+        query=np.array([None], dtype=object),
+    )
+    u, _, _, _ = st.batch_inputs(batch, np.array([1.0]), np.array([np.nan]))
+    L = cfg.history.length
+    at = u.hist_inverse[0, L - 2 :]  # the two entries' rows of the distinct-items table
+    assert u.hist_mask[0, L - 2 :].all() and at[0] != at[1]
+    assert u.hist_item_idx[at[0]] == u.hist_item_idx[at[1]] == row[p]
+    assert torch.equal(u.hist_bank[at[0]], torch.ones(cfg.bank.dim))
+    assert torch.equal(u.hist_bank[at[1]], -torch.ones(cfg.bank.dim))

@@ -101,14 +101,15 @@ def _assert_same_state(trainer: RankingState, replica: RankingState) -> None:
         assert torch.equal(v, fr[0][k]), f"features.{k}"
     assert (ft[1]["cat_slots"], ft[1]["num_slots"]) == (fr[1]["cat_slots"], fr[1]["num_slots"])
     users = sorted(trainer.history.slots)
-    assert users == sorted(replica.history.slots), "history users"
+    assert dict(trainer.history.slots) == dict(replica.history.slots), "history slots by user"
     ht, hr = (
-        trainer.history.get(np.array(users, dtype=object)),
-        replica.history.get(np.array(users, dtype=object)),
+        trainer.history.get(np.array(users, dtype=np.int64), touch=False),
+        replica.history.get(np.array(users, dtype=np.int64), touch=False),
     )
-    assert (ht.item_ids == hr.item_ids).all() and (ht.mask == hr.mask).all()
-    assert np.array_equal(ht.signal, hr.signal) and np.array_equal(ht.ts_ms, hr.ts_ms)
+    for f in ("item_code", "item_key", "bank_row", "ts_ms", "signal", "mask"):
+        assert torch.equal(getattr(ht, f), getattr(hr, f)), f"history.{f}"
     assert trainer.bank.rows == replica.bank.rows, "bank rows by item"
+    assert torch.equal(trainer.bank.row_key, replica.bank.row_key), "bank row keys"
     live = torch.tensor(sorted(trainer.bank.rows.values()), dtype=torch.int64)
     assert torch.equal(trainer.bank.bank[live], replica.bank.bank[live])
 
