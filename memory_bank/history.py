@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -83,16 +84,18 @@ class UserHistoryStore:
     def _reset(self) -> None:
         """Every slot empty, no user, no pending delta."""
         n, L, dev = self.cfg.max_users, self.cfg.length, self.device
+        # One row more than slots: row U is always empty, what unknown users read (so a read
+        # needs no masking: a free or fresh slot holds the padding values everywhere).
         self.ring = {
             name: torch.full(
-                (n, L), pad, dtype=torch.float32 if name == "signal" else torch.int64, device=dev
+                (n + 1, L), pad, dtype=torch.float32 if name == "signal" else torch.int64, device=dev
             )
             for name, pad in RING.items()
         }
-        self.count = torch.zeros(n, dtype=torch.int64, device=dev)  # (U,) events ever appended
-        # (U, S) running sum over every event summarised so far, and how many (add_summary).
-        self.summary_sum = torch.zeros(n, self.cfg.summary_dim, dtype=torch.float32, device=dev)
-        self.summary_n = torch.zeros(n, dtype=torch.float32, device=dev)  # (U,)
+        self.count = torch.zeros(n + 1, dtype=torch.int64, device=dev)  # (U+1,) events ever appended
+        # (U+1, S) running sum over every event summarised so far, and how many (add_summary).
+        self.summary_sum = torch.zeros(n + 1, self.cfg.summary_dim, dtype=torch.float32, device=dev)
+        self.summary_n = torch.zeros(n + 1, dtype=torch.float32, device=dev)  # (U+1,)
         self.slot_user = np.full(n, -1, dtype=np.int64)  # (U,) user key of each slot, -1 free
         self.slots: OrderedDict[int, int] = OrderedDict()  # user key -> slot, LRU order (oldest first)
         self.free = list(range(n - 1, -1, -1))  # pop() gives the lowest free slot
@@ -195,10 +198,10 @@ class UserHistoryStore:
         keep_t = self._tensor(keep)
         s_k = self._tensor(slot[keep])
         c_k = (self.count.index_select(0, s_k) + self._tensor(rank[keep])) % L  # (k,) ring columns
+        flat = s_k * L + c_k  # (k,) distinct positions in a ring's storage
         for name, values in cols.items():
             t = self.ring[name]
-            v = self._tensor(values, t.dtype).index_select(0, keep_t)
-            t.index_put_((s_k, c_k), v)
+            t.view(-1).index_copy_(0, flat, self._tensor(values, t.dtype).index_select(0, keep_t))
         users_in_batch = s_sorted[starts]  # (U',)
         self.count.index_add_(0, self._tensor(users_in_batch), self._tensor(run_len))
         self.changes.dirty[users_in_batch] = True
@@ -217,49 +220,45 @@ class UserHistoryStore:
         self.summary_n.index_add_(0, slot, torch.ones(len(user_keys), device=self.device))
 
     def _slots_of(self, user_keys) -> np.ndarray:
-        """(B,) user keys -> (B,) slots, -1 for unknown users; no LRU touch."""
+        """(B,) user keys -> (B,) slots, the empty row U for unknown users; no LRU touch."""
         keys = np.asarray(user_keys, dtype=np.int64).tolist()
-        get = self.slots.get
-        return np.fromiter((get(u, -1) for u in keys), dtype=np.int64, count=len(keys))
+        return np.fromiter(
+            map(self.slots.get, keys, repeat(self.cfg.max_users)), dtype=np.int64, count=len(keys)
+        )
 
     def summary(self, user_keys) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) user keys -> the long-term summaries (B, S) (the mean of every vector added) and
         how many events they cover (B,); zeros for unknown users. Does not touch the LRU order."""
-        slot = self._tensor(self._slots_of(user_keys))
-        known = slot >= 0
-        s = slot.clamp(min=0)
-        n = torch.where(known, self.summary_n.index_select(0, s), 0.0)  # (B,)
-        mean = self.summary_sum.index_select(0, s) / n.clamp(min=1)[:, None]
-        return torch.where(known[:, None], mean, 0.0), n
+        s = self._tensor(self._slots_of(user_keys))
+        n = self.summary_n.index_select(0, s)  # (B,)
+        return self.summary_sum.index_select(0, s) / n.clamp(min=1)[:, None], n
 
     # -- read ----------------------------------------------------------------------------------
 
-    def _read(self, slot: torch.Tensor) -> HistoryView:
-        """slots (B,) on the device, -1 = none -> their histories (B, L); no LRU touch."""
+    def _read(self, slot: np.ndarray) -> HistoryView:
+        """slots (B,) (U = the empty row) -> their histories (B, L); no LRU touch. Positions
+        before a slot's first event hold the padding values already (slots start empty)."""
         L = self.cfg.length
-        known = slot >= 0
-        s = slot.clamp(min=0)
-        count = torch.where(known, self.count.index_select(0, s), 0)
-        event = count[:, None] - L + torch.arange(L, device=self.device)  # (B, L) event index
-        mask = event >= 0
-        idx = (s[:, None], event % L)
-        cols = {name: torch.where(mask, self.ring[name][idx], pad) for name, pad in RING.items()}
-        return HistoryView(**cols, mask=mask)
+        s = self._tensor(slot)
+        event = self.count.index_select(0, s)[:, None] - L + torch.arange(L, device=self.device)  # (B, L)
+        flat = (s[:, None] * L + event % L).reshape(-1)  # (B*L,) positions in a ring's storage
+        cols = {name: t.view(-1).index_select(0, flat).view(event.shape) for name, t in self.ring.items()}
+        return HistoryView(**cols, mask=event >= 0)
 
     def get(self, user_keys, touch: bool = True) -> HistoryView:
         """(B,) user keys -> HistoryView of (B, L) tensors, most recent last; unknown users empty.
         A read counts as a use of the user (LRU) unless touch=False (admin queries)."""
         if not touch:
-            return self._read(self._tensor(self._slots_of(user_keys)))
+            return self._read(self._slots_of(user_keys))
         keys = np.asarray(user_keys, dtype=np.int64).tolist()
         get, move_to_end = self.slots.get, self.slots.move_to_end
-        slot = np.full(len(keys), -1, dtype=np.int64)  # (B,)
+        slot = np.full(len(keys), self.cfg.max_users, dtype=np.int64)  # (B,) U = unknown
         for i, u in enumerate(keys):
             s = get(u)
             if s is not None:
                 move_to_end(u)
                 slot[i] = s
-        return self._read(self._tensor(slot))
+        return self._read(slot)
 
     # -- stats / state -------------------------------------------------------------------------
 

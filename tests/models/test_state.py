@@ -155,8 +155,9 @@ def test_items_whose_codes_share_an_id_row_stay_distinct_in_the_history():
         scenario=np.array(["feed"], dtype=object),
         item_text=np.array([None], dtype=object),
         query=np.array([None], dtype=object),
+        labels={"like": np.array([1.0])},
     )
-    u, _, _, _ = st.batch_inputs(batch, np.array([1.0]), np.array([np.nan]))
+    u, _, _ = st.batch_inputs(batch)
     L = cfg.history.length
     at = u.hist_inverse[0, L - 2 :]  # the two entries' rows of the distinct-items table
     assert u.hist_mask[0, L - 2 :].all() and at[0] != at[1]
