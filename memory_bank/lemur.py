@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import re
 import zlib
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from itertools import repeat
 from typing import Any, Literal
 
@@ -115,9 +115,13 @@ class ItemMemoryBank(nn.Module):
         self.last_step = 0
         self.last_now_s = 0.0
         self.evictions = {"lru": 0, "ttl": 0}
-        self.staleness_recent: deque[float] = deque(maxlen=cfg.staleness_window)
-        self.staleness_sum = 0.0
-        self.staleness_n = 0
+        # Staleness: the mean cosine of each of the last staleness_window calls, and the sum
+        # over every sampled item (device tensors: recording one reads nothing back).
+        f64 = {"dtype": torch.float64, "device": dev}
+        self.register_buffer("staleness_recent", torch.zeros(cfg.staleness_window, **f64), persistent=False)
+        self.register_buffer("staleness_sum", torch.zeros((), **f64), persistent=False)
+        self.staleness_calls = 0  # record_staleness calls that found a cached item
+        self.staleness_n = 0  # items sampled over all of them
         self._version = 0  # bumped on every change; the faiss index is rebuilt when stale
         self._faiss: tuple[int, Any, np.ndarray] | None = None  # (version, index, rows)
 
@@ -266,11 +270,12 @@ class ItemMemoryBank(nn.Module):
         vectors = vectors.masked_fill(~real.unsqueeze(1), 0.0)  # padding
         return torch.where((real & (rows < 0)).unsqueeze(1), self.missing, vectors)  # misses
 
-    def record_staleness(self, item_keys, fresh_vectors: torch.Tensor) -> float | None:
+    def record_staleness(self, item_keys, fresh_vectors: torch.Tensor) -> torch.Tensor | None:
         """Cosine between fresh encodings (M, dim) and the cached rows, before they are overwritten.
 
         Call it before `write_rows`. Samples at most `staleness_sample` of the items present.
-        Returns the mean cosine of this call (None when no item was cached).
+        Returns the mean cosine of this call, a 0-dim device tensor (None when no item was
+        cached); nothing is read back to the host.
         """
         rows = self.rows_of(item_keys)  # (M,)
         at = np.flatnonzero(rows >= 0)
@@ -282,9 +287,10 @@ class ItemMemoryBank(nn.Module):
         cached = self.bank.index_select(0, torch.from_numpy(rows[at]).to(dev))  # (S, dim)
         fresh = fresh_vectors.detach().index_select(0, torch.from_numpy(at).to(fresh_vectors.device))
         cos = F.cosine_similarity(fresh.to(dev, cached.dtype), cached, dim=-1)  # (S,)
-        mean = float(cos.mean())
-        self.staleness_recent.append(mean)
-        self.staleness_sum += float(cos.sum())
+        mean = cos.mean()
+        self.staleness_recent[self.staleness_calls % self.cfg.staleness_window] = mean
+        self.staleness_sum += cos.sum().double()
+        self.staleness_calls += 1
         self.staleness_n += len(at)
         return mean
 
@@ -366,8 +372,12 @@ class ItemMemoryBank(nn.Module):
                 "lookups": int(lookups_total),
             },
             "staleness_cos": {
-                "window": float(np.mean(self.staleness_recent)) if self.staleness_recent else None,
-                "cumulative": self.staleness_sum / self.staleness_n if self.staleness_n else None,
+                "window": float(
+                    self.staleness_recent[: min(self.staleness_calls, self.cfg.staleness_window)].mean()
+                )
+                if self.staleness_calls
+                else None,
+                "cumulative": float(self.staleness_sum) / self.staleness_n if self.staleness_n else None,
                 "samples": int(self.staleness_n),
             },
             "age": age,
@@ -397,6 +407,8 @@ class ItemMemoryBank(nn.Module):
             "named_keys": torch.tensor(named, dtype=torch.int64),
             "coverage_total": self.coverage_total.cpu(),
             "coverage_recent": self.coverage_recent.cpu(),
+            "staleness_recent": self.staleness_recent.cpu(),
+            "staleness_sum": self.staleness_sum.cpu(),
             "missing": self.missing.detach().cpu(),
         }
         meta = {
@@ -407,8 +419,7 @@ class ItemMemoryBank(nn.Module):
             "last_step": self.last_step,
             "last_now_s": self.last_now_s,
             "evictions": dict(self.evictions),
-            "staleness_recent": list(self.staleness_recent),
-            "staleness_sum": self.staleness_sum,
+            "staleness_calls": self.staleness_calls,
             "staleness_n": self.staleness_n,
         }
         return tensors, meta
@@ -431,6 +442,8 @@ class ItemMemoryBank(nn.Module):
             self.hits.index_copy_(0, live_t, tensors["hits"].to(dev))
             self.coverage_total.copy_(tensors["coverage_total"])
             self.coverage_recent.copy_(tensors["coverage_recent"])
+            self.staleness_recent.copy_(tensors["staleness_recent"])
+            self.staleness_sum.copy_(tensors["staleness_sum"])
             self.missing.copy_(tensors["missing"])
         self.keys[live] = keys
         self.write_time[live] = tensors["write_time"].numpy()
@@ -442,8 +455,7 @@ class ItemMemoryBank(nn.Module):
         self.history_reads = meta["history_reads"]
         self.clock, self.last_step, self.last_now_s = meta["clock"], meta["last_step"], meta["last_now_s"]
         self.evictions = dict(meta["evictions"])
-        self.staleness_recent = deque(meta["staleness_recent"], maxlen=self.cfg.staleness_window)
-        self.staleness_sum, self.staleness_n = meta["staleness_sum"], meta["staleness_n"]
+        self.staleness_calls, self.staleness_n = meta["staleness_calls"], meta["staleness_n"]
         self._version += 1
 
     def take_delta(self) -> MemoryDelta:
