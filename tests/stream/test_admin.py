@@ -287,3 +287,85 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation():
         except Exception as e:
             failures.append(f"{operation.method.upper()} {operation.path}: {e}"[:2000])
     assert not failures, "\n\n".join(failures)
+
+
+def _memories():
+    """A real item bank and history store as the trainer keeps them (integer keys), holding
+    two items with names, one written without a name, and one user's history over them."""
+    import numpy as np
+    import torch
+
+    from memory_bank.history import HistoryConfig, UserHistoryStore
+    from memory_bank.lemur import BankConfig, ItemMemoryBank
+    from models.ids import crc_code, key64
+
+    torch.manual_seed(0)
+    bank = ItemMemoryBank(BankConfig(dim=4, capacity=2))
+    names = ["Heat (1995)", "Toy Story (1995)"]
+    keys = np.array([key64(n) for n in names])
+    bank.write_rows(keys, torch.tensor([[1.0, 0, 0, 0], [0.9, 0.1, 0, 0]]), step=1, now_s=0.0, item_ids=names)
+    history = UserHistoryStore(HistoryConfig(length=4, max_users=4))
+    items = [*names, "Unknown (2001)"]
+    ikeys = np.array([key64(n) for n in items])
+    history.append(
+        np.array([key64("1m_1")] * 3),
+        np.array([crc_code(n, "item") for n in items]),
+        ikeys,
+        bank.rows_of(ikeys),
+        np.array([10, 20, 30]),
+        np.array([1.0, -1.0, 0.5]),
+    )
+    return bank, history
+
+
+def test_the_trainers_answers_by_string_id_over_integer_keyed_memories():
+    """stream/job/actors.py answers the admin routes with these: the client's string ids
+    become keys (models.ids.key64); items are shown by name where the bank knows it."""
+    import torch
+
+    from models.ids import key64
+    from stream.admin import app
+
+    bank, history = _memories()
+    item = app.bank_item(bank, "Toy Story (1995)")
+    assert item["item_id"] == "Toy Story (1995)" and item["item_key"] == key64("Toy Story (1995)")
+    assert app.bank_item(bank, "nope") is None and app.bank_item(None, "Heat (1995)") is None
+    assert app.bank_neighbors(bank, "Heat (1995)", 3) == [
+        {"item_id": "Toy Story (1995)", "cosine": pytest.approx(0.9939, abs=1e-3)}
+    ]
+    assert app.bank_neighbors(bank, "nope", 3) is None
+    order = list(history.slots)
+    h = app.user_history(history, bank, "1m_1", limit=2)
+    assert list(history.slots) == order  # a look, not a use: the LRU order is unchanged
+    assert h["user_id"] == "1m_1" and h["length"] == 3
+    assert [(x["item_id"], x["in_bank"], x["ts_ms"], x["signal"]) for x in h["items"]] == [
+        (str(key64("Unknown (2001)")), False, 30, 0.5),  # most recent first; never in the bank
+        ("Toy Story (1995)", True, 20, -1.0),
+    ]
+    assert app.user_history(history, bank, "ghost", limit=5) is None
+    # The item's row given to another item: the entry is no longer held by the bank.
+    bank.read_targets([key64("Toy Story (1995)")])
+    bank.write_rows([key64("Other")], torch.ones(1, 4), step=2, now_s=1.0)  # evicts Heat
+    first = app.user_history(history, bank, "1m_1", limit=5)["items"][-1]
+    assert first["item_key"] == key64("Heat (1995)") and not first["in_bank"]
+    assert first["item_id"] == str(key64("Heat (1995)"))  # its name went with its row
+
+
+def test_the_history_route_over_the_trainers_answer():
+    """The route returns the trainer's answer as it is (over a JobView built on the real
+    memories, as the driver's view forwards the actor's)."""
+    bank, history = _memories()
+    from stream.admin import app
+
+    class _Real(_View):
+        def user_history(self, user_id, limit):
+            return app.user_history(history, bank, user_id, limit)
+
+        def bank_item(self, item_id):
+            return app.bank_item(bank, item_id)
+
+    c = TestClient(create_app(_Real(), AdminConfig(**LOOSE), TOKEN))
+    r = c.get("/v1/users/1m_1/history", params={"limit": 1}, headers=H)
+    assert r.status_code == 200 and [x["ts_ms"] for x in r.json()["items"]] == [30]
+    assert c.get("/v1/users/ghost/history", headers=H).status_code == 404
+    assert c.get("/v1/bank/items/Heat (1995)", headers=H).json()["row"] == 0
