@@ -1,10 +1,11 @@
 """The memories: stateful components with one shape of API (docs/CONTRACTS.md).
 
-- lemur.py        ItemMemoryBank (item id -> latest doc-encoder vector, TTL/LRU, tombstones)
+- lemur.py        ItemMemoryBank (item key -> latest doc-encoder vector, TTL/LRU, freed rows)
                   and DocEncoder (hashed-word Transformer, or all-MiniLM-L6-v2 fine-tuned)
 - lmn.py          UserMemory: one product-key memory shared by all users + memory loss
 - pkm.py          ProductKeyMemory (MSN layer, usage stats, dead-key reinit) and MemoryGate
-- history.py      UserHistoryStore: per-user ring buffer of the last L (item, time, signal)
+- history.py      UserHistoryStore: per-user ring buffers on the device of the last L
+                  (item code, item key, bank row, time, signal), keyed by user key
 - sparse_optim.py SparseRowAdam: row-sparse Adam for sparse COO gradients (values, id tables)
 
 Every component: stats() -> dict (JSON-able); export_state() -> (tensors, meta) for
