@@ -217,7 +217,7 @@ class ItemMemoryBank(nn.Module):
         rows_t = torch.from_numpy(rows).to(self.bank.device)
         with torch.no_grad():
             fresh = vectors.detach().to(self.bank.device, self.bank.dtype)  # (M, dim)
-            kernels.bank_update(self.bank, self.stamps, rows_t, fresh, int(step))
+            kernels.bank_update(self.bank, self.stamps, rows_t, fresh, int(step), return_rows=False)
         written = np.unique(rows)  # what bank_update wrote, known here without reading it back
         self.clock += 1
         self.write_time[written] = now_s
