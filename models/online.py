@@ -302,7 +302,9 @@ class OnlineTrainer:
             self.bank.write_rows(keys, fresh_d, step=self.steps, now_s=now_s, item_ids=batch.item_id[pick])
         if self.bank is not None:  # the targets' rows after this step's writes: what the entries keep
             bank_rows = self.bank.rows_of(codes.item_key)
-        self.history.append(codes.user_key, codes.item, codes.item_key, bank_rows, batch.ts_ms, feats.signal)
+        self.history.append(  # slots from the host's keys; the entries from the device's columns
+            codes.user_key, feats.item_code, feats.item_key, bank_rows, feats.ts_ms, feats.signal
+        )
         self.state.summarize_events(batch, feats)
         self.features.learn(feats)
         self.events_applied += n

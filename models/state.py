@@ -280,12 +280,15 @@ class RankingState:
             np.full(len(batch), -1, np.int64) if self.bank is None else self.bank.read_targets(codes.item_key)
         )
         if fc.in_batch_features:  # + the same user's earlier events of this batch
-            on_dev = lambda a: torch.tensor(a, dtype=torch.int64, device=self.device)  # copies
-            cols = ("item_code", "item_key", "bank_row", "ts_ms", "signal")
-            own = (codes.item, codes.item_key, target_rows, batch.ts_ms)
-            batch_cols = {**dict(zip(cols, map(on_dev, own))), "signal": feats.signal}
-            stored = {name: getattr(hist, name) for name in cols}
-            merged, mask = causal_batch_history(stored, hist.mask, on_dev(codes.user_key), batch_cols)
+            own = {  # the batch's columns, on the device already (the features' one copy)
+                "item_code": feats.item_code,
+                "item_key": feats.item_key,
+                "bank_row": torch.from_numpy(target_rows).to(self.device),
+                "ts_ms": feats.ts_ms,
+                "signal": feats.signal,
+            }
+            stored = {name: getattr(hist, name) for name in own}
+            merged, mask = causal_batch_history(stored, hist.mask, feats.user_key, own)
             hist = HistoryView(**merged, mask=mask)
         target_vec = (
             None if self.bank is None else self.target_vectors(codes.item_key, rows=target_rows)
