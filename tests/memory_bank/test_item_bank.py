@@ -346,3 +346,22 @@ def test_random_operations_keep_the_bank_consistent(ops):
     assert serve.rows == bank.rows and torch.equal(serve.row_key, bank.row_key)
     for k, r in bank.rows.items():
         assert torch.equal(serve.bank[r], bank.bank[r]) and torch.equal(bank.bank[r], last[k])
+
+
+def test_mark_changed_reships_live_rows_and_frees_the_others():
+    """A restarted trainer re-marks the rows the versions after its checkpoint changed: a
+    serving copy that followed those versions ends up holding what the trainer holds."""
+    cfg = BankConfig(dim=4, capacity=3)
+    trainer, serve = ItemMemoryBank(cfg), ItemMemoryBank(cfg)
+    _write(trainer, ["a", "b"], _vec(1, 2), step=1, now_s=0.0)
+    serve.apply_delta(trainer.take_delta())
+    checkpoint = trainer.export_state()
+    _write(trainer, ["c"], _vec(3), step=2, now_s=1.0)  # published after the checkpoint ...
+    _write(trainer, ["a"], _vec(9), step=2, now_s=1.0)
+    serve.apply_delta(trainer.take_delta())
+    restarted = ItemMemoryBank(cfg)
+    restarted.import_state(*checkpoint)  # ... then the trainer restarts from the checkpoint
+    restarted.mark_changed(np.array([0, 2]))  # the rows those versions changed
+    serve.apply_delta(restarted.take_delta())
+    assert serve.rows == restarted.rows and torch.equal(serve.row_key, restarted.row_key)
+    assert serve.bank[0, 0] == 1.0 and key64("c") not in serve.rows

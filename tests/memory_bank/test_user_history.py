@@ -211,3 +211,19 @@ def test_no_summary_unless_configured():
     h.add_summary(_keys(["a"]), torch.zeros((1, 0)))
     mean, n = h.summary(_keys(["a"]))
     assert mean.shape == (1, 0) and n.tolist() == [0]
+
+
+def test_mark_changed_reships_live_slots_and_frees_the_others():
+    cfg = HistoryConfig(length=2, max_users=3)
+    trainer, serve = UserHistoryStore(cfg), UserHistoryStore(cfg)
+    _append(trainer, [("a", "x", 1, 1.0)])
+    serve.apply_delta(trainer.take_delta())
+    checkpoint = trainer.export_state()
+    _append(trainer, [("a", "y", 2, 2.0), ("b", "z", 3, 3.0)])  # published after the checkpoint
+    serve.apply_delta(trainer.take_delta())
+    restarted = UserHistoryStore(cfg)
+    restarted.import_state(*checkpoint)
+    restarted.mark_changed(np.array([0, 1]))  # the slots those versions changed
+    serve.apply_delta(restarted.take_delta())
+    assert dict(serve.slots) == dict(restarted.slots) == {key64("a"): 0}
+    _same_views(serve.get(_keys("ab"), touch=False), restarted.get(_keys("ab"), touch=False))

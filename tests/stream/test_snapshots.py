@@ -171,3 +171,18 @@ def test_states_cross_processes_as_numpy_and_come_back_equal():
     assert rows.tolist() == [1, 3] and torch.equal(vals, torch.full((2, 4), 7.0))
     assert back.memories["pkm"].tombstones == ["gone"] and back.memories["pkm"].ids == {"users": ["u1", "u3"]}
     assert torch.equal(back.dense["w"], delta.dense["w"])
+
+
+def test_a_version_of_the_previous_format_is_refused_by_name(tmp_path):
+    """Format 2 held the bank and the histories by string id; format 3 by integer key and
+    row number. A format-2 version is refused with what to do, not misread."""
+    from stream.snapshots.store import FORMAT_VERSION
+
+    assert FORMAT_VERSION == 3
+    store = SnapshotStore(str(tmp_path / "snaps"))
+    store.publish_full(1, _full(), {})
+    path = tmp_path / "snaps" / "v000001" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "format_version": 2}))
+    with pytest.raises(SnapshotCorrupt, match="snapshot format 2, this release reads format 3"):
+        store.load_chain(1)
