@@ -195,15 +195,17 @@ class UserHistoryStore:
         # Only a user's last L events of this batch survive; dropping the others keeps the
         # scatter below free of duplicate targets.
         keep = np.flatnonzero(rank >= per_user - L)  # (k,)
-        keep_t = self._tensor(keep)
-        s_k = self._tensor(slot[keep])
-        c_k = (self.count.index_select(0, s_k) + self._tensor(rank[keep])) % L  # (k,) ring columns
-        flat = s_k * L + c_k  # (k,) distinct positions in a ring's storage
+        users_in_batch = s_sorted[starts]  # (U',)
+        # The host's indices cross in one copy: kept events, their slots and ranks, the users
+        # and their event counts.
+        k, u = len(keep), len(users_in_batch)
+        packed = self._tensor(np.concatenate([keep, slot[keep], rank[keep], users_in_batch, run_len]))
+        keep_t, s_k, rank_k, users_t, run_t = packed.split([k, k, k, u, u])
+        flat = s_k * L + (self.count.index_select(0, s_k) + rank_k) % L  # (k,) distinct ring positions
         for name, values in cols.items():
             t = self.ring[name]
             t.view(-1).index_copy_(0, flat, self._tensor(values, t.dtype).index_select(0, keep_t))
-        users_in_batch = s_sorted[starts]  # (U',)
-        self.count.index_add_(0, self._tensor(users_in_batch), self._tensor(run_len))
+        self.count.index_add_(0, users_t, run_t)
         self.changes.dirty[users_in_batch] = True
         self.appended += n
 
