@@ -24,21 +24,19 @@ class MemoryDelta:
 
     tables[name] = (rows (M,) int64, values (M, ...) cpu tensor), row-aligned; the components
     keyed by integer keys (the item bank, the user histories) ship their keys as tables too,
-    and the rows they freed as a "freed" table (serving mirrors their row numbers);
-    ids[name] = strings a component ships beside its tables (the feature layout);
-    tombstones = string ids evicted since the previous delta, for a component keyed by
-    string ids (serving must drop them first).
+    and the rows they freed as a "freed" table (serving mirrors their row numbers, so
+    evictions need no string tombstones);
+    ids[name] = strings a component ships beside its tables (the feature layout).
     """
 
     tables: dict[str, tuple[np.ndarray, torch.Tensor]] = field(default_factory=dict)
     ids: dict[str, list[str]] = field(default_factory=dict)
-    tombstones: list[str] = field(default_factory=list)
 
     def num_rows(self) -> int:
         return sum(len(rows) for rows, _ in self.tables.values())
 
     def is_empty(self) -> bool:
-        return self.num_rows() == 0 and not self.tombstones
+        return self.num_rows() == 0
 
 
 class RowChanges:

@@ -483,7 +483,7 @@ class ItemMemoryBank(nn.Module):
         freed, _ = delta.tables.get("freed", (np.zeros(0, dtype=np.int64), None))
         gone = np.unique(freed[self.keys[freed] >= 0]) if len(freed) else freed
         if len(gone):
-            self.evictions["tombstone"] = self.evictions.get("tombstone", 0) + len(gone)
+            self.evictions["freed"] = self.evictions.get("freed", 0) + len(gone)  # by the trainer
             self._free_rows(gone)
         rows, vecs = delta.tables.get("bank", (np.zeros(0, dtype=np.int64), None))
         if len(rows) == 0:

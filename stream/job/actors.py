@@ -90,8 +90,8 @@ class PublisherActor:
     def latest_version(self) -> int | None:
         return self.pub.latest_version()
 
-    def changed_since(self, since: int, id_keys: dict[str, str]):
-        return self.pub.changed_since(since, id_keys)
+    def changed_since(self, since: int):
+        return self.pub.changed_since(since)
 
     def sizes(self) -> dict[str, int]:
         return {"pid": os.getpid(), **self.pub.sizes()}
@@ -253,7 +253,7 @@ class TrainerActor:
         from stream.train.checkpoints import CheckpointManager
         from stream.train.health import ModelHealthGate
         from stream.train.loop import TrainerLoop
-        from stream.train.service import RESUME_ID_KEYS, TrainerService
+        from stream.train.service import TrainerService
 
         self.cfg = config_from_dict(cfg, "job config")
         ck = self.cfg.checkpoints
@@ -269,7 +269,7 @@ class TrainerActor:
         )
         if self.svc.resume_from is not None:  # restored: go on with the store's delta chain
             since = self.svc.resume_from
-            self.svc.resume_chain(ray.get(publisher.changed_since.remote(since, RESUME_ID_KEYS)))
+            self.svc.resume_chain(ray.get(publisher.changed_since.remote(since)))
         if predictions:  # every incarnation (a restart runs this again) opens its own file
             self.svc.open_predictions(predictions)
         self.loop = TrainerLoop(

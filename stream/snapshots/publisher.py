@@ -180,14 +180,12 @@ class FreshnessLedger:
 class StoredChanges:
     """What the stored versions after `since` changed, up to `latest` (a restarted trainer
     re-marks these rows so that its first version is a delta on `latest`, see
-    TrainerService.resume_chain): per memory, the rows of each table, the ids under the
-    keys asked for, and the tombstones."""
+    TrainerService.resume_chain): per memory, the rows of each table (the bank's and the
+    histories' freed rows are a table too)."""
 
     since: int
     latest: int
     rows: dict[str, dict[str, np.ndarray]]  # memory -> table -> rows (sorted, unique)
-    ids: dict[str, list[str]]  # memory -> the ids of the key asked for (deduplicated)
-    tombstones: dict[str, list[str]]  # memory -> evicted ids (deduplicated)
 
 
 class SnapshotPublisher:
@@ -228,23 +226,19 @@ class SnapshotPublisher:
             self.ledger.written(version, time.time())
         return {"version": version, "kind": manifest["kind"], "write_s": time.time() - t0}
 
-    def changed_since(self, since: int, id_keys: dict[str, str]) -> StoredChanges | str:
+    def changed_since(self, since: int) -> StoredChanges | str:
         """The rows the stored versions after `since` changed, or why a delta on the
         latest version cannot be built from them (a string: the caller publishes full).
 
         Possible only when `since` is stored and every version after it, up to LATEST, is
         a delta whose parent is the version before: then the rows changed between `since`
-        and LATEST are exactly those the deltas list. `id_keys` names, per memory, the ids
-        to collect (those keyed by id: history users, bank items), not every id list (a
-        history delta also lists every item of every changed user)."""
+        and LATEST are exactly those the deltas list."""
         latest = self.store.latest_version()
         if latest is None:
             return "the store has no version"
         if latest < since:
             return f"the store's latest version {latest} is older than the checkpoint's {since}"
         rows: dict[str, dict[str, list[np.ndarray]]] = {}
-        ids: dict[str, dict[str, None]] = {}
-        tombs: dict[str, dict[str, None]] = {}
         try:
             self.store.manifest(since)  # it must still be there (retention may have dropped it)
             for v in range(since + 1, latest + 1):
@@ -254,9 +248,6 @@ class SnapshotPublisher:
                 for mem, d in self.store.load_delta(v).memories.items():
                     for table, (r, _) in d.tables.items():
                         rows.setdefault(mem, {}).setdefault(table, []).append(r)
-                    if mem in id_keys:
-                        ids.setdefault(mem, {}).update(dict.fromkeys(d.ids.get(id_keys[mem], [])))
-                    tombs.setdefault(mem, {}).update(dict.fromkeys(d.tombstones))
         except SnapshotError as e:
             return f"{type(e).__name__}: {e}"
         return StoredChanges(
@@ -266,8 +257,6 @@ class SnapshotPublisher:
                 mem: {t: np.unique(np.concatenate(rs)).astype(np.int64) for t, rs in tables.items()}
                 for mem, tables in rows.items()
             },
-            ids={mem: list(x) for mem, x in ids.items()},
-            tombstones={mem: list(x) for mem, x in tombs.items() if x},
         )
 
     def publish_base(self, version: int, state: FullState, meta: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,7 @@ Layout under the store root (docs/CONTRACTS.md, README "Snapshots and checkpoint
     v000001/dense.safetensors  dense weights, always full
     v000001/mem.<name>.safetensors + mem.<name>.json     (full: each memory's export_state)
     v000001/delta.<name>.<table>.parquet                 (delta: changed rows)
-    v000001/tombstones.<name>.parquet                    (delta: evicted ids)
+    v000001/ids.<name>.<key>.parquet                     (delta: strings a memory ships)
     v000020/base/manifest.json + the files of a full    (a base: see below)
     LATEST                      the newest published version, replaced atomically
 
@@ -104,7 +104,7 @@ def _map_tensors(state: FullState | DeltaState, fn: Callable[[Any], Any]) -> Ful
     if isinstance(state, FullState):
         return FullState(each(state.dense), {m: (each(ts), meta) for m, (ts, meta) in state.memories.items()})
     memories = {
-        m: MemoryDelta({t: (rows, fn(v)) for t, (rows, v) in d.tables.items()}, d.ids, d.tombstones)
+        m: MemoryDelta({t: (rows, fn(v)) for t, (rows, v) in d.tables.items()}, d.ids)
         for m, d in state.memories.items()
     }
     return DeltaState(each(state.dense), memories)
@@ -317,8 +317,6 @@ class SnapshotStore:
                 files[f"delta.{name}.{table}.parquet"] = delta_table_to_parquet(rows, values, None)
             for key, ids in delta.ids.items():
                 files[f"ids.{name}.{key}.parquet"] = _ids_to_parquet(ids)
-            if delta.tombstones:
-                files[f"tombstones.{name}.parquet"] = _ids_to_parquet(delta.tombstones)
         return self._publish(version, parent, "delta", files, meta or {})
 
     def _publish(
@@ -520,7 +518,4 @@ def _decode_delta(files: dict[str, bytes]) -> DeltaState:
         elif name.startswith("ids.") and name.endswith(".parquet"):
             mem, key = name[len("ids.") : -len(".parquet")].split(".", 1)
             memories.setdefault(mem, MemoryDelta()).ids[key] = _ids_from_parquet(data)
-        elif name.startswith("tombstones.") and name.endswith(".parquet"):
-            mem = name[len("tombstones.") : -len(".parquet")]
-            memories.setdefault(mem, MemoryDelta()).tombstones.extend(_ids_from_parquet(data))
     return DeltaState(dense, memories)

@@ -53,9 +53,6 @@ POISON = "poison"  # the dead-letter category of events whose training step fail
 # touched rows, which its own export_state does not keep (the history's dirty slots, the
 # bank's dirty rows and the delta tracker's marks are in the trainer state already).
 CHAIN_MARKS = "chain_marks.safetensors"
-# Per memory, the ids that key its rows (SnapshotPublisher.changed_since collects them):
-# none since the bank and the histories ship their rows by number (serving mirrors them).
-RESUME_ID_KEYS: dict[str, str] = {}
 
 
 class TrainerFault(RuntimeError):
@@ -377,7 +374,7 @@ class TrainerService:
         versions after the checkpoint's changed (the restored state may differ there from
         what serving runs), so that the next version is a delta on `changes.latest`.
 
-        `changes` is SnapshotPublisher.changed_since(self.resume_from, RESUME_ID_KEYS), or
+        `changes` is SnapshotPublisher.changed_since(self.resume_from), or
         the reason it could not be had; then (or when the marks do not fit this model) the
         next version is full, as it always was. Returns whether the chain goes on."""
         with self.lock:
@@ -410,7 +407,7 @@ class TrainerService:
         comps = state.components()
         tracker = {k: v.numpy().copy() for k, v in state.tracker.export_state().items()}
         feats = self.trainer.features
-        for mem in set(changes.rows) | set(changes.tombstones):
+        for mem in changes.rows:
             if mem not in comps:
                 return f"the stored versions change memory {mem!r}, which this model does not have"
         for mem, tables in changes.rows.items():

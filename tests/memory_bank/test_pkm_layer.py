@@ -154,7 +154,7 @@ def _delta(layer, tracker):
     """What RankingState.take_delta ships for the layer: its own delta (nothing) plus the value
     rows the DeltaTracker marked since the last take."""
     d = layer.take_delta()
-    assert d.tables == {} and d.tombstones == []  # the layer tracks nothing itself
+    assert d.tables == {} and d.ids == {}  # the layer tracks nothing itself
     d.tables.update(tracker.take("pkm"))
     return d
 

@@ -161,7 +161,7 @@ def test_history_items_computed_once_per_distinct_item_equal_per_position(ml1m_2
 
 def test_housekeeping_reinits_dead_keys_and_evicts_by_ttl_deterministically(ml1m_20k):
     """reinit_dead_keys_every moves dead PKM/LMN sub-keys (same result for the same seed);
-    bank.ttl_s evicts rows by the stream's clock, with tombstones."""
+    bank.ttl_s evicts rows by the stream's clock, freed in the next delta."""
     cfg = tiny_config(
         **{
             "trainer.reinit_dead_keys_every": "4",

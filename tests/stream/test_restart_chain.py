@@ -4,7 +4,7 @@ a replica that was on the store's latest, equals the restarted trainer's state.
 
 The hard case is covered: versions published after the checkpoint and before the crash
 (their events are trained again after it), with LRU evictions in the history and the
-bank on both sides, so the restart's delta must re-ship or tombstone what they changed.
+bank on both sides, so the restart's delta must re-ship or free what they changed.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from stream.recordings.data.synthetic import build_synthetic_recording
 from stream.snapshots.publisher import SnapshotPublisher
 from stream.train.checkpoints import CheckpointManager
 from stream.train.evaluate import iter_event_batches
-from stream.train.service import CHAIN_MARKS, RESUME_ID_KEYS, TrainerService
+from stream.train.service import CHAIN_MARKS, TrainerService
 from tests.stream.conftest import small_model_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.timeout(300)
 
 def _evicting_config() -> ModelConfig:
     """The small test model with a history and a bank too small for the stream's users and
-    items: evictions (tombstones) happen before and after the checkpoint."""
+    items: evictions (freed rows and slots) happen before and after the checkpoint."""
     cfg = small_model_config()
     return cfg.model_copy(
         update={
@@ -65,7 +65,7 @@ def _service(cfg: ModelConfig, ckpt_dir, pub: SnapshotPublisher) -> TrainerServi
         first_version=(pub.latest_version() or 0) + 1,
     )
     if svc.resume_from is not None:
-        svc.resume_chain(pub.changed_since(svc.resume_from, RESUME_ID_KEYS))
+        svc.resume_chain(pub.changed_since(svc.resume_from))
     return svc
 
 

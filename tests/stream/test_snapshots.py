@@ -25,12 +25,8 @@ def _full(seed=0):
     return FullState(dense, mem)
 
 
-def _delta(rows, vals, tomb=()):
-    d = MemoryDelta(
-        tables={"values": (np.asarray(rows), vals)},
-        ids={"users": [f"u{r}" for r in rows]},
-        tombstones=list(tomb),
-    )
+def _delta(rows, vals):
+    d = MemoryDelta(tables={"values": (np.asarray(rows), vals)}, ids={"users": [f"u{r}" for r in rows]})
     return DeltaState({"w": torch.ones(4, 3), "b": torch.zeros(3)}, {"pkm": d})
 
 
@@ -48,13 +44,12 @@ def test_full_then_deltas_chain(tmp_path):
     store = SnapshotStore(str(tmp_path / "snaps"))
     store.publish_full(1, _full(), {"train_step": 10})
     store.publish_delta(2, 1, _delta([1, 3], torch.full((2, 4), 7.0)), {"train_step": 20})
-    store.publish_delta(3, 2, _delta([3], torch.full((1, 4), 9.0), ["gone"]))
+    store.publish_delta(3, 2, _delta([3], torch.full((1, 4), 9.0)))
     assert store.versions() == [1, 2, 3] and store.latest_version() == 3
     chain = store.load_chain()
     assert chain.versions == [1, 2, 3]
     assert torch.equal(chain.full.memories["pkm"][0]["values"], _full().memories["pkm"][0]["values"])
     assert [d.memories["pkm"].tables["values"][0].tolist() for d in chain.deltas] == [[1, 3], [3]]
-    assert chain.deltas[1].memories["pkm"].tombstones == ["gone"]
     assert chain.deltas[0].memories["pkm"].ids == {"users": ["u1", "u3"]}
     assert torch.equal(chain.deltas[-1].dense["w"], torch.ones(4, 3))
 
@@ -163,13 +158,13 @@ def test_states_cross_processes_as_numpy_and_come_back_equal():
     assert torch.equal(back.memories["pkm"][0]["values"], full.memories["pkm"][0]["values"])
     assert back.memories["pkm"][1] == {"n": 10}
 
-    delta = _delta([1, 3], torch.full((2, 4), 7.0), ["gone"])
+    delta = _delta([1, 3], torch.full((2, 4), 7.0))
     wire = state_to_wire(delta)
     assert isinstance(wire.memories["pkm"].tables["values"][1], np.ndarray)
     back = state_from_wire(wire)
     rows, vals = back.memories["pkm"].tables["values"]
     assert rows.tolist() == [1, 3] and torch.equal(vals, torch.full((2, 4), 7.0))
-    assert back.memories["pkm"].tombstones == ["gone"] and back.memories["pkm"].ids == {"users": ["u1", "u3"]}
+    assert back.memories["pkm"].ids == {"users": ["u1", "u3"]}
     assert torch.equal(back.dense["w"], delta.dense["w"])
 
 
