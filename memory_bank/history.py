@@ -61,7 +61,8 @@ RING = {"item_code": -1, "item_key": -1, "bank_row": -1, "ts_ms": 0, "signal": 0
 class HistoryView:
     """Histories of B users as (B, L) tensors on the store's device, most recent event last,
     left-padded: item_code, item_key, bank_row (int64, -1 padded), ts_ms (int64, 0 padded),
-    signal (float32, 0 padded), mask (bool, True = a real event)."""
+    signal (float32, 0 padded), mask (bool, True = a real event); slot (B,) the users'
+    slots (max_users for an unknown user: the empty row), for `summary_at`."""
 
     item_code: torch.Tensor
     item_key: torch.Tensor
@@ -69,6 +70,7 @@ class HistoryView:
     ts_ms: torch.Tensor
     signal: torch.Tensor
     mask: torch.Tensor
+    slot: torch.Tensor
 
 
 class UserHistoryStore:
@@ -196,15 +198,22 @@ class UserHistoryStore:
         # scatter below free of duplicate targets.
         keep = np.flatnonzero(rank >= per_user - L)  # (k,)
         users_in_batch = s_sorted[starts]  # (U',)
-        # The host's indices cross in one copy: kept events, their slots and ranks, the users
-        # and their event counts.
+        # What the host has crosses in one copy: kept events, their slots and ranks, the users
+        # and their event counts, and the kept values of the integer columns given as host
+        # arrays (the trainer's bank rows); columns given as tensors are on the device already.
+        on_host = [name for name, v in cols.items() if name != "signal" and not isinstance(v, torch.Tensor)]
         k, u = len(keep), len(users_in_batch)
-        packed = self._tensor(np.concatenate([keep, slot[keep], rank[keep], users_in_batch, run_len]))
-        keep_t, s_k, rank_k, users_t, run_t = packed.split([k, k, k, u, u])
+        parts = [keep, slot[keep], rank[keep], users_in_batch, run_len]
+        parts += [np.asarray(cols[name], dtype=np.int64)[keep] for name in on_host]
+        keep_t, s_k, rank_k, users_t, run_t, *host_t = self._tensor(np.concatenate(parts)).split(
+            [k, k, k, u, u] + [k] * len(on_host)
+        )
+        kept = dict(zip(on_host, host_t))
         flat = s_k * L + (self.count.index_select(0, s_k) + rank_k) % L  # (k,) distinct ring positions
         for name, values in cols.items():
             t = self.ring[name]
-            t.view(-1).index_copy_(0, flat, self._tensor(values, t.dtype).index_select(0, keep_t))
+            v = kept[name] if name in kept else self._tensor(values, t.dtype).index_select(0, keep_t)
+            t.view(-1).index_copy_(0, flat, v)
         self.count.index_add_(0, users_t, run_t)
         self.changes.dirty[users_in_batch] = True
         self.appended += n
@@ -231,9 +240,12 @@ class UserHistoryStore:
     def summary(self, user_keys) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) user keys -> the long-term summaries (B, S) (the mean of every vector added) and
         how many events they cover (B,); zeros for unknown users. Does not touch the LRU order."""
-        s = self._tensor(self._slots_of(user_keys))
-        n = self.summary_n.index_select(0, s)  # (B,)
-        return self.summary_sum.index_select(0, s) / n.clamp(min=1)[:, None], n
+        return self.summary_at(self._tensor(self._slots_of(user_keys)))
+
+    def summary_at(self, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`summary` of the slots (B,) of a HistoryView (already on the device)."""
+        n = self.summary_n.index_select(0, slot)  # (B,)
+        return self.summary_sum.index_select(0, slot) / n.clamp(min=1)[:, None], n
 
     # -- read ----------------------------------------------------------------------------------
 
@@ -245,7 +257,7 @@ class UserHistoryStore:
         event = self.count.index_select(0, s)[:, None] - L + torch.arange(L, device=self.device)  # (B, L)
         flat = (s[:, None] * L + event % L).reshape(-1)  # (B*L,) positions in a ring's storage
         cols = {name: t.view(-1).index_select(0, flat).view(event.shape) for name, t in self.ring.items()}
-        return HistoryView(**cols, mask=event >= 0)
+        return HistoryView(**cols, mask=event >= 0, slot=s)
 
     def get(self, user_keys, touch: bool = True) -> HistoryView:
         """(B,) user keys -> HistoryView of (B, L) tensors, most recent last; unknown users empty.

@@ -192,8 +192,8 @@ class ItemMemoryBank(nn.Module):
         self.rows.update(zip(new_keys, rows))
         rows_np = np.asarray(rows, dtype=np.int64)
         self.keys[rows_np] = new_keys
-        dev = self.row_key.device
-        self.row_key.index_copy_(0, torch.from_numpy(rows_np).to(dev), torch.tensor(new_keys, device=dev))
+        rows_t, keys_t = torch.from_numpy(np.stack([rows_np, self.keys[rows_np]])).to(self.row_key.device)
+        self.row_key.index_copy_(0, rows_t, keys_t)
 
     def write_rows(self, item_keys, vectors: torch.Tensor, step: int, now_s: float, item_ids=None) -> int:
         """Overwrite the rows of `item_keys` (M,) with `vectors` (M, dim) (detached); last writer
@@ -284,8 +284,9 @@ class ItemMemoryBank(nn.Module):
         if len(at) > self.cfg.staleness_sample:
             at = at[np.linspace(0, len(at) - 1, self.cfg.staleness_sample).astype(np.int64)]
         dev = self.bank.device
-        cached = self.bank.index_select(0, torch.from_numpy(rows[at]).to(dev))  # (S, dim)
-        fresh = fresh_vectors.detach().index_select(0, torch.from_numpy(at).to(fresh_vectors.device))
+        rows_t, at_t = torch.from_numpy(np.stack([rows[at], at])).to(dev)  # one copy
+        cached = self.bank.index_select(0, rows_t)  # (S, dim)
+        fresh = fresh_vectors.detach().index_select(0, at_t.to(fresh_vectors.device))
         cos = F.cosine_similarity(fresh.to(dev, cached.dtype), cached, dim=-1)  # (S,)
         mean = cos.mean()
         self.staleness_recent[self.staleness_calls % self.cfg.staleness_window] = mean

@@ -243,29 +243,30 @@ class RankingState:
 
     # ---- 4. the read path -----------------------------------------------------------------------
 
-    def target_vectors(
-        self, item_keys: np.ndarray, item_text: np.ndarray | None = None, rows: np.ndarray | None = None
-    ) -> torch.Tensor:
+    def target_vectors(self, item_keys: np.ndarray, item_text: np.ndarray | None = None) -> torch.Tensor:
         """The bank rows of the targets (B, Db), the learned missing vector where absent; with
         `item_text`, targets absent from the bank that have a text are encoded now (a new
         item's content vector is what carries it: training encodes them the same way).
-        `rows`: the targets' bank rows when the caller has them (`bank.read_targets`).
 
         Not `bank.lookup_history`: that counts toward the bank's coverage, which is defined
         over history lookups (LEMUR), and targets are not history. Read-only (`rows_of`):
         the bank's LRU order is not touched, nothing is written.
         """
-        bank = self.bank
-        rows = bank.rows_of(item_keys) if rows is None else rows  # (B,)
-        rows_t = torch.from_numpy(rows).to(bank.bank.device)
-        hit = (rows_t >= 0).unsqueeze(1)  # (B, 1)
-        vec = torch.where(hit, bank.bank.index_select(0, rows_t.clamp(min=0)), bank.missing)
+        rows = self.bank.rows_of(item_keys)  # (B,)
+        vec = self._bank_vectors(torch.from_numpy(rows).to(self.bank.bank.device))
         if item_text is not None:
             cold = [i for i in np.flatnonzero(rows < 0).tolist() if item_text[i]]
             if cold:
                 fresh = self.encoder([item_text[i] for i in cold])  # (M, Db)
                 vec = vec.index_put((torch.tensor(cold, device=vec.device),), fresh)
         return vec
+
+    def _bank_vectors(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B,) bank rows on the device (-1 = absent) -> (B, Db): the rows, `missing` where absent."""
+        bank = self.bank
+        return torch.where(
+            (rows >= 0).unsqueeze(1), bank.bank.index_select(0, rows.clamp(min=0)), bank.missing
+        )
 
     def batch_inputs(self, batch: BatchLike) -> tuple[UserInputs, CandidateInputs, FeatureArrays]:
         """Features, histories and bank vectors of a training batch as of before it (+ its
@@ -276,26 +277,24 @@ class RankingState:
         codes = batch.id_codes()
         feats = self.features.build(batch)
         hist = self.history.get(codes.user_key)
-        target_rows = (
-            np.full(len(batch), -1, np.int64) if self.bank is None else self.bank.read_targets(codes.item_key)
-        )
+        target_rows = torch.full((len(batch),), -1, dtype=torch.int64, device=self.device)
+        if self.bank is not None:  # (B,) the targets' bank rows, one copy for both uses below
+            target_rows = torch.from_numpy(self.bank.read_targets(codes.item_key)).to(self.device)
         if fc.in_batch_features:  # + the same user's earlier events of this batch
             own = {  # the batch's columns, on the device already (the features' one copy)
                 "item_code": feats.item_code,
                 "item_key": feats.item_key,
-                "bank_row": torch.from_numpy(target_rows).to(self.device),
+                "bank_row": target_rows,
                 "ts_ms": feats.ts_ms,
                 "signal": feats.signal,
             }
             stored = {name: getattr(hist, name) for name in own}
             merged, mask = causal_batch_history(stored, hist.mask, feats.user_key, own)
-            hist = HistoryView(**merged, mask=mask)
-        target_vec = (
-            None if self.bank is None else self.target_vectors(codes.item_key, rows=target_rows)
-        )  # (B, Db)
+            hist = HistoryView(**merged, mask=mask, slot=hist.slot)
+        target_vec = None if self.bank is None else self._bank_vectors(target_rows)  # (B, Db)
         u, c = self.model_inputs(feats, hist, target_vec)
         if self.history.cfg.summary_dim:  # before the batch: no event's own label is in it
-            u.user_summary, u.user_summary_n = self.history.summary(codes.user_key)
+            u.user_summary, u.user_summary_n = self.history.summary_at(hist.slot)
         return u, c, feats
 
     @torch.no_grad()
