@@ -75,7 +75,7 @@ class HistoryView:
 
 class UserHistoryStore:
     """`append(user_keys, item_codes, item_keys, bank_rows, ts_ms, signal)`,
-    `get(user_keys) -> HistoryView`, `summary` / `add_summary`, plus the shared memory
+    `get(user_keys) -> HistoryView`, `summary` / `summary_at`, plus the shared memory
     API: stats / export_state / import_state / take_delta / apply_delta / mark_changed."""
 
     def __init__(self, cfg: HistoryConfig | None = None):
@@ -95,7 +95,7 @@ class UserHistoryStore:
             for name, pad in RING.items()
         }
         self.count = torch.zeros(n + 1, dtype=torch.int64, device=dev)  # (U+1,) events ever appended
-        # (U+1, S) running sum over every event summarised so far, and how many (add_summary).
+        # (U+1, S) running sum over every event summarised so far, and how many (append).
         self.summary_sum = torch.zeros(n + 1, self.cfg.summary_dim, dtype=torch.float32, device=dev)
         self.summary_n = torch.zeros(n + 1, dtype=torch.float32, device=dev)  # (U+1,)
         self.slot_user = np.full(n, -1, dtype=np.int64)  # (U,) user key of each slot, -1 free
@@ -162,12 +162,14 @@ class UserHistoryStore:
         self.changes.free(np.asarray([s]), np.asarray([user]))
         self.evictions += 1
 
-    def append(self, user_keys, item_codes, item_keys, bank_rows, ts_ms, signal) -> None:
+    def append(self, user_keys, item_codes, item_keys, bank_rows, ts_ms, signal, summary=None) -> None:
         """Append n events given in event order (a user's events land in that order).
 
         user_keys (n,) int64; item_codes, item_keys, bank_rows (n,) int64 (host arrays or
         device tensors); ts_ms (n,) int; signal (n,) float. bank_rows: each item's bank row
         now (-1 none), checked against the bank's row_key when the entry is read.
+        summary: (n, S) one vector per event, added to its user's long-term summary (when
+        summary_dim; every event counts there, not only the last L).
         """
         user_keys = np.asarray(user_keys, dtype=np.int64)
         n = len(user_keys)
@@ -201,34 +203,29 @@ class UserHistoryStore:
         # What the host has crosses in one copy: kept events, their slots and ranks, the users
         # and their event counts, and the kept values of the integer columns given as host
         # arrays (the trainer's bank rows); columns given as tensors are on the device already.
+        # With a summary, also every event's slot.
         on_host = [name for name, v in cols.items() if name != "signal" and not isinstance(v, torch.Tensor)]
+        summarise = summary is not None and self.cfg.summary_dim > 0
         k, u = len(keep), len(users_in_batch)
         parts = [keep, slot[keep], rank[keep], users_in_batch, run_len]
         parts += [np.asarray(cols[name], dtype=np.int64)[keep] for name in on_host]
-        keep_t, s_k, rank_k, users_t, run_t, *host_t = self._tensor(np.concatenate(parts)).split(
-            [k, k, k, u, u] + [k] * len(on_host)
+        parts += [slot] if summarise else []
+        keep_t, s_k, rank_k, users_t, run_t, *rest = self._tensor(np.concatenate(parts)).split(
+            [k, k, k, u, u] + [k] * len(on_host) + [n] * summarise
         )
-        kept = dict(zip(on_host, host_t))
+        kept = dict(zip(on_host, rest))
         flat = s_k * L + (self.count.index_select(0, s_k) + rank_k) % L  # (k,) distinct ring positions
         for name, values in cols.items():
             t = self.ring[name]
             v = kept[name] if name in kept else self._tensor(values, t.dtype).index_select(0, keep_t)
             t.view(-1).index_copy_(0, flat, v)
         self.count.index_add_(0, users_t, run_t)
+        if summarise:
+            slot_t = rest[-1]  # (n,) every event's slot
+            self.summary_sum.index_add_(0, slot_t, self._tensor(summary, torch.float32))
+            self.summary_n.index_add_(0, slot_t, torch.ones(n, device=self.device))
         self.changes.dirty[users_in_batch] = True
         self.appended += n
-
-    def add_summary(self, user_keys, vectors: torch.Tensor) -> None:
-        """Add one vector (n, S) per event to its user's long-term summary. The users must be
-        in the store (call after `append` of the same events)."""
-        user_keys = np.asarray(user_keys, dtype=np.int64)
-        if not self.cfg.summary_dim or len(user_keys) == 0:
-            return
-        slot = self._tensor(
-            np.fromiter(map(self.slots.__getitem__, user_keys.tolist()), dtype=np.int64, count=len(user_keys))
-        )
-        self.summary_sum.index_add_(0, slot, self._tensor(vectors, torch.float32))
-        self.summary_n.index_add_(0, slot, torch.ones(len(user_keys), device=self.device))
 
     def _slots_of(self, user_keys) -> np.ndarray:
         """(B,) user keys -> (B,) slots, the empty row U for unknown users; no LRU touch."""

@@ -303,9 +303,14 @@ class OnlineTrainer:
         if self.bank is not None:  # the targets' rows after this step's writes: what the entries keep
             bank_rows = self.bank.rows_of(codes.item_key)
         self.history.append(  # slots from the host's keys; the entries from the device's columns
-            codes.user_key, feats.item_code, feats.item_key, bank_rows, feats.ts_ms, feats.signal
+            codes.user_key,
+            feats.item_code,
+            feats.item_key,
+            bank_rows,
+            feats.ts_ms,
+            feats.signal,
+            summary=self.state.summary_vectors(feats),
         )
-        self.state.summarize_events(batch, feats)
         self.features.learn(feats)
         self.events_applied += n
         self._housekeeping(float(batch.ts_ms.max()) / 1000.0)

@@ -298,15 +298,16 @@ class RankingState:
         return u, c, feats
 
     @torch.no_grad()
-    def summarize_events(self, batch: BatchLike, feats: FeatureArrays) -> None:
-        """Add a trained batch's events to their users' long-term summaries: [e, signal * e] of
-        each event's item, e its unit id embedding (call after `history.append`)."""
+    def summary_vectors(self, feats: FeatureArrays) -> torch.Tensor | None:
+        """What each event of a trained batch adds to its user's long-term summary (B, 2E):
+        [e, signal * e], e its item's unit id embedding (as updated by this step). None when
+        the model keeps no summaries. `history.append(..., summary=...)` adds them."""
         if not self.history.cfg.summary_dim:
-            return
+            return None
         w = self.ranker.tables["item_emb"].weight
         e = torch.nn.functional.normalize(w[feats.item_idx], dim=-1)  # (B, E)
         sig = feats.signal.to(w.device, torch.float32)[:, None]
-        self.history.add_summary(batch.id_codes().user_key, torch.cat([e, sig * e], dim=1))
+        return torch.cat([e, sig * e], dim=1)
 
     def model_inputs(
         self,

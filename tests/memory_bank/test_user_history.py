@@ -23,13 +23,12 @@ def _keys(users):
     return np.array([key64(u) for u in users], dtype=np.int64)
 
 
-def _append(store, events, bank_rows=None):
+def _append(store, events, bank_rows=None, summary=None):
     """events: list of (user, item, ts, signal)."""
     u, i, t, s = zip(*events)
     rows = np.full(len(u), -1, np.int64) if bank_rows is None else np.asarray(bank_rows, np.int64)
-    store.append(
-        _keys(u), np.array([crc_code(x, "item") for x in i]), _keys(i), rows, np.asarray(t), np.asarray(s)
-    )
+    codes = np.array([crc_code(x, "item") for x in i])
+    store.append(_keys(u), codes, _keys(i), rows, np.asarray(t), np.asarray(s), summary=summary)
 
 
 def _items(view):
@@ -107,9 +106,11 @@ def test_export_import_round_trip_bit_exact(through_files, same_tensors):
     cfg = HistoryConfig(length=3, max_users=3, summary_dim=2)
     h = UserHistoryStore(cfg)
     _append(
-        h, [("a", "x", 1, 1.0), ("b", "y", 2, 2.0), ("a", "z", 3, 3.0), ("c", "w", 4, 4.0)], [1, 2, 3, -1]
+        h,
+        [("a", "x", 1, 1.0), ("b", "y", 2, 2.0), ("a", "z", 3, 3.0), ("c", "w", 4, 4.0)],
+        [1, 2, 3, -1],
+        summary=torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6], [0.7, 0.8]]),
     )
-    h.add_summary(_keys("abac"), torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6], [0.7, 0.8]]))
     _append(h, [("d", "v", 5, 5.0)])  # evicts b
     tensors, meta = through_files(h.export_state())
     g = UserHistoryStore(cfg)
@@ -190,8 +191,10 @@ def test_long_term_summary_covers_every_event_not_only_the_last_L():
     is cleared with an evicted user."""
     cfg = HistoryConfig(length=2, max_users=2, summary_dim=3)
     h = UserHistoryStore(cfg)
-    _append(h, [("a", "x", 1, 1.0), ("a", "y", 2, 1.0), ("a", "z", 3, 1.0), ("b", "w", 4, 0.0)])
-    h.add_summary(_keys("aaab"), torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [2, 2, 2]]))
+    vectors = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [2, 2, 2]])
+    _append(
+        h, [("a", "x", 1, 1.0), ("a", "y", 2, 1.0), ("a", "z", 3, 1.0), ("b", "w", 4, 0.0)], summary=vectors
+    )
     assert _items(h.get(_keys(["a"]))) == [["y", "z"]]  # the window lost x ...
     mean, n = h.summary(_keys(["a", "b", "nobody"]))
     np.testing.assert_allclose(mean, [[1 / 3, 1 / 3, 1 / 3], [2, 2, 2], [0, 0, 0]])  # ... the summary did not
@@ -207,8 +210,7 @@ def test_long_term_summary_covers_every_event_not_only_the_last_L():
 
 def test_no_summary_unless_configured():
     h = UserHistoryStore(HistoryConfig(length=2, max_users=2))
-    _append(h, [("a", "x", 1, 1.0)])
-    h.add_summary(_keys(["a"]), torch.zeros((1, 0)))
+    _append(h, [("a", "x", 1, 1.0)], summary=torch.zeros((1, 0)))
     mean, n = h.summary(_keys(["a"]))
     assert mean.shape == (1, 0) and n.tolist() == [0]
 
