@@ -293,15 +293,14 @@ class OnlineTrainer:
 
         # 5. Memories and counters take this batch.
         self.steps += 1
-        bank_rows = np.full(n, -1, np.int64)
         if fresh is not None:
             keys = codes.item_key[pick]
             fresh_d = fresh.detach()
             self.bank.record_staleness(keys, fresh_d)
             now_s = float(batch.ts_ms[pick].max()) / 1000.0
             self.bank.write_rows(keys, fresh_d, step=self.steps, now_s=now_s, item_ids=batch.item_id[pick])
-        if self.bank is not None:  # the targets' rows after this step's writes: what the entries keep
-            bank_rows = self.bank.rows_of(codes.item_key)
+        # The targets' bank rows after this step's writes: what their history entries keep.
+        bank_rows = np.full(n, -1, np.int64) if self.bank is None else self.bank.rows_of(codes.item_key)
         self.history.append(  # slots from the host's keys; the entries from the device's columns
             codes.user_key,
             feats.item_code,

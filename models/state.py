@@ -330,7 +330,7 @@ class RankingState:
         # items whose codes share an embedding row still hold different bank rows). Tensor
         # ops on the device; torch.unique is the one host sync of this read (its size).
         mask = hist.mask.to(dev)
-        emb_row = hist.item_code.to(dev) % self.cfg.features.item_buckets  # (B, L), StableHasher's rows
+        emb_row = hist.item_code.to(dev) % self.cfg.features.item_buckets  # (B, L) id-embedding rows
         bank_row = torch.full_like(emb_row, -1)
         if self.bank is not None:  # validated against the bank's row_key; counts toward its coverage
             bank_row = self.bank.lookup_history(hist.item_key, hist.bank_row, mask)  # (B, L), -1 = miss
