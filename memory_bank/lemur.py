@@ -64,6 +64,15 @@ class UnknownItemError(KeyError):
     """The item is not in the bank (admin queries)."""
 
 
+def _as_keys(item_keys) -> np.ndarray:
+    """Item keys as an int64 array; strings are refused by name (the bank is keyed by
+    models.ids.key64 of the item id, computed where events are decoded)."""
+    a = np.asarray(item_keys)
+    if a.size and a.dtype.kind not in "iu":
+        raise TypeError(f"item keys must be integers (models.ids.key64 of the item id), got {a.dtype}")
+    return a.astype(np.int64, copy=False)
+
+
 class ItemMemoryBank(nn.Module):
     """item key (int64) -> row of a (capacity, dim) buffer of the latest encoder outputs.
 
@@ -130,7 +139,7 @@ class ItemMemoryBank(nn.Module):
 
     def rows_of(self, item_keys) -> np.ndarray:
         """(n,) item keys -> (n,) int64 rows, -1 where absent. Read-only: no hit, no LRU touch."""
-        keys = np.asarray(item_keys, dtype=np.int64).tolist()
+        keys = _as_keys(item_keys).tolist()
         return np.fromiter(map(self.rows.get, keys, repeat(-1)), dtype=np.int64, count=len(keys))
 
     def read_targets(self, item_keys) -> np.ndarray:
@@ -201,7 +210,7 @@ class ItemMemoryBank(nn.Module):
 
         New keys get rows (LRU eviction when full). Returns the number of distinct rows written.
         """
-        keys = np.asarray(item_keys, dtype=np.int64)
+        keys = _as_keys(item_keys)
         if vectors.shape != (len(keys), self.cfg.dim):
             raise ValueError(f"vectors: shape {tuple(vectors.shape)}, want ({len(keys)}, {self.cfg.dim})")
         if len(keys) == 0:

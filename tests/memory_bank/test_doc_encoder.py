@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from memory_bank.lemur import BankConfig, DocEncoder, EncoderConfig, ItemMemoryBank
+from models.ids import key64
 
 
 def test_hashed_tokens_are_stable_and_cached():
@@ -27,7 +28,10 @@ def test_hashed_encoder_forward_backward_and_bank_write():
     out.pow(2).sum().backward()
     assert enc.tok.weight.grad.abs().sum() > 0 and enc.pos.grad.abs().sum() > 0
     bank = ItemMemoryBank(BankConfig(dim=16, capacity=10))
-    assert bank.write_rows(np.asarray(["a", "b", "c", "d"], dtype=object), out, step=1, now_s=0.0) == 4
+    keys = [key64(x) for x in "abcd"]
+    assert bank.write_rows(keys, out, step=1, now_s=0.0) == 4
+    with pytest.raises(TypeError, match="key64"):  # string ids are not keys
+        bank.write_rows(np.asarray(["a"], dtype=object), out[:1], step=1, now_s=0.0)
     # Padding does not change a text's encoding (batch-independent).
     torch.testing.assert_close(enc(texts[1:2]), enc(texts)[1:2], rtol=1e-5, atol=1e-5)
 
