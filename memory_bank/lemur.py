@@ -648,6 +648,16 @@ class DocEncoder(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
 
+    def _embed(self, ids: torch.Tensor, masked: bool | None = None) -> torch.Tensor:
+        """Token embeddings, id 0 (padding) the zero vector. On a GPU not through padding_idx:
+        its backward drops the padding entries with a boolean mask, a host sync per step;
+        masking the output instead gives row 0 zero gradients (it stays zero). On CPU, where
+        a sync costs nothing, padding_idx keeps the gradient's entries as they were."""
+        w = self.tok.weight
+        if not (w.is_cuda if masked is None else masked):
+            return self.tok(ids)
+        return F.embedding(ids, w, sparse=self.tok.sparse) * (ids != 0).unsqueeze(-1).to(w.dtype)
+
     def forward(self, texts: list[str]) -> torch.Tensor:
         ids = self.tokenize(texts)  # (M, T)
         M = ids.shape[0]
@@ -657,7 +667,7 @@ class DocEncoder(nn.Module):
             w = attn.unsqueeze(-1).to(h.dtype)
             pooled = (h * w).sum(1) / w.sum(1).clamp(min=1)  # (M, 384)
             return self.proj(pooled)  # (M, dim)
-        x = self.tok(ids)  # (M, T, d)
+        x = self._embed(ids)  # (M, T, d)
         x = torch.cat([self.cls.expand(M, 1, -1), x], dim=1) + self.pos[: ids.shape[1] + 1]  # (M, T+1, d)
         pad = torch.cat([ids.new_zeros(M, 1), ids], dim=1) == 0  # (M, T+1), True = padding
         pad[:, 0] = False  # CLS is never padding

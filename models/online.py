@@ -285,8 +285,9 @@ class OnlineTrainer:
         # The metrics see the scores of the model as it was before this batch (read on the host
         # with the finiteness check: the step's one blocking device-to-host copy).
         like_logit, rating_pred = host.like_logit, host.rating
-        codes = batch.id_codes()  # the slices count events per user / item by their integer keys
-        evidence = self.metrics.update(like_logit, like, rating_pred, rating, codes.user_key, codes.item_key)
+        evidence = self.metrics.update(  # the slices count events per user / item by their keys
+            like_logit, like, rating_pred, rating, codes.user_key, codes.item_key
+        )
         self.opt_dense.step()
         self.opt_sparse.step()  # the DeltaTracker marked the rows it updates (gradient hooks)
         self.state.tracker.commit()

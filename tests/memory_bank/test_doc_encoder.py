@@ -76,3 +76,21 @@ def test_transformers_import_and_minilm_encoder_work_beside_our_kernels_package(
     assert out.shape == (2, 16)
     out.sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.backbone.parameters())
+
+
+def test_masked_token_embedding_equals_padding_idx():
+    """The GPU's sync-free token embedding (masked output) gives padding_idx's values and,
+    coalesced, its gradient rows; row 0 (padding) only ever gets zeros."""
+    enc = DocEncoder(EncoderConfig(vocab_buckets=64, d_model=8, n_heads=2))
+    ids = torch.tensor([[3, 5, 0, 0], [5, 7, 9, 0]])
+    outs, grads = [], []
+    for masked in (False, True):
+        enc.tok.weight.grad = None
+        out = enc._embed(ids, masked=masked)
+        (out * torch.arange(out.numel()).view_as(out)).sum().backward()
+        g = enc.tok.weight.grad
+        grads.append(g.coalesce().to_dense() if g.is_sparse else g)
+        outs.append(out.detach())
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(grads[0], grads[1])
+    assert not grads[1][0].any()
