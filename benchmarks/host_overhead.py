@@ -403,21 +403,30 @@ def calibrate_op_overhead(clock: Callable[[], float], calls: int = 2000) -> dict
 def gpu_path_switches(trainer) -> list[str]:
     """The trainer's parts that take another code path on a GPU and let a CPU run take it:
     those with a `sync_free` attribute (memory_bank.sparse_optim.SparseRowAdam: `None` picks
-    the path by device, `True` forces the accelerator's sync-free step). By attribute name."""
-    return [name for name, part in vars(trainer).items() if hasattr(part, "sync_free")]
+    the path by device, `True` forces the accelerator's sync-free step; the doc encoder's
+    token embedding, memory_bank.lemur.DocEncoder). By attribute path from the trainer."""
+    state = vars(trainer.state) if hasattr(trainer, "state") else {}
+    parts = {**vars(trainer), **{f"state.{n}": p for n, p in state.items()}}
+    return [name for name, part in parts.items() if hasattr(part, "sync_free")]
+
+
+def _part(trainer, name: str):
+    for attr in name.split("."):
+        trainer = getattr(trainer, attr)
+    return trainer
 
 
 @contextmanager
 def gpu_path(trainer, switches: list[str]) -> Iterator[None]:
     """The `switches` (gpu_path_switches) forced onto the GPU's path, put back on exit."""
-    saved = {name: getattr(trainer, name).sync_free for name in switches}
+    saved = {name: _part(trainer, name).sync_free for name in switches}
     try:
         for name in switches:
-            getattr(trainer, name).sync_free = True
+            _part(trainer, name).sync_free = True
         yield
     finally:
         for name, value in saved.items():
-            getattr(trainer, name).sync_free = value
+            _part(trainer, name).sync_free = value
 
 
 def sync_summary(kinds: Counter[str], steps: int, sites: Counter, top_sources: int) -> dict[str, Any]:

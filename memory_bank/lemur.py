@@ -612,6 +612,7 @@ class DocEncoder(nn.Module):
             self.backbone, self.tokenizer = _load_minilm()
             self.proj = nn.Linear(self.backbone.config.hidden_size, cfg.dim)
         self._pad_id = 0 if cfg.kind == "hashed" else int(self.tokenizer.pad_token_id)
+        self.sync_free: bool | None = None  # the token embedding's GPU path (_embed); None: by device
         self.to(dev)
 
     def sparse_parameters(self) -> list[nn.Parameter]:
@@ -648,13 +649,14 @@ class DocEncoder(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
 
-    def _embed(self, ids: torch.Tensor, masked: bool | None = None) -> torch.Tensor:
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings, id 0 (padding) the zero vector. On a GPU not through padding_idx:
         its backward drops the padding entries with a boolean mask, a host sync per step;
         masking the output instead gives row 0 zero gradients (it stays zero). On CPU, where
-        a sync costs nothing, padding_idx keeps the gradient's entries as they were."""
+        a sync costs nothing, padding_idx keeps the gradient's entries as they were.
+        `sync_free` True / False forces one (None: by device), as SparseRowAdam's."""
         w = self.tok.weight
-        if not (w.is_cuda if masked is None else masked):
+        if not (w.is_cuda if self.sync_free is None else self.sync_free):
             return self.tok(ids)
         return F.embedding(ids, w, sparse=self.tok.sparse) * (ids != 0).unsqueeze(-1).to(w.dtype)
 

@@ -182,6 +182,12 @@ def test_gpu_path_switches_are_forced_and_put_back():
     table = torch.nn.Parameter(torch.zeros(8, 2))
     trainer = SimpleNamespace(opt_sparse=SparseRowAdam([table]), other=table)
     assert ho.gpu_path_switches(trainer) == ["opt_sparse"]
+    encoder = SimpleNamespace(sync_free=None)  # a part of the state (the doc encoder's embedding)
+    with_state = SimpleNamespace(opt_sparse=trainer.opt_sparse, state=SimpleNamespace(encoder=encoder))
+    assert ho.gpu_path_switches(with_state) == ["opt_sparse", "state.encoder"]
+    with ho.gpu_path(with_state, ["state.encoder"]):
+        assert encoder.sync_free is True
+    assert encoder.sync_free is None
     assert trainer.opt_sparse.sync_free is None  # by device: the CPU's compacting step
     with pytest.raises(RuntimeError), ho.gpu_path(trainer, ["opt_sparse"]):
         assert trainer.opt_sparse.sync_free is True
