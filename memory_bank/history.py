@@ -246,9 +246,10 @@ class UserHistoryStore:
 
     # -- read ----------------------------------------------------------------------------------
 
-    def _read(self, slot: np.ndarray) -> HistoryView:
-        """slots (B,) (U = the empty row) -> their histories (B, L); no LRU touch. Positions
-        before a slot's first event hold the padding values already (slots start empty)."""
+    def read(self, slot) -> HistoryView:
+        """slots (B,) (host array or device tensor; U = the empty row) -> their histories
+        (B, L); no LRU touch. Positions before a slot's first event hold the padding values
+        already (slots start empty)."""
         L = self.cfg.length
         s = self._tensor(slot)
         event = self.count.index_select(0, s)[:, None] - L + torch.arange(L, device=self.device)  # (B, L)
@@ -256,11 +257,10 @@ class UserHistoryStore:
         cols = {name: t.view(-1).index_select(0, flat).view(event.shape) for name, t in self.ring.items()}
         return HistoryView(**cols, mask=event >= 0, slot=s)
 
-    def get(self, user_keys, touch: bool = True) -> HistoryView:
-        """(B,) user keys -> HistoryView of (B, L) tensors, most recent last; unknown users empty.
-        A read counts as a use of the user (LRU) unless touch=False (admin queries)."""
-        if not touch:
-            return self._read(self._slots_of(user_keys))
+    def touch_slots(self, user_keys) -> np.ndarray:
+        """(B,) user keys -> (B,) their slots on the host (U = unknown: the empty row), each
+        known user moved to the LRU's recent end: a read's use. The trainer sends the slots to
+        the device with the batch's features (one copy) and reads them there (`read`)."""
         keys = np.asarray(user_keys, dtype=np.int64).tolist()
         get, move_to_end = self.slots.get, self.slots.move_to_end
         slot = np.full(len(keys), self.cfg.max_users, dtype=np.int64)  # (B,) U = unknown
@@ -269,7 +269,12 @@ class UserHistoryStore:
             if s is not None:
                 move_to_end(u)
                 slot[i] = s
-        return self._read(slot)
+        return slot
+
+    def get(self, user_keys, touch: bool = True) -> HistoryView:
+        """(B,) user keys -> HistoryView of (B, L) tensors, most recent last; unknown users empty.
+        A read counts as a use of the user (LRU) unless touch=False (admin queries)."""
+        return self.read(self.touch_slots(user_keys) if touch else self._slots_of(user_keys))
 
     # -- stats / state -------------------------------------------------------------------------
 

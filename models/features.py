@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -322,6 +322,7 @@ class FeatureArrays:
     item_key: torch.Tensor  # (B,) int64: the item's bank identity
     item_code: torch.Tensor  # (B,) int64 crc32 item code (history entries)
     ts_ms: torch.Tensor  # (B,) int64
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the caller's columns (build)
 
 
 NUM_COUNTER_FEATURES = OnlineCounters.NUM_FEATURES + UserWordAffinity.NUM_FEATURES
@@ -409,14 +410,17 @@ class FeatureBuilder:
     # Columns of the packed host array: int64 ids, then float64 values (as their bits).
     _INT_COLS = ("user", "item", "scenario", "user_key", "item_key", "ts_ms")
 
-    def _pack(self, batch: BatchLike) -> np.ndarray:
+    def _pack(self, batch: BatchLike, extra: dict[str, np.ndarray]) -> np.ndarray:
         """The batch's columns as one (B, K) int64 host array (floats as their bits): ids,
-        categorical slots, words, then like, rating and the numeric slots."""
+        categorical slots, words, the caller's `extra` columns, then like, rating and the
+        numeric slots."""
         cfg = self.cfg
         b, C, N, Lt = len(batch), cfg.max_user_cat, cfg.max_user_num, cfg.max_text_tokens
         codes = batch.id_codes()
-        n_int = len(self._INT_COLS) + C + Lt
+        n_int = len(self._INT_COLS) + C + Lt + len(extra)
         host = np.empty((b, n_int + 2 + N), dtype=np.int64)
+        for j, col in enumerate(extra.values()):
+            host[:, n_int - len(extra) + j] = col
         for j, col in enumerate((codes.user, codes.item, codes.scenario, codes.user_key, codes.item_key)):
             host[:, j] = col
         host[:, 5] = batch.ts_ms
@@ -431,7 +435,8 @@ class FeatureBuilder:
             s = self._slot(self.cat_slots, name, C, bool(cfg.user_cat), int(present.sum()))
             if s is not None:
                 cat[:, s] = np.where(present, col, self._empty_slot[s])
-        host[:, n_int - Lt : n_int] = codes.words[:, :Lt]
+        words_at = len(self._INT_COLS) + C
+        host[:, words_at : words_at + Lt] = codes.words[:, :Lt]
         floats = host[:, n_int:].view(np.float64)  # (B, 2 + N)
         nan = np.full(b, np.nan)
         floats[:, 0] = batch.labels.get(cfg.like_task, nan)
@@ -444,16 +449,21 @@ class FeatureBuilder:
                 floats[:, 2 + s] = v
         return host
 
-    def build(self, batch: BatchLike) -> FeatureArrays:
+    def build(self, batch: BatchLike, extra: dict[str, np.ndarray] | None = None) -> FeatureArrays:
+        """The batch's features on the device. `extra`: (B,) int64 host columns of the caller
+        (e.g. the targets' bank rows, the users' history slots) that cross in the same copy;
+        they come back as `FeatureArrays.extra` on the device."""
         cfg = self.cfg
         C, Lt = cfg.max_user_cat, cfg.max_text_tokens
-        t = self.staging.to_device(self._pack(batch))  # (B, K): the step's one H2D copy
-        n_int = len(self._INT_COLS) + C + Lt
+        extra = extra or {}
+        t = self.staging.to_device(self._pack(batch, extra))  # (B, K): the step's one H2D copy
+        words_at = len(self._INT_COLS) + C
+        n_int = words_at + Lt + len(extra)
         user_idx = t[:, 0] % cfg.user_buckets
         item_idx = t[:, 1] % cfg.item_buckets
         scenario_idx = t[:, 2] % cfg.cat_buckets
         cat_idx = t[:, len(self._INT_COLS) : len(self._INT_COLS) + C] % cfg.cat_buckets
-        words = t[:, n_int - Lt : n_int]
+        words = t[:, words_at : words_at + Lt]
         text_idx = torch.where(words >= 0, words % (cfg.text_buckets - 1) + 1, 0)
         floats = t[:, n_int:].view(torch.float64)  # (B, 2 + N)
         like, rating, num_raw = floats[:, 0], floats[:, 1], floats[:, 2:]
@@ -489,6 +499,7 @@ class FeatureBuilder:
             item_key=t[:, 4],
             item_code=t[:, 1],
             ts_ms=t[:, 5],
+            extra={name: t[:, words_at + Lt + j] for j, name in enumerate(extra)},
         )
 
     def learn(self, feats: FeatureArrays) -> None:

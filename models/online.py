@@ -244,7 +244,6 @@ class OnlineTrainer:
         if n == 0:
             none = np.zeros(0, np.int64)
             return StepResult(0, 0.0, np.zeros(0, np.float32), np.zeros(0, np.float32), 0, 0.0, none, none)
-        dev = self.device
         fc = self.cfg.features
         like = self._labels(batch, fc.like_task)  # (B,) NaN = missing
         rating = self._labels(batch, fc.rating_task)
@@ -256,21 +255,21 @@ class OnlineTrainer:
         saved = [t.clone() for t in self._norm_stats]
         self.state.tracker.hold()  # the backward's row marks count once the step is known good
         try:
-            u, c, feats = self.state.batch_inputs(batch)
-            encoded = 0
-            fresh = None
+            encoded, fresh, target_rows, encode = 0, None, None, None
             if self.bank is not None:
                 # LEMUR sampling: the encoder runs (forward and backward) on a fraction of targets.
                 has_text = np.array([t is not None and t != "" for t in batch.item_text])
                 sampled = self.rng.random(n) < self.cfg.sample_rate
                 # An item not in the bank (new, or evicted) is encoded at once: its content
                 # vector is what carries it until its id embedding has learned.
-                unseen = self.bank.rows_of(codes.item_key) < 0
-                pick = np.flatnonzero((sampled | unseen) & has_text)
+                target_rows = self.bank.read_targets(codes.item_key)  # (B,) host; -1 = absent
+                encode = (sampled | (target_rows < 0)) & has_text
+                pick = np.flatnonzero(encode)
                 encoded = len(pick)
-                if encoded:
-                    fresh = self.encoder([batch.item_text[i] for i in pick])  # (M, Db)
-                    c.target_vec = c.target_vec.index_put((torch.from_numpy(pick).to(dev),), fresh)
+            u, c, feats = self.state.batch_inputs(batch, target_rows, encode)
+            if encoded:
+                fresh = self.encoder([batch.item_text[i] for i in pick])  # (M, Db)
+                c.target_vec = self.state.with_encoded(c.target_vec, fresh, feats.extra["encode"])
             scores, host = self._forward_backward(u, c, feats, like, rating)
         except Exception as e:
             with torch.no_grad():

@@ -268,18 +268,32 @@ class RankingState:
             (rows >= 0).unsqueeze(1), bank.bank.index_select(0, rows.clamp(min=0)), bank.missing
         )
 
-    def batch_inputs(self, batch: BatchLike) -> tuple[UserInputs, CandidateInputs, FeatureArrays]:
+    def batch_inputs(
+        self, batch: BatchLike, target_rows: np.ndarray | None = None, encode: np.ndarray | None = None
+    ) -> tuple[UserInputs, CandidateInputs, FeatureArrays]:
         """Features, histories and bank vectors of a training batch as of before it (+ its
         earlier events when `in_batch_features`); also the features (labels, each event's
-        feedback signal), for the updates after the step. The targets' bank read refreshes
-        their LRU recency (`bank.read_targets`)."""
+        feedback signal), for the updates after the step.
+
+        What the host decides for the batch crosses in the features' one copy: the users'
+        history slots, the targets' bank rows (`target_rows`, from `bank.read_targets`, which
+        refreshes their LRU recency; read here when not given) and, for the trainer, the
+        targets it will encode (`encode` (B,) bool -> `feats.extra["encode"]`, see
+        `with_encoded`)."""
         fc = self.cfg.features
         codes = batch.id_codes()
-        feats = self.features.build(batch)
-        hist = self.history.get(codes.user_key)
-        target_rows = torch.full((len(batch),), -1, dtype=torch.int64, device=self.device)
-        if self.bank is not None:  # (B,) the targets' bank rows, one copy for both uses below
-            target_rows = torch.from_numpy(self.bank.read_targets(codes.item_key)).to(self.device)
+        extra = {"hist_slot": self.history.touch_slots(codes.user_key)}
+        if self.bank is not None:
+            extra["target_rows"] = (
+                self.bank.read_targets(codes.item_key) if target_rows is None else target_rows
+            )
+        if encode is not None:
+            extra["encode"] = np.asarray(encode, dtype=np.int64)
+        feats = self.features.build(batch, extra)
+        hist = self.history.read(feats.extra["hist_slot"])
+        target_rows = feats.extra.get("target_rows")
+        if target_rows is None:
+            target_rows = torch.full((len(batch),), -1, dtype=torch.int64, device=self.device)
         if fc.in_batch_features:  # + the same user's earlier events of this batch
             own = {  # the batch's columns, on the device already (the features' one copy)
                 "item_code": feats.item_code,
@@ -296,6 +310,14 @@ class RankingState:
         if self.history.cfg.summary_dim:  # before the batch: no event's own label is in it
             u.user_summary, u.user_summary_n = self.history.summary_at(hist.slot)
         return u, c, feats
+
+    @staticmethod
+    def with_encoded(target_vec: torch.Tensor, fresh: torch.Tensor, encode: torch.Tensor) -> torch.Tensor:
+        """The targets' vectors (B, Db) with the fresh encodings (M, Db) of the rows where
+        `encode` (B,) is set, in row order; on the device, no host index."""
+        pick = encode.to(torch.bool)
+        pos = (pick.cumsum(0) - 1).clamp(min=0)  # (B,) each picked row's encoding
+        return torch.where(pick.unsqueeze(1), fresh.index_select(0, pos), target_vec)
 
     @torch.no_grad()
     def summary_vectors(self, feats: FeatureArrays) -> torch.Tensor | None:
