@@ -55,7 +55,7 @@ from stream.serving.follower import (
     replica_identity,
     serving_ledger_name,
 )
-from stream.serving.model import RankRequest, ServedModel
+from stream.serving.model import NonFiniteScores, RankRequest, ServedModel
 from stream.snapshots.store import SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,8 @@ def rank_route(max_candidates: int | None = None) -> dict:
             503: {
                 "model": ErrorBody,
                 "description": "replica busy (serving.max_in_flight), request not started within "
-                "serving.request_timeout_s, or no model version loaded yet",
+                "serving.request_timeout_s, no model version loaded yet, or the loaded version "
+                "gives non-finite scores (the message names it and the candidates)",
                 "headers": _RETRY_AFTER,
             },
             504: {"model": ErrorBody, "description": "not answered within serving.request_timeout_s"},
@@ -121,6 +122,7 @@ class RankService:
         self._in_flight = 0
         self.shed = 0  # 503: over max_in_flight
         self.expired = 0  # 503/504: past the deadline
+        self.non_finite = 0  # 503: the model version gave a non-finite score
 
     @property
     def in_flight(self) -> int:
@@ -184,7 +186,13 @@ class RankService:
         with self.follower.serving() as live:
             if live is None:
                 raise self._busy("no model version loaded yet; retry shortly")
-            return live.rank(req)
+            try:
+                return live.rank(req)
+            except NonFiniteScores as e:
+                # The version is broken, not the request: 503 (another replica, or this one
+                # on the next version, may answer), never a 500 from serialising a NaN.
+                self.non_finite += 1
+                raise self._busy(str(e)) from None
 
     def version(self) -> dict:
         return {
@@ -195,6 +203,7 @@ class RankService:
             "in_flight": self._in_flight,
             "shed": self.shed,
             "expired": self.expired,
+            "non_finite": self.non_finite,
         }
 
     def close(self) -> None:

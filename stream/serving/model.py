@@ -23,6 +23,7 @@ from memory_bank.base import DeltaState, FullState
 from models.config import ModelConfig
 from models.ranker import CandidateInputs
 from models.state import RankingState
+from stream.errors import MemstreamError
 from stream.ingest.events import EventBatch
 from stream.snapshots.store import SnapshotChain
 
@@ -48,6 +49,23 @@ class RankRequest(BaseModel):
             if not isinstance(x, str) and not np.isfinite(x):
                 raise ValueError(f"user_features.{k} must be finite")
         return v
+
+
+class NonFiniteScores(MemstreamError):
+    """The model version gives a NaN or infinite score: the version is broken, not the
+    request (a request's numbers are checked finite, and the features' transform maps
+    every finite number to a finite value: signed_log, at most ~710 in magnitude)."""
+
+    def __init__(self, version: int, item_ids: list[str]):
+        shown = ", ".join(repr(i) for i in item_ids[:5]) + (
+            f" and {len(item_ids) - 5} more" if len(item_ids) > 5 else ""
+        )
+        super().__init__(
+            f"the model version {version} gives non-finite scores (for {len(item_ids)} "
+            f"candidate(s): {shown}); publish or pin a healthy version"
+        )
+        self.version = version
+        self.item_ids = item_ids
 
 
 class ServedModel:
@@ -123,6 +141,11 @@ class ServedModel:
                 rows.append(m.score_candidates(m.encode_user(u), ci))
             scores = type(rows[0])(
                 torch.cat([r.like_logit for r in rows]), torch.cat([r.rating for r in rows])
+            )
+        bad = ~(torch.isfinite(scores.like_logit) & torch.isfinite(scores.rating))
+        if bad.any():
+            raise NonFiniteScores(
+                self.version, [req.candidates[i].item_id for i in bad.nonzero()[:, 0].tolist()]
             )
         return {
             "version": self.version,

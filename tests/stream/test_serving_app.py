@@ -331,3 +331,64 @@ def test_a_ledger_that_appears_late_is_told_the_live_version(monkeypatch):
     second = ledgers["now"] = Ledger("b")  # the job restarted: a new publisher
     rep.report("r1", refused := ServingEvent("refused", 8, 101.0, "bad checksum"))
     assert second.got == [("r1", live), ("r1", refused)]
+
+
+# -- a real model version: extreme numbers, a broken version ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_store(tmp_path_factory):
+    """A store with a trained small model as version 1 and a copy with NaN weights as 2."""
+    import torch
+
+    from memory_bank.base import FullState
+    from models.config import TrainerConfig
+    from models.online import OnlineTrainer
+    from stream.recordings.data.synthetic import build_synthetic_recording
+    from stream.snapshots.store import SnapshotStore
+    from stream.train.evaluate import iter_event_batches
+    from tests.stream.conftest import small_model_config
+
+    d = tmp_path_factory.mktemp("real")
+    build_synthetic_recording(d / "s.parquet", events=400, users=40, items=100, seed=3)
+    trainer = OnlineTrainer(small_model_config(), TrainerConfig(seed=1))
+    for b in iter_event_batches(d / "s.parquet", batch_size=128):
+        trainer.step(b)
+    store = SnapshotStore(str(d / "snaps"))
+    meta = {"model_config": trainer.cfg.model_dump(mode="json"), "train_step": trainer.steps}
+    full = trainer.state.full_snapshot()
+    store.publish_full(1, full, meta)
+    broken = {k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in full.dense.items()}
+    store.publish_full(2, FullState(broken, full.memories), meta)
+    return store
+
+
+def _real_client(store, version: int) -> TestClient:
+    from stream.serving.model import ServedModel
+
+    store.set_pinned(version)
+    f = SnapshotFollower(store, build=ServedModel)
+    assert f.poll() and f.version == version
+    return TestClient(rank_api(RankService(f, ServingConfig())))
+
+
+@pytest.mark.parametrize("x", [1.7976931348623157e308, -1.7976931348623157e308, 3.5e38, -1e300, 5e-324, 0.0])
+def test_extreme_finite_features_give_finite_scores(real_store, x):
+    """A finite number, however large, gives a finite score (signed_log bounds the
+    features' transform by ~710): a known numeric feature and a name the model never saw."""
+    client = _real_client(real_store, 1)
+    cands = [{"item_id": "a"}, {"item_id": "never-seen", "item_text": "w " * 2000}]
+    body = {"user_id": "u1", "user_features": {"tenure_days": x, "brand_new": x}, "candidates": cands}
+    r = client.post("/rank", json=body)
+    assert r.status_code == 200, r.text
+    scores = r.json()["scores"]
+    assert all(math.isfinite(s) for s in scores["like"] + scores["rating"])
+
+
+def test_a_version_giving_non_finite_scores_is_503_naming_it_and_the_candidates(real_store):
+    client = _real_client(real_store, 2)
+    r = client.post("/rank", json={"user_id": "u1", "candidates": [{"item_id": "a"}, {"item_id": "b"}]})
+    assert r.status_code == 503 and "Retry-After" in r.headers
+    msg = r.json()["detail"]
+    assert "model version 2 gives non-finite scores" in msg and "'a', 'b'" in msg
+    assert client.get("/version").json()["non_finite"] == 1
