@@ -4,7 +4,7 @@
 
 The LEMUR bank writes the items of a batch with it (the same item may appear several
 times in one batch). Triton on CUDA (triton.py: one sort, then exactly one writer per
-destination row), torch unique + scatter_reduce + index_copy elsewhere (reference.py).
+destination row), a stable sort and a last-writer gather elsewhere (reference.py).
 
 The sorted unique rows written are returned by default; their number depends on the
 data, so on a GPU that is a host sync. A caller that knows them already (the bank
@@ -34,5 +34,4 @@ def bank_update(
     if backend_for(bank) == "triton":
         mod = triton_module("bank_update", bank)
         return mod.bank_update_triton(bank, stamps, rows, vectors, step, return_rows)
-    out = bank_update_ref(bank, stamps, rows, vectors, step)
-    return out if return_rows else None
+    return bank_update_ref(bank, stamps, rows, vectors, step, return_rows)

@@ -94,6 +94,24 @@ def test_bank_update_triton_takes_no_sync_unless_asked_for_its_rows(monkeypatch)
     assert torch.equal(bank[3], vectors[2]) and stamps[[3, 7, 12]].tolist() == [2, 2, 2]
 
 
+def test_bank_update_reference_takes_no_sync_unless_asked_for_its_rows():
+    """The torch twin (the CPU path, and what a GPU would run with MEMSTREAM_KERNELS=torch):
+    last writer wins through a sort, no unique, unless the rows are asked for."""
+    from kernels.bank_update import bank_update_ref
+
+    bank, stamps = torch.zeros(20, 4), torch.zeros(20, dtype=torch.int64)
+    rows, vectors = torch.tensor([3, 7, 3, 12, 7, 3]), torch.randn(6, 4)
+    syncs = {}
+    for return_rows in (False, True):
+        with SyncCounter() as c:
+            out = bank_update_ref(bank, stamps, rows, vectors, 2, return_rows)
+        syncs[return_rows] = c.total
+    assert syncs == {False: 0, True: 1}
+    assert out.tolist() == [3, 7, 12]
+    assert torch.equal(bank[3], vectors[5]) and torch.equal(bank[7], vectors[4])
+    assert torch.equal(bank[12], vectors[3]) and stamps[[3, 7, 12]].tolist() == [2, 2, 2]
+
+
 @pytest.mark.parametrize("memory", ["pkm", "lmn"])
 def test_memory_training_forward_backward_takes_no_sync(memory):
     """The PKM layer's training read (slot and sub-key usage counted on the device, the
