@@ -638,14 +638,20 @@ class DocEncoder(nn.Module):
                 self._cache.popitem(last=False)
         return ids
 
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """texts (M,) -> token ids (M, T) int64, padded on the right with _pad_id, T <= max_tokens (+ specials)."""
+    def token_array(self, texts: list[str]) -> np.ndarray:
+        """texts (M,) -> token ids (M, T) int64 on the host, padded on the right with _pad_id,
+        T <= max_tokens (+ specials). The trainer sends them with the batch's features (one
+        copy) and encodes them with `encode_ids`."""
         seqs = [self._token_ids(t or "") for t in texts]
         T = max(1, max((len(s) for s in seqs), default=1))
         out = np.full((len(seqs), T), self._pad_id, dtype=np.int64)
         for i, s in enumerate(seqs):
             out[i, : len(s)] = s
-        return torch.from_numpy(out).to(self.proj.weight.device)
+        return out
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """texts (M,) -> token ids (M, T) int64 on the encoder's device (`token_array`)."""
+        return torch.from_numpy(self.token_array(texts)).to(self.proj.weight.device)
 
     # -- forward -------------------------------------------------------------------------------
 
@@ -661,7 +667,10 @@ class DocEncoder(nn.Module):
         return F.embedding(ids, w, sparse=self.tok.sparse) * (ids != 0).unsqueeze(-1).to(w.dtype)
 
     def forward(self, texts: list[str]) -> torch.Tensor:
-        ids = self.tokenize(texts)  # (M, T)
+        return self.encode_ids(self.tokenize(texts))
+
+    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (M, T) (`token_array`, on the encoder's device) -> (M, dim)."""
         M = ids.shape[0]
         if self.cfg.kind == "minilm":
             attn = (ids != self._pad_id).long()  # (M, T)

@@ -417,10 +417,13 @@ class FeatureBuilder:
         cfg = self.cfg
         b, C, N, Lt = len(batch), cfg.max_user_cat, cfg.max_user_num, cfg.max_text_tokens
         codes = batch.id_codes()
-        n_int = len(self._INT_COLS) + C + Lt + len(extra)
+        widths = _widths(extra)
+        n_int = len(self._INT_COLS) + C + Lt + sum(widths)
         host = np.empty((b, n_int + 2 + N), dtype=np.int64)
-        for j, col in enumerate(extra.values()):
-            host[:, n_int - len(extra) + j] = col
+        at = n_int - sum(widths)
+        for col, w in zip(extra.values(), widths):
+            host[:, at : at + w] = np.asarray(col).reshape(b, w)
+            at += w
         for j, col in enumerate((codes.user, codes.item, codes.scenario, codes.user_key, codes.item_key)):
             host[:, j] = col
         host[:, 5] = batch.ts_ms
@@ -450,15 +453,16 @@ class FeatureBuilder:
         return host
 
     def build(self, batch: BatchLike, extra: dict[str, np.ndarray] | None = None) -> FeatureArrays:
-        """The batch's features on the device. `extra`: (B,) int64 host columns of the caller
-        (e.g. the targets' bank rows, the users' history slots) that cross in the same copy;
-        they come back as `FeatureArrays.extra` on the device."""
+        """The batch's features on the device. `extra`: (B,) or (B, k) int64 host columns of
+        the caller (e.g. the targets' bank rows, the users' history slots) that cross in the
+        same copy; they come back, same shapes, as `FeatureArrays.extra` on the device."""
         cfg = self.cfg
         C, Lt = cfg.max_user_cat, cfg.max_text_tokens
         extra = extra or {}
         t = self.staging.to_device(self._pack(batch, extra))  # (B, K): the step's one H2D copy
         words_at = len(self._INT_COLS) + C
-        n_int = words_at + Lt + len(extra)
+        widths = _widths(extra)
+        n_int = words_at + Lt + sum(widths)
         user_idx = t[:, 0] % cfg.user_buckets
         item_idx = t[:, 1] % cfg.item_buckets
         scenario_idx = t[:, 2] % cfg.cat_buckets
@@ -499,7 +503,7 @@ class FeatureBuilder:
             item_key=t[:, 4],
             item_code=t[:, 1],
             ts_ms=t[:, 5],
-            extra={name: t[:, words_at + Lt + j] for j, name in enumerate(extra)},
+            extra=_extra_views(t, words_at + Lt, extra, widths),
         )
 
     def learn(self, feats: FeatureArrays) -> None:
@@ -623,6 +627,20 @@ class FeatureBuilder:
         for mask in self._touched().values():
             mask.zero_()
         self._set_meta(meta)
+
+
+def _widths(extra: dict[str, np.ndarray]) -> list[int]:
+    """Columns each extra takes in the packed array: 1 for (B,), k for (B, k)."""
+    return [1 if np.ndim(a) == 1 else int(np.shape(a)[1]) for a in extra.values()]
+
+
+def _extra_views(t: torch.Tensor, at: int, extra: dict[str, np.ndarray], widths: list[int]):
+    """The extras' columns of the staged tensor, in their host shapes."""
+    out = {}
+    for (name, a), w in zip(extra.items(), widths):
+        out[name] = t[:, at] if np.ndim(a) == 1 else t[:, at : at + w]
+        at += w
+    return out
 
 
 def _as_rows(a: torch.Tensor) -> torch.Tensor:

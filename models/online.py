@@ -255,7 +255,7 @@ class OnlineTrainer:
         saved = [t.clone() for t in self._norm_stats]
         self.state.tracker.hold()  # the backward's row marks count once the step is known good
         try:
-            encoded, fresh, target_rows, encode = 0, None, None, None
+            encoded, fresh, target_rows, encode, tokens = 0, None, None, None, None
             if self.bank is not None:
                 # LEMUR sampling: the encoder runs (forward and backward) on a fraction of targets.
                 has_text = np.array([t is not None and t != "" for t in batch.item_text])
@@ -266,9 +266,11 @@ class OnlineTrainer:
                 encode = (sampled | (target_rows < 0)) & has_text
                 pick = np.flatnonzero(encode)
                 encoded = len(pick)
-            u, c, feats = self.state.batch_inputs(batch, target_rows, encode)
+                if encoded:
+                    tokens = self.encoder.token_array([batch.item_text[i] for i in pick])  # (M, T)
+            u, c, feats = self.state.batch_inputs(batch, target_rows, encode, tokens)
             if encoded:
-                fresh = self.encoder([batch.item_text[i] for i in pick])  # (M, Db)
+                fresh = self.encoder.encode_ids(feats.extra["tokens"][:encoded, : tokens.shape[1]])  # (M, Db)
                 c.target_vec = self.state.with_encoded(c.target_vec, fresh, feats.extra["encode"])
             scores, host = self._forward_backward(u, c, feats, like, rating)
         except Exception as e:

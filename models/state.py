@@ -269,7 +269,11 @@ class RankingState:
         )
 
     def batch_inputs(
-        self, batch: BatchLike, target_rows: np.ndarray | None = None, encode: np.ndarray | None = None
+        self,
+        batch: BatchLike,
+        target_rows: np.ndarray | None = None,
+        encode: np.ndarray | None = None,
+        tokens: np.ndarray | None = None,
     ) -> tuple[UserInputs, CandidateInputs, FeatureArrays]:
         """Features, histories and bank vectors of a training batch as of before it (+ its
         earlier events when `in_batch_features`); also the features (labels, each event's
@@ -279,7 +283,8 @@ class RankingState:
         history slots, the targets' bank rows (`target_rows`, from `bank.read_targets`, which
         refreshes their LRU recency; read here when not given) and, for the trainer, the
         targets it will encode (`encode` (B,) bool -> `feats.extra["encode"]`, see
-        `with_encoded`)."""
+        `with_encoded`) and their token ids (`tokens` (M, T), DocEncoder.token_array ->
+        `feats.extra["tokens"]` (B, T), its first M rows)."""
         fc = self.cfg.features
         codes = batch.id_codes()
         extra = {"hist_slot": self.history.touch_slots(codes.user_key)}
@@ -289,6 +294,10 @@ class RankingState:
             )
         if encode is not None:
             extra["encode"] = np.asarray(encode, dtype=np.int64)
+        if tokens is not None:
+            block = np.zeros((len(batch), tokens.shape[1]), dtype=np.int64)  # M <= B rows used
+            block[: len(tokens)] = tokens
+            extra["tokens"] = block
         feats = self.features.build(batch, extra)
         hist = self.history.read(feats.extra["hist_slot"])
         target_rows = feats.extra.get("target_rows")
