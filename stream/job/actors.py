@@ -280,7 +280,18 @@ class TrainerActor:
             checkpoint_interval_s=ck.interval_s,
             dead_letter=self._dead_letter,
         )
-        self._dlq = None  # the dead-letter writer for poison events, made at the first one
+        from stream.ingest.dlq import PoisonDeadLetters
+
+        k = self.cfg.kafka
+        # Once each across restarts: a restored trainer skips what its replay re-finds.
+        self._dlq = PoisonDeadLetters(
+            k.bootstrap,
+            k.dlq(),
+            k.topic,
+            resumed_at_s=self.svc.restored_captured_at,
+            floor=dict(self.svc.next_offsets),
+            **k.client_options,
+        )
 
     @ray.method(concurrency_group="train")
     def run(self, readers: list, max_events: int | None = None):
@@ -294,22 +305,7 @@ class TrainerActor:
 
     def _dead_letter(self, poisoned) -> None:
         """Poison events to the dead-letter topic, with the category, the error and the source."""
-        import json
-
-        from stream.ingest.dlq import DeadLetterWriter
-        from stream.ingest.events import Reject
-
-        k = self.cfg.kafka
-        if self._dlq is None:
-            self._dlq = DeadLetterWriter(k.bootstrap, k.dlq(), **k.client_options)
-        for ev in poisoned:
-            raw = json.dumps(ev.event, separators=(",", ":")).encode()
-            self._dlq.send(
-                Reject(raw, "poison", ev.error),
-                key=str(ev.event.get("user_id", "")).encode(),
-                source=(k.topic, ev.partition, ev.offset),
-            )
-        self._dlq.flush()
+        self._dlq(poisoned)
 
     @ray.method(concurrency_group="train")
     def publish_start_state(self) -> int | None:

@@ -111,6 +111,7 @@ class TrainerService:
         # messages the Kafka positions say were consumed (compared with trained + dlq).
         self.lineage_start: dict[int, int] = {}
         self.restored_from: int | None = None
+        self.restored_captured_at: float | None = None  # when the restored checkpoint was taken
         # The version the restored checkpoint's change marks are relative to (None: the
         # first version is full); resume_chain turns it into a delta on the store's latest.
         self.resume_from: int | None = None
@@ -124,6 +125,8 @@ class TrainerService:
             self.lineage = {int(p): list(v) for p, v in ckpt.meta.get("lineage", {}).items()}
             self.lineage_start = {int(p): int(o) for p, o in ckpt.meta.get("lineage_start", {}).items()}
             self.restored_from = ckpt.seq
+            # (written: older checkpoints have only the time they were written, a bit later)
+            self.restored_captured_at = ckpt.meta.get("captured_at", ckpt.meta.get("created_at"))
             first_version = max(first_version, int(ckpt.meta.get("snapshot_version", 0)) + 1)
             self._restore_chain_marks(ckpt.path, ckpt.meta.get("delta_chain"))
         # Snapshots: the first one after a start is full unless resume_chain continues the
@@ -319,6 +322,7 @@ class TrainerService:
                 "lineage": {str(p): list(v) for p, v in self.lineage.items()},
                 "lineage_start": {str(p): o for p, o in self.lineage_start.items()},
                 "train_step": self.trainer.steps,
+                "captured_at": time.time(),  # poison letters after it may be replayed
                 "snapshot_version": self.last_published or 0,
                 # The marks below are the changes since this version (None: the chain is
                 # not open, e.g. after a withheld or failed version; a restart goes full).

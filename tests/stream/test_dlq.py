@@ -11,13 +11,16 @@ from stream.ingest.dlq import (
     CATEGORY_HEADER,
     KEY_TRUNCATED_HEADER,
     MAX_KEY_BYTES,
+    POISON_CATEGORY,
     REASON_HEADER,
     SOURCE_HEADER,
     DeadLetterWriter,
+    PoisonDeadLetters,
+    dead_lettered_positions,
     dlq_topic,
     source_label,
 )
-from stream.ingest.events import REJECT_CATEGORIES, decode_batch
+from stream.ingest.events import REJECT_CATEGORIES, Reject, decode_batch
 from stream.ingest.kafka_io import topic_partition_count
 
 pytestmark = pytest.mark.integration
@@ -80,3 +83,93 @@ def test_source_label():
     assert source_label("t", 1, 5) == "t/1/5"
     assert source_label("t", 1, None) == "t/1"
     assert source_label("t", -1, -1) == "t"
+
+
+# -- poison letters: once each across trainer restarts --------------------------------------------
+
+
+def _poisoned(unit, at: list[int]):
+    """`unit` with rating 1e300 (inf in float32: its step is poisoned) at the rows `at`."""
+    from stream.ingest.events import EventBatch
+    from stream.messages import IngestUnit
+
+    b = EventBatch.from_arrow(unit.events)
+    b.labels["rating"] = b.labels["rating"].copy()
+    b.labels["rating"][at] = 1e300
+    return IngestUnit(b.to_arrow(), unit.rejects, unit.next_offsets), b
+
+
+def _poison_letters(broker, topic, expected):
+    letters = read_all(broker, topic, expected=expected + 1, timeout_s=5)  # one more: none may come
+    return sorted(
+        dict(x.headers)[SOURCE_HEADER].decode()
+        for x in letters
+        if dict(x.headers)[CATEGORY_HEADER] == POISON_CATEGORY.encode()
+    )
+
+
+@pytest.mark.timeout(120)
+def test_a_poison_event_replayed_after_a_restart_is_dead_lettered_once(broker, tmp_path):
+    """The letter is written when the event is found, before the checkpoint that moves past
+    it; the trainer crashes; the restored one replays the event, finds it poisoned again,
+    and must not write it twice. A poison event it finds for the first time is written."""
+    from tests.stream.conftest import small_service, synthetic_units
+
+    units = synthetic_units(tmp_path / "syn.parquet", events=300)
+    first, b1 = _poisoned(units[1], [3])
+    second, b2 = _poisoned(units[2], [7])
+    dlq, src = dlq_topic("restarts"), "restarts"
+
+    svc = small_service(tmp_path / "ck")
+    letters = PoisonDeadLetters(
+        broker, dlq, src, resumed_at_s=svc.restored_captured_at, floor=svc.next_offsets
+    )
+    svc.apply_unit(units[0])
+    svc.checkpoint()
+    svc.apply_unit(first)
+    letters(svc.take_poisoned())  # written; then the trainer dies before its next checkpoint
+    assert letters.skipped == 0
+
+    again = small_service(tmp_path / "ck")  # restored from the checkpoint before the poison
+    assert again.restored_from is not None and again.restored_captured_at is not None
+    letters = PoisonDeadLetters(
+        broker, dlq, src, resumed_at_s=again.restored_captured_at, floor=again.next_offsets
+    )
+    again.apply_unit(first)  # the replay
+    again.apply_unit(second)
+    letters(again.take_poisoned())
+    assert letters.skipped == 1
+
+    want = [
+        source_label(src, int(b.kafka_partition[i]), int(b.kafka_offset[i])) for b, i in ((b1, 3), (b2, 7))
+    ]
+    assert _poison_letters(broker, dlq, expected=2) == sorted(want)
+    assert again.progress().rejects_applied == {"poison": 2}  # each counted once in the lineage
+
+
+@pytest.mark.timeout(60)
+def test_read_back_keeps_the_poison_letters_of_the_topic_since_the_time(broker):
+    result = decode_batch([b"{broken"])
+    reject = result.rejects[0]
+    dlq = dlq_topic("readback")
+    with DeadLetterWriter(broker, dlq) as w:
+        w.send(Reject(b"{}", POISON_CATEGORY, "old"), source=("readback", 0, 1))
+        w.flush()
+        time.sleep(0.05)
+        since_ms = int(time.time() * 1000)
+        w.send(Reject(b"{}", POISON_CATEGORY, "x"), source=("readback", 0, 5))
+        w.send(Reject(b"{}", POISON_CATEGORY, "x"), source=("readback", 3, 9))
+        w.send(Reject(b"{}", POISON_CATEGORY, "other topic"), source=("elsewhere", 0, 6))
+        w.send(reject, source=("readback", 0, 7))  # invalid_json: a reader's, not poison
+        w.send(Reject(b"{}", POISON_CATEGORY, "no position"), source="readback")
+    got = dead_lettered_positions(
+        broker, dlq, source_topic="readback", category=POISON_CATEGORY, since_ms=since_ms
+    )
+    assert got == {(0, 5), (3, 9)}
+    later = int(time.time() * 1000) + 60_000
+    assert (
+        dead_lettered_positions(
+            broker, dlq, source_topic="readback", category=POISON_CATEGORY, since_ms=later
+        )
+        == set()
+    )
