@@ -79,7 +79,7 @@ class PublisherActor:
     def __init__(self, uri: str, keep_versions: int):
         from stream.snapshots.publisher import SnapshotPublisher
 
-        self.pub = SnapshotPublisher(uri, keep_versions)
+        self.pub = SnapshotPublisher(uri, keep_versions, owns_process=True)
 
     def publish(self, version, parent, state, meta, event_ts_ms, event_trained_s=None) -> dict[str, Any]:
         return self.pub.publish(version, parent, state_from_wire(state), meta, event_ts_ms, event_trained_s)
