@@ -34,6 +34,14 @@ from stream.snapshots.store import state_from_wire, state_to_wire
 log = logging.getLogger(__name__)
 
 
+def _id_memo_entries() -> int:
+    """Entries of this process's id memos (models/ids.py: the string -> integer hashes)."""
+    from models.ids import default_encoder
+
+    enc = default_encoder()
+    return sum(len(m.cache) for m in (enc.user, enc.item, enc.cat, enc.key)) + len(enc._words)
+
+
 @ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=4, num_cpus=0.25)
 class IngestActor:
     def __init__(self, kafka_cfg: dict[str, Any], bootstrap: str, partitions: list[int]):
@@ -68,6 +76,7 @@ class IngestActor:
             "dedup_ids": st["dedup_ids"],
             "buffered": st["buffered"],
             "reject_categories": len(st["reject_categories"]),
+            "id_memos": _id_memo_entries(),  # ids become integers here, memoised
         }
 
     def close(self) -> None:
@@ -368,7 +377,7 @@ class TrainerActor:
                 "pid": os.getpid(),
                 "auc_summary": len(m.auc.uniq) + m.auc._pending_n,
                 "score_log": sum(len(x) for x in m._log_s) if m.keep_log else 0,
-                "hasher_caches": sum(len(h.cache) for h in (f.users, f.items, f.cats)) + len(f.text.cache),
+                "hasher_caches": _id_memo_entries(),
                 "feature_candidates": len(f.sightings),
                 "history_users": len(t.history.slots),
                 "bank_rows": 0 if t.bank is None else len(t.bank),
