@@ -291,8 +291,8 @@ class PoisonDeadLetters:
 
     def _already_written(self) -> set[tuple[int, int]]:
         if self._written is None:
-            self._written = set()
-            if self._since_ms is not None:
+            written: set[tuple[int, int]] = set()
+            if self._since_ms is not None:  # a failed read raises and is tried again next time
                 back = dead_lettered_positions(
                     self.bootstrap,
                     self.dlq,
@@ -301,10 +301,9 @@ class PoisonDeadLetters:
                     since_ms=self._since_ms,
                     **self.client_options,
                 )
-                self._written = {(p, o) for p, o in back if o >= self._floor.get(p, 0)}
-                log.info(
-                    "%d poison letters since the checkpoint are in %s already", len(self._written), self.dlq
-                )
+                written = {(p, o) for p, o in back if o >= self._floor.get(p, 0)}
+                log.info("%d poison letters since the checkpoint are in %s already", len(written), self.dlq)
+            self._written = written
         return self._written
 
     def __call__(self, poisoned: list) -> None:
