@@ -14,7 +14,6 @@ progressive validation stays honest), causal within the batch.
 from __future__ import annotations
 
 import json
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -46,37 +45,6 @@ class BatchLike(Protocol):
 
 class FeatureLayoutError(ValueError):
     """A feature layout that cannot be honoured (e.g. too many features for the slots)."""
-
-
-class StableHasher:
-    """str -> bucket in [0, buckets), crc32 with a salt, memoised (bounded)."""
-
-    def __init__(self, buckets: int, salt: str, cache_size: int = 1 << 20) -> None:
-        self.buckets = buckets
-        self.salt = salt.encode()
-        self.cache: dict[str, int] = {}
-        self.cache_size = cache_size
-
-    def one(self, s: str | None) -> int:
-        h = self.cache.get(s)  # None (padding) is memoised under None itself
-        if h is None:
-            if len(self.cache) >= self.cache_size:
-                self.cache.clear()
-            text = "\x00<none>" if s is None else s
-            h = zlib.crc32(text.encode("utf-8", "surrogatepass"), zlib.crc32(self.salt)) % self.buckets
-            self.cache[s] = h
-        return h
-
-    def many(self, xs: np.ndarray) -> np.ndarray:
-        flat = xs.ravel().tolist()
-        # The memo answers nearly every lookup (B x L history ids per step): map(dict.get)
-        # does them in C, and only misses go through `one`. A generator calling `one` per
-        # id was ~10% of a training step.
-        out = list(map(self.cache.get, flat))
-        if None in out:
-            one = self.one
-            out = [one(x) if h is None else h for x, h in zip(flat, out)]
-        return np.array(out, dtype=np.int64).reshape(xs.shape)
 
 
 def signed_log(x: torch.Tensor) -> torch.Tensor:
