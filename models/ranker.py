@@ -177,6 +177,8 @@ class Ranker(nn.Module):
         for name in ("user_emb", "item_emb", "cat_emb", "text_emb"):
             if name in t:
                 nn.init.normal_(t[name].weight, std=0.05)
+        if cfg.item_zero_init:  # after the draw above: the other tables keep their init
+            nn.init.zeros_(t["item_emb"].weight)
         nn.init.zeros_(t["user_bias"].weight)
         nn.init.zeros_(t["item_bias"].weight)
 
@@ -254,8 +256,11 @@ class Ranker(nn.Module):
         # deep part's embeddings are still noise.
         # The ridge read's prediction is a feature of the same kind (a number per event that
         # is already on the label's scale), so it goes the same direct way.
+        # With content_cos_wide the bank cosine features (what the user did with items whose
+        # content is like the target's) go the same way: they need no learned content mapping.
+        self._wide_cos = NUM_COS_FEATURES if cfg.content_cos_wide and Ds else 0
         self._reseed("wide")
-        self.wide = nn.Linear(NUM_COUNTER_FEATURES + n_ridge, 2 + n_thr)
+        self.wide = nn.Linear(NUM_COUNTER_FEATURES + n_ridge + self._wide_cos, 2 + n_thr)
         self.dot_scale = nn.Parameter(torch.ones(2))  # (like, rating) weights of <user, item>
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
@@ -287,6 +292,8 @@ class Ranker(nn.Module):
                 :, NUM_COS_FEATURES : 2 * NUM_COS_FEATURES
             ].zero_()  # [id cos | bank cos | ..]
             self.history.kv_bank.weight.zero_()
+            if self._wide_cos:  # [counters | ridge | bank cos]
+                self.wide.weight[:, -self._wide_cos :].zero_()
         if self.bank_dim:
             if self.content_to_id is not None:  # a new item starts as a shrunk id embedding
                 self.content_to_id.weight.zero_()
@@ -427,8 +434,12 @@ class Ranker(nn.Module):
         else:
             content_tok = self.tok_content(torch.cat(content, dim=1))
         cos = [cosine_features(item, us.hist_unit, us.hist_signal, us.hist_mask)]  # (B, 7)
+        bank_cos = None
         if side is not None and us.hist_bank_unit is not None:
-            cos.append(cosine_features(c.target_vec, us.hist_bank_unit, us.hist_signal, us.hist_mask))
+            bank_cos = cosine_features(
+                c.target_vec, us.hist_bank_unit, us.hist_signal, us.hist_mask
+            )  # (B, 7)
+            cos.append(bank_cos)
         if self._recency:
             cos.append(recent_feedback(us.hist_signal, us.hist_mask))  # (B, 2)
         wide_in = c.counters
@@ -436,6 +447,10 @@ class Ranker(nn.Module):
             ridge = ridge_features(F.normalize(item, dim=-1), us.ridge_xty, us.ridge_chol)  # (B, 2)
             cos.append(ridge)
             wide_in = torch.cat([c.counters, ridge], dim=1)
+        if self._wide_cos:
+            if bank_cos is None:  # no target vector (cannot happen with the bank on in a trainer)
+                bank_cos = wide_in.new_zeros(b, self._wide_cos)
+            wide_in = torch.cat([wide_in, bank_cos], dim=1)
         stats_tok = self.tok_hist_stats(torch.cat(cos, dim=1))
         task_tok = self.task_token + self.tok_task(us.scen_emb)  # (B, D)
         # History queries from non-sequence features (target-aware; the history never

@@ -102,3 +102,31 @@ def test_paired_init_switching_the_bank_leaves_the_rest_of_the_init():
 
     Ranker(cfg.model, cfg.model.bank.dim)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_bank_cosine_features_to_the_wide_part_start_closed(ml1m_20k):
+    """content_cos_wide: the 7 bank cosine features are the last inputs of the wide part, with
+    weights at 0 before the stream; the fast learner opens them from the loss."""
+    from models.features import NUM_COUNTER_FEATURES
+    from models.sequence import NUM_COS_FEATURES, NUM_RIDGE_FEATURES
+
+    t = _trainer(**{"model.content_cos_wide": "true"})
+    w = t.model.wide.weight
+    assert w.shape[1] == NUM_COUNTER_FEATURES + NUM_RIDGE_FEATURES + NUM_COS_FEATURES
+    assert torch.count_nonzero(w[:, -NUM_COS_FEATURES:]) == 0
+    for b in iter_event_batches(ml1m_20k, 64, 640):
+        assert np.isfinite(t.step(b).loss)
+    assert torch.count_nonzero(t.model.wide.weight[:, -NUM_COS_FEATURES:]) > 0
+    off = _trainer(**{"model.content_cos_wide": "true", "model.use_bank": "false"})
+    assert off.model.wide.weight.shape[1] == NUM_COUNTER_FEATURES + NUM_RIDGE_FEATURES
+
+
+def test_item_zero_init_leaves_the_other_tables_random():
+    """item_zero_init: every item embedding starts at 0 (a new item carries no random vector),
+    the user / categorical tables keep the init they have without it."""
+    zero = _params(_trainer(**{"model.item_zero_init": "true", "model.paired_init": "true"}))
+    rand = _params(_trainer(**{"model.paired_init": "true"}))
+    assert torch.count_nonzero(zero["tables.item_emb.weight"]) == 0
+    assert torch.count_nonzero(rand["tables.item_emb.weight"]) > 0
+    for k in ("tables.user_emb.weight", "tables.cat_emb.weight"):
+        torch.testing.assert_close(zero[k], rand[k], rtol=0, atol=0)
