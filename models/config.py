@@ -110,11 +110,6 @@ class ModelConfig(_Strict):
     # items' bank vectors, with their feedback) also go to the wide part (trainer.lr_wide, from
     # 0): a per-user content affinity that needs no learned mapping, read by the fast learner.
     content_cos_wide: bool = False
-    # Item id embeddings start at 0 instead of N(0, 0.05): a new item's embedding is then what
-    # its events taught it, never random noise in the <user, item> term, the history keys and
-    # the ridge read, and the content blend's alignment target (the item's own embedding) holds
-    # only what was learned.
-    item_zero_init: bool = False
     # Zero-init the weights that read each memory (LMN read -> user token, bank vectors ->
     # content token / history keys+values / queries / cosine stats): every memory starts
     # with no contribution and the model grows its use only where the loss asks for it.

@@ -177,8 +177,6 @@ class Ranker(nn.Module):
         for name in ("user_emb", "item_emb", "cat_emb", "text_emb"):
             if name in t:
                 nn.init.normal_(t[name].weight, std=0.05)
-        if cfg.item_zero_init:  # after the draw above: the other tables keep their init
-            nn.init.zeros_(t["item_emb"].weight)
         nn.init.zeros_(t["user_bias"].weight)
         nn.init.zeros_(t["item_bias"].weight)
 

@@ -119,14 +119,3 @@ def test_bank_cosine_features_to_the_wide_part_start_closed(ml1m_20k):
     assert torch.count_nonzero(t.model.wide.weight[:, -NUM_COS_FEATURES:]) > 0
     off = _trainer(**{"model.content_cos_wide": "true", "model.use_bank": "false"})
     assert off.model.wide.weight.shape[1] == NUM_COUNTER_FEATURES + NUM_RIDGE_FEATURES
-
-
-def test_item_zero_init_leaves_the_other_tables_random():
-    """item_zero_init: every item embedding starts at 0 (a new item carries no random vector),
-    the user / categorical tables keep the init they have without it."""
-    zero = _params(_trainer(**{"model.item_zero_init": "true", "model.paired_init": "true"}))
-    rand = _params(_trainer(**{"model.paired_init": "true"}))
-    assert torch.count_nonzero(zero["tables.item_emb.weight"]) == 0
-    assert torch.count_nonzero(rand["tables.item_emb.weight"]) > 0
-    for k in ("tables.user_emb.weight", "tables.cat_emb.weight"):
-        torch.testing.assert_close(zero[k], rand[k], rtol=0, atol=0)
