@@ -102,10 +102,22 @@ class ModelConfig(_Strict):
     # keys/values) are scaled by the same 1 - gate: content is what carries a new item, and for
     # an item with many events it is mostly noise beside the id embedding.
     content_fade: bool = True
+    # The bank vector also enters the content token, the history queries and keys/values and the
+    # bank cosine features (each faded by content_fade); false = only through the blend into the
+    # item embedding (the one place it stands in for the id), fewer inputs to fit on small data.
+    content_side_inputs: bool = True
+    # The bank cosine features (cosine of the target's content vector with the user's history
+    # items' bank vectors, with their feedback) also go to the wide part (trainer.lr_wide, from
+    # 0): a per-user content affinity that needs no learned mapping, read by the fast learner.
+    content_cos_wide: bool = False
     # Zero-init the weights that read each memory (LMN read -> user token, bank vectors ->
     # content token / history keys+values / queries / cosine stats): every memory starts
     # with no contribution and the model grows its use only where the loss asks for it.
     memory_zero_init: bool = True
+    # Each component of the ranker draws its initial weights from (trainer.seed, its name) only,
+    # so switching a memory off changes that memory and not the random init of everything else
+    # (today the doc encoder and each memory shift the draws of all that is built after them).
+    paired_init: bool = False
     # Short-term feedback: a recency feature per history item (the attention had no notion of
     # order) and the mean feedback of the last 5 events + the last one in the stats token.
     recent_feedback: bool = True

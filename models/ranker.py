@@ -22,6 +22,7 @@ Tokens (T = 6 + Q, each of width D), in semantic order:
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, fields
 
 import torch
@@ -144,9 +145,18 @@ class Ranker(nn.Module):
         C, N = fc.max_user_cat, fc.max_user_num
         Db = bank_dim if cfg.use_bank else 0
         self.bank_dim = Db
+        # Width of the bank vector where the model reads it besides the blend (content token,
+        # history queries and keys/values, bank cosine features); 0 with content_side_inputs off.
+        Ds = Db if cfg.content_side_inputs or not cfg.content_blend else 0
+        self.side_dim = Ds
+        # ModelConfig.paired_init: each component below draws its initial weights from (the
+        # trainer's seed, its name) only; the caller's RNG is left as it was.
+        self._pair_seed = torch.initial_seed() if cfg.paired_init else None
+        rng_before = torch.get_rng_state() if cfg.paired_init else None
 
         # 1. Id tables, keyed by name (every list of tables derives from this dict); their
         # gradients are sparse COO rows -> SparseRowAdam, their touched rows -> DeltaTracker.
+        self._reseed("tables")
         self.tables = nn.ModuleDict(
             {
                 "user_emb": nn.Embedding(fc.user_buckets, E, sparse=True),
@@ -156,11 +166,13 @@ class Ranker(nn.Module):
                 "item_bias": nn.Embedding(fc.item_buckets, 2, sparse=True),
             }
         )
+        self._reseed("text_emb")
         self._bag = cfg.content_bag
         if self._bag:
             self.tables["text_emb"] = nn.EmbeddingBag(
                 fc.text_buckets, E, mode="mean", sparse=True, padding_idx=0
             )
+        self._reseed("tables_init")
         t = self.tables
         for name in ("user_emb", "item_emb", "cat_emb", "text_emb"):
             if name in t:
@@ -175,6 +187,7 @@ class Ranker(nn.Module):
             from memory_bank.lmn import UserMemory
 
             # The user-aware query: user id, user features, scenario -> the memory's query width.
+            self._reseed("lmn")
             self.lmn_query = nn.Linear(E * (C + 2), cfg.lmn.query_dim)
             self.lmn = UserMemory(cfg.lmn)
             lmn_dv = cfg.lmn.value_dim
@@ -184,42 +197,56 @@ class Ranker(nn.Module):
             self.register_buffer(
                 "lmn_target_proj", torch.randn(2 * E, lmn_dv, generator=g) / math.sqrt(2 * E)
             )
+        self._reseed("tok_user")
         self.tok_user = nn.Linear(E + lmn_dv, D)
+        self._reseed("tok_user_ctx")
         self.tok_user_ctx = nn.Linear(E * (C + 1) + 2 * N, D)
         # History items: id embedding (learned) + bank vector and feedback features (given).
         # Recent feedback: a recency feature per history item (keys/values) and the mean
         # feedback of the last RECENT events + the last one (stats token).
         self._recency = cfg.recent_feedback
         n_sig = 4 if self._recency else 3
-        self.history = HistoryCrossAttention(E, Db, n_sig, D, cfg.attn_dim, cfg.attn_heads)
+        self._reseed("history")
+        self.history = HistoryCrossAttention(E, Ds, n_sig, D, cfg.attn_dim, cfg.attn_heads)
 
         # 3. Candidate side.
+        self._reseed("tok_item")
         self.tok_item = nn.Linear(E + NUM_COUNTER_FEATURES, D)
         Eb = E if self._bag else 0  # width of the bag of words, when there is one
         self._bag_width = Eb
         # Without any content (no bank, no bag) the content token is a learned constant.
-        self.tok_content = nn.Linear(Eb + Db, D) if Eb + Db else None
-        self.no_content = nn.Parameter(torch.zeros(D)) if not Eb + Db else None
+        self._reseed("tok_content")
+        self.tok_content = nn.Linear(Eb + Ds, D) if Eb + Ds else None
+        self.no_content = nn.Parameter(torch.zeros(D)) if not Eb + Ds else None
         # LEMUR cold start (ModelConfig.content_blend): content vector -> id embedding space,
         # and the gate over the item's evidence (w, b) of sigmoid(w log(1 + n) + b).
         self.content_to_id = self.blend_gate = None
         if Db and cfg.content_blend:
+            self._reseed("content_to_id")
             self.content_to_id = nn.Linear(Db, E)
             self.blend_gate = nn.Parameter(torch.tensor([1.0, -math.log(cfg.content_blend_prior)]))
         n_ridge = NUM_RIDGE_FEATURES if cfg.history_ridge else 0
-        n_cos = NUM_COS_FEATURES * (2 if Db else 1) + (NUM_RECENT_FEATURES if self._recency else 0) + n_ridge
+        n_cos = NUM_COS_FEATURES * (2 if Ds else 1) + (NUM_RECENT_FEATURES if self._recency else 0) + n_ridge
+        self._reseed("tok_hist_stats")
         self.tok_hist_stats = nn.Linear(n_cos, D)
+        self._reseed("task_token")
         self.task_token = nn.Parameter(torch.randn(D) * 0.02)
+        self._reseed("tok_task")
         self.tok_task = nn.Linear(E, D)
-        self.query_proj = nn.Linear(E * 2 + Eb + Db + NUM_COUNTER_FEATURES, Q * D)
+        self._reseed("query_proj")
+        self.query_proj = nn.Linear(E * 2 + Eb + Ds + NUM_COUNTER_FEATURES, Q * D)
+        self._reseed("blocks")
         self.blocks = nn.ModuleList(RankMixerBlock(T, D, cfg.ffn_mult) for _ in range(cfg.num_layers))
         self.pkm = self.pkm_gate = None
         if cfg.use_pkm:
             from memory_bank.pkm import MemoryGate, ProductKeyMemory
 
+            self._reseed("pkm")
             self.pkm = ProductKeyMemory(cfg.pkm.model_copy(update={"in_dim": T * D}))
+            self._reseed("pkm_gate")
             self.pkm_gate = MemoryGate(T, D, cfg.pkm.value_dim)
         self.norm_out = RMSNorm(D)
+        self._reseed("head")
         n_thr = len(cfg.rating_thresholds)
         self.head = nn.Linear(T * D, 2 + n_thr)  # (like logit, rating offset, threshold corrections)
         # Wide part: the online counters straight to the logits. A handful of weights
@@ -227,27 +254,45 @@ class Ranker(nn.Module):
         # deep part's embeddings are still noise.
         # The ridge read's prediction is a feature of the same kind (a number per event that
         # is already on the label's scale), so it goes the same direct way.
-        self.wide = nn.Linear(NUM_COUNTER_FEATURES + n_ridge, 2 + n_thr)
+        # With content_cos_wide the bank cosine features (what the user did with items whose
+        # content is like the target's) go the same way: they need no learned content mapping.
+        self._wide_cos = NUM_COS_FEATURES if cfg.content_cos_wide and Ds else 0
+        self._reseed("wide")
+        self.wide = nn.Linear(NUM_COUNTER_FEATURES + n_ridge + self._wide_cos, 2 + n_thr)
         self.dot_scale = nn.Parameter(torch.ones(2))  # (like, rating) weights of <user, item>
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         if cfg.memory_zero_init:
             self._zero_memory_inputs()
+        if self._pair_seed is not None:  # the caller's RNG as it was before the reseeds
+            torch.set_rng_state(rng_before)
+        del self._pair_seed
+
+    def _reseed(self, component: str) -> None:
+        """paired_init: the global RNG seeded from (trainer seed, component name), so whether
+        another component exists (a memory switched off) does not move this one's initial
+        weights: a same-seed ablation then differs in the switched memory only, not in the
+        random draw of everything built after it."""
+        if self._pair_seed is not None:
+            torch.manual_seed((self._pair_seed * 1_000_003 + zlib.crc32(component.encode())) % (1 << 63))
 
     @torch.no_grad()
     def _zero_memory_inputs(self) -> None:
         """Zero the weight columns that read a memory: a fresh memory is noise (random LMN
         values, an untrained doc encoder), so each branch starts contributing nothing."""
-        E, Db = self.cfg.emb_dim, self.bank_dim
+        E, Ds = self.cfg.emb_dim, self.side_dim
         if self.lmn is not None:
             self.tok_user.weight[:, E:].zero_()  # [user emb | LMN read]
-        if Db:
+        if Ds:
             self.tok_content.weight[:, self._bag_width :].zero_()  # [text bag | bank vector]
-            self.query_proj.weight[:, -Db:].zero_()  # [..., bank vector]
+            self.query_proj.weight[:, -Ds:].zero_()  # [..., bank vector]
             self.tok_hist_stats.weight[
                 :, NUM_COS_FEATURES : 2 * NUM_COS_FEATURES
             ].zero_()  # [id cos | bank cos | ..]
             self.history.kv_bank.weight.zero_()
+            if self._wide_cos:  # [counters | ridge | bank cos]
+                self.wide.weight[:, -self._wide_cos :].zero_()
+        if self.bank_dim:
             if self.content_to_id is not None:  # a new item starts as a shrunk id embedding
                 self.content_to_id.weight.zero_()
                 self.content_to_id.bias.zero_()
@@ -332,6 +377,8 @@ class Ranker(nn.Module):
             sig_feats = torch.stack([sig, sig.abs(), m, rec], dim=-1)  # (B, L, 4)
         else:
             sig_feats = torch.stack([sig, sig.abs(), m], dim=-1)  # (B, L, 3)
+        if not self.side_dim:  # the bank reached the history through the blend only
+            bank = bank_unit = None
         k, v, kv_mask = self.history.history_kv(item_emb, bank, inv, sig_feats, u.hist_mask)
         ridge_xty = ridge_chol = None
         if self.cfg.history_ridge:
@@ -377,15 +424,20 @@ class Ranker(nn.Module):
                 align = (gate.detach().squeeze(-1) * err).mean()
             if cfg.content_fade:  # the content inputs fade as the id embedding takes over
                 tv = tv * (1.0 - gate)  # (B, Db)
+        side = tv if self.side_dim else None  # (B, Db) the bank vector beside the blend
         item_tok = self.tok_item(torch.cat([item, c.counters], dim=1))
-        content = text + ([] if tv is None else [tv])
+        content = text + ([] if side is None else [side])
         if self.tok_content is None:
             content_tok = self.no_content.expand(b, -1)  # (B, D)
         else:
             content_tok = self.tok_content(torch.cat(content, dim=1))
         cos = [cosine_features(item, us.hist_unit, us.hist_signal, us.hist_mask)]  # (B, 7)
-        if c.target_vec is not None and us.hist_bank_unit is not None:
-            cos.append(cosine_features(c.target_vec, us.hist_bank_unit, us.hist_signal, us.hist_mask))
+        bank_cos = None
+        if side is not None and us.hist_bank_unit is not None:
+            bank_cos = cosine_features(
+                c.target_vec, us.hist_bank_unit, us.hist_signal, us.hist_mask
+            )  # (B, 7)
+            cos.append(bank_cos)
         if self._recency:
             cos.append(recent_feedback(us.hist_signal, us.hist_mask))  # (B, 2)
         wide_in = c.counters
@@ -393,11 +445,15 @@ class Ranker(nn.Module):
             ridge = ridge_features(F.normalize(item, dim=-1), us.ridge_xty, us.ridge_chol)  # (B, 2)
             cos.append(ridge)
             wide_in = torch.cat([c.counters, ridge], dim=1)
+        if self._wide_cos:
+            if bank_cos is None:  # no target vector (cannot happen with the bank on in a trainer)
+                bank_cos = wide_in.new_zeros(b, self._wide_cos)
+            wide_in = torch.cat([wide_in, bank_cos], dim=1)
         stats_tok = self.tok_hist_stats(torch.cat(cos, dim=1))
         task_tok = self.task_token + self.tok_task(us.scen_emb)  # (B, D)
         # History queries from non-sequence features (target-aware; the history never
         # sees the candidate, so k/v above are reusable across candidates).
-        qin = [us.query_ctx, item, *text, c.counters] + ([] if tv is None else [tv])
+        qin = [us.query_ctx, item, *text, c.counters] + ([] if side is None else [side])
         q = self.query_proj(torch.cat(qin, dim=1)).view(b, cfg.num_queries, cfg.d_model)  # (B, Q, D)
         hist_toks = self.history.attend(q, us.k, us.v, us.kv_mask)  # (B, Q, D)
         x = torch.cat(
