@@ -57,6 +57,9 @@ class FeatureConfig(_Strict):
     # current batch (labels of strictly earlier events only): what a per-event learner knows.
     in_batch_features: bool = True
     counter_prior: float = Field(5.0, ge=0)
+    # The user's counters again, decayed by this factor at each of the user's events (the
+    # user's recent like rate and mean rating); None = those two features are 0.
+    user_decay: float | None = Field(0.9, gt=0, lt=1)
     # The user's running feedback per word of item_text (genres, title words).
     use_word_affinity: bool = True
     affinity_buckets: int = Field(1 << 21, gt=0)  # pseudo-counts for the smoothed rates
@@ -114,6 +117,12 @@ class ModelConfig(_Strict):
     # content token / history keys+values / queries / cosine stats): every memory starts
     # with no contribution and the model grows its use only where the loss asks for it.
     memory_zero_init: bool = True
+    # The wide part starts as the counters' own prediction: like logit = 4 x (the item's and
+    # the user's recent like rate, as deviations from the global rate; 4 = the logit's slope
+    # at 1/2), rating = the same two mean-rating deviations, every other weight 0. A random
+    # start needs tens of batches to find those weights, and the events it scores meanwhile
+    # are most of the stream's first sightings of items and users.
+    wide_prior_init: bool = True
     # Each component of the ranker draws its initial weights from (trainer.seed, its name) only,
     # so switching a memory off changes that memory and not the random init of everything else
     # (today the doc encoder and each memory shift the draws of all that is built after them).

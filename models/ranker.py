@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
-from models.features import NUM_COUNTER_FEATURES
+from models.features import NUM_COUNTER_FEATURES, OnlineCounters
 from models.rankmixer import RankMixerBlock, RMSNorm
 from models.sequence import (
     NUM_COS_FEATURES,
@@ -264,6 +264,8 @@ class Ranker(nn.Module):
         nn.init.zeros_(self.head.bias)
         if cfg.memory_zero_init:
             self._zero_memory_inputs()
+        if cfg.wide_prior_init and cfg.features.use_counters:
+            self._wide_prior()
         if self._pair_seed is not None:  # the caller's RNG as it was before the reseeds
             torch.set_rng_state(rng_before)
         del self._pair_seed
@@ -275,6 +277,15 @@ class Ranker(nn.Module):
         random draw of everything built after it."""
         if self._pair_seed is not None:
             torch.manual_seed((self._pair_seed * 1_000_003 + zlib.crc32(component.encode())) % (1 << 63))
+
+    @torch.no_grad()
+    def _wide_prior(self) -> None:
+        """ModelConfig.wide_prior_init: the wide part predicts from the counters' rates."""
+        w = self.wide.weight  # (2 + n_thr, NUM_COUNTER_FEATURES + ...): rows like, rating, thresholds
+        w.zero_()
+        self.wide.bias.zero_()
+        w[0, list(OnlineCounters.LIKE_DEV)] = 4.0  # d logit / d p at p = 1/2
+        w[1, list(OnlineCounters.RATING_DEV)] = 1.0 / self.cfg.features.rating_scale  # rating units
 
     @torch.no_grad()
     def _zero_memory_inputs(self) -> None:

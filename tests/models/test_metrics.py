@@ -163,6 +163,37 @@ def test_user_word_affinity_in_batch_equals_per_event_updates():
     np.testing.assert_allclose(batched.table.numpy(), ref.table.numpy(), rtol=1e-12)
 
 
+def test_online_counters_in_batch_equal_per_event_updates():
+    """Batched reads (causal within the batch) and updates, the decayed user sums included,
+    equal one event at a time; and the decayed sums are the plain recurrence S = a S + x."""
+    from models.features import OnlineCounters
+
+    rng = np.random.default_rng(7)
+    a = 0.8
+    batched, ref = (OnlineCounters(64, 64, 5.0, 3.5, decay=a) for _ in range(2))
+    ewma: dict[int, np.ndarray] = {}
+    for _ in range(5):
+        users = torch.from_numpy(rng.integers(0, 3, size=40))  # ~13 events per user per batch
+        items = torch.from_numpy(rng.integers(0, 8, size=40))
+        like = torch.from_numpy(rng.integers(0, 2, size=40).astype(np.float64))
+        like[rng.random(40) < 0.2] = float("nan")  # some events without the label
+        rating = torch.from_numpy(rng.integers(1, 6, size=40).astype(np.float64))
+        got = batched.read(users, items, like, rating, in_batch=True)
+        for j in range(40):
+            one = ref.read(users[j : j + 1], items[j : j + 1], like[j : j + 1], rating[j : j + 1], False)
+            np.testing.assert_allclose(got[j].numpy(), one[0].numpy(), rtol=1e-5, atol=1e-6)
+            ref.update(users[j : j + 1], items[j : j + 1], like[j : j + 1], rating[j : j + 1])
+            u = int(users[j])
+            x = np.array([1.0, np.nan_to_num(like[j].item()), rating[j].item(), 1.0])  # _increments
+            ewma[u] = a * ewma.get(u, np.zeros(4)) + x
+        batched.update(users, items, like, rating)
+    np.testing.assert_allclose(batched.user.numpy(), ref.user.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(batched.item.numpy(), ref.item.numpy(), rtol=1e-12)
+    for u, want in ewma.items():
+        np.testing.assert_allclose(batched.user[u, 4:].numpy(), want, rtol=1e-12)
+    assert got[:, 8:].abs().sum() > 0  # the decayed features are read
+
+
 def test_auc_summary_is_bounded_with_its_error_stated():
     rng = np.random.default_rng(0)
     exact, bounded = (
