@@ -35,6 +35,7 @@ import argparse
 import os
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 import threading
@@ -80,6 +81,13 @@ def run(args) -> tuple[str, bool]:
 
     work = Path(args.out or tempfile.mkdtemp(prefix="soak-"))
     work.mkdir(parents=True, exist_ok=True)
+    # A soak starts from an empty broker and job: the state of an earlier run in the same work
+    # dir would resume at its offsets and run out of stream (the recording is kept: it is
+    # rebuilt only when its parameters change).
+    for stale in (work / "broker", work / "job"):
+        if stale.exists():
+            print(f"[soak] removing {stale} (an earlier run's state)", file=sys.stderr)
+            shutil.rmtree(stale)
     events = int(args.rate_guess * args.minutes * 60 * 1.5)  # enough to outlast the run
     rec = work / f"syn_{events}_{args.users}u_{args.items}i.parquet"
     if not rec.exists():
