@@ -47,14 +47,15 @@ VARIANTS: dict[str, list[str]] = {
     "default": [],
     "no-bank": ["model.use_bank=false"],
     "no-lmn": ["model.use_lmn=false"],
-    "no-pkm": ["model.use_pkm=false"],
+    # PKM is off by default (models/config.py use_pkm): this row is all three on.
+    "with-pkm": ["model.use_pkm=true"],
     ALL_OFF: ["model.use_bank=false", "model.use_lmn=false", "model.use_pkm=false"],
     # Not run by default: the per-(user, word) feedback counter is a long-term user memory
     # too (it can carry stress-long-taste's taste without LMN); these separate it from LMN.
     "no-affinity": ["model.features.use_word_affinity=false"],
     "no-lmn-no-affinity": ["model.use_lmn=false", "model.features.use_word_affinity=false"],
 }
-DEFAULT_VARIANTS = ["default", "no-bank", "no-lmn", "no-pkm", ALL_OFF]
+DEFAULT_VARIANTS = ["default", "no-bank", "no-lmn", "with-pkm", ALL_OFF]
 MOVIELENS = {"ml-100k": "ml100k.parquet", "ml-1m": "ml1m.parquet"}
 STRESS = ["stress-cold-items", "stress-long-taste", "stress-capacity"]
 DEFAULT_STREAMS = ["ml-100k", *STRESS, "ml-1m"]

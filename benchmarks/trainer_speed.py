@@ -31,7 +31,8 @@ VARIANTS: list[tuple[str, list[str]]] = [
     ("no ordinal rating heads", ["model.rating_thresholds=[]"]),
     ("no bank / doc encoder", ["model.use_bank=false"]),
     ("no LMN", ["model.use_lmn=false"]),
-    ("no PKM", ["model.use_pkm=false"]),
+    ("with PKM (all three memories on)", ["model.use_pkm=true"]),
+    ("all three memories off", ["model.use_bank=false", "model.use_lmn=false", "model.use_pkm=false"]),
 ]
 
 

@@ -86,7 +86,10 @@ class ModelConfig(_Strict):
     dot_interaction: bool = True  # <user emb, item emb> added to the logits (MF path)
     use_bank: bool = True  # LEMUR doc encoder + item memory bank
     use_lmn: bool = True  # LMN user memory
-    use_pkm: bool = True  # MSN product-key memory through a memory gate
+    # MSN product-key memory through a memory gate. Off by default: measured, it moves no
+    # stream it was tried on (ML-1M, ML-100K, its own capacity stream at 4k..1M slots) and
+    # costs about a quarter of the step (benchmarks/results/memory_value.md).
+    use_pkm: bool = False
     sample_rate: float = Field(0.2, ge=0.0, le=1.0)  # fraction of targets the doc encoder runs on
     # LEMUR cold start: every item is represented by its id embedding blended with its content
     # vector (bank / encoder) mapped into the id space, weighted by the item's evidence:

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def test_selections_are_checked_and_keep_their_order():
-    assert mv.parse_list("no-pkm, default", list(mv.VARIANTS), "variants") == ["no-pkm", "default"]
+    assert mv.parse_list("with-pkm, default", list(mv.VARIANTS), "variants") == ["with-pkm", "default"]
     with pytest.raises(mv.BenchError, match="--variants: unknown \\['no-bnak'\\]; known: default,"):
         mv.parse_list("default,no-bnak", list(mv.VARIANTS), "variants")
     with pytest.raises(mv.BenchError, match="empty selection"):
@@ -32,11 +32,11 @@ def test_every_variant_is_a_valid_config_and_switches_what_it_names():
         model = load_config(None, mv.variant_overrides(name, [])).model
         assert model.use_bank == ("bank" not in name and name != mv.ALL_OFF)
         assert model.use_lmn == ("lmn" not in name and name != mv.ALL_OFF)
-        assert model.use_pkm == ("pkm" not in name and name != mv.ALL_OFF)
+        assert model.use_pkm == (name == "with-pkm")  # off by default
         assert model.features.use_word_affinity == ("affinity" not in name)
     # The variant's switches come after the global --set: they win on the same key.
-    sets = mv.variant_overrides("no-pkm", ["model.use_pkm=true", "trainer.batch_size=64"])
-    assert load_config(None, sets).model.use_pkm is False
+    sets = mv.variant_overrides("with-pkm", ["model.use_pkm=false", "trainer.batch_size=64"])
+    assert load_config(None, sets).model.use_pkm is True
     assert load_config(None, sets).trainer.batch_size == 64
     curve = load_config(None, mv.pkm_overrides(64, ["model.use_pkm=false"])).model
     assert curve.use_pkm and curve.pkm.n_sub_keys == 64
