@@ -276,3 +276,23 @@ def test_deterministic_save_load_continue_is_bitwise_an_uninterrupted_run(ml1m_2
     assert sa.keys() == sb.keys()
     for name in sa:
         assert torch.equal(sa[name], sb[name]), name
+
+
+def test_wide_prior_init_ranks_the_first_batches_by_the_counters(ml1m_20k):
+    """model.wide_prior_init: before any step the like logit is the counters' own prediction,
+    so the first batches of a stream (most first sightings of items and users) are ranked by
+    the users' and items' like rates; a random wide start needs tens of steps to get there."""
+    from models.metrics import auc_exact
+
+    batches = _batches(ml1m_20k, 640)  # 10 steps of 64
+    auc = {}
+    for prior in ("true", "false"):
+        cfg = tiny_config(**{"model.wide_prior_init": prior})
+        t = OnlineTrainer(cfg.model, cfg.trainer)
+        scores, likes = [], []
+        for b in batches:  # each batch scored before it is trained on
+            scores.append(t.step(b).like_logit)
+            likes.append(b.labels["like"])
+        auc[prior] = auc_exact(np.concatenate(scores), np.concatenate(likes))
+    # Measured: 0.711 with the prior, 0.559 without (tiny config, seed 0).
+    assert auc["true"] > 0.68 and auc["true"] > auc["false"] + 0.08, auc
