@@ -32,6 +32,7 @@ Tables go to benchmarks/results/soak_<machine>.md (`--results`).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
@@ -173,6 +174,9 @@ def run(args) -> tuple[str, bool]:
             report = out["report"]
     finally:
         ray.shutdown()
+    # Every sample, for a look at a series' shape (a step inside the fit window and a
+    # steady climb give the same slope).
+    (work / "series.json").write_text(json.dumps({"events_applied": xs, **series}))
     x = np.asarray(xs)
     first = int(len(x) * args.warmup)
     after = x >= x[first] if len(x) else x.astype(bool)
@@ -186,8 +190,8 @@ def run(args) -> tuple[str, bool]:
         f"({int(x[first]) if len(x) else 0:,} events). Stream: {args.users:,} users, {args.items:,} items; "
         f"caps: model.history.max_users={args.history_users:,}, model.bank.capacity={args.bank_rows:,}.",
         "",
-        "| series | start | at warm-up end | end | slope per million events |",
-        "|---|---|---|---|---|",
+        "| series | start | at warm-up end | end | min-max after warm-up | slope per million events |",
+        "|---|---|---|---|---|---|",
     ]
     ok = True
     for name, ys in series.items():
@@ -196,7 +200,10 @@ def run(args) -> tuple[str, bool]:
         flag = ""
         if name.endswith("private (MB)") and not name.startswith("driver") and slope > 5:
             ok, flag = False, " (over 5 MB)"
-        lines.append(f"| {name} | {y[0]:,.1f} | {y[first]:,.1f} | {y[-1]:,.1f} | {slope:,.2f}{flag} |")
+        lo, hi = (y[after].min(), y[after].max()) if after.any() else (np.nan, np.nan)
+        lines.append(
+            f"| {name} | {y[0]:,.1f} | {y[first]:,.1f} | {y[-1]:,.1f} | {lo:,.1f}-{hi:,.1f} | {slope:,.2f}{flag} |"
+        )
     lines += [
         "",
         "Target (private-memory slope of each actor <= 5 MB per million events): "
