@@ -126,6 +126,36 @@ def keep_freed_memory_mapped() -> bool:
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
+# Steps between two `return_free_memory` calls: a trim is a few ms, the page faults after it
+# one slower step; every 200 steps (~100k events at B = 512) that is noise.
+TRIM_EVERY_STEPS = 200
+_LIBC: list = []  # the loaded libc, once
+
+
+def return_free_memory() -> bool:
+    """malloc_trim(0): give the kernel the free pages `keep_freed_memory_mapped` keeps.
+
+    Kept for the step's speed, freed blocks accumulate in malloc's arenas up to the 1 GB trim
+    threshold, fragmented, so a long-lived trainer's resident memory moves in steps of tens
+    of MB both ways with no live data behind them (benchmarks/results/soak_cpu.md: +-60 MB
+    steps over 8M events). Trimming every TRIM_EVERY_STEPS keeps the resident figure close
+    to what is live, which is what a memory alert on the trainer watches. Linux / glibc only;
+    returns whether memory was released."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    if not _LIBC:
+        try:
+            _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim)
+        except (OSError, AttributeError):  # not glibc
+            _LIBC.append(None)
+    trim = _LIBC[0]
+    return bool(trim(0)) if trim is not None else False
+
+
 class OnlineTrainer:
     def __init__(self, model_cfg: ModelConfig, trainer_cfg: TrainerConfig | None = None) -> None:
         self.cfg = model_cfg
@@ -295,6 +325,8 @@ class OnlineTrainer:
 
         # 5. Memories and counters take this batch.
         self.steps += 1
+        if self.steps % TRIM_EVERY_STEPS == 0:
+            return_free_memory()
         if fresh is not None:
             keys = codes.item_key[pick]
             fresh_d = fresh.detach()
