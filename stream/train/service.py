@@ -204,13 +204,16 @@ class TrainerService:
 
     def apply_units(self, units: list[IngestUnit]) -> int:
         """Train on the results several readers returned together, merged into one stream
-        in Kafka-timestamp order (stable): the partitions interleave as they were produced
-        and small units from many readers make full micro-batches. Returns events trained."""
+        in Kafka-timestamp order, ties broken by (partition, offset): the partitions
+        interleave as they were produced, small units from many readers make full
+        micro-batches, and the order does not depend on which reader's unit came first (the
+        features of tied events differ with their order: the in-batch sums are causal by
+        position). Returns events trained."""
         t0 = time.monotonic()
         parts = [EventBatch.from_arrow(u.events) for u in units if u.events.num_rows]
         batch = EventBatch.concat(parts)
         if len(parts) > 1:
-            batch = batch.take(np.argsort(batch.kafka_ts_ms, kind="stable"))
+            batch = batch.take(np.lexsort((batch.kafka_offset, batch.kafka_partition, batch.kafka_ts_ms)))
         rejects = [r for u in units for r in u.rejects]
         next_offsets: dict[int, int] = {}
         for u in units:
