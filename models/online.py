@@ -24,6 +24,7 @@ run that is saved and loaded continues bit-for-bit like one that was not.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import time
@@ -102,6 +103,22 @@ def _label_loss(fn, pred: torch.Tensor, target: torch.Tensor, present: np.ndarra
     return (per * mask).sum() / n
 
 
+@functools.cache
+def _glibc_function(name: str):
+    """glibc's `name` (mallopt, malloc_trim) through ctypes, loaded once; None off Linux or
+    where the libc is not glibc (musl has neither)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def keep_freed_memory_mapped() -> bool:
     """Ask glibc's malloc to keep freed blocks of up to 32 MB in the process (Linux only).
 
@@ -111,16 +128,8 @@ def keep_freed_memory_mapped() -> bool:
     two 8 MB index_selects of a step took 24 and 21 ms instead of 8 and 5. Keeping them
     costs at most the step's peak of freed memory. Returns whether it took effect.
     """
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
@@ -129,7 +138,6 @@ def keep_freed_memory_mapped() -> bool:
 # Steps between two `return_free_memory` calls: a trim is a few ms, the page faults after it
 # one slower step; every 200 steps (~100k events at B = 512) that is noise.
 TRIM_EVERY_STEPS = 200
-_LIBC: list = []  # the loaded libc, once
 
 
 def return_free_memory() -> bool:
@@ -141,18 +149,7 @@ def return_free_memory() -> bool:
     steps over 8M events). Trimming every TRIM_EVERY_STEPS keeps the resident figure close
     to what is live, which is what a memory alert on the trainer watches. Linux / glibc only;
     returns whether memory was released."""
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    if not _LIBC:
-        try:
-            _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim)
-        except (OSError, AttributeError):  # not glibc
-            _LIBC.append(None)
-    trim = _LIBC[0]
+    trim = _glibc_function("malloc_trim")
     return bool(trim(0)) if trim is not None else False
 
 
