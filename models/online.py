@@ -200,7 +200,7 @@ class OnlineTrainer:
             lr=tcfg.lr_dense,
             betas=(0.9, tcfg.adam_beta2),
             weight_decay=tcfg.weight_decay,
-            foreach=True,
+            fused=True,
         )
         self.opt_sparse = SparseRowAdam(
             self._sparse_groups(), lr=tcfg.lr_sparse, betas=(0.9, tcfg.sparse_beta2)
