@@ -122,7 +122,8 @@ class ModelConfig(_Strict):
     memory_zero_init: bool = True
     # The wide part starts as the counters' own prediction: like logit = 4 x (the item's and
     # the user's recent like rate, as deviations from the global rate; 4 = the logit's slope
-    # at 1/2), rating = the same two mean-rating deviations, every other weight 0. A random
+    # at 1/2) + the logit of the stream's like rate so far (the level), rating = the same two
+    # mean-rating deviations + the stream's mean rating, every other weight 0. A random
     # start needs tens of batches to find those weights, and the events it scores meanwhile
     # are most of the stream's first sightings of items and users.
     wide_prior_init: bool = True
@@ -190,6 +191,12 @@ class TrainerConfig(_Strict):
     lr_wide: float = Field(2e-2, gt=0)  # the counters -> logits linear part: learns fast
     lr_sparse: float = Field(2.5e-2, gt=0)  # id embeddings: sparse rows learn faster than dense
     weight_decay: float = Field(0.0, ge=0)
+    # The dense learning rates (backbone, heads, wide part) ramp linearly from 1/n to 1 over the
+    # first n steps. Adam's first steps move every weight by about its lr whatever the gradient's
+    # size: the zero-initialised heads (hundreds of inputs) then shift every score's level by ~1
+    # logit from one batch to the next, which costs the stream's first batches, where most of
+    # the first sightings of items are. 0 or 1: no ramp.
+    lr_warmup_steps: int = Field(10, ge=0)
     # Adam's second-moment decay, dense (AdamW) and row-sparse (id tables, memory values).
     # 0.99 averages the squared gradients over the last ~100 steps, 0.999 over ~1,000 (one
     # pass over ML-1M at batch 512 is ~2k steps, and the stream drifts).

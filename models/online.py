@@ -202,6 +202,7 @@ class OnlineTrainer:
             weight_decay=tcfg.weight_decay,
             fused=True,
         )
+        self._dense_lr = [g["lr"] for g in self.opt_dense.param_groups]  # before lr_warmup_steps
         self.opt_sparse = SparseRowAdam(
             self._sparse_groups(), lr=tcfg.lr_sparse, betas=(0.9, tcfg.sparse_beta2)
         )
@@ -316,6 +317,9 @@ class OnlineTrainer:
         evidence = self.metrics.update(  # the slices count events per user / item by their keys
             like_logit, like, rating_pred, rating, codes.user_key, codes.item_key
         )
+        ramp = min(1.0, (self.steps + 1) / max(1, self.tcfg.lr_warmup_steps))
+        for group, lr in zip(self.opt_dense.param_groups, self._dense_lr):
+            group["lr"] = lr * ramp
         self.opt_dense.step()
         self.opt_sparse.step()  # the DeltaTracker marked the rows it updates (gradient hooks)
         self.state.tracker.commit()

@@ -286,6 +286,8 @@ class Ranker(nn.Module):
         self.wide.bias.zero_()
         w[0, list(OnlineCounters.LIKE_DEV)] = 4.0  # d logit / d p at p = 1/2
         w[1, list(OnlineCounters.RATING_DEV)] = 1.0 / self.cfg.features.rating_scale  # rating units
+        w[0, OnlineCounters.BASE_LIKE_LOGIT] = 1.0  # the level: the stream's like rate so far
+        w[1, OnlineCounters.BASE_RATING] = 1.0 / self.cfg.features.rating_scale
 
     @torch.no_grad()
     def _zero_memory_inputs(self) -> None:

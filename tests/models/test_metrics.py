@@ -194,6 +194,34 @@ def test_online_counters_in_batch_equal_per_event_updates():
     assert got[:, 8:].abs().sum() > 0  # the decayed features are read
 
 
+def test_online_counters_base_rates_are_the_streams_rates_so_far():
+    """The two base-rate columns: the logit of the smoothed like rate and the mean rating less
+    rating_center over the events before each one (the batch's earlier events included),
+    whatever the user or item: the score's level from the stream's first event."""
+    from models.features import OnlineCounters as OC
+
+    rng = np.random.default_rng(3)
+    counters = OC(64, 64, 5.0, 3.5)
+    likes, ratings = [], []
+    for _ in range(3):
+        users = torch.from_numpy(rng.integers(0, 9, size=30))
+        items = torch.from_numpy(rng.integers(0, 9, size=30))
+        like = torch.from_numpy((rng.random(30) < 0.7).astype(np.float64))
+        rating = torch.from_numpy(rng.integers(1, 6, size=30).astype(np.float64))
+        rating[rng.random(30) < 0.3] = float("nan")  # events without a rating
+        got = counters.read(users, items, like, rating).numpy()
+        for j in range(30):
+            p = (sum(likes) + 1.0) / (len(likes) + 2.0)
+            mean = np.mean(ratings) if ratings else 3.5
+            np.testing.assert_allclose(got[j, OC.BASE_LIKE_LOGIT], np.log(p / (1 - p)), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got[j, OC.BASE_RATING], mean - 3.5, rtol=1e-5, atol=1e-6)
+            likes.append(float(like[j]))
+            if not np.isnan(float(rating[j])):
+                ratings.append(float(rating[j]))
+        counters.update(users, items, like, rating)
+    assert got[:, OC.BASE_LIKE_LOGIT].min() > 0.3  # ~0.7 like rate: the level is learned from nothing
+
+
 def test_auc_summary_is_bounded_with_its_error_stated():
     rng = np.random.default_rng(0)
     exact, bounded = (
