@@ -127,6 +127,10 @@ class ModelConfig(_Strict):
     # start needs tens of batches to find those weights, and the events it scores meanwhile
     # are most of the stream's first sightings of items and users.
     wide_prior_init: bool = True
+    # With wide_prior_init, the like logit's starting weight on the user's mean feedback over the
+    # item's words (the user x word affinity counter, centred rating units): "this user rates
+    # comedies high" from the first batch. 0 leaves it to be learned from 0 at trainer.lr_wide.
+    wide_prior_affinity: float = Field(1.0, ge=0)
     # Each component of the ranker draws its initial weights from (trainer.seed, its name) only,
     # so switching a memory off changes that memory and not the random init of everything else
     # (today the doc encoder and each memory shift the draws of all that is built after them).

@@ -295,6 +295,7 @@ class UserWordAffinity:
     """
 
     NUM_FEATURES = 2
+    MEAN_FEEDBACK = 0  # the column of read() holding the user's mean feedback over the words
 
     def __init__(self, buckets: int, prior: float, device: torch.device | str = "cpu") -> None:
         self.prior = prior

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
-from models.features import NUM_COUNTER_FEATURES, OnlineCounters
+from models.features import NUM_COUNTER_FEATURES, OnlineCounters, UserWordAffinity
 from models.rankmixer import RankMixerBlock, RMSNorm
 from models.sequence import (
     NUM_COS_FEATURES,
@@ -288,6 +288,8 @@ class Ranker(nn.Module):
         w[1, list(OnlineCounters.RATING_DEV)] = 1.0 / self.cfg.features.rating_scale  # rating units
         w[0, OnlineCounters.BASE_LIKE_LOGIT] = 1.0  # the level: the stream's like rate so far
         w[1, OnlineCounters.BASE_RATING] = 1.0 / self.cfg.features.rating_scale
+        if self.cfg.features.use_word_affinity:  # [counters | user x word affinity | ...]
+            w[0, OnlineCounters.NUM_FEATURES + UserWordAffinity.MEAN_FEEDBACK] = self.cfg.wide_prior_affinity
 
     @torch.no_grad()
     def _zero_memory_inputs(self) -> None:
