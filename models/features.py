@@ -201,10 +201,11 @@ class OnlineCounters:
         )
         return g_like, g_rating
 
-    def _rates(self, rows: torch.Tensor, total: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """rows (B, 4), total (B, 4) global counts -> log count, smoothed like rate and mean
-        rating, each rate as its deviation from the global one."""
-        g_like, g_rating = self._global(total)
+    def _rates(
+        self, rows: torch.Tensor, g_like: torch.Tensor, g_rating: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """rows (B, 4), the global rates (B,) each (`_global`) -> log count, smoothed like rate
+        and mean rating, each rate as its deviation from the global one."""
         n = rows[:, 0]
         like = (rows[:, 1] + self.prior * g_like) / (n + self.prior)
         rating = (rows[:, 2] + self.prior * g_rating) / (rows[:, 3] + self.prior)
@@ -252,13 +253,13 @@ class OnlineCounters:
         users = self.user[user_idx, :4] + exclusive_group_cumsum(user_idx, upd)
         items = self.item[item_idx] + exclusive_group_cumsum(item_idx, upd)
         total = self.total + upd.cumsum(0) - upd  # (B, 4)
-        un, ul, ur = self._rates(users, total)
-        in_, il, ir = self._rates(items, total)
+        g_like, g_rating = self._global(total)  # (B,) each, shared by every rate below
+        un, ul, ur = self._rates(users, g_like, g_rating)
+        in_, il, ir = self._rates(items, g_like, g_rating)
         if self.decay:
-            _, dl, dr = self._rates(self._decayed_before(user_idx, upd), total)
+            _, dl, dr = self._rates(self._decayed_before(user_idx, upd), g_like, g_rating)
         else:
             dl = dr = torch.zeros_like(ul)
-        g_like, g_rating = self._global(total)
         base = [torch.log(g_like) - torch.log1p(-g_like), g_rating - self.rating_center]
         cols = [un, ul, ur, in_, il, ir, ul * il, ur + ir, dl, dr, *base]
         return torch.stack(cols, dim=1).to(torch.float32)
