@@ -69,6 +69,7 @@ SMOKE_EVENTS = 6_000  # the smoke runs' prefix (a test builds it on the fly)
 # same code paths as the default model at a small fraction of its work.
 SMOKE_SETS = [
     "trainer.batch_size=64",
+    "model.use_lmn=true",
     "model.use_pkm=true",
     "model.history.length=10",
     "model.history.max_users=1000",
@@ -86,6 +87,7 @@ SMOKE_SETS = [
 # The 10x model of issue 15: 1M PKM slots, 256k LMN slots, 2^20 id buckets, d_model 128.
 # Smoke: the same fields (so a renamed one fails here, not on the GPU), small values.
 TENX_SETS = [
+    "model.use_lmn=true",
     "model.use_pkm=true",
     "model.pkm.n_sub_keys=1024",
     "model.lmn.n_sub_keys=512",
@@ -94,6 +96,7 @@ TENX_SETS = [
     "model.d_model=128",
 ]
 TENX_SMOKE_SETS = [
+    "model.use_lmn=true",
     "model.use_pkm=true",
     "model.pkm.n_sub_keys=32",
     "model.lmn.n_sub_keys=32",

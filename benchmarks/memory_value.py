@@ -2,7 +2,7 @@
 
 For every stream (ML-100K, ML-1M and the stress streams of
 stream/recordings/data/stress.py, each built to make one memory necessary) and every
-variant (default, no bank, no LMN, no PKM, all three off; `--set` overrides through
+variant (default = the bank only, with LMN, with PKM, all three on, all three off; `--set` overrides through
 stream.config.load_config + run_eval, test-then-train), one table row: the like AUC
 overall and per slice (item evidence 0 / 1-4 / 5-49 / 50+, user evidence, short/long
 history: the report's `slices`, models/slices.py), logloss, events/s and events/s as a
@@ -42,20 +42,21 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ALL_OFF = "all-off"
+ALL_ON, ALL_OFF = "all-on", "all-off"
 VARIANTS: dict[str, list[str]] = {
+    # The default has the bank only (LMN and PKM are off: models/config.py says why), so
+    # all-off is also the "no bank" row, and the LMN and PKM rows switch each one on.
     "default": [],
-    "no-bank": ["model.use_bank=false"],
-    "no-lmn": ["model.use_lmn=false"],
-    # PKM is off by default (models/config.py use_pkm): this row is all three on.
+    "with-lmn": ["model.use_lmn=true"],
     "with-pkm": ["model.use_pkm=true"],
+    ALL_ON: ["model.use_bank=true", "model.use_lmn=true", "model.use_pkm=true"],
     ALL_OFF: ["model.use_bank=false", "model.use_lmn=false", "model.use_pkm=false"],
     # Not run by default: the per-(user, word) feedback counter is a long-term user memory
     # too (it can carry stress-long-taste's taste without LMN); these separate it from LMN.
     "no-affinity": ["model.features.use_word_affinity=false"],
-    "no-lmn-no-affinity": ["model.use_lmn=false", "model.features.use_word_affinity=false"],
+    "with-lmn-no-affinity": ["model.use_lmn=true", "model.features.use_word_affinity=false"],
 }
-DEFAULT_VARIANTS = ["default", "no-bank", "no-lmn", "with-pkm", ALL_OFF]
+DEFAULT_VARIANTS = ["default", "with-lmn", "with-pkm", ALL_ON, ALL_OFF]
 MOVIELENS = {"ml-100k": "ml100k.parquet", "ml-1m": "ml1m.parquet"}
 STRESS = ["stress-cold-items", "stress-long-taste", "stress-capacity"]
 DEFAULT_STREAMS = ["ml-100k", *STRESS, "ml-1m"]

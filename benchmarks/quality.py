@@ -36,11 +36,11 @@ from stream.config import load_config
 from stream.train.evaluate import iter_event_batches, run_eval
 
 ABLATIONS: list[tuple[str, list[str]]] = [
-    ("default (bank + LMN + PKM)", []),
-    ("no bank / doc encoder", ["model.use_bank=false"]),
-    ("no LMN", ["model.use_lmn=false"]),
-    ("no PKM", ["model.use_pkm=false"]),
-    ("no memories (all three off)", ["model.use_bank=false", "model.use_lmn=false", "model.use_pkm=false"]),
+    ("default (bank)", []),
+    ("no bank / doc encoder (all three off)", ["model.use_bank=false"]),
+    ("with LMN", ["model.use_lmn=true"]),
+    ("with PKM", ["model.use_pkm=true"]),
+    ("all three memories on", ["model.use_lmn=true", "model.use_pkm=true"]),
     ("no history ridge read", ["model.history_ridge=false"]),
     ("no ordinal rating heads", ["model.rating_thresholds=[]"]),
     ("default, history length 100 (quality vs speed)", ["model.history.length=100"]),

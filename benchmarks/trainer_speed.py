@@ -30,8 +30,9 @@ VARIANTS: list[tuple[str, list[str]]] = [
     ("no history ridge read", ["model.history_ridge=false"]),
     ("no ordinal rating heads", ["model.rating_thresholds=[]"]),
     ("no bank / doc encoder", ["model.use_bank=false"]),
-    ("no LMN", ["model.use_lmn=false"]),
-    ("with PKM (all three memories on)", ["model.use_pkm=true"]),
+    ("with LMN", ["model.use_lmn=true"]),
+    ("with PKM", ["model.use_pkm=true"]),
+    ("all three memories on", ["model.use_lmn=true", "model.use_pkm=true"]),
     ("all three memories off", ["model.use_bank=false", "model.use_lmn=false", "model.use_pkm=false"]),
 ]
 

@@ -85,7 +85,10 @@ class ModelConfig(_Strict):
     # Memories (each one's switch is what the ablations flip).
     dot_interaction: bool = True  # <user emb, item emb> added to the logits (MF path)
     use_bank: bool = True  # LEMUR doc encoder + item memory bank
-    use_lmn: bool = True  # LMN user memory
+    # LMN user memory. Off by default: measured, it moves neither ML-1M (0.8028 with and
+    # without) nor ML-100K (-0.001 with it) nor its own stress-long-taste stream, and costs
+    # about a tenth of the step (benchmarks/results/memory_value.md).
+    use_lmn: bool = False
     # MSN product-key memory through a memory gate. Off by default: measured, it moves no
     # stream it was tried on (ML-1M, ML-100K, its own capacity stream at 4k..1M slots) and
     # costs about a quarter of the step (benchmarks/results/memory_value.md).

@@ -76,6 +76,7 @@ def test_delta_of_the_value_rows_through_the_model_state():
         None,
         [
             "model.use_bank=false",
+            "model.use_lmn=true",
             "model.use_pkm=false",
             "model.lmn.n_sub_keys=8",
             "model.lmn.k=4",

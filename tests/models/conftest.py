@@ -28,6 +28,7 @@ def tiny_config(**sets: str) -> MemstreamConfig:
     """All three memories on, small tables: fast enough for round-trip tests."""
     overrides = [
         "trainer.batch_size=64",
+        "model.use_lmn=true",
         "model.use_pkm=true",
         "model.features.user_buckets=4096",
         "model.features.item_buckets=4096",

@@ -19,6 +19,7 @@ def small_model_config() -> ModelConfig:
     """All three memories on, tables small enough for tests of a few hundred events."""
     return ModelConfig.model_validate(
         {
+            "use_lmn": True,
             "use_pkm": True,
             "bank": {"capacity": 400},
             "lmn": {"n_sub_keys": 8},
