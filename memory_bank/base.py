@@ -18,6 +18,26 @@ import numpy as np
 import torch
 
 
+def index_block(arrays: list[np.ndarray], rows: int) -> np.ndarray:
+    """Index arrays, each at most `rows` long, as the columns of one (rows, k) int64 block,
+    zero-padded (0 is a valid index: a padded entry is never used). A write planned on the
+    host before a step crosses to the device this way, inside the step's one staged copy;
+    `index_columns` takes the arrays back out there by their host-known lengths."""
+    block = np.zeros((rows, len(arrays)), dtype=np.int64)
+    for j, a in enumerate(arrays):
+        if len(a) > rows:
+            raise ValueError(
+                f"index_block: array {j} has {len(a)} entries, more than the block's {rows} rows"
+            )
+        block[: len(a), j] = a
+    return block
+
+
+def index_columns(block: torch.Tensor, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+    """The device copies of `arrays` from their `index_block` (slices: no sync)."""
+    return [block[: len(a), j] for j, a in enumerate(arrays)]
+
+
 @dataclass
 class MemoryDelta:
     """Rows changed since the previous `take_delta()` of one component.

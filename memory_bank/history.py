@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from memory_bank.base import MemoryDelta, RowChanges
+from memory_bank.base import MemoryDelta, RowChanges, index_block, index_columns
 
 
 class HistoryConfig(BaseModel):
@@ -73,8 +73,33 @@ class HistoryView:
     slot: torch.Tensor
 
 
+@dataclass(frozen=True)
+class HistoryAppendPlan:
+    """An append of n events, decided on the host (`UserHistoryStore.plan_append`) before
+    the step that trains on them and applied after it (`commit_append`). Planning changes
+    nothing but the LRU order a read changes anyway (`touch_slots`), so a step that fails
+    drops its plan; its index arrays cross to the device inside the step's one staged copy
+    (`index_arrays`, memory_bank.base.index_block)."""
+
+    slot: np.ndarray  # (n,) every event's slot, new users' as planned
+    new_users: np.ndarray  # (A,) user keys without a slot, first-seen order
+    new_slots: np.ndarray  # (A,) the slots they are given (free ones, then evicted users')
+    evict: int  # how many least recently used users are evicted to make room
+    keep: np.ndarray  # (k,) events that survive: each user's last L of this append
+    rank: np.ndarray  # (k,) each kept event's rank among its user's events of this append
+    users: np.ndarray  # (u,) the distinct slots of this append
+    run_len: np.ndarray  # (u,) their event counts
+    summarise: bool  # every event's slot is needed too (the long-term summaries)
+
+    def index_arrays(self) -> list[np.ndarray]:
+        """What `commit_append` needs on the device, in its order."""
+        out = [self.keep, self.slot[self.keep], self.rank, self.users, self.run_len, self.new_slots]
+        return out + [self.slot] if self.summarise else out
+
+
 class UserHistoryStore:
-    """`append(user_keys, item_codes, item_keys, bank_rows, ts_ms, signal)`,
+    """`append(user_keys, item_codes, item_keys, bank_rows, ts_ms, signal)` (a training step:
+    `plan_append` before it, `commit_append` after it succeeded),
     `get(user_keys) -> HistoryView`, `summary` / `summary_at`, plus the shared memory
     API: stats / export_state / import_state / take_delta / apply_delta / mark_changed."""
 
@@ -116,40 +141,87 @@ class UserHistoryStore:
 
     # -- write ---------------------------------------------------------------------------------
 
-    def _slots_for(self, user_keys: np.ndarray) -> np.ndarray:
-        """(n,) user keys -> (n,) slots, allocating (and LRU-evicting) for new users."""
-        slots, get, touch = self.slots, self.slots.get, self.slots.move_to_end
-        out = np.empty(len(user_keys), dtype=np.int64)
-        new: dict[int, list[int]] = {}
-        for i, u in enumerate(user_keys.tolist()):
-            s = get(u)
-            if s is None:
-                new.setdefault(u, []).append(i)
+    def plan_append(self, user_keys, known_slots: np.ndarray) -> HistoryAppendPlan:
+        """Where an append of events by `user_keys` (n,) will go, without changing anything.
+        `known_slots`: `touch_slots(user_keys)` of the same keys, just before (the batch's
+        read: it moved the known users to the LRU's recent end). New users get the free
+        slots, then those of the least recently used users (never one of this append).
+        Raises HistoryCapacityError when the append's users cannot all be kept."""
+        user_keys = np.asarray(user_keys, dtype=np.int64)
+        n, U, L = len(user_keys), self.cfg.max_users, self.cfg.length
+        slot = np.array(known_slots, dtype=np.int64)  # (n,) U = a new user
+        is_new = slot == U
+        new_users = np.zeros(0, dtype=np.int64)
+        new_slots, evict = new_users, 0
+        if is_new.any():
+            new_users = np.asarray(list(dict.fromkeys(user_keys[is_new].tolist())), dtype=np.int64)
+            evict = max(0, len(new_users) - len(self.free))
+            if evict:  # the batch's own users must all fit
+                kept = len(new_users) + len(np.unique(slot[~is_new]))
+                if kept > U:
+                    raise HistoryCapacityError(f"max_users={U} < {kept} users in one call")
+                oldest = np.fromiter((s for _, s in zip(range(evict), self.slots.values())), np.int64, evict)
+                new_slots = np.concatenate([np.asarray(self.free[::-1], dtype=np.int64), oldest])
             else:
-                touch(u)
-                out[i] = s
-        if len(new) > len(self.free):  # evictions needed: the batch's own users must all fit
-            known = np.delete(out, [i for positions in new.values() for i in positions])
-            if len(new) + len(np.unique(known)) > self.cfg.max_users:
-                raise HistoryCapacityError(
-                    f"max_users={self.cfg.max_users} < {len(new) + len(np.unique(known))} users in one call"
-                )
-        fresh = []
-        for u, positions in new.items():
-            if not self.free:
-                self._evict_oldest()
-            s = self.free.pop()
-            slots[u] = s
-            self.slot_user[s] = u
-            out[positions] = s
-            fresh.append(s)
-        if fresh:
-            self._clear_slots(np.asarray(fresh, dtype=np.int64))
-        return out
+                new_slots = np.asarray(self.free[len(self.free) - len(new_users) :][::-1], dtype=np.int64)
+            slot_of_new = dict(zip(new_users.tolist(), new_slots.tolist()))
+            slot[is_new] = [slot_of_new[u] for u in user_keys[is_new].tolist()]
+        # Rank of each event among its user's events in this batch (stable: event order).
+        order = np.argsort(slot, kind="stable")  # (n,)
+        s_sorted = slot[order]
+        starts = np.r_[0, np.flatnonzero(s_sorted[1:] != s_sorted[:-1]) + 1]  # first of each run
+        run_len = np.diff(np.r_[starts, n])  # (u,) events per user in this batch
+        rank = np.empty(n, dtype=np.int64)
+        rank[order] = np.arange(n) - np.repeat(starts, run_len)
+        per_user = np.empty(n, dtype=np.int64)
+        per_user[order] = np.repeat(run_len, run_len)
+        # Only a user's last L events of this batch survive; dropping the others keeps the
+        # scatter of commit_append free of duplicate targets.
+        keep = np.flatnonzero(rank >= per_user - L)  # (k,)
+        summarise = self.cfg.summary_dim > 0
+        return HistoryAppendPlan(
+            slot, new_users, new_slots, evict, keep, rank[keep], s_sorted[starts], run_len, summarise
+        )
 
-    def _clear_slots(self, slots: np.ndarray) -> None:
-        """Slots back to empty on the device (their host bookkeeping is the caller's)."""
-        s = self._tensor(slots)
+    def commit_append(
+        self,
+        plan: HistoryAppendPlan,
+        index: list[torch.Tensor],
+        cols: dict[str, torch.Tensor],
+        summary: torch.Tensor | None = None,
+    ) -> None:
+        """Apply `plan`: `index`, its `index_arrays` on the device (index_columns); `cols`
+        the events' (n,) columns on the device (item_code, item_key, bank_row, ts_ms,
+        signal); summary (n, S) one vector per event, added to its user's long-term summary
+        (when summary_dim; every event counts there, not only the last L)."""
+        n = len(plan.slot)
+        lengths = {name: len(cols[name]) for name in RING}
+        if any(m != n for m in lengths.values()):
+            raise ValueError(f"append: lengths differ (user_keys {n}, {lengths})")
+        keep_t, s_k, rank_k, users_t, run_t, new_slots_t, *rest = index
+        for _ in range(plan.evict):
+            self._evict_oldest()
+        if len(plan.new_users):
+            del self.free[len(self.free) - len(plan.new_users) :]  # the evicted users' slots too
+            self.slots.update(zip(plan.new_users.tolist(), plan.new_slots.tolist()))
+            self.slot_user[plan.new_slots] = plan.new_users
+            self._clear_slots(plan.new_slots, new_slots_t)
+        L = self.cfg.length
+        flat = s_k * L + (self.count.index_select(0, s_k) + rank_k) % L  # (k,) distinct ring positions
+        for name, t in self.ring.items():
+            t.view(-1).index_copy_(0, flat, cols[name].to(t.dtype).index_select(0, keep_t))
+        self.count.index_add_(0, users_t, run_t)
+        if plan.summarise and summary is not None:
+            slot_t = rest[0]  # (n,) every event's slot
+            self.summary_sum.index_add_(0, slot_t, self._tensor(summary, torch.float32))
+            self.summary_n.index_add_(0, slot_t, torch.ones(n, device=self.device))
+        self.changes.dirty[plan.users] = True
+        self.appended += n
+
+    def _clear_slots(self, slots: np.ndarray, slots_t: torch.Tensor | None = None) -> None:
+        """Slots back to empty on the device (their host bookkeeping is the caller's);
+        `slots_t`: the same slots on the device already, else copied."""
+        s = self._tensor(slots) if slots_t is None else slots_t
         for name, pad in RING.items():
             self.ring[name].index_fill_(0, s, pad)
         for t in (self.count, self.summary_sum, self.summary_n):
@@ -163,69 +235,28 @@ class UserHistoryStore:
         self.evictions += 1
 
     def append(self, user_keys, item_codes, item_keys, bank_rows, ts_ms, signal, summary=None) -> None:
-        """Append n events given in event order (a user's events land in that order).
+        """Append n events given in event order (a user's events land in that order): plans
+        and commits at once (a training step plans before it runs, commits after it).
 
         user_keys (n,) int64; item_codes, item_keys, bank_rows (n,) int64 (host arrays or
         device tensors); ts_ms (n,) int; signal (n,) float. bank_rows: each item's bank row
         now (-1 none), checked against the bank's row_key when the entry is read.
         summary: (n, S) one vector per event, added to its user's long-term summary (when
-        summary_dim; every event counts there, not only the last L).
+        summary_dim; every event counts there, not only the last L). A use of each user (LRU).
         """
         user_keys = np.asarray(user_keys, dtype=np.int64)
-        n = len(user_keys)
-        if n == 0:
-            return
-        cols = {
-            "item_code": item_codes,
-            "item_key": item_keys,
-            "bank_row": bank_rows,
-            "ts_ms": ts_ms,
-            "signal": signal,
-        }
+        cols = {"item_code": item_codes, "item_key": item_keys, "bank_row": bank_rows}
+        cols |= {"ts_ms": ts_ms, "signal": signal}
         lengths = {name: len(v) for name, v in cols.items()}
-        if any(m != n for m in lengths.values()):
-            raise ValueError(f"append: lengths differ (user_keys {n}, {lengths})")
-        L = self.cfg.length
-        slot = self._slots_for(user_keys)  # (n,)
-        # Rank of each event among its user's events in this batch (stable: event order).
-        order = np.argsort(slot, kind="stable")  # (n,)
-        s_sorted = slot[order]
-        starts = np.r_[0, np.flatnonzero(s_sorted[1:] != s_sorted[:-1]) + 1]  # first of each run
-        run_len = np.diff(np.r_[starts, n])  # (U',) events per user in this batch
-        rank = np.empty(n, dtype=np.int64)
-        rank[order] = np.arange(n) - np.repeat(starts, run_len)
-        per_user = np.empty(n, dtype=np.int64)
-        per_user[order] = np.repeat(run_len, run_len)
-        # Only a user's last L events of this batch survive; dropping the others keeps the
-        # scatter below free of duplicate targets.
-        keep = np.flatnonzero(rank >= per_user - L)  # (k,)
-        users_in_batch = s_sorted[starts]  # (U',)
-        # What the host has crosses in one copy: kept events, their slots and ranks, the users
-        # and their event counts, and the kept values of the integer columns given as host
-        # arrays (the trainer's bank rows); columns given as tensors are on the device already.
-        # With a summary, also every event's slot.
-        on_host = [name for name, v in cols.items() if name != "signal" and not isinstance(v, torch.Tensor)]
-        summarise = summary is not None and self.cfg.summary_dim > 0
-        k, u = len(keep), len(users_in_batch)
-        parts = [keep, slot[keep], rank[keep], users_in_batch, run_len]
-        parts += [np.asarray(cols[name], dtype=np.int64)[keep] for name in on_host]
-        parts += [slot] if summarise else []
-        keep_t, s_k, rank_k, users_t, run_t, *rest = self._tensor(np.concatenate(parts)).split(
-            [k, k, k, u, u] + [k] * len(on_host) + [n] * summarise
-        )
-        kept = dict(zip(on_host, rest))
-        flat = s_k * L + (self.count.index_select(0, s_k) + rank_k) % L  # (k,) distinct ring positions
-        for name, values in cols.items():
-            t = self.ring[name]
-            v = kept[name] if name in kept else self._tensor(values, t.dtype).index_select(0, keep_t)
-            t.view(-1).index_copy_(0, flat, v)
-        self.count.index_add_(0, users_t, run_t)
-        if summarise:
-            slot_t = rest[-1]  # (n,) every event's slot
-            self.summary_sum.index_add_(0, slot_t, self._tensor(summary, torch.float32))
-            self.summary_n.index_add_(0, slot_t, torch.ones(n, device=self.device))
-        self.changes.dirty[users_in_batch] = True
-        self.appended += n
+        if any(m != len(user_keys) for m in lengths.values()):
+            raise ValueError(f"append: lengths differ (user_keys {len(user_keys)}, {lengths})")
+        if len(user_keys) == 0:
+            return
+        plan = self.plan_append(user_keys, self.touch_slots(user_keys))
+        arrays = plan.index_arrays()
+        index = index_columns(self._tensor(index_block(arrays, len(user_keys))), arrays)
+        dtypes = {name: torch.float32 if name == "signal" else torch.int64 for name in cols}
+        self.commit_append(plan, index, {k: self._tensor(v, dtypes[k]) for k, v in cols.items()}, summary)
 
     def _slots_of(self, user_keys) -> np.ndarray:
         """(B,) user keys -> (B,) slots, the empty row U for unknown users; no LRU touch."""

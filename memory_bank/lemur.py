@@ -3,7 +3,10 @@
 LEMUR trains the text encoder end to end with the ranker, but encoding every item
 of every history every step is too expensive. So:
 - the encoder runs on (a sample of) the batch's target items; their fresh vectors
-  overwrite the bank rows of those items (`write_rows`, last writer wins);
+  overwrite the bank rows of those items (last writer wins). A training step plans the
+  write before it runs (`plan_write`: rows for new items, LRU victims, all on the host,
+  nothing changed) so that its indices cross in the step's one staged copy, and commits
+  it after the step succeeded (`commit_write`); `write_rows` does both at once;
 - a user's history sequence is built purely by bank lookup (`lookup_history`, then
   `vectors_of_rows`): reads are stop-gradient, unknown items read a learned `missing`
   vector and count as misses;
@@ -22,10 +25,12 @@ bookkeeping of allocation (key -> row dict, write time, LRU clock) lives on the 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import zlib
 from collections import OrderedDict
+from dataclasses import dataclass
 from itertools import repeat
 from typing import Any, Literal
 
@@ -36,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 import kernels
-from memory_bank.base import MemoryDelta, RowChanges
+from memory_bank.base import MemoryDelta, RowChanges, index_block, index_columns
 
 
 class BankConfig(BaseModel):
@@ -73,10 +78,55 @@ def _as_keys(item_keys) -> np.ndarray:
     return a.astype(np.int64, copy=False)
 
 
+@dataclass(frozen=True)
+class BankWritePlan:
+    """A write of M fresh vectors, decided on the host (`ItemMemoryBank.plan_write`) before
+    the vectors exist and applied after (`commit_write`). Planning changes nothing, so a
+    training step that fails drops its plan; its index arrays cross to the device inside
+    the step's one staged copy (`index_arrays`, memory_bank.base.index_block)."""
+
+    keys: np.ndarray  # (M,) item keys, in the order of the vectors to be written
+    rows: np.ndarray  # (M,) the row each vector goes to
+    new_keys: np.ndarray  # (A,) distinct keys without a row, first-seen order
+    new_rows: np.ndarray  # (A,) the rows they are given
+    victims: np.ndarray  # (V,) rows evicted (LRU) to make room, sorted
+    stale_at: np.ndarray  # (S,) positions of keys that hold a row: staleness sample
+
+    def index_arrays(self) -> list[np.ndarray]:
+        """What `commit_write` needs on the device, in its order."""
+        return [
+            self.rows,
+            self.new_rows,
+            self.new_keys,
+            self.victims,
+            self.rows[self.stale_at],
+            self.stale_at,
+        ]
+
+    def rows_after(self, item_keys: np.ndarray, rows_before: np.ndarray) -> np.ndarray:
+        """(n,) item keys and their rows before the write -> their rows after it (-1 absent):
+        the planned rows for the written keys, -1 for rows the write evicts."""
+        after = (
+            np.where(np.isin(rows_before, self.victims), -1, rows_before)
+            if len(self.victims)
+            else rows_before
+        )
+        after = after.copy()
+        if len(self.keys):
+            order = np.argsort(self.keys, kind="stable")
+            sorted_keys = self.keys[order]
+            at = np.searchsorted(sorted_keys, item_keys).clip(max=len(sorted_keys) - 1)
+            hit = sorted_keys[at] == item_keys
+            after[hit] = self.rows[order[at[hit]]]
+        return after
+
+
 class ItemMemoryBank(nn.Module):
     """item key (int64) -> row of a (capacity, dim) buffer of the latest encoder outputs.
 
-    write_rows(item_keys (M,), vectors (M, dim), step, now_s, item_ids=None) -> rows written
+    write_rows(item_keys (M,), vectors (M, dim), step, now_s, item_ids=None) -> rows written;
+    the same as plan_write(item_keys) -> BankWritePlan, then commit_write(plan, its indices on
+    the device, vectors, step, now_s, item_ids) (a training step, around the step)
     lookup_history(item_keys, bank_rows, mask) (B, L) device tensors -> rows (B, L) (-1 = miss
     or padding), then vectors_of_rows(rows (n,), real (n,)) -> (n, dim): the history read the
     model makes; rows_of(item_keys) -> rows, read-only; read_targets(item_keys) -> rows, the
@@ -155,79 +205,114 @@ class ItemMemoryBank(nn.Module):
 
     # -- write ---------------------------------------------------------------------------------
 
-    def _clear_rows(self, rows: np.ndarray) -> None:
-        """Rows back to their never-written state (so a free row holds nothing to save)."""
+    def _clear_rows(self, rows: np.ndarray, rows_t: torch.Tensor | None = None) -> None:
+        """Rows back to their never-written state (so a free row holds nothing to save).
+        `rows_t`: the same rows on the device already (a planned write's), else copied."""
         self.keys[rows] = -1
         self.write_time[rows] = 0.0
         self.last_access[rows] = 0
-        rows_t = torch.as_tensor(rows, dtype=torch.int64).to(self.bank.device)
+        if rows_t is None:
+            rows_t = torch.as_tensor(rows, dtype=torch.int64).to(self.bank.device)
         self.bank.index_fill_(0, rows_t, 0.0)
         for t in (self.stamps, self.row_key):
             t.index_fill_(0, rows_t, -1)
         self.hits.index_fill_(0, rows_t, 0)
 
-    def _free_rows(self, rows: np.ndarray) -> list[int]:
+    def _free_rows(self, rows: np.ndarray, rows_t: torch.Tensor | None = None) -> list[int]:
         """Drop the items of `rows` (keys, names, contents); returns their keys."""
         keys = self.keys[rows].tolist()
         for k in keys:
             del self.rows[k]
             self.names.pop(k, None)
-        self._clear_rows(rows)
+        self._clear_rows(rows, rows_t)
         self.free.extend(rows.tolist())
         self._version += 1
         return keys
 
-    def _evict(self, rows: np.ndarray, reason: str) -> list[int]:
-        keys = self._free_rows(rows)
+    def _evict(self, rows: np.ndarray, reason: str, rows_t: torch.Tensor | None = None) -> list[int]:
+        keys = self._free_rows(rows, rows_t)
         self.changes.free(rows, keys)
         self.evictions[reason] = self.evictions.get(reason, 0) + len(keys)
         return keys
 
-    def _allocate(self, new_keys: list[int], protect: np.ndarray) -> None:
-        """Give each new key a row, evicting least recently used rows (not in `protect`)."""
-        short = len(new_keys) - len(self.free)
-        if short > 0:
-            n_batch = len(new_keys) + len(np.unique(protect))
-            if n_batch > self.cfg.capacity:
-                raise BankCapacityError(
-                    f"capacity={self.cfg.capacity} < {n_batch} distinct items in one write"
-                )
-            recency = self.last_access.copy()
-            recency[self.free] = np.iinfo(np.int64).max  # free rows are taken below anyway
-            recency[protect] = np.iinfo(np.int64).max  # rows of this write are never victims
-            victims = np.argpartition(recency, short - 1)[:short]
-            self._evict(np.sort(victims), "lru")
-        rows = [self.free.pop() for _ in new_keys]
-        self.rows.update(zip(new_keys, rows))
-        rows_np = np.asarray(rows, dtype=np.int64)
-        self.keys[rows_np] = new_keys
-        rows_t, keys_t = torch.from_numpy(np.stack([rows_np, self.keys[rows_np]])).to(self.row_key.device)
-        self.row_key.index_copy_(0, rows_t, keys_t)
-
-    def write_rows(self, item_keys, vectors: torch.Tensor, step: int, now_s: float, item_ids=None) -> int:
-        """Overwrite the rows of `item_keys` (M,) with `vectors` (M, dim) (detached); last writer
-        wins. `item_ids` (M,) strings, optional: remembered as the items' names (admin API).
-
-        New keys get rows (LRU eviction when full). Returns the number of distinct rows written.
-        """
+    def plan_write(self, item_keys, rows_before: np.ndarray | None = None) -> BankWritePlan:
+        """Where a write of `item_keys` (M,) will go, without changing anything: the rows of
+        known keys, and for new keys the lowest free rows, then rows of least recently used
+        items (never one this write names). `rows_before`: `rows_of(item_keys)` when the
+        caller has it. Raises BankCapacityError when the write cannot fit."""
         keys = _as_keys(item_keys)
-        if vectors.shape != (len(keys), self.cfg.dim):
-            raise ValueError(f"vectors: shape {tuple(vectors.shape)}, want ({len(keys)}, {self.cfg.dim})")
-        if len(keys) == 0:
-            return 0
-        rows = self.rows_of(keys)  # (M,)
+        before = self.rows_of(keys) if rows_before is None else np.asarray(rows_before, dtype=np.int64)
+        rows = before.copy()
+        none = np.zeros(0, dtype=np.int64)
+        new_keys, new_rows, victims = none, none, none
         new_at = np.flatnonzero(rows < 0)
         if len(new_at):
-            new_keys = list(dict.fromkeys(keys[new_at].tolist()))  # distinct, first-seen order
-            self._allocate(new_keys, protect=rows[rows >= 0])
-            rows[new_at] = [self.rows[k] for k in keys[new_at].tolist()]
+            new_keys = np.asarray(list(dict.fromkeys(keys[new_at].tolist())), dtype=np.int64)
+            short = len(new_keys) - len(self.free)
+            if short > 0:
+                protect = rows[rows >= 0]
+                n_batch = len(new_keys) + len(np.unique(protect))
+                if n_batch > self.cfg.capacity:
+                    raise BankCapacityError(
+                        f"capacity={self.cfg.capacity} < {n_batch} distinct items in one write"
+                    )
+                recency = self.last_access.copy()
+                recency[self.free] = np.iinfo(np.int64).max  # free rows are taken below anyway
+                recency[protect] = np.iinfo(np.int64).max  # rows of this write are never victims
+                victims = np.sort(np.argpartition(recency, short - 1)[:short]).astype(np.int64)
+                pool = np.concatenate(
+                    [np.asarray(self.free, dtype=np.int64), victims]
+                )  # evicted rows join the free list
+            else:
+                pool = np.asarray(self.free[len(self.free) - len(new_keys) :], dtype=np.int64)
+            new_rows = pool[::-1].copy()  # the free list pops from its end
+            row_of_new = dict(zip(new_keys.tolist(), new_rows.tolist()))
+            rows[new_at] = [row_of_new[k] for k in keys[new_at].tolist()]
+        return BankWritePlan(keys, rows, new_keys, new_rows, victims, self._staleness_sample(before))
+
+    def _staleness_sample(self, rows: np.ndarray) -> np.ndarray:
+        """Positions of at most `staleness_sample` of the keys that hold a row, spread evenly."""
+        at = np.flatnonzero(rows >= 0)
+        if len(at) > self.cfg.staleness_sample:
+            at = at[np.linspace(0, len(at) - 1, self.cfg.staleness_sample).astype(np.int64)]
+        return at
+
+    def commit_write(
+        self,
+        plan: BankWritePlan,
+        index: list[torch.Tensor],
+        vectors: torch.Tensor,
+        step: int,
+        now_s: float,
+        item_ids=None,
+    ) -> int:
+        """Apply `plan` with `vectors` (M, dim): `index`, its `index_arrays` on the device
+        (index_columns). The fresh vectors are compared with the cached rows first
+        (staleness), then overwrite them; last writer wins. `item_ids` (M,) strings,
+        optional: the items' names (admin API). Returns the distinct rows written."""
+        if vectors.shape != (len(plan.keys), self.cfg.dim):
+            raise ValueError(
+                f"vectors: shape {tuple(vectors.shape)}, want ({len(plan.keys)}, {self.cfg.dim})"
+            )
+        if len(plan.keys) == 0:
+            return 0
+        rows_t, new_rows_t, new_keys_t, victims_t, stale_rows_t, stale_at_t = index
+        fresh = vectors.detach()
+        if len(plan.stale_at):  # before anything is overwritten
+            self._record_staleness(stale_rows_t, stale_at_t, fresh)
+        if len(plan.victims):
+            self._evict(plan.victims, "lru", victims_t)
+        if len(plan.new_keys):
+            del self.free[len(self.free) - len(plan.new_keys) :]
+            self.rows.update(zip(plan.new_keys.tolist(), plan.new_rows.tolist()))
+            self.keys[plan.new_rows] = plan.new_keys
+            self.row_key.index_copy_(0, new_rows_t, new_keys_t)
         if item_ids is not None:
-            self.names.update(zip(keys.tolist(), np.asarray(item_ids, dtype=object).tolist()))
-        rows_t = torch.from_numpy(rows).to(self.bank.device)
+            self.names.update(zip(plan.keys.tolist(), np.asarray(item_ids, dtype=object).tolist()))
         with torch.no_grad():
-            fresh = vectors.detach().to(self.bank.device, self.bank.dtype)  # (M, dim)
+            fresh = fresh.to(self.bank.device, self.bank.dtype)  # (M, dim)
             kernels.bank_update(self.bank, self.stamps, rows_t, fresh, int(step), return_rows=False)
-        written = np.unique(rows)  # what bank_update wrote, known here without reading it back
+        written = np.unique(plan.rows)  # what bank_update wrote, known here without reading it back
         self.clock += 1
         self.write_time[written] = now_s
         self.last_access[written] = self.clock
@@ -235,6 +320,27 @@ class ItemMemoryBank(nn.Module):
         self.last_step, self.last_now_s = int(step), float(now_s)
         self._version += 1
         return len(written)
+
+    def index_tensors(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """Index arrays on the bank's device in one copy (for calls outside a training step)."""
+        block = torch.from_numpy(index_block(arrays, max([len(a) for a in arrays] + [1])))
+        return index_columns(block.to(self.bank.device), arrays)
+
+    def write_rows(self, item_keys, vectors: torch.Tensor, step: int, now_s: float, item_ids=None) -> int:
+        """Overwrite the rows of `item_keys` (M,) with `vectors` (M, dim) (detached); last writer
+        wins. `item_ids` (M,) strings, optional: remembered as the items' names (admin API).
+
+        New keys get rows (LRU eviction when full). Returns the number of distinct rows written.
+        Plans and commits at once, staleness not recorded; a training step plans before it
+        runs (`plan_write`) and commits after it succeeds (`commit_write`).
+        """
+        keys = _as_keys(item_keys)
+        if vectors.shape != (len(keys), self.cfg.dim):
+            raise ValueError(f"vectors: shape {tuple(vectors.shape)}, want ({len(keys)}, {self.cfg.dim})")
+        plan = dataclasses.replace(self.plan_write(keys), stale_at=np.zeros(0, dtype=np.int64))
+        return self.commit_write(
+            plan, self.index_tensors(plan.index_arrays()), vectors, step, now_s, item_ids
+        )
 
     def evict_expired(self, now_s: float) -> list[int]:
         """Evict rows written more than ttl_s before now_s; returns their keys (freed in the delta)."""
@@ -282,18 +388,20 @@ class ItemMemoryBank(nn.Module):
     def record_staleness(self, item_keys, fresh_vectors: torch.Tensor) -> torch.Tensor | None:
         """Cosine between fresh encodings (M, dim) and the cached rows, before they are overwritten.
 
-        Call it before `write_rows`. Samples at most `staleness_sample` of the items present.
-        Returns the mean cosine of this call, a 0-dim device tensor (None when no item was
-        cached); nothing is read back to the host.
+        Samples at most `staleness_sample` of the items present (as `plan_write` does for a
+        training step's write). Returns the mean cosine of this call, a 0-dim device tensor
+        (None when no item was cached); nothing is read back to the host.
         """
         rows = self.rows_of(item_keys)  # (M,)
-        at = np.flatnonzero(rows >= 0)
+        at = self._staleness_sample(rows)
         if len(at) == 0:
             return None
-        if len(at) > self.cfg.staleness_sample:
-            at = at[np.linspace(0, len(at) - 1, self.cfg.staleness_sample).astype(np.int64)]
+        rows_t, at_t = self.index_tensors([rows[at], at])
+        return self._record_staleness(rows_t, at_t, fresh_vectors)
+
+    def _record_staleness(self, rows_t: torch.Tensor, at_t: torch.Tensor, fresh_vectors: torch.Tensor):
+        """rows_t (S,) cached rows, at_t (S,) their positions in fresh_vectors (M, dim)."""
         dev = self.bank.device
-        rows_t, at_t = torch.from_numpy(np.stack([rows[at], at])).to(dev)  # one copy
         cached = self.bank.index_select(0, rows_t)  # (S, dim)
         fresh = fresh_vectors.detach().index_select(0, at_t.to(fresh_vectors.device))
         cos = F.cosine_similarity(fresh.to(dev, cached.dtype), cached, dim=-1)  # (S,)
@@ -301,7 +409,7 @@ class ItemMemoryBank(nn.Module):
         self.staleness_recent[self.staleness_calls % self.cfg.staleness_window] = mean
         self.staleness_sum += cos.sum().double()
         self.staleness_calls += 1
-        self.staleness_n += len(at)
+        self.staleness_n += len(at_t)
         return mean
 
     # -- admin queries -------------------------------------------------------------------------

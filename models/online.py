@@ -39,6 +39,8 @@ import torch.utils.deterministic
 from safetensors.torch import load_file, save_file
 
 from kernels.dispatch import set_deterministic
+from memory_bank.history import HistoryCapacityError
+from memory_bank.lemur import BankCapacityError
 from memory_bank.sparse_optim import SparseRowAdam
 from models.config import ModelConfig, TrainerConfig
 from models.features import BatchLike
@@ -284,6 +286,7 @@ class OnlineTrainer:
         self.state.tracker.hold()  # the backward's row marks count once the step is known good
         try:
             encoded, fresh, target_rows, encode, tokens = 0, None, None, None, None
+            pick = np.zeros(0, np.int64)  # (M,) the targets encoded this step
             if self.bank is not None:
                 # LEMUR sampling: the encoder runs (forward and backward) on a fraction of targets.
                 has_text = np.array([t is not None and t != "" for t in batch.item_text])
@@ -296,7 +299,10 @@ class OnlineTrainer:
                 encoded = len(pick)
                 if encoded:
                     tokens = self.encoder.token_array([batch.item_text[i] for i in pick])  # (M, T)
-            u, c, feats = self.state.batch_inputs(batch, target_rows, encode, tokens)
+            # The bank and history writes after the step, planned now so that their indices
+            # cross in the batch's one copy; nothing changes until commit_writes.
+            writes = self.state.plan_writes(batch, target_rows, pick)
+            u, c, feats = self.state.batch_inputs(batch, target_rows, encode, tokens, writes)
             if encoded:
                 fresh = self.encoder.encode_ids(feats.extra["tokens"][:encoded, : tokens.shape[1]])  # (M, Db)
                 c.target_vec = self.state.with_encoded(c.target_vec, fresh, feats.extra["encode"])
@@ -308,7 +314,9 @@ class OnlineTrainer:
             self.opt_dense.zero_grad(set_to_none=True)
             self.opt_sparse.zero_grad(set_to_none=True)
             self.state.tracker.discard()
-            if isinstance(e, PoisonBatchError):
+            # A memory too small for one batch is the config's fault, not the batch's: it
+            # must stop the trainer with its message, not dead-letter every batch.
+            if isinstance(e, (PoisonBatchError, BankCapacityError, HistoryCapacityError)):
                 raise
             raise PoisonBatchError(f"{type(e).__name__}: {e}") from e
         # The metrics see the scores of the model as it was before this batch (read on the host
@@ -328,23 +336,12 @@ class OnlineTrainer:
         self.steps += 1
         if self.steps % TRIM_EVERY_STEPS == 0:
             return_free_memory()
+        now_s, item_ids = 0.0, None
         if fresh is not None:
-            keys = codes.item_key[pick]
-            fresh_d = fresh.detach()
-            self.bank.record_staleness(keys, fresh_d)
+            fresh = fresh.detach()
             now_s = float(batch.ts_ms[pick].max()) / 1000.0
-            self.bank.write_rows(keys, fresh_d, step=self.steps, now_s=now_s, item_ids=batch.item_id[pick])
-        # The targets' bank rows after this step's writes: what their history entries keep.
-        bank_rows = np.full(n, -1, np.int64) if self.bank is None else self.bank.rows_of(codes.item_key)
-        self.history.append(  # slots from the host's keys; the entries from the device's columns
-            codes.user_key,
-            feats.item_code,
-            feats.item_key,
-            bank_rows,
-            feats.ts_ms,
-            feats.signal,
-            summary=self.state.summary_vectors(feats),
-        )
+            item_ids = batch.item_id[pick]
+        self.state.commit_writes(writes, feats, fresh, step=self.steps, now_s=now_s, item_ids=item_ids)
         self.features.learn(feats)
         self.events_applied += n
         self._housekeeping(float(batch.ts_ms.max()) / 1000.0)

@@ -19,15 +19,17 @@ A fourth memory is one new file plus one line in `components()`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from memory_bank.base import DeltaState, FullState, MemoryDelta, Stateful
+from memory_bank.base import DeltaState, FullState, MemoryDelta, Stateful, index_block, index_columns
 from memory_bank.delta_tracker import DeltaTracker
-from memory_bank.history import HistoryView, UserHistoryStore
+from memory_bank.history import HistoryAppendPlan, HistoryView, UserHistoryStore
+from memory_bank.lemur import BankWritePlan
 from models.config import ModelConfig
 from models.features import BatchLike, FeatureArrays, FeatureBuilder, causal_batch_history
 from models.ranker import CandidateInputs, Ranker, UserInputs
@@ -71,6 +73,24 @@ class IdTables:
                 raise RankingStateError(f"{EMBEDDINGS}.{name}: not a table of this model")
             w = self.tables[name]
             w.index_copy_(0, torch.from_numpy(rows).to(w.device), vals.to(w))
+
+
+@dataclass(frozen=True)
+class StepWrites:
+    """What a training step writes to the memories once it has succeeded, planned on the
+    host before it runs (`RankingState.plan_writes`): the bank rows of the targets it
+    encodes and the users' history slots. Their index arrays cross to the device in the
+    batch's one staged copy (`index_block`, as `feats.extra["writes"]`); `commit_writes`
+    applies them after the optimizer step; a step that fails drops them, nothing changed."""
+
+    hist_slot: np.ndarray  # (B,) the slots the batch reads (history.touch_slots)
+    history: HistoryAppendPlan
+    bank: BankWritePlan | None  # None: no bank, or nothing encoded
+    bank_rows_after: np.ndarray  # (B,) each target's bank row after the write, -1 none
+
+    def index_arrays(self) -> list[np.ndarray]:
+        bank = [] if self.bank is None else self.bank.index_arrays()
+        return bank + self.history.index_arrays() + [self.bank_rows_after]
 
 
 class RankingState:
@@ -274,6 +294,7 @@ class RankingState:
         target_rows: np.ndarray | None = None,
         encode: np.ndarray | None = None,
         tokens: np.ndarray | None = None,
+        writes: StepWrites | None = None,
     ) -> tuple[UserInputs, CandidateInputs, FeatureArrays]:
         """Features, histories and bank vectors of a training batch as of before it (+ its
         earlier events when `in_batch_features`); also the features (labels, each event's
@@ -284,10 +305,12 @@ class RankingState:
         refreshes their LRU recency; read here when not given) and, for the trainer, the
         targets it will encode (`encode` (B,) bool -> `feats.extra["encode"]`, see
         `with_encoded`) and their token ids (`tokens` (M, T), DocEncoder.token_array ->
-        `feats.extra["tokens"]` (B, T), its first M rows)."""
+        `feats.extra["tokens"]` (B, T), its first M rows) and the writes it will make after
+        the step (`writes`, from `plan_writes`, whose slots the read uses)."""
         fc = self.cfg.features
         codes = batch.id_codes()
-        extra = {"hist_slot": self.history.touch_slots(codes.user_key)}
+        slot = self.history.touch_slots(codes.user_key) if writes is None else writes.hist_slot
+        extra = {"hist_slot": slot}
         if self.bank is not None:
             extra["target_rows"] = (
                 self.bank.read_targets(codes.item_key) if target_rows is None else target_rows
@@ -298,6 +321,8 @@ class RankingState:
             block = np.zeros((len(batch), tokens.shape[1]), dtype=np.int64)  # M <= B rows used
             block[: len(tokens)] = tokens
             extra["tokens"] = block
+        if writes is not None:
+            extra["writes"] = index_block(writes.index_arrays(), len(batch))
         feats = self.features.build(batch, extra)
         hist = self.history.read(feats.extra["hist_slot"])
         target_rows = feats.extra.get("target_rows")
@@ -319,6 +344,49 @@ class RankingState:
         if self.history.cfg.summary_dim:  # before the batch: no event's own label is in it
             u.user_summary, u.user_summary_n = self.history.summary_at(hist.slot)
         return u, c, feats
+
+    def plan_writes(self, batch: BatchLike, target_rows: np.ndarray | None, pick: np.ndarray) -> StepWrites:
+        """The memory writes of a training step, before it runs: the bank rows of the
+        targets at positions `pick` (M,) (encoded this step; `target_rows` (B,) their rows
+        now, from `bank.read_targets`) and the history append of every event. The batch's
+        read of its users' histories (`touch_slots`, an LRU use) happens here."""
+        codes = batch.id_codes()
+        hist_slot = self.history.touch_slots(codes.user_key)
+        bank_plan, rows_after = None, np.full(len(batch), -1, dtype=np.int64)
+        if self.bank is not None:
+            rows_after = np.asarray(target_rows, dtype=np.int64)
+            if len(pick):
+                bank_plan = self.bank.plan_write(codes.item_key[pick], rows_after[pick])
+                rows_after = bank_plan.rows_after(codes.item_key, rows_after)
+        history = self.history.plan_append(codes.user_key, hist_slot)
+        return StepWrites(hist_slot, history, bank_plan, rows_after)
+
+    def commit_writes(
+        self,
+        writes: StepWrites,
+        feats: FeatureArrays,
+        fresh: torch.Tensor | None,
+        step: int,
+        now_s: float,
+        item_ids=None,
+    ) -> None:
+        """Apply `writes` after the step: the fresh encodings (M, Db) to the bank, then every
+        event to its user's history with the bank row its item has now; index tensors from
+        the staged copy (`feats.extra["writes"]`), so nothing crosses to the device here."""
+        arrays = writes.index_arrays()
+        index = index_columns(feats.extra["writes"], arrays)
+        nb = 0
+        if writes.bank is not None:
+            nb = len(writes.bank.index_arrays())
+            self.bank.commit_write(writes.bank, index[:nb], fresh, step=step, now_s=now_s, item_ids=item_ids)
+        cols = {
+            "item_code": feats.item_code,
+            "item_key": feats.item_key,
+            "bank_row": index[-1],
+            "ts_ms": feats.ts_ms,
+            "signal": feats.signal,
+        }
+        self.history.commit_append(writes.history, index[nb:-1], cols, summary=self.summary_vectors(feats))
 
     @staticmethod
     def with_encoded(target_vec: torch.Tensor, fresh: torch.Tensor, encode: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Training (models/online.py, models/state.py): `lookup_history` + `vectors_of_rows` for the
 history entries (item keys and the bank rows they stored, validated on the device),
 `read_targets` / `rows_of` + the `bank` rows + `missing` for the targets
-(`RankingState.target_vectors`), `record_staleness` then `write_rows` for the encoded targets,
+(`RankingState.target_vectors`), `plan_write` before the step and `commit_write` after it for the encoded targets (`write_rows`: both),
 `evict_expired` with a TTL. Snapshots and checkpoints: `take_delta` / `apply_delta`,
 `export_state` / `import_state`. Admin (stream/admin/app.py): `lookup`, `neighbors`, `stats`.
 Serving (stream/serving/model.py): `rows_of` for cold candidates, plus the same history read.
@@ -365,3 +365,30 @@ def test_mark_changed_reships_live_rows_and_frees_the_others():
     serve.apply_delta(restarted.take_delta())
     assert serve.rows == restarted.rows and torch.equal(serve.row_key, restarted.row_key)
     assert serve.bank[0, 0] == 1.0 and key64("c") not in serve.rows
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 11), min_size=1, max_size=6), min_size=1, max_size=8))
+def test_a_planned_write_changes_nothing_until_committed_and_knows_the_rows_after(writes):
+    """plan_write is what a training step does before it runs (its commit comes after the
+    step succeeded): the plan alone leaves the bank as it was; the commit puts each key at
+    its planned row; rows_after gives, for any batch of keys, rows_of after the commit,
+    LRU evictions included (capacity 6, up to 12 distinct items)."""
+    b = _bank(capacity=6)
+    everyone = _k([f"i{n}" for n in range(12)])
+    for step, names in enumerate(writes, 1):
+        keys = _k([f"i{n}" for n in names])
+        b.read_targets(keys[::2])  # some LRU use between writes
+        host = (dict(b.rows), list(b.free), b.keys.copy(), b.last_access.copy())
+        device = [t.clone() for t in (b.bank, b.row_key, b.stamps, b.staleness_sum)]
+        plan = b.plan_write(keys)
+        assert (dict(b.rows), list(b.free)) == host[:2]
+        assert np.array_equal(b.keys, host[2]) and np.array_equal(b.last_access, host[3])
+        assert all(torch.equal(t, d) for t, d in zip((b.bank, b.row_key, b.stamps, b.staleness_sum), device))
+        expect = plan.rows_after(everyone, b.rows_of(everyone))
+        index = b.index_tensors(plan.index_arrays())
+        b.commit_write(plan, index, _vec(*range(len(keys))), step=step, now_s=float(step))
+        assert np.array_equal(b.rows_of(keys), plan.rows)
+        assert np.array_equal(b.rows_of(everyone), expect)
+        assert np.array_equal(b.row_key.numpy(), b.keys)  # device mirror of the host's keys
+        assert len(b.rows) + len(b.free) == 6

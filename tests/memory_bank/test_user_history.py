@@ -229,3 +229,37 @@ def test_mark_changed_reships_live_slots_and_frees_the_others():
     serve.apply_delta(restarted.take_delta())
     assert dict(serve.slots) == dict(restarted.slots) == {key64("a"): 0}
     _same_views(serve.get(_keys("ab"), touch=False), restarted.get(_keys("ab"), touch=False))
+
+
+def test_a_planned_append_changes_nothing_until_committed():
+    """plan_append is what a training step does before it runs (its commit comes after the
+    step succeeded): the batch's read (touch_slots) moves its known users in the LRU, the
+    plan changes nothing more, even when it evicts; its commit is `append`."""
+    h = UserHistoryStore(HistoryConfig(length=3, max_users=3))
+    twin = UserHistoryStore(HistoryConfig(length=3, max_users=3))
+    first = [("a", "i1", 1, 1.0), ("b", "i2", 2, 0.0), ("c", "i3", 3, 1.0)]
+    _append(h, first)
+    _append(twin, first)
+    users = _keys(["c", "d", "d", "e"])  # c known; d, e new: a and b (oldest) make room
+    slots = h.touch_slots(users)
+    before = (list(h.slots.items()), list(h.free), h.slot_user.copy(), [t.clone() for t in h.ring.values()])
+    plan = h.plan_append(users, slots)
+    assert (list(h.slots.items()), list(h.free)) == before[:2] and np.array_equal(h.slot_user, before[2])
+    assert all(torch.equal(t, d) for t, d in zip(h.ring.values(), before[3]))
+    assert plan.evict == 2 and sorted(plan.new_slots.tolist()) == sorted([h.slots[key64(x)] for x in "ab"])
+    events = [("c", "i4", 4, 0.0), ("d", "i5", 5, 1.0), ("d", "i6", 6, 1.0), ("e", "i7", 7, 0.0)]
+    codes = np.array([crc_code(x[1], "item") for x in events])
+    cols = {
+        "item_code": torch.from_numpy(codes),
+        "item_key": torch.from_numpy(_keys([x[1] for x in events])),
+        "bank_row": torch.full((4,), -1, dtype=torch.int64),
+        "ts_ms": torch.tensor([x[2] for x in events]),
+        "signal": torch.tensor([x[3] for x in events]),
+    }
+    index = [torch.from_numpy(a) for a in plan.index_arrays()]
+    h.commit_append(plan, index, cols)
+    _append(twin, events)
+    assert list(h.slots.items()) == list(twin.slots.items()) and h.free == twin.free
+    assert all(torch.equal(h.ring[k], twin.ring[k]) for k in h.ring) and torch.equal(h.count, twin.count)
+    want = [[None, "i3", "i4"], [None, "i5", "i6"], [None, None, "i7"], [None, None, None]]
+    assert _items(h.get(_keys(["c", "d", "e", "a"]))) == want  # a was evicted

@@ -257,6 +257,66 @@ def test_a_poisoned_step_changes_nothing(ml1m_20k, tmp_path):
     assert np.isfinite(t.step(batches[3]).loss)
 
 
+def _memory_writes(t: OnlineTrainer) -> tuple:
+    """What a step's bank and history writes change (not the LRU order a read changes)."""
+    bank, hist = t.bank, t.history
+    host = (dict(bank.rows), list(bank.free), bank.keys.copy(), dict(hist.slots), list(hist.free))
+    device = [bank.bank, bank.row_key, bank.stamps, hist.count, *hist.ring.values()]
+    return host, [x.clone() for x in device]
+
+
+def _same_writes(a: tuple, b: tuple) -> bool:
+    (ha, da), (hb, db) = a, b
+    same_host = ha[:2] == hb[:2] and np.array_equal(ha[2], hb[2]) and ha[3:] == hb[3:]
+    return same_host and all(torch.equal(x, y) for x, y in zip(da, db))
+
+
+def test_a_poisoned_step_with_new_items_and_users_writes_no_memory(ml1m_20k):
+    """The bank and history writes of a step are planned before it runs (their indices
+    cross in its one staged copy) and committed after it: a poisoned batch that would have
+    given rows to new items and slots to new users, evicting others, leaves both as they
+    were; the same batch, clean, then writes them."""
+    from models.online import PoisonBatchError
+
+    cfg = tiny_config(**{"model.bank.capacity": "150", "model.history.max_users": "8"})
+    t = OnlineTrainer(cfg.model, cfg.trainer)
+    for batch in _batches(ml1m_20k, 20_000, batch_size=128):  # ML-1M's first events: few users
+        codes = batch.id_codes()
+        full = t.bank.stats()["evictions"]["lru"] > 0 and t.history.evictions > 0
+        new_users = any(int(u) not in t.history.slots for u in codes.user_key)
+        if full and new_users and (t.bank.rows_of(codes.item_key) < 0).any():
+            break  # both memories full, and the batch brings new users and new items
+        t.step(batch)
+    else:
+        pytest.fail("no batch with new users and items once both memories were full")
+    bad = batch.take(np.arange(len(batch)))
+    bad.labels["rating"] = bad.labels["rating"].copy()
+    bad.labels["rating"][5] = 1e300  # finite in float64, inf in float32
+    before = _memory_writes(t)
+    with pytest.raises(PoisonBatchError, match="non-finite"):
+        t.step(bad)
+    assert _same_writes(before, _memory_writes(t))
+    t.step(batch)
+    assert not _same_writes(before, _memory_writes(t))
+    assert all(int(u) in t.history.slots for u in codes.user_key)
+
+
+def test_a_memory_too_small_for_one_batch_stops_the_step_with_its_own_error(ml1m_20k):
+    """More distinct new items in one batch than the bank holds is the config's fault, not
+    the batch's: BankCapacityError (not PoisonBatchError, which would dead-letter every
+    batch), raised before the step, with nothing updated."""
+    from memory_bank.lemur import BankCapacityError
+
+    cfg = tiny_config(**{"model.bank.capacity": "16"})
+    batch = _batches(ml1m_20k, 64)[0]
+    t = OnlineTrainer(cfg.model, cfg.trainer)
+    weights = {k: v.clone() for k, v in t.model.state_dict().items()}
+    with pytest.raises(BankCapacityError, match="capacity=16"):
+        t.step(batch)
+    assert t.steps == 0 and len(t.bank) == 0 and len(t.history) == 0
+    assert all(torch.equal(v, t.model.state_dict()[k]) for k, v in weights.items())
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("sync_free", [False, True])
 def test_deterministic_save_load_continue_is_bitwise_an_uninterrupted_run(ml1m_20k, tmp_path, sync_free):
