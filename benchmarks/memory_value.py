@@ -55,6 +55,14 @@ VARIANTS: dict[str, list[str]] = {
     # too (it can carry stress-long-taste's taste without LMN); these separate it from LMN.
     "no-affinity": ["model.features.use_word_affinity=false"],
     "with-lmn-no-affinity": ["model.use_lmn=true", "model.features.use_word_affinity=false"],
+    # The same counter carries a user's taste for an item's words, the signal the bank's
+    # content path exists for: with it off, all-off vs no-affinity is the bank's own worth.
+    "all-off-no-affinity": [
+        "model.use_bank=false",
+        "model.use_lmn=false",
+        "model.use_pkm=false",
+        "model.features.use_word_affinity=false",
+    ],
 }
 DEFAULT_VARIANTS = ["default", "with-lmn", "with-pkm", ALL_ON, ALL_OFF]
 MOVIELENS = {"ml-100k": "ml100k.parquet", "ml-1m": "ml1m.parquet"}

@@ -30,7 +30,7 @@ def test_selections_are_checked_and_keep_their_order():
 def test_every_variant_is_a_valid_config_and_switches_what_it_names():
     for name in mv.VARIANTS:
         model = load_config(None, mv.variant_overrides(name, [])).model
-        assert model.use_bank == (name != mv.ALL_OFF)  # the bank is the only memory on by default
+        assert model.use_bank == (not name.startswith(mv.ALL_OFF))  # the only memory on by default
         assert model.use_lmn == (name.startswith("with-lmn") or name == mv.ALL_ON)
         assert model.use_pkm == (name in ("with-pkm", mv.ALL_ON))
         assert model.features.use_word_affinity == ("affinity" not in name)
