@@ -56,6 +56,22 @@ def test_bank_update_without_returning_rows_writes_the_same(gen, monkeypatch, ba
     assert kernels.bank_update(bank, stamps, empty, torch.zeros(0, 9), 12, return_rows=False) is None
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bank_update_takes_rows_as_a_strided_column(gen, monkeypatch, backend):
+    """A training step's rows arrive as one column of its staged (B, k) index block
+    (memory_bank.base.index_columns): a view with stride k, not a contiguous array."""
+    monkeypatch.setenv("MEMSTREAM_KERNELS", backend)
+    bank, stamps, rows, vectors = _case(gen, 60, 9, 40, torch.float32, torch.float32, True)
+    block = torch.zeros(48, 5, dtype=torch.int64)
+    block[:40, 2] = rows
+    column = block[:40, 2]
+    assert not column.is_contiguous()
+    rb, rs = bank.clone(), stamps.clone()
+    kernels.bank_update(bank, stamps, column, vectors, 7, return_rows=False)
+    bank_update_ref(rb, rs, rows, vectors, 7)
+    assert torch.allclose(bank, rb, equal_nan=True, rtol=0, atol=0) and torch.equal(stamps, rs)
+
+
 def test_bank_update_empty_and_dispatch(monkeypatch):
     bank = torch.zeros(4, 3)
     stamps = torch.zeros(4, dtype=torch.int64)
