@@ -29,10 +29,10 @@ VARIANTS: list[tuple[str, list[str]]] = [
     ("default", []),
     ("no history ridge read", ["model.history_ridge=false"]),
     ("no ordinal rating heads", ["model.rating_thresholds=[]"]),
-    ("no bank / doc encoder", ["model.use_bank=false"]),
     ("with LMN", ["model.use_lmn=true"]),
     ("with PKM", ["model.use_pkm=true"]),
     ("all three memories on", ["model.use_lmn=true", "model.use_pkm=true"]),
+    # With LMN and PKM off by default this is also the "no bank / doc encoder" row.
     ("all three memories off", ["model.use_bank=false", "model.use_lmn=false", "model.use_pkm=false"]),
 ]
 
