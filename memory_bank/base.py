@@ -38,6 +38,13 @@ def index_columns(block: torch.Tensor, arrays: list[np.ndarray]) -> list[torch.T
     return [block[: len(a), j] for j, a in enumerate(arrays)]
 
 
+def index_tensors(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Index arrays on `device` in one copy of their own (for calls outside a training
+    step, whose indices ride in the batch's staged copy instead)."""
+    block = torch.from_numpy(index_block(arrays, max([len(a) for a in arrays] + [1])))
+    return index_columns(block.to(device), arrays)
+
+
 @dataclass
 class MemoryDelta:
     """Rows changed since the previous `take_delta()` of one component.

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from memory_bank.base import MemoryDelta, RowChanges, index_block, index_columns
+from memory_bank.base import MemoryDelta, RowChanges, index_tensors
 
 
 class HistoryConfig(BaseModel):
@@ -245,16 +245,20 @@ class UserHistoryStore:
         summary_dim; every event counts there, not only the last L). A use of each user (LRU).
         """
         user_keys = np.asarray(user_keys, dtype=np.int64)
-        cols = {"item_code": item_codes, "item_key": item_keys, "bank_row": bank_rows}
-        cols |= {"ts_ms": ts_ms, "signal": signal}
+        cols = {
+            "item_code": item_codes,
+            "item_key": item_keys,
+            "bank_row": bank_rows,
+            "ts_ms": ts_ms,
+            "signal": signal,
+        }
         lengths = {name: len(v) for name, v in cols.items()}
         if any(m != len(user_keys) for m in lengths.values()):
             raise ValueError(f"append: lengths differ (user_keys {len(user_keys)}, {lengths})")
         if len(user_keys) == 0:
             return
         plan = self.plan_append(user_keys, self.touch_slots(user_keys))
-        arrays = plan.index_arrays()
-        index = index_columns(self._tensor(index_block(arrays, len(user_keys))), arrays)
+        index = index_tensors(plan.index_arrays(), self.device)
         dtypes = {name: torch.float32 if name == "signal" else torch.int64 for name in cols}
         self.commit_append(plan, index, {k: self._tensor(v, dtypes[k]) for k, v in cols.items()}, summary)
 

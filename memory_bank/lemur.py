@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 import kernels
-from memory_bank.base import MemoryDelta, RowChanges, index_block, index_columns
+from memory_bank.base import MemoryDelta, RowChanges, index_tensors
 
 
 class BankConfig(BaseModel):
@@ -106,12 +106,9 @@ class BankWritePlan:
     def rows_after(self, item_keys: np.ndarray, rows_before: np.ndarray) -> np.ndarray:
         """(n,) item keys and their rows before the write -> their rows after it (-1 absent):
         the planned rows for the written keys, -1 for rows the write evicts."""
-        after = (
-            np.where(np.isin(rows_before, self.victims), -1, rows_before)
-            if len(self.victims)
-            else rows_before
-        )
-        after = after.copy()
+        after = np.array(rows_before, dtype=np.int64)
+        if len(self.victims):
+            after[np.isin(after, self.victims)] = -1
         if len(self.keys):
             order = np.argsort(self.keys, kind="stable")
             sorted_keys = self.keys[order]
@@ -321,11 +318,6 @@ class ItemMemoryBank(nn.Module):
         self._version += 1
         return len(written)
 
-    def index_tensors(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
-        """Index arrays on the bank's device in one copy (for calls outside a training step)."""
-        block = torch.from_numpy(index_block(arrays, max([len(a) for a in arrays] + [1])))
-        return index_columns(block.to(self.bank.device), arrays)
-
     def write_rows(self, item_keys, vectors: torch.Tensor, step: int, now_s: float, item_ids=None) -> int:
         """Overwrite the rows of `item_keys` (M,) with `vectors` (M, dim) (detached); last writer
         wins. `item_ids` (M,) strings, optional: remembered as the items' names (admin API).
@@ -334,13 +326,9 @@ class ItemMemoryBank(nn.Module):
         Plans and commits at once, staleness not recorded; a training step plans before it
         runs (`plan_write`) and commits after it succeeds (`commit_write`).
         """
-        keys = _as_keys(item_keys)
-        if vectors.shape != (len(keys), self.cfg.dim):
-            raise ValueError(f"vectors: shape {tuple(vectors.shape)}, want ({len(keys)}, {self.cfg.dim})")
-        plan = dataclasses.replace(self.plan_write(keys), stale_at=np.zeros(0, dtype=np.int64))
-        return self.commit_write(
-            plan, self.index_tensors(plan.index_arrays()), vectors, step, now_s, item_ids
-        )
+        plan = dataclasses.replace(self.plan_write(item_keys), stale_at=np.zeros(0, dtype=np.int64))
+        index = index_tensors(plan.index_arrays(), self.bank.device)
+        return self.commit_write(plan, index, vectors, step, now_s, item_ids)
 
     def evict_expired(self, now_s: float) -> list[int]:
         """Evict rows written more than ttl_s before now_s; returns their keys (freed in the delta)."""
@@ -396,7 +384,7 @@ class ItemMemoryBank(nn.Module):
         at = self._staleness_sample(rows)
         if len(at) == 0:
             return None
-        rows_t, at_t = self.index_tensors([rows[at], at])
+        rows_t, at_t = index_tensors([rows[at], at], self.bank.device)
         return self._record_staleness(rows_t, at_t, fresh_vectors)
 
     def _record_staleness(self, rows_t: torch.Tensor, at_t: torch.Tensor, fresh_vectors: torch.Tensor):

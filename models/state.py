@@ -87,10 +87,10 @@ class StepWrites:
     history: HistoryAppendPlan
     bank: BankWritePlan | None  # None: no bank, or nothing encoded
     bank_rows_after: np.ndarray  # (B,) each target's bank row after the write, -1 none
-
-    def index_arrays(self) -> list[np.ndarray]:
-        bank = [] if self.bank is None else self.bank.index_arrays()
-        return bank + self.history.index_arrays() + [self.bank_rows_after]
+    # What crosses to the device, computed once: the bank's index arrays (`n_bank` of
+    # them), the history's, then bank_rows_after.
+    index_arrays: list[np.ndarray]
+    n_bank: int
 
 
 class RankingState:
@@ -322,7 +322,7 @@ class RankingState:
             block[: len(tokens)] = tokens
             extra["tokens"] = block
         if writes is not None:
-            extra["writes"] = index_block(writes.index_arrays(), len(batch))
+            extra["writes"] = index_block(writes.index_arrays, len(batch))
         feats = self.features.build(batch, extra)
         hist = self.history.read(feats.extra["hist_slot"])
         target_rows = feats.extra.get("target_rows")
@@ -359,7 +359,9 @@ class RankingState:
                 bank_plan = self.bank.plan_write(codes.item_key[pick], rows_after[pick])
                 rows_after = bank_plan.rows_after(codes.item_key, rows_after)
         history = self.history.plan_append(codes.user_key, hist_slot)
-        return StepWrites(hist_slot, history, bank_plan, rows_after)
+        bank_arrays = [] if bank_plan is None else bank_plan.index_arrays()
+        arrays = bank_arrays + history.index_arrays() + [rows_after]
+        return StepWrites(hist_slot, history, bank_plan, rows_after, arrays, len(bank_arrays))
 
     def commit_writes(
         self,
@@ -373,11 +375,9 @@ class RankingState:
         """Apply `writes` after the step: the fresh encodings (M, Db) to the bank, then every
         event to its user's history with the bank row its item has now; index tensors from
         the staged copy (`feats.extra["writes"]`), so nothing crosses to the device here."""
-        arrays = writes.index_arrays()
-        index = index_columns(feats.extra["writes"], arrays)
-        nb = 0
+        index = index_columns(feats.extra["writes"], writes.index_arrays)
+        nb = writes.n_bank
         if writes.bank is not None:
-            nb = len(writes.bank.index_arrays())
             self.bank.commit_write(writes.bank, index[:nb], fresh, step=step, now_s=now_s, item_ids=item_ids)
         cols = {
             "item_code": feats.item_code,

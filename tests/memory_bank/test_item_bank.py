@@ -17,6 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from memory_bank.base import index_tensors
 from memory_bank.lemur import BankCapacityError, BankConfig, ItemMemoryBank, UnknownItemError
 from models.ids import key64
 
@@ -386,7 +387,7 @@ def test_a_planned_write_changes_nothing_until_committed_and_knows_the_rows_afte
         assert np.array_equal(b.keys, host[2]) and np.array_equal(b.last_access, host[3])
         assert all(torch.equal(t, d) for t, d in zip((b.bank, b.row_key, b.stamps, b.staleness_sum), device))
         expect = plan.rows_after(everyone, b.rows_of(everyone))
-        index = b.index_tensors(plan.index_arrays())
+        index = index_tensors(plan.index_arrays(), b.bank.device)
         b.commit_write(plan, index, _vec(*range(len(keys))), step=step, now_s=float(step))
         assert np.array_equal(b.rows_of(keys), plan.rows)
         assert np.array_equal(b.rows_of(everyone), expect)
