@@ -14,8 +14,8 @@ can be SIGSTOPped), real local Ray, the real model, an ML-1M prefix.
    - a broker outage: SIGSTOP for `--outage-s` seconds, then SIGCONT;
    - a restart of the whole job from its work dir (graceful stop, then a new
      StreamingJob on the same config: restores the checkpoint, continues);
-   - a damaged checkpoint: right before the first trainer kill, the newest
-     checkpoint's largest file is truncated to half, so the restart must fall back
+   - a damaged checkpoint: at the first trainer kill, once the process is gone, the
+     newest checkpoint's largest file is truncated to half, so the restart must fall back
      past it, quarantine it, and save again after it;
    - a poison event (`--poison`, on by default): one event of the recording is
      replaced by a schema-valid copy whose rating is -1e300 (finite in JSON, infinite
@@ -243,6 +243,22 @@ def _applied(p) -> int:
     return p.events_applied + p.events_dlq
 
 
+def _wait_gone(pid: int, timeout_s: float = 5.0) -> None:
+    """Block until process `pid` has exited (gone, or a zombie its parent has yet to
+    reap): after that it cannot write a file."""
+    stat = Path(f"/proc/{pid}/stat")
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            # the state field follows the parenthesised command name
+            if stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                return
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return
+        time.sleep(0.005)
+    raise TimeoutError(f"process {pid} still alive {timeout_s} s after SIGKILL")
+
+
 def _damage_newest_checkpoint(ckpt_dir: Path) -> dict[str, Any] | None:
     """Truncate the largest file of the newest complete checkpoint to half its size (a
     disk that lost the tail of a write); returns what was damaged."""
@@ -400,11 +416,16 @@ def run_chaos(plan: ChaosPlan, cache: Path, *, broker=None, keep_dir: Path | Non
             rec = {"fault": fault, "at": at, "applied_then": _applied(p), "t": round(time.time() - t1, 1)}
             if fault == "kill_trainer":
                 pid = ray.get(job.topo.trainer.pid.remote(), timeout=10)
+                os.kill(pid, signal.SIGKILL)
                 if plan.damage_checkpoint and damaged is None:
-                    # Damage, then kill at once: no newer checkpoint can land in between.
+                    # Kill, wait until the process is gone, then damage the newest
+                    # checkpoint: a save in flight (a 100+ MB state takes most of a
+                    # second) could otherwise land a newer one between the damage and
+                    # the kill, and the restore would never look at the damaged one.
+                    # The driver waits its restart backoff (1 s) before restoring.
+                    _wait_gone(pid)
                     damaged = _damage_newest_checkpoint(work / "chaos" / "checkpoints")
                     rec["damaged_checkpoint"] = damaged
-                os.kill(pid, signal.SIGKILL)
             elif fault == "kill_ingest":
                 victim = random.Random(plan.seed + at).randrange(len(job.topo.readers))
                 os.kill(ray.get(job.topo.readers[victim].pid.remote(), timeout=10), signal.SIGKILL)
