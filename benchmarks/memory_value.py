@@ -51,6 +51,9 @@ VARIANTS: dict[str, list[str]] = {
     "with-pkm": ["model.use_pkm=true"],
     ALL_ON: ["model.use_bank=true", "model.use_lmn=true", "model.use_pkm=true"],
     ALL_OFF: ["model.use_bank=false", "model.use_lmn=false", "model.use_pkm=false"],
+    # The stream's feedback per item-text word (a content prior for items nobody has rated,
+    # models/features.py ItemWordRates): not a memory, measured beside them.
+    "no-word-rates": ["model.features.use_word_rates=false"],
     # Not run by default: the per-(user, word) feedback counter is a long-term user memory
     # too (it can carry stress-long-taste's taste without LMN); these separate it from LMN.
     "no-affinity": ["model.features.use_word_affinity=false"],

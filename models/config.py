@@ -63,6 +63,9 @@ class FeatureConfig(_Strict):
     # The user's running feedback per word of item_text (genres, title words).
     use_word_affinity: bool = True
     affinity_buckets: int = Field(1 << 21, gt=0)  # pseudo-counts for the smoothed rates
+    # The stream's running feedback per word of item_text over all users (ItemWordRates):
+    # a content prior for items nobody has rated yet.
+    use_word_rates: bool = True
     like_task: str = "like"
     rating_task: str = "rating"
     rating_center: float = 3.5
@@ -134,6 +137,9 @@ class ModelConfig(_Strict):
     # item's words (the user x word affinity counter, centred rating units): "this user rates
     # comedies high" from the first batch. 0 leaves it to be learned from 0 at trainer.lr_wide.
     wide_prior_affinity: float = Field(1.0, ge=0)
+    # The same for the item's mean word deviation from the stream's mean feedback, faded by
+    # the item's evidence (features.use_word_rates, centred rating units).
+    wide_prior_word_rates: float = Field(3.0, ge=0)
     # Each component of the ranker draws its initial weights from (trainer.seed, its name) only,
     # so switching a memory off changes that memory and not the random init of everything else
     # (today the doc encoder and each memory shift the draws of all that is built after them).

@@ -337,6 +337,72 @@ class UserWordAffinity:
         self.touched.scatter_reduce_(0, flat, valid.reshape(-1).to(torch.uint8), reduce="amax")
 
 
+class ItemWordRates:
+    """The stream's running feedback per word of item_text, over all users.
+
+    A hashed word table of (feedback sum, count) and a last row of the stream's totals. For
+    a target item the features are its words' deviations from the stream's mean feedback,
+    each shrunk by its evidence, d_w = (S_w - n_w * mean) / (n_w + prior), summed and
+    averaged over the item's distinct words, and faded by the item's own evidence n as
+    prior / (n + prior): "dramas from the seventies are rated above the stream's mean" for an
+    item nobody has rated yet, handing over to the item's own counters as they fill. What a
+    logistic regression learns as its genre and title-word weights, here an exact count from
+    the stream's first event on; the per-user table beside it (UserWordAffinity) needs the
+    same user to have rated such words before. Words every item has ("genres") deviate by
+    ~0. Causal within the batch like the counters; tensors on the model's device.
+    """
+
+    NUM_FEATURES = 2
+    SUM_DEVIATION = 0  # columns of read(): the summed and the mean word deviation
+    MEAN_DEVIATION = 1
+
+    def __init__(self, buckets: int, prior: float, device: torch.device | str = "cpu") -> None:
+        self.prior = prior
+        self.buckets = buckets
+        # Rows 0..buckets-1: words (feedback sum, count); row `buckets`: every event's.
+        self.table = torch.zeros((buckets + 1, 2), dtype=torch.float64, device=device)
+        self.touched = torch.zeros(buckets + 1, dtype=torch.uint8, device=device)
+
+    def _keys(self, text_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Lt) -> keys (B, Lt), valid (B, Lt): each distinct word of a row once."""
+        words = torch.sort(text_idx, dim=1).values  # duplicates adjacent
+        valid = words > 0
+        valid[:, 1:] &= words[:, 1:] != words[:, :-1]
+        return words % self.buckets, valid
+
+    def read(
+        self, text_idx: torch.Tensor, signal: torch.Tensor, item_log_count: torch.Tensor, in_batch: bool
+    ) -> torch.Tensor:
+        """(B, Lt) words, (B,) signals, (B,) log(1 + the item's earlier events) -> (B, 2)."""
+        keys, valid = self._keys(text_idx)
+        got = self.table[keys] * valid[..., None]  # (B, Lt, 2)
+        total = self.table[self.buckets].expand(len(keys), 2)  # (B, 2)
+        if in_batch:  # row-major flattening is event-major: a key's earlier entries are earlier events
+            inc = UserWordAffinity._increments(valid, signal)
+            earlier = exclusive_group_cumsum(keys.reshape(-1), inc.reshape(-1, 2)).view_as(got)
+            got = got + earlier * valid[..., None]
+            per_event = torch.stack(
+                [signal.to(torch.float64), torch.ones_like(signal, dtype=torch.float64)], 1
+            )
+            total = total + (per_event.cumsum(0) - per_event)  # (B, 2) the earlier events' too
+        mean = total[:, 0] / total[:, 1].clamp(min=1.0)  # (B,) the stream's mean feedback so far
+        dev = (got[..., 0] - got[..., 1] * mean[:, None]) / (got[..., 1] + self.prior)  # (B, Lt)
+        dev = dev * valid
+        n_words = valid.sum(1).clamp(min=1)
+        fade = self.prior / (torch.expm1(item_log_count.to(torch.float64)) + self.prior)  # (B,)
+        total_dev = dev.sum(1) * fade  # (B,)
+        return torch.stack([total_dev, total_dev / n_words], dim=1).to(torch.float32)
+
+    def update(self, text_idx: torch.Tensor, signal: torch.Tensor) -> None:
+        keys, valid = self._keys(text_idx)
+        flat = keys.reshape(-1)
+        self.table.index_add_(0, flat, UserWordAffinity._increments(valid, signal).reshape(-1, 2))
+        sig = signal.to(torch.float64)
+        self.table[self.buckets] += torch.stack([sig.sum(), sig.new_tensor(float(len(sig)))])
+        self.touched.scatter_reduce_(0, flat, valid.reshape(-1).to(torch.uint8), reduce="amax")
+        self.touched[self.buckets] = 1
+
+
 @dataclass
 class FeatureArrays:
     """One batch as fixed-layout tensors on the model's device (B = batch size): what the
@@ -348,7 +414,7 @@ class FeatureArrays:
     num: torch.Tensor  # (B, 2*N) float32: signed log value and a missing flag per slot
     scenario_idx: torch.Tensor  # (B,) int64 into the categorical table
     text_idx: torch.Tensor  # (B, Lt) int64, 0 = padding
-    counters: torch.Tensor  # (B, NUM_COUNTER_FEATURES) float32: counters + user-word affinity
+    counters: torch.Tensor  # (B, NUM_COUNTER_FEATURES) float32: counters, user-word affinity, word rates
     # log(1 + earlier events of the item), this batch's earlier events included: how much the
     # item's id embedding has learned (the weight of its content vector, ranker._blend_content).
     item_evidence: torch.Tensor  # (B,) float32
@@ -362,7 +428,10 @@ class FeatureArrays:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the caller's columns (build)
 
 
-NUM_COUNTER_FEATURES = OnlineCounters.NUM_FEATURES + UserWordAffinity.NUM_FEATURES
+NUM_COUNTER_FEATURES = (
+    OnlineCounters.NUM_FEATURES + UserWordAffinity.NUM_FEATURES + ItemWordRates.NUM_FEATURES
+)
+WORD_RATES_AT = OnlineCounters.NUM_FEATURES + UserWordAffinity.NUM_FEATURES  # their first column
 _RECENT_DROPS = 32  # distinct dropped names kept for the admin API and reports
 
 
@@ -426,6 +495,9 @@ class FeatureBuilder:
         )
         self.affinity = UserWordAffinity(
             cfg.affinity_buckets if cfg.use_word_affinity else 1, cfg.counter_prior, self.device
+        )
+        self.word_rates = ItemWordRates(
+            cfg.text_buckets if cfg.use_word_rates else 1, cfg.counter_prior, self.device
         )
 
     def _slot(self, slots: dict[str, int], name: str, cap: int, fixed: bool, seen: int) -> int | None:
@@ -522,13 +594,17 @@ class FeatureBuilder:
                 user_idx, item_idx, like, rating, cfg.in_batch_features
             )
         if cfg.use_word_affinity:
-            counters[:, OnlineCounters.NUM_FEATURES :] = self.affinity.read(
+            counters[:, OnlineCounters.NUM_FEATURES : WORD_RATES_AT] = self.affinity.read(
                 user_idx, text_idx, signal, cfg.in_batch_features
             )
         if cfg.use_counters:  # read() has it already
             evidence = counters[:, OnlineCounters.ITEM_LOG_COUNT].clone()
         else:
             evidence = self.counters.item_evidence(item_idx, cfg.in_batch_features)
+        if cfg.use_word_rates:
+            counters[:, WORD_RATES_AT:] = self.word_rates.read(
+                text_idx, signal, evidence, cfg.in_batch_features
+            )
         return FeatureArrays(
             user_idx=user_idx,
             item_idx=item_idx,
@@ -553,6 +629,8 @@ class FeatureBuilder:
         self.counters.update(feats.user_idx, feats.item_idx, feats.like, feats.rating)
         if self.cfg.use_word_affinity:
             self.affinity.update(feats.user_idx, feats.text_idx, feats.signal)
+        if self.cfg.use_word_rates:
+            self.word_rates.update(feats.text_idx, feats.signal)
 
     # ---- state (memory_bank.base.Stateful) ----------------------------------------------
 
@@ -564,6 +642,7 @@ class FeatureBuilder:
             "counters.item": c.item,
             "counters.total": c.total,
             "affinity": self.affinity.table,
+            "word_rates": self.word_rates.table,
         }
 
     def _meta(self) -> dict[str, Any]:
@@ -598,6 +677,7 @@ class FeatureBuilder:
             "counters.user": c.touched_user,
             "counters.item": c.touched_item,
             "affinity": self.affinity.touched,
+            "word_rates": self.word_rates.touched,
         }
 
     def export_marks(self) -> dict[str, np.ndarray]:

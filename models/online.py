@@ -50,8 +50,9 @@ from models.state import EMBEDDINGS, ENCODER_WORDS, RankingState
 
 # 2: the model state as RankingState components (id tables in one component, the row
 # marks of one DeltaTracker). 3: the bank and the histories keyed by integer keys
-# (models.ids), histories on the device. States of other versions are refused.
-STATE_VERSION = 3
+# (models.ids), histories on the device. 4: the item word rates (features.word_rates, two
+# more counter columns). States of other versions are refused.
+STATE_VERSION = 4
 
 
 class TrainerStateError(ValueError):

@@ -30,7 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
-from models.features import NUM_COUNTER_FEATURES, OnlineCounters, UserWordAffinity
+from models.features import (
+    NUM_COUNTER_FEATURES,
+    WORD_RATES_AT,
+    ItemWordRates,
+    OnlineCounters,
+    UserWordAffinity,
+)
 from models.rankmixer import RankMixerBlock, RMSNorm
 from models.sequence import (
     NUM_COS_FEATURES,
@@ -290,6 +296,8 @@ class Ranker(nn.Module):
         w[1, OnlineCounters.BASE_RATING] = 1.0 / self.cfg.features.rating_scale
         if self.cfg.features.use_word_affinity:  # [counters | user x word affinity | ...]
             w[0, OnlineCounters.NUM_FEATURES + UserWordAffinity.MEAN_FEEDBACK] = self.cfg.wide_prior_affinity
+        if self.cfg.features.use_word_rates:  # [... | item word rates]
+            w[0, WORD_RATES_AT + ItemWordRates.MEAN_DEVIATION] = self.cfg.wide_prior_word_rates
 
     @torch.no_grad()
     def _zero_memory_inputs(self) -> None:

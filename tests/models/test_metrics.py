@@ -163,6 +163,48 @@ def test_user_word_affinity_in_batch_equals_per_event_updates():
     np.testing.assert_allclose(batched.table.numpy(), ref.table.numpy(), rtol=1e-12)
 
 
+def test_item_word_rates_in_batch_equal_per_event_updates():
+    from models.features import ItemWordRates
+
+    rng = np.random.default_rng(8)
+    batched, ref = ItemWordRates(64, prior=2.0), ItemWordRates(64, prior=2.0)
+    for _ in range(4):
+        text = torch.from_numpy(rng.integers(0, 6, size=(10, 5)))  # 0 = padding, repeated words in a row
+        sig = torch.from_numpy(rng.normal(size=10).astype(np.float32))
+        evidence = torch.from_numpy(np.log1p(rng.integers(0, 4, size=10)).astype(np.float32))
+        got = batched.read(text, sig, evidence, in_batch=True)
+        for j in range(10):
+            one = ref.read(text[j : j + 1], sig[j : j + 1], evidence[j : j + 1], False)[0]
+            np.testing.assert_allclose(got[j].numpy(), one.numpy(), rtol=1e-5, atol=1e-7)
+            ref.update(text[j : j + 1], sig[j : j + 1])
+        batched.update(text, sig)
+    assert torch.equal(batched.touched, ref.touched)
+    np.testing.assert_allclose(batched.table.numpy(), ref.table.numpy(), rtol=1e-12)
+    assert got.abs().sum() > 0
+
+
+def test_item_word_rates_are_each_words_shrunk_deviation_faded_by_the_items_evidence():
+    """A new item's features: its words' (S_w - n_w * mean) / (n_w + prior), summed and
+    averaged over its distinct words, times prior / (n_item + prior); a word every item has
+    deviates by nothing."""
+    from models.features import ItemWordRates
+
+    rates = ItemWordRates(16, prior=1.0)
+    # words: 1 = every item ("genres"), 2 = liked ("drama"), 3 = disliked ("horror")
+    text = torch.tensor([[1, 2, 0], [1, 2, 0], [1, 3, 0], [1, 3, 0]])
+    rates.update(text, torch.tensor([1.0, 1.0, -1.0, -1.0]))  # stream mean 0
+    new = torch.tensor([[1, 2, 2], [1, 3, 0], [1, 0, 0]])  # a duplicate word counts once
+    got = rates.read(new, torch.zeros(3), torch.zeros(3), in_batch=False)
+    dev2, dev3 = 2.0 / 3.0, -2.0 / 3.0  # S_w / (n_w + prior), the mean being 0
+    np.testing.assert_allclose(got.numpy(), [[dev2, dev2 / 2], [dev3, dev3 / 2], [0.0, 0.0]], rtol=1e-6)
+    seen = rates.read(new[:1], torch.zeros(1), torch.log1p(torch.tensor([3.0])), in_batch=False)
+    np.testing.assert_allclose(seen.numpy(), [[dev2 / 4, dev2 / 8]], rtol=1e-6)  # 1 / (3 + 1)
+    # Against the stream's mean, not zero: every event rated +1 leaves every word at 0.
+    flat = ItemWordRates(16, prior=1.0)
+    flat.update(text, torch.ones(4))
+    assert flat.read(new, torch.zeros(3), torch.zeros(3), in_batch=False).abs().max() < 1e-6
+
+
 def test_online_counters_in_batch_equal_per_event_updates():
     """Batched reads (causal within the batch) and updates, the decayed user sums included,
     equal one event at a time; and the decayed sums are the plain recurrence S = a S + x."""
