@@ -257,7 +257,10 @@ class OnlineCounters:
         un, ul, ur = self._rates(users, g_like, g_rating)
         in_, il, ir = self._rates(items, g_like, g_rating)
         if self.decay:
-            _, dl, dr = self._rates(self._decayed_before(user_idx, upd), g_like, g_rating)
+            # Without in_batch the rows are not a sequence of the user's events: each reads the
+            # stored decayed sums as they are (no decay per earlier row).
+            decayed = self._decayed_before(user_idx, upd) if in_batch else self.user[user_idx, 4:]
+            _, dl, dr = self._rates(decayed, g_like, g_rating)
         else:
             dl = dr = torch.zeros_like(ul)
         base = [torch.log(g_like) - torch.log1p(-g_like), g_rating - self.rating_center]
@@ -397,8 +400,8 @@ class ItemWordRates:
         keys, valid = self._keys(text_idx)
         flat = keys.reshape(-1)
         self.table.index_add_(0, flat, UserWordAffinity._increments(valid, signal).reshape(-1, 2))
-        sig = signal.to(torch.float64)
-        self.table[self.buckets] += torch.stack([sig.sum(), sig.new_tensor(float(len(sig)))])
+        self.table[self.buckets, 0] += signal.to(torch.float64).sum()
+        self.table[self.buckets, 1] += len(signal)  # a host number: no copy to the device
         self.touched.scatter_reduce_(0, flat, valid.reshape(-1).to(torch.uint8), reduce="amax")
         self.touched[self.buckets] = 1
 
@@ -566,11 +569,20 @@ class FeatureBuilder:
                 floats[:, 2 + s] = v
         return host
 
-    def build(self, batch: BatchLike, extra: dict[str, np.ndarray] | None = None) -> FeatureArrays:
+    def build(
+        self, batch: BatchLike, extra: dict[str, np.ndarray] | None = None, in_batch: bool | None = None
+    ) -> FeatureArrays:
         """The batch's features on the device. `extra`: (B,) or (B, k) int64 host columns of
         the caller (e.g. the targets' bank rows, the users' history slots) that cross in the
-        same copy; they come back, same shapes, as `FeatureArrays.extra` on the device."""
+        same copy; they come back, same shapes, as `FeatureArrays.extra` on the device.
+
+        `in_batch` (default `in_batch_features`): whether a row's counters include the
+        batch's earlier rows, as they do for a batch of events in time order. A ranking
+        request's rows are candidates, not events: serving passes False, or the k-th
+        candidate would read its user as having k more events (and the stream k more),
+        scoring the same item differently by its place in the request."""
         cfg = self.cfg
+        in_batch = cfg.in_batch_features if in_batch is None else in_batch
         C, Lt = cfg.max_user_cat, cfg.max_text_tokens
         extra = extra or {}
         t = self.staging.to_device(self._pack(batch, extra))  # (B, K): the step's one H2D copy
@@ -591,20 +603,18 @@ class FeatureBuilder:
         counters = torch.zeros((len(t), NUM_COUNTER_FEATURES), dtype=torch.float32, device=t.device)
         if cfg.use_counters:
             counters[:, : OnlineCounters.NUM_FEATURES] = self.counters.read(
-                user_idx, item_idx, like, rating, cfg.in_batch_features
+                user_idx, item_idx, like, rating, in_batch
             )
         if cfg.use_word_affinity:
             counters[:, OnlineCounters.NUM_FEATURES : WORD_RATES_AT] = self.affinity.read(
-                user_idx, text_idx, signal, cfg.in_batch_features
+                user_idx, text_idx, signal, in_batch
             )
         if cfg.use_counters:  # read() has it already
             evidence = counters[:, OnlineCounters.ITEM_LOG_COUNT].clone()
         else:
-            evidence = self.counters.item_evidence(item_idx, cfg.in_batch_features)
+            evidence = self.counters.item_evidence(item_idx, in_batch)
         if cfg.use_word_rates:
-            counters[:, WORD_RATES_AT:] = self.word_rates.read(
-                text_idx, signal, evidence, cfg.in_batch_features
-            )
+            counters[:, WORD_RATES_AT:] = self.word_rates.read(text_idx, signal, evidence, in_batch)
         return FeatureArrays(
             user_idx=user_idx,
             item_idx=item_idx,

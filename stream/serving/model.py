@@ -124,7 +124,7 @@ class ServedModel:
         n = len(batch)
         codes = batch.id_codes()
         with self._lock:
-            feats = st.features.build(batch)
+            feats = st.features.build(batch, in_batch=False)  # candidates, not events
             hist = st.history.get(codes.user_key[:1])  # (1, L): the user side once
         # (N, Db) bank rows; unseen items with text are encoded now (cold start)
         target_vec = None if st.bank is None else st.target_vectors(codes.item_key, batch.item_text)

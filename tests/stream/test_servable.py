@@ -73,18 +73,44 @@ def test_full_plus_deltas_equals_fresh_full(tmp_path, batches):
         np.testing.assert_array_equal(a["scores"]["rating"], b["scores"]["rating"])
 
 
-def test_user_side_reuse_matches_per_candidate(tmp_path, batches):
-    trainer = OnlineTrainer(small_model_config(), TrainerConfig(seed=2))
-    for b in batches[:4]:
+def _served_after(tmp_path, batches, seed: int, steps: int = 4) -> ServedModel:
+    """A serving copy of a trainer after `steps` batches (one full snapshot)."""
+    trainer = OnlineTrainer(small_model_config(), TrainerConfig(seed=seed))
+    for b in batches[:steps]:
         trainer.step(b)
     store = SnapshotStore(str(tmp_path / "snaps"))
     store.publish_full(1, trainer.state.full_snapshot(), snapshot_meta(trainer))
-    served = ServedModel(store.load_chain())
+    return ServedModel(store.load_chain())
+
+
+def test_user_side_reuse_matches_per_candidate(tmp_path, batches):
+    served = _served_after(tmp_path, batches, seed=2)
     for req in _requests(batches[4]):
         a = served.rank(req, reuse_user_side=True)["scores"]["like"]
         b = served.rank(req, reuse_user_side=False)["scores"]["like"]
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
         assert all(0.0 < s < 1.0 for s in a)
+
+
+def test_a_candidates_score_does_not_depend_on_its_place_in_the_request(tmp_path, batches):
+    """A request's rows are candidates, not events: none of them counts as an earlier event
+    of the user for the others (the counters, the decayed rates, the word tables). Before,
+    the k-th candidate read its user as having k more events, and the same item scored
+    lower the later it came."""
+    served = _served_after(tmp_path, batches, seed=5)
+    b = batches[4]
+    cand = [{"item_id": b.item_id[j], "item_text": b.item_text[j]} for j in range(6)]
+    user = {
+        "user_id": b.user_id[0],
+        "user_features": {k: v[0] for k, v in b.user_cat.items() if v[0] is not None},
+    }
+    rows = [cand[0], *cand[1:], cand[0], cand[0]]  # the first item again, twice, at the end
+    like = np.asarray(served.rank(RankRequest(**user, candidates=rows))["scores"]["like"])
+    np.testing.assert_allclose(like[-2:], like[0], rtol=1e-6)
+    backwards = served.rank(RankRequest(**user, candidates=rows[::-1]))["scores"]["like"]
+    np.testing.assert_allclose(backwards[::-1], like, rtol=1e-6)
+    alone = served.rank(RankRequest(**user, candidates=[cand[3]]))["scores"]["like"]
+    np.testing.assert_allclose(alone, like[3:4], rtol=1e-6)
 
 
 def test_follower_refuses_corrupt_version_and_keeps_serving(tmp_path, batches):
