@@ -396,6 +396,17 @@ class ItemWordRates:
         total_dev = dev.sum(1) * fade  # (B,)
         return torch.stack([total_dev, total_dev / n_words], dim=1).to(torch.float32)
 
+    def stats(self) -> dict[str, Any]:
+        """Hashed word rows with evidence, the events counted and their mean feedback (for
+        the admin API; reads the device)."""
+        ssum, n = self.table[self.buckets].tolist()
+        return {
+            "words_seen": int((self.table[: self.buckets, 1] > 0).sum()),
+            "buckets": self.buckets,
+            "events": int(n),
+            "mean_feedback": ssum / n if n else None,
+        }
+
     def update(self, text_idx: torch.Tensor, signal: torch.Tensor) -> None:
         keys, valid = self._keys(text_idx)
         flat = keys.reshape(-1)
@@ -674,6 +685,7 @@ class FeatureBuilder:
             "dropped_recent": list(self.dropped_recent),
             "candidate_names": len(self.sightings),
             "events_counted": int(self.counters.total[0]),
+            **({"word_rates": self.word_rates.stats()} if self.cfg.use_word_rates else {}),
         }
 
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -199,6 +199,7 @@ def test_item_word_rates_are_each_words_shrunk_deviation_faded_by_the_items_evid
     np.testing.assert_allclose(got.numpy(), [[dev2, dev2 / 2], [dev3, dev3 / 2], [0.0, 0.0]], rtol=1e-6)
     seen = rates.read(new[:1], torch.zeros(1), torch.log1p(torch.tensor([3.0])), in_batch=False)
     np.testing.assert_allclose(seen.numpy(), [[dev2 / 4, dev2 / 8]], rtol=1e-6)  # 1 / (3 + 1)
+    assert rates.stats() == {"words_seen": 3, "buckets": 16, "events": 4, "mean_feedback": 0.0}
     # Against the stream's mean, not zero: every event rated +1 leaves every word at 0.
     flat = ItemWordRates(16, prior=1.0)
     flat.update(text, torch.ones(4))
