@@ -134,9 +134,14 @@ def test_end_to_end_report_serving_admin(ray_cluster, job_config, ml1m_20k, tmp_
         "/metrics",
     ):
         assert admin.get(path, headers=AUTH).status_code == 200, path
-    metrics_text = admin.get("/metrics", headers=AUTH).text
+    # The gauges are set from the driver's progress samples (every job.progress_interval_s,
+    # later when a sample waits on a busy trainer or reader): wait for one taken after
+    # training began, as a scraper would see at its next scrape.
+    slice_gauge = 'memstream_slice_events{bucket="0",slice="item_evidence"}'
+    metrics_text = _wait(
+        lambda: slice_gauge in (t := admin.get("/metrics", headers=AUTH).text) and t, 120, "slice gauges", out
+    )
     assert "memstream_events_trained_total" in metrics_text
-    assert 'memstream_slice_events{bucket="0",slice="item_evidence"}' in metrics_text
     report = _finish(th, out)
 
     assert report["events_consumed"] == report["events_trained"] + report["events_dlq"] == EVENTS
