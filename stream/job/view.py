@@ -61,8 +61,10 @@ class DriverJobView:
         import ray
 
         ends: dict[int, int] = {}
-        for r in self.t.readers:
-            ends.update(ray.get(r.end_offsets.remote(), timeout=15))
+        # All readers at once, one timeout: the driver's progress loop calls this, and one
+        # reader waiting on the broker must not hold it for 15 s per reader.
+        for part in ray.get([r.end_offsets.remote() for r in self.t.readers], timeout=15):
+            ends.update(part)
         nxt = self._get(self.t.trainer.progress.remote()).next_offsets
         per = {p: max(0, e - int(nxt.get(p, 0))) for p, e in sorted(ends.items())}
         return {
