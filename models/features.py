@@ -289,6 +289,44 @@ class OnlineCounters:
         self.touched_item[item_idx] = True
 
 
+def distinct_words(text_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, Lt) word ids (0 = padding) -> words sorted within each row (B, Lt) and valid (B, Lt):
+    each distinct word of a row once (word order does not matter; duplicates come adjacent)."""
+    words = torch.sort(text_idx, dim=1).values
+    valid = words > 0
+    valid[:, 1:] &= words[:, 1:] != words[:, :-1]
+    return words, valid
+
+
+def _word_increments(valid: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
+    """(B, Lt, 2): (signal, 1) where the word is valid, zeros elsewhere (adding 0 is exact)."""
+    v = valid.to(torch.float64)
+    return torch.stack([signal.to(torch.float64)[:, None] * v, v], dim=-1)
+
+
+def _word_sums(
+    table: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, signal: torch.Tensor, in_batch: bool
+) -> torch.Tensor:
+    """(B, Lt, 2) each row's (feedback sum, count) per word key as of before the row: the
+    table, plus with `in_batch` the batch's earlier rows (row-major flattening is
+    event-major: a key's earlier entries are earlier events); zeros where not valid."""
+    got = table[keys] * valid[..., None]
+    if in_batch:
+        inc = _word_increments(valid, signal)
+        earlier = exclusive_group_cumsum(keys.reshape(-1), inc.reshape(-1, 2)).view_as(got)
+        got = got + earlier * valid[..., None]
+    return got
+
+
+def _add_word_feedback(
+    table: torch.Tensor, touched: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, signal: torch.Tensor
+) -> None:
+    """Add each valid (row, word)'s (signal, 1) to its key's row and mark the rows touched."""
+    flat = keys.reshape(-1)
+    table.index_add_(0, flat, _word_increments(valid, signal).reshape(-1, 2))
+    touched.scatter_reduce_(0, flat, valid.reshape(-1).to(torch.uint8), reduce="amax")
+
+
 class UserWordAffinity:
     """The user's running feedback per word of item_text (genres, title words, year).
 
@@ -309,35 +347,20 @@ class UserWordAffinity:
 
     def _keys(self, user_idx: torch.Tensor, text_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,), (B, Lt) -> keys (B, Lt), valid (B, Lt): each distinct word of a row once."""
-        words = torch.sort(text_idx, dim=1).values  # word order does not matter; duplicates adjacent
-        valid = words > 0
-        valid[:, 1:] &= words[:, 1:] != words[:, :-1]
-        keys = (user_idx[:, None] * 1_000_003 + words) % self.table.shape[0]
-        return keys, valid
-
-    @staticmethod
-    def _increments(valid: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
-        """(B, Lt, 2): (signal, 1) where the word is valid, zeros elsewhere (adding 0 is exact)."""
-        v = valid.to(torch.float64)
-        return torch.stack([signal.to(torch.float64)[:, None] * v, v], dim=-1)
+        words, valid = distinct_words(text_idx)
+        return (user_idx[:, None] * 1_000_003 + words) % self.table.shape[0], valid
 
     def read(
         self, user_idx: torch.Tensor, text_idx: torch.Tensor, signal: torch.Tensor, in_batch: bool
     ) -> torch.Tensor:
         keys, valid = self._keys(user_idx, text_idx)
-        got = self.table[keys] * valid[..., None]  # (B, Lt, 2)
-        if in_batch:  # row-major flattening is event-major: a key's earlier entries are earlier events
-            inc = self._increments(valid, signal)
-            earlier = exclusive_group_cumsum(keys.reshape(-1), inc.reshape(-1, 2)).view_as(got)
-            got = got + earlier * valid[..., None]
+        got = _word_sums(self.table, keys, valid, signal, in_batch)  # (B, Lt, 2)
         ssum, cnt = got[..., 0].sum(1), got[..., 1].sum(1)  # (B,)
         return torch.stack([ssum / (cnt + self.prior), torch.log1p(cnt)], dim=1).to(torch.float32)
 
     def update(self, user_idx: torch.Tensor, text_idx: torch.Tensor, signal: torch.Tensor) -> None:
         keys, valid = self._keys(user_idx, text_idx)
-        flat = keys.reshape(-1)
-        self.table.index_add_(0, flat, self._increments(valid, signal).reshape(-1, 2))
-        self.touched.scatter_reduce_(0, flat, valid.reshape(-1).to(torch.uint8), reduce="amax")
+        _add_word_feedback(self.table, self.touched, keys, valid, signal)
 
 
 class ItemWordRates:
@@ -368,9 +391,7 @@ class ItemWordRates:
 
     def _keys(self, text_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, Lt) -> keys (B, Lt), valid (B, Lt): each distinct word of a row once."""
-        words = torch.sort(text_idx, dim=1).values  # duplicates adjacent
-        valid = words > 0
-        valid[:, 1:] &= words[:, 1:] != words[:, :-1]
+        words, valid = distinct_words(text_idx)
         return words % self.buckets, valid
 
     def read(
@@ -378,12 +399,9 @@ class ItemWordRates:
     ) -> torch.Tensor:
         """(B, Lt) words, (B,) signals, (B,) log(1 + the item's earlier events) -> (B, 2)."""
         keys, valid = self._keys(text_idx)
-        got = self.table[keys] * valid[..., None]  # (B, Lt, 2)
+        got = _word_sums(self.table, keys, valid, signal, in_batch)  # (B, Lt, 2)
         total = self.table[self.buckets].expand(len(keys), 2)  # (B, 2)
-        if in_batch:  # row-major flattening is event-major: a key's earlier entries are earlier events
-            inc = UserWordAffinity._increments(valid, signal)
-            earlier = exclusive_group_cumsum(keys.reshape(-1), inc.reshape(-1, 2)).view_as(got)
-            got = got + earlier * valid[..., None]
+        if in_batch:
             per_event = torch.stack(
                 [signal.to(torch.float64), torch.ones_like(signal, dtype=torch.float64)], 1
             )
@@ -409,11 +427,9 @@ class ItemWordRates:
 
     def update(self, text_idx: torch.Tensor, signal: torch.Tensor) -> None:
         keys, valid = self._keys(text_idx)
-        flat = keys.reshape(-1)
-        self.table.index_add_(0, flat, UserWordAffinity._increments(valid, signal).reshape(-1, 2))
+        _add_word_feedback(self.table, self.touched, keys, valid, signal)
         self.table[self.buckets, 0] += signal.to(torch.float64).sum()
         self.table[self.buckets, 1] += len(signal)  # a host number: no copy to the device
-        self.touched.scatter_reduce_(0, flat, valid.reshape(-1).to(torch.uint8), reduce="amax")
         self.touched[self.buckets] = 1
 
 
