@@ -71,7 +71,6 @@ def cut_payloads(work: Path, events_per_version: int, versions: int):
     svc = TrainerService(
         OnlineTrainer(cfg.model, cfg.trainer),
         CheckpointManager(work / "ck"),
-        batch_size=cfg.trainer.batch_size,
         full_every=1_000_000,
         first_version=1,
     )

@@ -200,6 +200,14 @@ class TrainerConfig(_Strict):
     """The online trainer: optimizers, batching, determinism, metrics."""
 
     batch_size: int = Field(512, gt=0)
+    # The stream's first events train in smaller steps: the micro-batch starts at
+    # min_batch_size and doubles at batch_ramp_events / 2^k events applied, reaching
+    # batch_size at batch_ramp_events (with the defaults: 64 until 8k events, 128 until 16k,
+    # 256 until 32k). A new stream's first sightings of items and users are scored by a model
+    # that has taken few steps; smaller steps there take ~4x as many updates from the same
+    # events. 0 = batch_size from the start.
+    min_batch_size: int = Field(64, gt=0)
+    batch_ramp_events: int = Field(32_000, ge=0)
     lr_dense: float = Field(2e-3, gt=0)
     lr_wide: float = Field(2e-2, gt=0)  # the counters -> logits linear part: learns fast
     lr_sparse: float = Field(2.5e-2, gt=0)  # id embeddings: sparse rows learn faster than dense
@@ -208,8 +216,10 @@ class TrainerConfig(_Strict):
     # first n steps. Adam's first steps move every weight by about its lr whatever the gradient's
     # size: the zero-initialised heads (hundreds of inputs) then shift every score's level by ~1
     # logit from one batch to the next, which costs the stream's first batches, where most of
-    # the first sightings of items are. 0 or 1: no ramp.
-    lr_warmup_steps: int = Field(10, ge=0)
+    # the first sightings of items are. 0 or 1: no ramp. 40 steps: the first 2,560 events at
+    # the batch ramp's 64-event steps (10 steps of 512 before the ramp: benchmarks/results/
+    # config_choices.md).
+    lr_warmup_steps: int = Field(40, ge=0)
     # Adam's second-moment decay, dense (AdamW) and row-sparse (id tables, memory values).
     # 0.99 averages the squared gradients over the last ~100 steps, 0.999 over ~1,000 (one
     # pass over ML-1M at batch 512 is ~2k steps, and the stream drifts).
@@ -225,3 +235,10 @@ class TrainerConfig(_Strict):
     deterministic: bool = True
     metrics_window: int = Field(10_000, gt=0)  # W of the windowed metrics
     keep_score_log: bool = True  # ordered (score, label) log: AUC of the last 20%
+
+    def micro_batch_size(self, events_applied: int) -> int:
+        """Events in the next training step, after `events_applied` (see batch_ramp_events)."""
+        size, upto = self.batch_size, self.batch_ramp_events
+        while size > self.min_batch_size and events_applied < upto:
+            size, upto = max(size // 2, self.min_batch_size), upto // 2
+        return size

@@ -269,6 +269,16 @@ class OnlineTrainer:
             c.target_vec = self.state.target_vectors(batch.id_codes().item_key, batch.item_text)
         return u, c
 
+    def micro_batches(self, batch):
+        """`batch` (an EventBatch) as the training steps it takes: (start, micro-batch) pairs,
+        each of TrainerConfig.micro_batch_size after the events applied before it, so step
+        on each before taking the next."""
+        start = 0
+        while start < len(batch):
+            stop = min(start + self.tcfg.micro_batch_size(self.events_applied), len(batch))
+            yield start, batch.take(slice(start, stop))
+            start = stop
+
     def step(self, batch: BatchLike) -> StepResult:
         t0 = time.perf_counter()
         n = len(batch)

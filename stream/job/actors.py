@@ -271,7 +271,6 @@ class TrainerActor:
         self.svc = TrainerService(
             OnlineTrainer(self.cfg.model, self.cfg.trainer),
             CheckpointManager.from_config(ck, Path(work_dir) / "checkpoints"),
-            batch_size=self.cfg.trainer.batch_size,
             full_every=self.cfg.snapshots.full_every,
             first_version=(latest or 0) + 1,
             gate=ModelHealthGate(self.cfg.snapshots.health),

@@ -187,10 +187,11 @@ def run_eval(
         )
 
     def train(batch: EventBatch) -> None:
-        result = trainer.step(batch)
-        if writer is not None:
-            writer.write(batch, result, trainer.events_applied - result.events)
-        note(batch)
+        for _, mb in trainer.micro_batches(batch):  # smaller steps at the stream's start
+            result = trainer.step(mb)
+            if writer is not None:
+                writer.write(mb, result, trainer.events_applied - result.events)
+            note(mb)
 
     try:
         duration = _train_all(trainer, batches, train, total, progress)

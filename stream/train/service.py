@@ -87,7 +87,6 @@ class TrainerService:
         self,
         trainer: OnlineTrainer,
         checkpoints: CheckpointManager,
-        batch_size: int,
         full_every: int,
         first_version: int,
         gate: ModelHealthGate | None = None,
@@ -95,7 +94,6 @@ class TrainerService:
         self.trainer = trainer
         self.checkpoints = checkpoints
         self.gate = gate or ModelHealthGate()
-        self.batch_size = batch_size
         self.full_every = full_every
         self.lock = threading.RLock()  # training vs. queries (admin) vs. checkpoints
         self.next_offsets: dict[int, int] = {}
@@ -230,8 +228,7 @@ class TrainerService:
                 if not fresh.all():
                     batch = batch.take(np.flatnonzero(fresh))
                 poisoned: list[int] = []
-                for start in range(0, len(batch), self.batch_size):
-                    mb = batch.take(slice(start, start + self.batch_size))
+                for start, mb in self.trainer.micro_batches(batch):
                     bad = self._train_isolating(mb)
                     trained += len(mb) - len(bad)
                     poisoned += [start + i for i in bad]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from models.config import TrainerConfig
 from stream.config import ConfigError, MemstreamConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,3 +94,21 @@ def test_trainer_device_auto_resolves_and_bad_devices_are_refused():
     assert t.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(pydantic.ValidationError, match="device"):
         TrainerConfig(device="gpu0")
+
+
+def test_micro_batch_doubles_up_to_batch_size_over_the_ramp():
+    t = TrainerConfig(batch_size=512, min_batch_size=64, batch_ramp_events=32_000)
+    sizes = {n: t.micro_batch_size(n) for n in (0, 7_999, 8_000, 15_999, 16_000, 31_999, 32_000, 10**7)}
+    assert sizes == {
+        0: 64,
+        7_999: 64,
+        8_000: 128,
+        15_999: 128,
+        16_000: 256,
+        31_999: 256,
+        32_000: 512,
+        10**7: 512,
+    }
+    assert TrainerConfig(batch_ramp_events=0).micro_batch_size(0) == 512  # no ramp
+    assert TrainerConfig(batch_size=48).micro_batch_size(0) == 48  # never above batch_size
+    assert TrainerConfig(batch_size=100).micro_batch_size(0) == 64  # never below the minimum

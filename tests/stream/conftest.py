@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,10 +30,12 @@ def small_model_config() -> ModelConfig:
     )
 
 
-def small_service(ckpt_dir: Path, seed: int = 0) -> TrainerService:
-    """A TrainerService over a small trainer, checkpointing to `ckpt_dir`."""
-    trainer = OnlineTrainer(small_model_config(), TrainerConfig(seed=seed))
-    return TrainerService(trainer, CheckpointManager(ckpt_dir), batch_size=64, full_every=10, first_version=1)
+def small_service(ckpt_dir: Path, seed: int = 0, **trainer_fields: Any) -> TrainerService:
+    """A TrainerService over a small trainer (batch 64, any other TrainerConfig fields given),
+    checkpointing to `ckpt_dir`."""
+    tcfg = TrainerConfig(**{"seed": seed, "batch_size": 64, **trainer_fields})
+    trainer = OnlineTrainer(small_model_config(), tcfg)
+    return TrainerService(trainer, CheckpointManager(ckpt_dir), full_every=10, first_version=1)
 
 
 def synthetic_units(path: Path, events: int, per_unit: int = 100) -> list[IngestUnit]:

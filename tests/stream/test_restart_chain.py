@@ -58,9 +58,8 @@ def _service(cfg: ModelConfig, ckpt_dir, pub: SnapshotPublisher) -> TrainerServi
     """As TrainerActor builds it: the first version after the store's latest, and on a
     restore the stored chain's changes handed to resume_chain."""
     svc = TrainerService(
-        OnlineTrainer(cfg, TrainerConfig(seed=0)),
+        OnlineTrainer(cfg, TrainerConfig(seed=0, batch_size=64)),
         CheckpointManager(ckpt_dir),
-        batch_size=64,
         full_every=1000,
         first_version=(pub.latest_version() or 0) + 1,
     )

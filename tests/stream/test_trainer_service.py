@@ -155,3 +155,17 @@ def test_events_consumed_counts_from_the_first_offset_dead_lettered_or_trained(t
     svc.apply_unit(unit)
     p = svc.progress()
     assert p.events_consumed == p.events_applied + p.events_dlq == first.events.num_rows
+
+
+def test_live_units_train_in_the_ramps_micro_batches(tmp_path, units):
+    """The live path splits units as eval does (TrainerConfig.micro_batch_size): steps of 16
+    until 128 events, 32 until 256, then 64; a unit's split goes on where the last one ended."""
+    svc = small_service(tmp_path / "ck", min_batch_size=16, batch_ramp_events=256)
+    steps = []
+    for u in units[:4]:  # 100 events each
+        svc.apply_unit(u)
+        steps.append(svc.trainer.steps)
+    # sizes by events applied before each step, cut at the unit's end: 16 x 6 + 4 | 16, 16
+    # (-> 132), 32, 32, 4 | 32, 32 (-> 264), 36 | 64, 36
+    assert svc.trainer.events_applied == 400
+    assert steps == [7, 12, 15, 17]
