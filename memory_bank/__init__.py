@@ -18,7 +18,9 @@ imports Ray, Kafka or `stream`.
 import importlib.util
 from pathlib import Path
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+# The folder holding memory_bank and kernels side by side: the repo root (editable install)
+# or site-packages.
+_PACKAGES_ROOT = Path(__file__).resolve().parent.parent
 
 
 class ForeignKernelsPackageError(ImportError):
@@ -32,9 +34,9 @@ def _require_own_kernels() -> None:
     # and fail far from the cause (or, worse, transformers would load ours).
     spec = importlib.util.find_spec("kernels")
     origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
-    if origin is None or origin.parent.parent != _REPO_ROOT:
+    if origin is None or origin.parent.parent != _PACKAGES_ROOT:
         raise ForeignKernelsPackageError(
-            f"`import kernels` resolves to {origin}, not memstream's {_REPO_ROOT / 'kernels'}: "
+            f"`import kernels` resolves to {origin}, not memstream's {_PACKAGES_ROOT / 'kernels'}: "
             "another distribution named `kernels` (Hugging Face's, pulled in by "
             "transformers >= 5.25) shadows it. Fix: `pip uninstall kernels` and "
             "`pip install 'transformers<5.25'` (or re-run `make venv`)."

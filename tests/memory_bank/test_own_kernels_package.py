@@ -14,7 +14,7 @@ def test_kernels_is_this_repos_package_from_any_working_directory(tmp_path):
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
     ).stdout.split()
-    assert out[0] == str(memory_bank._REPO_ROOT / "kernels" / "__init__.py")
+    assert out[0] == str(memory_bank._PACKAGES_ROOT / "kernels" / "__init__.py")
     assert out[1] == "sparse_gather"
 
 
