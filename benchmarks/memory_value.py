@@ -120,6 +120,17 @@ def variant_overrides(variant: str, extra: list[str]) -> list[str]:
     return [*extra, *VARIANTS[variant]]
 
 
+def stream_overrides(stream: str) -> list[str]:
+    """Settings a stream is built for, before every `--set` (which wins): stress-long-taste
+    hides each person's taste from a window of exactly stress.HISTORY_L events, so its rows
+    read that window whatever the default model.history.length."""
+    if stream.split(",")[0] == "stress-long-taste":
+        from stream.recordings.data.stress import HISTORY_L
+
+        return [f"model.history.length={HISTORY_L}"]
+    return []
+
+
 def pkm_overrides(n_sub_keys: int, extra: list[str]) -> list[str]:
     return [*extra, "model.use_pkm=true", f"model.pkm.n_sub_keys={n_sub_keys}"]
 
@@ -205,18 +216,19 @@ def log(msg: str) -> None:
 
 def run_stream(args, stream: str, recording: Path) -> list[Row]:
     rows: list[Row] = []
+    extra = [*stream_overrides(stream), *args.overrides]
     for variant in args.variants:
-        sets = variant_overrides(variant, args.overrides)
+        sets = variant_overrides(variant, extra)
         log(f"{stream}: {variant} ...")
         rep = run_model(args.config, sets, recording, args.max_events)
         log(f"{stream}: {variant}: auc {fmt(rep['auc.like'])}, {fmt(rep['throughput_eps'], 0)} ev/s")
         rows.append(Row(variant, VARIANTS[variant], rep))
     if args.river:
         log(f"{stream}: river ...")
-        rep = run_peer(recording, args.max_events, history_length(args.config, args.overrides))
+        rep = run_peer(recording, args.max_events, history_length(args.config, extra))
         log(f"{stream}: river: auc {fmt(rep['auc.like'])}")
         rows.append(Row(RIVER, [], rep))
-    return with_oracle(rows, stream, recording, history_length(args.config, args.overrides))
+    return with_oracle(rows, stream, recording, history_length(args.config, extra))
 
 
 def with_oracle(rows: list[Row], stream: str, recording: Path, history_length: int) -> list[Row]:
@@ -233,7 +245,8 @@ def run_curve(args, stream: str, recording: Path) -> list[Row]:
     rows: list[Row] = []
     for n in args.pkm_sizes:
         log(f"{stream}: pkm n_sub_keys={n} ({n * n:,} slots) ...")
-        rep = run_model(args.config, pkm_overrides(n, args.overrides), recording, args.max_events)
+        extra = [*stream_overrides(stream), *args.overrides]
+        rep = run_model(args.config, pkm_overrides(n, extra), recording, args.max_events)
         log(f"{stream}: pkm {n}: auc {fmt(rep['auc.like'])}, slot usage {fmt(rep['pkm.slot_usage'], 3)}")
         rows.append(Row(f"n_sub_keys={n}", [f"model.pkm.n_sub_keys={n}"], rep))
     return rows
@@ -266,6 +279,11 @@ def stream_table(stream: str, recording: Path, rows: list[Row]) -> list[str]:
     head = ["variant", "--set", "events", "AUC"] + [c for _, _, c in SLICE_COLUMNS]
     head += ["logloss", "events/s", "x all-off"]
     lines = [f"## {stream}", "", f"Recording: `{recording}`", ""]
+    if stream_overrides(stream):
+        lines += [
+            f"Every row runs with `{' '.join(stream_overrides(stream))}`: the stream is built for it.",
+            "",
+        ]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         rep = r.report
@@ -473,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 rows = [Row(r["name"], r["set"], r["report"]) for r in res["rows"]]
                 if not args.pkm_curve:  # parts run before the oracle row existed get it here
-                    length = history_length(args.config, args.overrides)
+                    length = history_length(args.config, [*stream_overrides(stream), *args.overrides])
                     rows = with_oracle(rows, stream, Path(res["recording"]), length)
                     res = {
                         **res,

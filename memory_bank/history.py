@@ -34,7 +34,7 @@ from memory_bank.base import MemoryDelta, RowChanges, index_tensors
 class HistoryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    length: int = Field(50, ge=1, le=4096, description="L: events kept per user")
+    length: int = Field(200, ge=1, le=4096, description="L: events kept per user")
     max_users: int = Field(100_000, ge=1, description="users kept; LRU eviction beyond (~36 bytes * L each)")
     summary_dim: int = Field(
         0,

@@ -42,6 +42,23 @@ def test_every_variant_is_a_valid_config_and_switches_what_it_names():
     assert curve.use_pkm and curve.pkm.n_sub_keys == 64
 
 
+def test_the_long_taste_stream_reads_the_window_it_is_built_for():
+    from stream.recordings.data.stress import HISTORY_L
+
+    assert mv.stream_overrides("ml-1m") == [] and mv.stream_overrides("stress-capacity") == []
+    for key in ("stress-long-taste", "stress-long-taste, run 2"):  # an assembled table's key too
+        assert mv.stream_overrides(key) == [f"model.history.length={HISTORY_L}"]
+    sets = mv.variant_overrides("all-off", mv.stream_overrides("stress-long-taste"))
+    assert load_config(None, sets).model.history.length == HISTORY_L
+    # a --set given for the run still wins
+    later = [*mv.stream_overrides("stress-long-taste"), "model.history.length=7"]
+    assert load_config(None, mv.variant_overrides("default", later)).model.history.length == 7
+    table = "\n".join(
+        mv.stream_table("stress-long-taste", Path("r.parquet"), [mv.Row("default", [], _report(0.7, 9.0))])
+    )
+    assert f"model.history.length={HISTORY_L}" in table
+
+
 def _report(auc: float, eps: float, slices: bool = True) -> dict:
     buckets = {b: {"n": 10, "auc.like": auc, "logloss.like": 0.6} for b in ("0", "1-4", "5-49", "50+")}
     return {

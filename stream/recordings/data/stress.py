@@ -62,7 +62,9 @@ SPAN_MS = 86_400_000  # the events spread over one day of event time
 TOPICS = 16
 TOPIC_VOCAB = 12  # words per topic vocabulary
 NOISE_VOCAB = 300  # words shared by all topics, carrying nothing
-HISTORY_L = 50  # model.history.length: the window the long-taste stream hides the taste from
+# The history window the long-taste stream hides the taste from; benchmarks/memory_value.py
+# runs that stream at model.history.length = HISTORY_L whatever the default window.
+HISTORY_L = 50
 
 
 @dataclass(frozen=True)
