@@ -32,8 +32,8 @@ class HistoryCrossAttention(nn.Module):
     projection of what the item is (id embedding, bank vector: the same in every history it
     appears in) and of what this user did with it (feedback, recency). The item part is
     projected once per DISTINCT item of the batch and gathered into the (B, L) positions:
-    512 users x 50 positions hold ~3k distinct ML-1M items, so the (B*L, item_dim) -> 2A
-    matmul, the largest of the model, shrinks ~10x. The null slot (always visible) makes
+    512 users x 200 positions point at no more than ML-1M's 3,706 items, so the
+    (B*L, item_dim) -> 2A matmul, the largest of the model, shrinks more than 25x. The null slot (always visible) makes
     an empty history well-defined and lets a query attend "nothing relevant".
     """
 
@@ -129,7 +129,7 @@ def cosine_features(
 def recent_feedback(signal: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The user's short-term feedback: signal (B, L), mask (B, L), most recent last ->
     (B, 2): mean signal of the last RECENT events, signal of the last one (0 without history).
-    Users drift within a rating session; the 50-event means above hide it."""
+    Users drift within a rating session; the window-long means above hide it."""
     sig, m = signal[:, -RECENT:], mask[:, -RECENT:].to(signal.dtype)
     return torch.stack([(sig * m).sum(1) / m.sum(1).clamp_min(1.0), signal[:, -1] * mask[:, -1]], dim=1)
 
