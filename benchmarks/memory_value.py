@@ -35,6 +35,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,15 +121,16 @@ def variant_overrides(variant: str, extra: list[str]) -> list[str]:
     return [*extra, *VARIANTS[variant]]
 
 
-def stream_overrides(stream: str) -> list[str]:
-    """Settings a stream is built for, before every `--set` (which wins): stress-long-taste
-    hides each person's taste from a window of exactly stress.HISTORY_L events, so its rows
-    read that window whatever the default model.history.length."""
+def stream_overrides(stream: str, extra: Sequence[str] = ()) -> list[str]:
+    """Settings a stream is built for, then `extra` (the run's `--set`, which wins):
+    stress-long-taste hides each person's taste from a window of exactly stress.HISTORY_L
+    events, so its rows read that window whatever the default model.history.length."""
+    own: list[str] = []
     if stream.split(",")[0] == "stress-long-taste":
         from stream.recordings.data.stress import HISTORY_L
 
-        return [f"model.history.length={HISTORY_L}"]
-    return []
+        own = [f"model.history.length={HISTORY_L}"]
+    return [*own, *extra]
 
 
 def pkm_overrides(n_sub_keys: int, extra: list[str]) -> list[str]:
@@ -216,7 +218,7 @@ def log(msg: str) -> None:
 
 def run_stream(args, stream: str, recording: Path) -> list[Row]:
     rows: list[Row] = []
-    extra = [*stream_overrides(stream), *args.overrides]
+    extra = stream_overrides(stream, args.overrides)
     for variant in args.variants:
         sets = variant_overrides(variant, extra)
         log(f"{stream}: {variant} ...")
@@ -243,9 +245,9 @@ def with_oracle(rows: list[Row], stream: str, recording: Path, history_length: i
 
 def run_curve(args, stream: str, recording: Path) -> list[Row]:
     rows: list[Row] = []
+    extra = stream_overrides(stream, args.overrides)
     for n in args.pkm_sizes:
         log(f"{stream}: pkm n_sub_keys={n} ({n * n:,} slots) ...")
-        extra = [*stream_overrides(stream), *args.overrides]
         rep = run_model(args.config, pkm_overrides(n, extra), recording, args.max_events)
         log(f"{stream}: pkm {n}: auc {fmt(rep['auc.like'])}, slot usage {fmt(rep['pkm.slot_usage'], 3)}")
         rows.append(Row(f"n_sub_keys={n}", [f"model.pkm.n_sub_keys={n}"], rep))
@@ -491,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 rows = [Row(r["name"], r["set"], r["report"]) for r in res["rows"]]
                 if not args.pkm_curve:  # parts run before the oracle row existed get it here
-                    length = history_length(args.config, [*stream_overrides(stream), *args.overrides])
+                    length = history_length(args.config, stream_overrides(stream, args.overrides))
                     rows = with_oracle(rows, stream, Path(res["recording"]), length)
                     res = {
                         **res,

@@ -33,8 +33,9 @@ class HistoryCrossAttention(nn.Module):
     appears in) and of what this user did with it (feedback, recency). The item part is
     projected once per DISTINCT item of the batch and gathered into the (B, L) positions:
     512 users x 200 positions point at no more than ML-1M's 3,706 items, so the
-    (B*L, item_dim) -> 2A matmul, the largest of the model, shrinks more than 25x. The null slot (always visible) makes
-    an empty history well-defined and lets a query attend "nothing relevant".
+    (B*L, item_dim) -> 2A matmul, the largest of the model, shrinks more than 25x. The null
+    slot (always visible) makes an empty history well-defined and lets a query attend
+    "nothing relevant".
     """
 
     def __init__(
