@@ -15,6 +15,12 @@ one operation per event's user); every per-position operation (B x L) is a tenso
 Users are bounded: when a new user arrives and every slot is taken, the least
 recently used user (append or get) is evicted; its slot is freed in the next delta.
 A serving copy mirrors the trainer's slots (deltas ship slots, keys and ring rows).
+
+The tensors grow with the users: new users take the lowest free slot, so the slots in
+use are 0..n-1 (until evictions start, at max_users) and the tables hold only as many
+rows as that needs, doubling from INITIAL_ROWS up to max_users. A 6k-user stream holds
+8k rows (~60 MB at L = 200), not the 100k of the default bound (~720 MB). Growth copies
+the tables once per doubling, on the host-known new slots: it never waits on the device.
 """
 
 from __future__ import annotations
@@ -35,7 +41,11 @@ class HistoryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     length: int = Field(200, ge=1, le=4096, description="L: events kept per user")
-    max_users: int = Field(100_000, ge=1, description="users kept; LRU eviction beyond (~36 bytes * L each)")
+    max_users: int = Field(
+        100_000,
+        ge=1,
+        description="users kept; LRU eviction beyond (~36 bytes * L each, allocated as users arrive)",
+    )
     summary_dim: int = Field(
         0,
         ge=0,
@@ -53,8 +63,9 @@ class HistoryStateError(ValueError):
     """import_state / apply_delta got data that does not fit this store."""
 
 
-# The per-entry ring tables, (U, L) each, and what a padded position holds.
+# The per-entry ring tables, (rows + 1, L) each, and what a padded position holds.
 RING = {"item_code": -1, "item_key": -1, "bank_row": -1, "ts_ms": 0, "signal": 0.0}
+INITIAL_ROWS = 1024  # slot rows allocated before the first growth (fewer if max_users is)
 
 
 @dataclass
@@ -62,7 +73,7 @@ class HistoryView:
     """Histories of B users as (B, L) tensors on the store's device, most recent event last,
     left-padded: item_code, item_key, bank_row (int64, -1 padded), ts_ms (int64, 0 padded),
     signal (float32, 0 padded), mask (bool, True = a real event); slot (B,) the users'
-    slots (max_users for an unknown user: the empty row), for `summary_at`."""
+    rows (the empty row for an unknown user), for `summary_at` before the tables grow."""
 
     item_code: torch.Tensor
     item_key: torch.Tensor
@@ -111,24 +122,48 @@ class UserHistoryStore:
     def _reset(self) -> None:
         """Every slot empty, no user, no pending delta."""
         n, L, dev = self.cfg.max_users, self.cfg.length, self.device
-        # One row more than slots: row U is always empty, what unknown users read (so a read
-        # needs no masking: a free or fresh slot holds the padding values everywhere).
+        # The tables hold slots 0..rows-1 and one row more: row `rows` is always empty, what
+        # unknown users read (`read` maps slot U to it), so a read needs no masking: a free
+        # or fresh slot holds the padding values everywhere. Starts with that row only.
+        self.rows = 0
         self.ring = {
             name: torch.full(
-                (n + 1, L), pad, dtype=torch.float32 if name == "signal" else torch.int64, device=dev
+                (1, L), pad, dtype=torch.float32 if name == "signal" else torch.int64, device=dev
             )
             for name, pad in RING.items()
         }
-        self.count = torch.zeros(n + 1, dtype=torch.int64, device=dev)  # (U+1,) events ever appended
-        # (U+1, S) running sum over every event summarised so far, and how many (append).
-        self.summary_sum = torch.zeros(n + 1, self.cfg.summary_dim, dtype=torch.float32, device=dev)
-        self.summary_n = torch.zeros(n + 1, dtype=torch.float32, device=dev)  # (U+1,)
+        self.count = torch.zeros(1, dtype=torch.int64, device=dev)  # (rows+1,) events ever appended
+        # (rows+1, S) running sum over every event summarised so far, and how many (append).
+        self.summary_sum = torch.zeros(1, self.cfg.summary_dim, dtype=torch.float32, device=dev)
+        self.summary_n = torch.zeros(1, dtype=torch.float32, device=dev)  # (rows+1,)
+        self._grow(min(n, INITIAL_ROWS))
         self.slot_user = np.full(n, -1, dtype=np.int64)  # (U,) user key of each slot, -1 free
         self.slots: OrderedDict[int, int] = OrderedDict()  # user key -> slot, LRU order (oldest first)
         self.free = list(range(n - 1, -1, -1))  # pop() gives the lowest free slot
         self.changes = RowChanges(n)  # slots changed / freed since take_delta
         self.evictions = 0
         self.appended = 0
+
+    def _grow(self, need: int) -> None:
+        """Make the tables hold slots 0..need-1: double the rows until they do (at most
+        max_users), keeping the rows held; the new ones (the new empty row too) padding."""
+        if need <= self.rows:
+            return
+        rows = max(self.rows, 1)
+        while rows < need:
+            rows *= 2
+        rows = min(self.cfg.max_users, rows)
+
+        def grown(t: torch.Tensor, pad: float) -> torch.Tensor:
+            out = t.new_full((rows + 1, *t.shape[1:]), pad)
+            out[: self.rows] = t[: self.rows]
+            return out
+
+        self.ring = {name: grown(t, RING[name]) for name, t in self.ring.items()}
+        self.count, self.summary_sum, self.summary_n = (
+            grown(t, 0) for t in (self.count, self.summary_sum, self.summary_n)
+        )
+        self.rows = rows
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -205,6 +240,7 @@ class UserHistoryStore:
             del self.free[len(self.free) - len(plan.new_users) :]  # the evicted users' slots too
             self.slots.update(zip(plan.new_users.tolist(), plan.new_slots.tolist()))
             self.slot_user[plan.new_slots] = plan.new_users
+            self._grow(int(plan.new_slots.max()) + 1)
             self._clear_slots(plan.new_slots, new_slots_t)
         L = self.cfg.length
         flat = s_k * L + (self.count.index_select(0, s_k) + rank_k) % L  # (k,) distinct ring positions
@@ -275,7 +311,8 @@ class UserHistoryStore:
         return self.summary_at(self._tensor(self._slots_of(user_keys)))
 
     def summary_at(self, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`summary` of the slots (B,) of a HistoryView (already on the device)."""
+        """`summary` of the slots (B,) of a HistoryView (already on the device; U = unknown)."""
+        slot = slot.clamp(max=self.rows)  # U -> the empty row
         n = self.summary_n.index_select(0, slot)  # (B,)
         return self.summary_sum.index_select(0, slot) / n.clamp(min=1)[:, None], n
 
@@ -286,7 +323,7 @@ class UserHistoryStore:
         (B, L); no LRU touch. Positions before a slot's first event hold the padding values
         already (slots start empty)."""
         L = self.cfg.length
-        s = self._tensor(slot)
+        s = self._tensor(slot).clamp(max=self.rows)  # (B,) U -> the empty row (the last)
         event = self.count.index_select(0, s)[:, None] - L + torch.arange(L, device=self.device)  # (B, L)
         flat = (s[:, None] * L + event % L).reshape(-1)  # (B*L,) positions in a ring's storage
         cols = {name: t.view(-1).index_select(0, flat).view(event.shape) for name, t in self.ring.items()}
@@ -321,12 +358,19 @@ class UserHistoryStore:
         return {
             "users": len(self.slots),
             "max_users": self.cfg.max_users,
+            "rows_allocated": self.rows,  # grows with the users seen (doubling), <= max_users
+            "bytes": self.nbytes(),
             "length": self.cfg.length,
             "events_appended": int(self.appended),
             "evictions": int(self.evictions),
             "mean_filled": float(lengths.mean()),
             "full_fraction": float((lengths >= self.cfg.length).double().mean()),
         }
+
+    def nbytes(self) -> int:
+        """Device bytes of the tables (ring, counts, summaries)."""
+        tables = (*self.ring.values(), self.count, self.summary_sum, self.summary_n)
+        return sum(t.numel() * t.element_size() for t in tables)
 
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The ring rows of live users only (free slots are all-empty), bit-exact, in LRU order
@@ -358,6 +402,8 @@ class UserHistoryStore:
             raise HistoryStateError("a history saved by an older release (users by string id): start fresh")
         self._reset()  # every slot empty, then the live ones filled
         lru = tensors["lru_slots"].numpy()
+        if len(lru):
+            self._grow(int(lru.max()) + 1)
         lru_t = self._tensor(lru)
         for name, t in self.ring.items():
             t.index_copy_(0, lru_t, tensors[f"ring.{name}"].to(self.device))
@@ -402,6 +448,7 @@ class UserHistoryStore:
             raise HistoryStateError(
                 f"delta slots/length do not fit max_users={self.cfg.max_users}, length={self.cfg.length}"
             )
+        self._grow(int(rows.max()) + 1)
         keys = keys.numpy()
         held = self.slot_user[rows]
         self._free_slots(rows[(held >= 0) & (held != keys)])  # reused without being freed here

@@ -12,11 +12,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from memory_bank import history
 from memory_bank.history import HistoryCapacityError, HistoryConfig, UserHistoryStore
 from models.ids import crc_code, key64
 
 NAMES = {key64(f"{p}{k}"): f"{p}{k}" for p in ("i", "") for k in range(50)}
 NAMES.update({key64(x): x for x in "abcdefghijklmnopqrstuvwxyz"})
+
+
+@pytest.fixture(autouse=True, scope="module", params=[1, history.INITIAL_ROWS], ids=["grown", "preallocated"])
+def initial_rows(request):
+    """Every test twice: tables that start at one row (and grow on every new power of two of
+    users, in appends, imports and deltas alike), and at the default first allocation."""
+    default, history.INITIAL_ROWS = history.INITIAL_ROWS, request.param
+    yield request.param
+    history.INITIAL_ROWS = default
 
 
 def _keys(users):
@@ -263,3 +273,28 @@ def test_a_planned_append_changes_nothing_until_committed():
     assert all(torch.equal(h.ring[k], twin.ring[k]) for k in h.ring) and torch.equal(h.count, twin.count)
     want = [[None, "i3", "i4"], [None, "i5", "i6"], [None, None, "i7"], [None, None, None]]
     assert _items(h.get(_keys(["c", "d", "e", "a"]))) == want  # a was evicted
+
+
+def test_tables_grow_with_the_users_seen_not_with_max_users(initial_rows):
+    """Rows double from INITIAL_ROWS as new users take the lowest free slots, up to
+    max_users; unknown users still read empty histories and zero summaries after a growth."""
+    cfg = HistoryConfig(length=2, max_users=5000, summary_dim=1)
+    h = UserHistoryStore(cfg)
+    assert h.rows == min(initial_rows, 5000)
+    for n in (1, 3, 5, 9):
+        _append(h, [(f"u{k}", "x", k, 1.0) for k in range(n)], summary=torch.ones(n, 1))
+        assert h.rows == max(initial_rows, 1 << (n - 1).bit_length())
+        assert all(t.shape[0] == h.rows + 1 for t in (*h.ring.values(), h.count, h.summary_sum))
+    view = h.get(_keys(["u0", "u8", "nobody"]), touch=False)
+    assert _items(view) == [["x", "x"], [None, "x"], [None, None]]  # u0: one event per append
+    mean, n_events = h.summary(_keys(["u0", "nobody"]))
+    assert mean.tolist() == [[1.0], [0.0]] and n_events.tolist() == [4.0, 0.0]
+    assert h.stats()["users"] == 9
+
+
+def test_rows_stop_at_max_users_and_eviction_reuses_them():
+    h = UserHistoryStore(HistoryConfig(length=1, max_users=3))
+    for k in range(6):
+        _append(h, [(f"u{k}", "x", k, 0.0)])
+    assert h.rows == 3 and h.ring["item_key"].shape == (4, 1)
+    assert sorted(h.slots.values()) == [0, 1, 2] and h.evictions == 3
