@@ -44,6 +44,7 @@ from models.sequence import (
     NUM_RIDGE_FEATURES,
     HistoryCrossAttention,
     cosine_features,
+    gather_rows,
     normalize_history,
     recent_feedback,
     ridge_features,
@@ -384,7 +385,7 @@ class Ranker(nn.Module):
                 summary, lmn_mask = u.user_summary, u.user_summary_n > 0  # (B, 2E), (B,)
             else:  # the recent history: mean item embedding and feedback-weighted mean
                 n = m.sum(1, keepdim=True).clamp_min(1.0)
-                he = item_emb.detach()[inv]  # (B, L, E)
+                he = gather_rows(item_emb.detach(), inv)  # (B, L, E)
                 summary = torch.cat(
                     [(he * m.unsqueeze(-1)).sum(1) / n, (he * (sig * m).unsqueeze(-1)).sum(1) / n], dim=1
                 )  # (B, 2E)
@@ -406,10 +407,11 @@ class Ranker(nn.Module):
         ridge_xty = ridge_chol = None
         if self.cfg.history_ridge:
             item_unit = F.normalize(item_emb, dim=-1)  # (U, E), with grad: the ridge read's item space
-            hist_unit = item_unit.detach()[inv]  # (B, L, E) the same as normalize_history, computed once
-            ridge_xty, ridge_chol = ridge_user_read(item_unit[inv], sig, u.hist_mask, self.cfg.ridge_lambda)
+            hist_unit = gather_rows(item_unit.detach(), inv)  # (B, L, E) = normalize_history, once
+            x = gather_rows(item_unit, inv)  # (B, L, E) with grad
+            ridge_xty, ridge_chol = ridge_user_read(x, sig, u.hist_mask, self.cfg.ridge_lambda)
         else:
-            hist_unit = normalize_history(item_emb)[inv]  # (B, L, E)
+            hist_unit = gather_rows(normalize_history(item_emb), inv)  # (B, L, E)
         return UserState(
             tokens=torch.stack([user_tok, ctx_tok], dim=1),
             query_ctx=user,
@@ -417,7 +419,7 @@ class Ranker(nn.Module):
             v=v,
             kv_mask=kv_mask,
             hist_unit=hist_unit,
-            hist_bank_unit=None if bank_unit is None else bank_unit[inv],  # (B, L, Db)
+            hist_bank_unit=None if bank_unit is None else gather_rows(bank_unit, inv),  # (B, L, Db)
             hist_signal=sig,
             hist_mask=u.hist_mask,
             scen_emb=scen,

@@ -80,7 +80,7 @@ class HistoryCrossAttention(nn.Module):
         w_k, w_v = self.kv_signal.weight.t().chunk(2, dim=1)  # (S, A) each
         out = []
         for table, w in zip(torch.cat([self.null_kv[0], item_kv], dim=0).chunk(2, dim=1), (w_k, w_v)):
-            x = table[inv] + (sig @ w.contiguous()).view(b, -1, self.a)  # (B, L+1, A)
+            x = gather_rows(table, inv) + (sig @ w.contiguous()).view(b, -1, self.a)  # (B, L+1, A)
             out.append(x.view(b, -1, self.h, self.dh).transpose(1, 2))  # (B, H, L+1, dh)
         k, v = out
         full_mask = torch.cat([mask.new_ones(b, 1), mask], dim=1)  # (B, L+1)
@@ -92,6 +92,13 @@ class HistoryCrossAttention(nn.Module):
         qh = self.q(q).view(b, nq, self.h, self.dh).transpose(1, 2)  # (B, H, Q, dh)
         o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask[:, None, None, :])  # (B, H, Q, dh)
         return self.out(o.transpose(1, 2).reshape(b, nq, self.a))  # (B, Q, D)
+
+
+def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table (N, E), index (...) -> (..., E): the rows table[index]. One index_select: for
+    a 2-D index, table[index] is advanced indexing, which on CPU runs ~5x slower forward
+    (11 vs 2 ms for a (B, L) = (512, 200) read of 64 floats) and ~1.7x slower backward."""
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[-1])
 
 
 def normalize_history(hist: torch.Tensor) -> torch.Tensor:
