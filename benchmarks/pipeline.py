@@ -45,7 +45,6 @@ def _job_cfg(base: list[str], bootstrap: str, topic: str, work: Path, events: in
             "job.live_display=false",
             "admin.port=0",
             f"serving.http_port={port}",
-            "snapshots.interval_s=1.0",
             "checkpoints.interval_s=30",
             *([f"job.max_events={events}"] if events else []),
             *base,
@@ -157,6 +156,22 @@ def _paced_run(
     return {**out["report"], "latency_ms": lat, "failures": failures, "versions": versions}
 
 
+def _leg_rows(report: dict, label: str) -> dict[str, str]:
+    """One row per freshness leg of a paced run's report (where its tail comes from)."""
+    return {
+        f"{label} '{leg}' p50 / p99 / slowest-1% mean (s)": (
+            f"{v['p50_s']:.2f} / {v['p99_s']:.2f} / {v['tail_mean_s']:.2f}"
+        )
+        for leg, v in (report.get("freshness_legs") or {}).items()
+    }
+
+
+def _busy(report: dict) -> str:
+    """Trainer seconds spent training / its uptime, of a paced run (is it keeping up?)."""
+    train_s = (report.get("trainer_busy") or {}).get("train_s", float("nan"))
+    return f"{train_s:.1f} / {report.get('trainer_uptime_s') or float('nan'):.1f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=40_000, help="events for the throughput runs")
@@ -227,14 +242,8 @@ def main() -> None:
             rows["event -> version written p50 / p99 (s)"] = (
                 f"{quiet.get('written_p50_s') or float('nan'):.2f} / {quiet.get('written_p99_s') or float('nan'):.2f}"
             )
-            for leg, v in (quiet.get("freshness_legs") or {}).items():
-                rows[f"freshness leg '{leg}' p50 / p99 / slowest-1% mean (s)"] = (
-                    f"{v['p50_s']:.2f} / {v['p99_s']:.2f} / {v['tail_mean_s']:.2f}"
-                )
-            rows["trainer busy training / wall (paced run, s)"] = (
-                f"{(quiet.get('trainer_busy') or {}).get('train_s', float('nan')):.1f} / "
-                f"{quiet.get('trainer_uptime_s') or float('nan'):.1f}"
-            )
+            rows.update(_leg_rows(quiet, "freshness leg"))
+            rows["trainer busy training / wall (paced run, s)"] = _busy(quiet)
             loaded = _paced_run(
                 args,
                 broker.bootstrap,
@@ -255,6 +264,8 @@ def main() -> None:
                 f"{loaded.get('freshness_steady_p50_s') or float('nan'):.2f} / "
                 f"{loaded.get('freshness_steady_p99_s') or float('nan'):.2f}"
             )
+            rows.update(_leg_rows(loaded, "under /rank load: leg"))
+            rows["under /rank load: trainer busy training / wall (s)"] = _busy(loaded)
             rows["serving /rank 100 candidates p50 (ms)"] = f"{_pct(lat, 50):.1f}"
             rows["serving /rank 100 candidates p99 (ms)"] = f"{_pct(lat, 99):.1f}"
             rows["rank requests failed / sent"] = f"{sum(len(v) for v in failures.values())} / {len(lat)}"
