@@ -29,11 +29,16 @@ class SnapshotConfig(BaseModel):
 
     # Empty = <work_dir>/snapshots. Any pyarrow filesystem URI (s3://, gs://, hdfs://).
     uri: str = ""
-    interval_s: float = Field(1.0, gt=0)
+    # The largest term of freshness: an event waits up to one interval for its version.
+    # 0.5 s: freshness p99 under the pipeline benchmark's /rank load 1.5 s against 2.2-2.6
+    # s at 1 s (benchmarks/results/pipeline_cpu.md); a deployment writing to an object
+    # store sets it higher (configs/prod.example.yaml: 5 s).
+    interval_s: float = Field(0.5, gt=0)
     # A base (full copy, written beside the delta) every K versions: replicas that start
     # load the newest base + the deltas after it; live ones only ever read deltas.
-    full_every: int = Field(20, ge=1)
-    keep_versions: int = Field(50, ge=1)
+    # 40 x 0.5 s: a base every 20 s, as 20 x 1 s before.
+    full_every: int = Field(40, ge=1)
+    keep_versions: int = Field(100, ge=1)  # 50 s of versions at 0.5 s
     # What a version must pass before serving gets it (stream/train/health.py).
     health: HealthGateConfig = Field(default_factory=HealthGateConfig)
 
